@@ -1,0 +1,1 @@
+"""moemesh services, one package each, and the `moemesh` command line."""

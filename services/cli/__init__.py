@@ -1,0 +1,1 @@
+"""The `moemesh` command line: one subcommand per module in this package."""

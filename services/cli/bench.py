@@ -1,0 +1,31 @@
+"""`moemesh bench ...`: benchmarks that compare things side by side in one run and print ratios."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    e = bsub.add_parser("engine", help="engine decode/prefill tokens/s against Hugging Face generate",
+                        description="Decode tokens/s at several batch sizes and prefill tokens/s on long prompts, "
+                                    "for the engine and for Hugging Face transformers' generate, same "
+                                    "checkpoint, same prompts, same threads; prints the ratios.")
+    e.add_argument("--presets", default="tiny,bench", help="comma-separated model presets (tiny, bench)")
+    e.add_argument("--model", default=None, help="benchmark this checkpoint folder instead of the presets")
+    e.add_argument("--batch-sizes", default="1,8,32")
+    e.add_argument("--prompt-len", type=int, default=32, help="prompt tokens in the decode runs")
+    e.add_argument("--output-len", type=int, default=64, help="generated tokens per request in decode runs")
+    e.add_argument("--prefill-len", type=int, default=512)
+    e.add_argument("--prefill-batch", type=int, default=4)
+    e.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (the best is kept)")
+    e.add_argument("--no-hf", action="store_true", help="skip the Hugging Face reference")
+    e.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    e.set_defaults(func=_run_engine)
+
+
+def _run_engine(args: argparse.Namespace) -> int:
+    from services.cli.bench_engine import run
+
+    return run(args)

@@ -1,0 +1,49 @@
+"""Entry point of the `moemesh` command: parses the subcommand and maps known errors to clean exits."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from services.cli import bench, generate, make_tiny
+
+# Errors a user can cause with bad input: printed as one line, never as a traceback.
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moemesh", description="Serve DeepSeek-style mixture-of-experts models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (generate, make_tiny, bench):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except user_errors() as e:
+        print(f"moemesh: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that describe bad input rather than a bug in moemesh."""
+    from shared.engine.sampling_params import InvalidParameter
+    from shared.engine.scheduler import RequestTooLong
+    from shared.model.config import ModelConfigError
+    from shared.model.loader import CheckpointError
+    from shared.model.tokenizer import TokenizerError
+
+    return (InvalidParameter, RequestTooLong, ModelConfigError, CheckpointError, TokenizerError,
+            FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Code shared by every moemesh service and the client SDK."""

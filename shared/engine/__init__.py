@@ -1,0 +1,1 @@
+"""The in-process inference engine: scheduler, paged latent KV cache, model runner, sampling."""

@@ -1,0 +1,76 @@
+"""Attention over the paged latent KV cache for one engine step.
+
+Legend: B sequences in the step, T new tokens (flattened), N a sequence's KV length (cached + new),
+H heads, C kv_lora_rank, R rope dim, V v_head_dim.
+
+Sequences with one new token (decode) attend in the absorbed form, in the latent space, batched;
+sequences with several (prefill chunks) expand their latents to per-head keys and values (naive form),
+which is cheaper when many queries share the keys. Both read the same cache, so a request can move
+between them freely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shared.engine.kv_cache import LatentKVCache
+from shared.model.mla import MLAttention, causal_attention
+
+
+@dataclass
+class StepLayout:
+    """Where each sequence's tokens sit in the flat batch and in the cache; built once per step.
+
+    slot_mapping [T] int64: cache slot of every new token.
+    prefill: per multi-token sequence, (token slice in the batch, KV slots [N] int64 or None when the
+      sequence has no cached prefix and attends only to its new tokens).
+    decode_rows [Bd] int64: batch rows of the single-token sequences; decode_slots [Bd, Nmax] int64 and
+      decode_mask [Bd, Nmax] bool (True where a slot is real) describe their padded KV.
+    """
+
+    slot_mapping: torch.Tensor
+    prefill: list[tuple[slice, torch.Tensor | None]]
+    decode_rows: torch.Tensor | None = None
+    decode_slots: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None
+
+
+class PagedAttention:
+    """The attention backend the model runner hands to the model for one step."""
+
+    def __init__(self, cache: LatentKVCache, layout: StepLayout) -> None:
+        self.cache = cache
+        self.layout = layout
+        self._decode_bias: torch.Tensor | None = None
+
+    def attend(self, layer: MLAttention, q_nope: torch.Tensor, q_pe: torch.Tensor,
+               c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+        """q_nope [T, H, Dn], q_pe [T, H, R], c_kv [T, C], k_pe [T, R] -> [T, H, V]."""
+        lay, li = self.layout, layer.layer_idx
+        self.cache.write(li, lay.slot_mapping, c_kv, k_pe)
+        out = q_nope.new_empty(q_nope.shape[0], layer.num_heads, layer.v_dim)
+        for rows, kv_slots in lay.prefill:
+            if kv_slots is None:
+                out[rows] = causal_attention(layer, q_nope[rows], q_pe[rows], c_kv[rows], k_pe[rows])
+            else:
+                kv = self.cache.read(li, kv_slots)
+                c, kp = kv.split([layer.kv_lora_rank, layer.rope_dim], dim=-1)
+                out[rows] = causal_attention(layer, q_nope[rows], q_pe[rows], c.to(q_nope.dtype), kp.to(q_nope.dtype))
+        if lay.decode_rows is not None:
+            r = lay.decode_rows
+            out[r] = self._decode(layer, q_nope[r], q_pe[r])
+        return out
+
+    def _decode(self, layer: MLAttention, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """Absorbed MLA for Bd single-token queries: q_nope [Bd, H, Dn], q_pe [Bd, H, R] -> [Bd, H, V]."""
+        kv = self.cache.read(layer.layer_idx, self.layout.decode_slots).to(q_nope.dtype)  # [Bd, N, C + R]
+        q = torch.cat((layer.absorb_q(q_nope), q_pe), dim=-1)  # [Bd, H, C + R]
+        scores = torch.bmm(q, kv.transpose(1, 2)) * layer.softmax_scale  # [Bd, H, N]
+        if self._decode_bias is None:
+            mask = self.layout.decode_mask
+            self._decode_bias = torch.zeros(mask.shape, dtype=scores.dtype).masked_fill_(~mask, float("-inf"))
+        probs = torch.softmax(scores.float() + self._decode_bias[:, None, :].float(), dim=-1).to(kv.dtype)
+        o_latent = torch.bmm(probs, kv[..., : layer.kv_lora_rank])  # [Bd, H, C]
+        return layer.values_from_latent(o_latent)

@@ -1,0 +1,232 @@
+"""The in-process engine: `schedule -> run -> postprocess`, one step at a time.
+
+This is what a prefill or decode service wraps, and the reference the mesh's outputs are checked
+against. It is single-threaded: callers own the loop (`step`) or use `generate` for a batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from shared.engine.kv_cache import LatentKVCache
+from shared.engine.request import FinishReason, Request, RequestOutput
+from shared.engine.runner import ModelRunner
+from shared.engine.sampling import Sampler
+from shared.engine.sampling_params import InvalidParameter, SamplingParams
+from shared.engine.scheduler import RequestTooLong, Scheduler, SchedulerConfig
+from shared.engine.stop import check_stop, streamable_len
+from shared.model.deepseek import DeepseekForCausalLM
+from shared.model.detokenizer import IncrementalDetokenizer
+from shared.model.loader import load_model
+from shared.model.tiny import default_model_dir
+from shared.model.tokenizer import Tokenizer
+
+__all__ = ["Completion", "Engine", "EngineConfig", "InvalidParameter", "RequestTooLong"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one engine instance is sized. `model=None` is the embedded tiny model."""
+
+    model: str | None = None
+    dtype: str = "auto"
+    page_size: int = 16
+    num_pages: int | None = None         # None: as many as `kv_cache_mb` holds
+    kv_cache_mb: int = 512
+    max_model_len: int | None = None     # None: the model's context, capped by the cache
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048   # chunked prefill: prompt tokens per step
+    enable_prefix_caching: bool = True
+    seed: int = 0                        # the shared generator of unseeded random sampling
+    num_threads: int | None = None       # torch intra-op threads; None leaves torch's default
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if self.kv_cache_mb < 1:
+            raise ValueError(f"kv_cache_mb must be >= 1, got {self.kv_cache_mb}")
+
+
+@dataclass
+class Completion:
+    """A finished request, as `Engine.generate` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+    finish_reason: str
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig | None = None, model: DeepseekForCausalLM | None = None,
+                 tokenizer: Tokenizer | None = None) -> None:
+        cfg = cfg or EngineConfig()
+        self.cfg = cfg
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        model_dir = Path(cfg.model) if cfg.model else default_model_dir()
+        self.model_dir = model_dir
+        self.model = model if model is not None else load_model(model_dir, cfg.dtype)
+        self.tokenizer = tokenizer if tokenizer is not None else _maybe_tokenizer(model_dir)
+        mc = self.model.config
+        dtype = next(self.model.parameters()).dtype
+        num_pages = cfg.num_pages or max(
+            1, cfg.kv_cache_mb * 2**20 // LatentKVCache.bytes_per_page(mc, cfg.page_size, dtype))
+        capacity = num_pages * cfg.page_size
+        max_len = cfg.max_model_len or mc.max_position_embeddings
+        if cfg.max_model_len and cfg.max_model_len > capacity:
+            raise ValueError(f"max_model_len {cfg.max_model_len} exceeds the KV cache's {capacity} tokens; "
+                             f"give the cache more memory")
+        self.max_model_len = min(max_len, capacity)
+        self.scheduler = Scheduler(SchedulerConfig(
+            num_pages=num_pages, page_size=cfg.page_size, max_model_len=self.max_model_len,
+            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            enable_prefix_caching=cfg.enable_prefix_caching))
+        eos = set(mc.eos_token_ids)
+        if self.tokenizer is not None:
+            eos.update(self.tokenizer.eos_token_ids)
+        self.eos_token_ids = tuple(sorted(eos))
+        self.cache = LatentKVCache(mc, num_pages, cfg.page_size, dtype, next(self.model.parameters()).device)
+        self.runner = ModelRunner(self.model, self.cache, Sampler(Sampler.make_generator(cfg.seed)),
+                                  self.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a prompt (text, or token ids); returns its id. Raises on an invalid or too long prompt."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidParameter("prompt: this model has no tokenizer; send token ids")
+            prompt_ids = self.tokenizer.encode(prompt)
+        else:
+            prompt_ids = [int(t) for t in prompt]
+            vocab = self.model.config.vocab_size
+            bad = [t for t in prompt_ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidParameter(f"prompt: token ids must be in [0, {vocab}), got {bad[:5]}")
+        if params.stop and self.tokenizer is None:
+            raise InvalidParameter("stop: stop strings need a tokenizer; use stop_token_ids")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise InvalidParameter(f"request_id {rid!r} is already in use")
+        req = Request(rid, prompt_ids, params, arrival=next(self._ids))
+        if params.seed is not None:
+            req.generator = Sampler.make_generator(params.seed)
+        if self.tokenizer is not None:
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+        self.scheduler.add(req)
+        self.requests[rid] = req
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request wherever it is; its pages are freed. False if it was unknown or done."""
+        req = self.requests.pop(request_id, None)
+        if req is None or req.finished:
+            return False
+        self.scheduler.finish(req, FinishReason.ABORT)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One scheduler step: outputs of every request that produced a token (or ended) in it."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        result = self.runner.run(batch)
+        self.scheduler.on_step_done(batch)
+        outputs = []
+        sampled = [s.request for s in batch.seqs if s.sample]
+        for i, req in enumerate(sampled):
+            outputs.append(self._postprocess(req, result.token_ids[i], result.logprobs[i],
+                                             result.top_logprobs[i]))
+        return outputs
+
+    def _postprocess(self, req: Request, token: int, logprob: float | None,
+                     top: list[tuple[int, float]] | None) -> RequestOutput:
+        req.output_token_ids.append(token)
+        if logprob is not None:
+            req.output_logprobs.append(logprob)
+        if top is not None:
+            req.output_top_logprobs.append(top)
+        if req.detokenizer is not None:
+            req.output_text += req.detokenizer.add(token)
+        reason, stop_reason = check_stop(req, token, self.eos_token_ids, self.max_model_len)
+        if reason is not None:
+            if req.detokenizer is not None and not isinstance(stop_reason, str):
+                req.output_text += req.detokenizer.flush()  # an incomplete last character, as is
+            req.stop_reason = stop_reason
+            self.scheduler.finish(req, reason)
+            self.requests.pop(req.request_id, None)
+            end = len(req.output_text)
+        else:
+            end = streamable_len(req.output_text, req.params.stop)
+        # Text once sent is never taken back: a tail that might start a stop string waits until settled.
+        delta = req.output_text[req.num_sent_chars:end] if end > req.num_sent_chars else ""
+        req.num_sent_chars = max(req.num_sent_chars, end)
+        return RequestOutput(
+            request_id=req.request_id, new_token_ids=[token], new_text=delta,
+            new_logprobs=[logprob] if logprob is not None else [],
+            new_top_logprobs=[top] if top is not None else [],
+            finished=reason is not None, finish_reason=reason,
+            num_prompt_tokens=len(req.prompt_token_ids), num_output_tokens=req.num_output_tokens,
+            num_cached_tokens=req.num_cached_tokens)
+
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """Run prompts to completion together (continuous batching) and return them in order."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        reqs = []
+        for prompt, p in zip(prompts, plist, strict=True):
+            rid = self.add_request(prompt, p)
+            reqs.append(self.requests[rid])
+        while any(not r.finished for r in reqs):
+            self.step()
+        return [_completion(r) for r in reqs]
+
+    # ---- introspection -------------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        s = self.scheduler
+        return {
+            "num_waiting": len(s.waiting), "num_prefilling": len(s.prefilling), "num_running": len(s.running),
+            "num_pages": s.cfg.num_pages, "num_free_pages": s.num_free_pages, "num_cached_pages": s.cache.num_cached,
+            "prefix_cache_hit_rate": s.cache.hit_rate, "num_preemptions": s.num_preemptions,
+        }
+
+
+def _completion(req: Request) -> Completion:
+    assert req.finish_reason is not None
+    return Completion(
+        request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, token_ids=req.output_token_ids,
+        text=req.output_text, logprobs=req.output_logprobs, top_logprobs=req.output_top_logprobs,
+        finish_reason=req.finish_reason.value, stop_reason=req.stop_reason,
+        num_cached_tokens=req.num_cached_tokens)
+
+
+def _maybe_tokenizer(model_dir: Path) -> Tokenizer | None:
+    """The folder's tokenizer, or None for a weights-only folder (token-id prompts still work)."""
+    if not (model_dir / "tokenizer.json").is_file():
+        return None
+    return Tokenizer.from_dir(model_dir)
+
+
+def default_num_threads() -> int:
+    """Intra-op threads when several processes share the machine's cores."""
+    return max(1, (os.cpu_count() or 1))

@@ -1,0 +1,42 @@
+"""The paged latent KV cache: per layer, per token, only `c_kv` (kv_lora_rank) and roped `k_pe` (rope dim).
+
+Legend: L layers, S slots (num_pages * page_size), C kv_lora_rank, R qk_rope_head_dim.
+A slot is one token's row: slot = page * page_size + offset. Which pages a request owns is the
+scheduler's business (page_pool, radix_cache); this module only holds the tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shared.model.config import ModelConfig
+
+
+class LatentKVCache:
+    """`data` [L, S, C + R] in the compute dtype; row layout `c_kv` then `k_pe`."""
+
+    def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.data = torch.zeros(cfg.num_hidden_layers, num_pages * page_size, cfg.kv_cache_dim,
+                                dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_page(cfg: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
+        """Memory one page takes across all layers."""
+        return cfg.num_hidden_layers * page_size * cfg.kv_cache_dim * torch.empty((), dtype=dtype).element_size()
+
+    def write(self, layer: int, slots: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
+        """Store the latents of T tokens: slots [T] int64, c_kv [T, C], k_pe [T, R]."""
+        self.data[layer, slots] = torch.cat((c_kv, k_pe), dim=-1).to(self.data.dtype)
+
+    def read(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """Gather latents at slots (any shape [...]) -> [..., C + R]."""
+        return self.data[layer][slots]
+
+    def page_view(self, layer: int, page: int) -> torch.Tensor:
+        """One page of one layer, [page_size, C + R] (a view: writes land in the cache)."""
+        start = page * self.page_size
+        return self.data[layer, start:start + self.page_size]

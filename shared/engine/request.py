@@ -1,0 +1,85 @@
+"""One request's state inside the engine: its tokens, its pages, how far its KV is computed."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from shared.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"        # queued, owns no pages
+    PREFILLING = "prefilling"  # admitted, pages reserved, prompt KV being computed chunk by chunk
+    RUNNING = "running"        # decoding
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"      # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"    # cancelled by the caller
+
+
+@dataclass(eq=False)
+class Request:
+    """A sequence being served. Token accounting:
+
+    `all_token_ids` = prompt + outputs; `num_computed` of them have KV in the request's `pages`.
+    A step feeds `all_token_ids[num_computed : num_computed + n]` and samples when it reaches the end.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: int = 0
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    num_cached_tokens: int = 0   # prefix-cache hit at the latest admission
+    num_preemptions: int = 0
+    prefix_node: Any = None      # the radix node this request holds locked (its cached prefix)
+    generator: torch.Generator | None = None
+    output_text: str = ""
+    num_sent_chars: int = 0      # how much of output_text has been streamed out
+    detokenizer: Any = None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: the new tokens and text, and whether it ended."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[float]
+    new_top_logprobs: list[list[tuple[int, float]]]
+    finished: bool
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0

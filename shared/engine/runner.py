@@ -1,0 +1,88 @@
+"""The model runner: turns a scheduled step into tensors, runs the model, samples. Only it touches tensors.
+
+Legend: T tokens in the step, B sequences, S sampled sequences, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from shared.engine.attention import PagedAttention, StepLayout
+from shared.engine.kv_cache import LatentKVCache
+from shared.engine.sampling import Sampler, SampleResult, SamplingRow
+from shared.engine.scheduler import ScheduledBatch
+from shared.model.deepseek import DeepseekForCausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: DeepseekForCausalLM, cache: LatentKVCache, sampler: Sampler,
+                 eos_token_ids: Sequence[int] = ()) -> None:
+        self.model = model
+        self.cache = cache
+        self.sampler = sampler
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.device = next(model.parameters()).device
+        ps = cache.page_size
+        self._page_offsets = torch.arange(ps, device=self.device)
+
+    def _slots(self, pages: list[int], num_tokens: int) -> torch.Tensor:
+        """Cache slots of a request's first `num_tokens` tokens, [num_tokens] int64."""
+        p = torch.tensor(pages[: -(-num_tokens // self.cache.page_size)], dtype=torch.int64, device=self.device)
+        return (p[:, None] * self.cache.page_size + self._page_offsets).reshape(-1)[:num_tokens]
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, StepLayout, list[int]]:
+        """-> input_ids [T], positions [T], the attention layout, and the batch rows to sample."""
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slot_parts: list[torch.Tensor] = []
+        prefill: list[tuple[slice, torch.Tensor | None]] = []
+        decode_rows: list[int] = []
+        decode_slots: list[torch.Tensor] = []
+        sample_rows: list[int] = []
+        row = 0
+        for s in batch.seqs:
+            req, n, end = s.request, s.num_new_tokens, s.start + s.num_new_tokens
+            ids.extend(req.all_token_ids[s.start:end])
+            positions.append(torch.arange(s.start, end, device=self.device))
+            kv_slots = self._slots(req.pages, end)
+            slot_parts.append(kv_slots[s.start:])
+            if n == 1:
+                decode_rows.append(row)
+                decode_slots.append(kv_slots)
+            else:
+                prefill.append((slice(row, row + n), kv_slots if s.start else None))
+            row += n
+            if s.sample:
+                sample_rows.append(row - 1)
+        layout = StepLayout(slot_mapping=torch.cat(slot_parts), prefill=prefill)
+        if decode_rows:
+            n_max = max(len(x) for x in decode_slots)
+            padded = torch.zeros(len(decode_slots), n_max, dtype=torch.int64, device=self.device)
+            mask = torch.zeros(len(decode_slots), n_max, dtype=torch.bool, device=self.device)
+            for i, x in enumerate(decode_slots):
+                padded[i, : len(x)] = x
+                mask[i, : len(x)] = True
+            layout.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=self.device)
+            layout.decode_slots, layout.decode_mask = padded, mask
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        return input_ids, torch.cat(positions), layout, sample_rows
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> SampleResult:
+        """Compute the step's KV and sample one token for every sequence with `sample` set, in order."""
+        input_ids, positions, layout, sample_rows = self.prepare(batch)
+        hidden = self.model(input_ids, positions, PagedAttention(self.cache, layout))
+        rows = [self._sampling_row(s.request) for s in batch.seqs if s.sample]
+        if not rows:
+            return SampleResult([], [], [])
+        logits = self.model.compute_logits(hidden[sample_rows])
+        return self.sampler(logits, rows)
+
+    def _sampling_row(self, req) -> SamplingRow:
+        p = req.params
+        banned: tuple[int, ...] = ()
+        if req.num_output_tokens < p.min_tokens:
+            banned = p.stop_token_ids + (() if p.ignore_eos else self.eos_token_ids)
+        return SamplingRow(p, req.generator, req.prompt_token_ids, req.output_token_ids, banned)

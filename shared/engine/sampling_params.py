@@ -1,0 +1,83 @@
+"""Per-request sampling parameters, validated once at the edge of the engine."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+# Below this temperature a request is decoded greedily, as vLLM and SGLang do.
+GREEDY_EPSILON = 1e-5
+
+
+class InvalidParameter(ValueError):
+    """A request parameter is out of range; the message names the parameter and the allowed range."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens; field names and defaults follow vLLM's `SamplingParams`.
+
+    `logprobs`: None returns no logprobs; 0 returns the chosen token's logprob; N > 0 also returns the
+    N most likely tokens at each step. Logprobs are those of the model's raw distribution (before
+    temperature, penalties and truncation), as the OpenAI API reports them.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        # Lists are accepted for convenience and frozen so the params stay hashable and immutable.
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        _check(self.max_tokens >= 1, "max_tokens", f"must be >= 1, got {self.max_tokens}")
+        _check(_finite(self.temperature) and self.temperature >= 0, "temperature",
+               f"must be >= 0, got {self.temperature}")
+        _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.top_k == -1 or self.top_k >= 0, "top_k",
+               f"must be -1 or 0 (disabled) or a positive integer, got {self.top_k}")
+        _check(_finite(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
+        _check(_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
+               f"must be in [-2, 2], got {self.frequency_penalty}")
+        _check(_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty",
+               f"must be in [-2, 2], got {self.presence_penalty}")
+        _check(_finite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+               f"must be > 0, got {self.repetition_penalty}")
+        _check(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
+        _check(self.min_tokens <= self.max_tokens, "min_tokens",
+               f"({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs",
+               f"must be between 0 and 20, got {self.logprobs}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative token ids")
+
+    @property
+    def greedy(self) -> bool:
+        """True when the request takes the most likely token at every step."""
+        return self.temperature < GREEDY_EPSILON
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when any of the three repetition penalties changes the logits."""
+        return self.frequency_penalty != 0 or self.presence_penalty != 0 or self.repetition_penalty != 1
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise InvalidParameter(f"{name} {message}")

@@ -1,0 +1,239 @@
+"""Continuous batching over paged KV: which requests run this step, and with how many tokens.
+
+Pure Python, no tensors. Policy (SGLang's, prefill first):
+- A step is a prefill step when any admitted request still has prompt tokens to compute, or a waiting
+  request can be admitted; its tokens fit a budget (`max_num_batched_tokens`), so long prompts are
+  chunked over several steps. Otherwise it is a decode step: every running request feeds one token.
+- Admission reserves pages for a request's whole prompt, after reusing its longest cached prefix;
+  it stops at the first request that does not fit (first come, first served).
+- A decode step that needs a page when none is free preempts the most recently admitted request:
+  its pages are released (into the prefix cache) and it goes back to the front of the queue, to be
+  recomputed from its prompt and the tokens generated so far.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from shared.engine.page_pool import PagePool
+from shared.engine.radix_cache import RadixCache
+from shared.engine.request import FinishReason, Request, RequestStatus
+
+
+class RequestTooLong(ValueError):
+    """The prompt does not fit the context (or the KV cache)."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_pages: int
+    page_size: int
+    max_model_len: int
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    # Pages kept free at admission while others run, so that running requests can grow a while
+    # before anything has to be preempted.
+    watermark: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name in ("num_pages", "page_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_pages * self.page_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache ({self.num_pages} pages x {self.page_size} tokens) cannot hold one sequence "
+                f"of max_model_len {self.max_model_len} tokens")
+
+
+@dataclass
+class ScheduledSeq:
+    """One request's share of a step: tokens `all_token_ids[start : start + num_new_tokens]`."""
+
+    request: Request
+    start: int
+    num_new_tokens: int
+    sample: bool  # the chunk reaches the end of the request's tokens: sample the next one
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[ScheduledSeq]
+    is_prefill: bool
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig) -> None:
+        self.cfg = cfg
+        self.pool = PagePool(cfg.num_pages)
+        self.cache = RadixCache(self.pool, cfg.page_size, enabled=cfg.enable_prefix_caching)
+        self.waiting: deque[Request] = deque()
+        self.prefilling: list[Request] = []
+        self.running: list[Request] = []
+        self._watermark_pages = math.ceil(cfg.watermark * cfg.num_pages)
+        self.num_preemptions = 0
+
+    # ---- queue state ---------------------------------------------------------------------------
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.prefilling) + len(self.running)
+
+    @property
+    def num_free_pages(self) -> int:
+        """Pages that a new request could get: free ones plus cached ones nobody uses."""
+        return self.pool.num_free + self.cache.num_evictable
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.cfg.page_size)
+
+    def add(self, req: Request) -> None:
+        """Queue a request; refuses one whose prompt leaves no room for a generated token."""
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise RequestTooLong("the prompt is empty")
+        if n >= self.cfg.max_model_len:
+            raise RequestTooLong(
+                f"the prompt has {n} tokens; the context limit is {self.cfg.max_model_len} tokens, "
+                f"prompt and output together")
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch | None:
+        """Choose the next step's work; None when there is nothing to do."""
+        batch = self._schedule_prefill()
+        if batch.seqs:
+            return batch
+        batch = self._schedule_decode()
+        return batch if batch.seqs else None
+
+    def _schedule_prefill(self) -> ScheduledBatch:
+        budget = self.cfg.max_num_batched_tokens
+        seqs: list[ScheduledSeq] = []
+        for req in self.prefilling:
+            if budget <= 0:
+                break
+            n = min(req.num_tokens - req.num_computed, budget)
+            seqs.append(ScheduledSeq(req, req.num_computed, n, req.num_computed + n == req.num_tokens))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.prefilling) + len(self.running) < self.cfg.max_num_seqs:
+            req = self.waiting[0]
+            if not self._admit(req):
+                break
+            self.waiting.popleft()
+            n = min(req.num_tokens - req.num_computed, budget)
+            seqs.append(ScheduledSeq(req, req.num_computed, n, req.num_computed + n == req.num_tokens))
+            budget -= n
+        return ScheduledBatch(seqs, is_prefill=True)
+
+    def _admit(self, req: Request) -> bool:
+        tokens = req.all_token_ids
+        # Keep at least the last token out of the match: its logits must be computed to sample.
+        match = self.cache.match_prefix(tokens[:-1])
+        self.cache.lock(match.node)  # pin before counting what is free: pinned pages are not
+        need = self.pages_for(len(tokens)) - len(match.pages)
+        reserve = self._watermark_pages if (self.running or self.prefilling) else 0
+        if need + reserve > self.num_free_pages:
+            self.cache.unlock(match.node)
+            return False
+        req.pages = match.pages + self._alloc(need)
+        req.prefix_node = match.node
+        req.num_computed = req.num_cached_tokens = match.num_tokens
+        req.status = RequestStatus.PREFILLING
+        self.prefilling.append(req)
+        return True
+
+    def _schedule_decode(self) -> ScheduledBatch:
+        seqs: list[ScheduledSeq] = []
+        preempted: list[Request] = []
+        for req in list(self.running):
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            while req.num_computed // self.cfg.page_size >= len(req.pages):
+                if self.num_free_pages > 0:
+                    req.pages += self._alloc(1)
+                    continue
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is RequestStatus.RUNNING:
+                seqs.append(ScheduledSeq(req, req.num_computed, 1, True))
+        return ScheduledBatch(seqs, is_prefill=False, preempted=preempted)
+
+    def on_step_done(self, batch: ScheduledBatch) -> None:
+        """The step's KV is computed: advance requests; a finished prompt starts decoding."""
+        for s in batch.seqs:
+            req = s.request
+            req.num_computed = s.start + s.num_new_tokens
+            if req.status is RequestStatus.PREFILLING and req.num_computed == req.num_tokens:
+                self.prefilling.remove(req)
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+                self._cache_prefix(req)
+
+    # ---- ending and evicting requests ----------------------------------------------------------
+    def finish(self, req: Request, reason: FinishReason) -> None:
+        """Mark a request done and give its pages back (full computed pages stay in the prefix cache)."""
+        if req.status is RequestStatus.FINISHED:
+            return
+        if req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        elif req.status is RequestStatus.PREFILLING:
+            self.prefilling.remove(req)
+        else:
+            self.running.remove(req)
+        self._release(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release(req)
+        req.status = RequestStatus.WAITING
+        req.num_computed = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _alloc(self, n: int) -> list[int]:
+        short = n - self.pool.num_free
+        if short > 0:
+            self.cache.evict(short)
+        return self.pool.alloc(n)
+
+    def _cache_prefix(self, req: Request) -> None:
+        """Share the request's computed full pages with later requests while it keeps running."""
+        n_full = req.num_computed // self.cfg.page_size
+        if not self.cache.enabled or n_full == 0:
+            return
+        tree_pages, node = self.cache.insert(req.all_token_ids[: n_full * self.cfg.page_size], req.pages[:n_full])
+        dup = [p for p, t in zip(req.pages[:n_full], tree_pages, strict=True) if p != t]
+        if dup:
+            # Another request cached the same tokens first: use its pages (same KV), free ours.
+            self.pool.free(dup)
+            req.pages[:n_full] = tree_pages
+        self.cache.lock(node)
+        if req.prefix_node is not None:
+            self.cache.unlock(req.prefix_node)
+        req.prefix_node = node
+
+    def _release(self, req: Request) -> None:
+        n_full = req.num_computed // self.cfg.page_size
+        private = req.pages
+        if self.cache.enabled and n_full:
+            tree_pages, _ = self.cache.insert(req.all_token_ids[: n_full * self.cfg.page_size], req.pages[:n_full])
+            private = [p for p, t in zip(req.pages[:n_full], tree_pages, strict=True) if p != t] + req.pages[n_full:]
+        self.pool.free(private)
+        if req.prefix_node is not None:
+            self.cache.unlock(req.prefix_node)
+        req.pages = []
+        req.prefix_node = None

@@ -1,0 +1,133 @@
+"""Multi-head latent attention (MLA): the projections, and the two ways to attend over the latent.
+
+Legend: T tokens, N cached tokens, H heads, C kv_lora_rank, R qk_rope_head_dim, Dn qk_nope_head_dim,
+V v_head_dim, D hidden.
+
+The module computes queries and the per-token latent (`c_kv` [T, C], roped `k_pe` [T, R]) and hands
+them to an attention backend, which owns where latents are stored (a paged cache, or nothing).
+The backend calls back into `expand_kv` (naive form: latent -> per-head keys and values, best for
+prefill) or `absorb_q`/`values_from_latent` (absorbed form: attend in the latent space, best for decode).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.model.config import ModelConfig
+from shared.model.layers import RMSNorm
+from shared.model.rope import RotaryEmbedding
+
+
+class AttentionBackend(Protocol):
+    """Where the model's attention reads and writes its latent KV."""
+
+    def attend(self, layer: MLAttention, q_nope: torch.Tensor, q_pe: torch.Tensor,
+               c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+        """q_nope [T, H, Dn], q_pe [T, H, R], c_kv [T, C], k_pe [T, R] -> attention output [T, H, V]."""
+        ...
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.nope_dim = cfg.qk_nope_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.softmax_scale = cfg.softmax_scale
+        self.rotary = rotary
+        h, d, qk = cfg.num_attention_heads, cfg.hidden_size, cfg.qk_head_dim
+        bias = cfg.attention_bias
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_cache_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=bias)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+        """x [T, D], positions [T] int64 -> [T, D]."""
+        t = x.shape[0]
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(t, self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        kv_a = self.kv_a_proj_with_mqa(x)
+        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        q_pe, k_pe = self.rotary(positions, q_pe, k_pe)
+        out = backend.attend(self, q_nope, q_pe, c_kv, k_pe)
+        return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
+
+    # The weight views below are recomputed per call: they are views, not copies, so they stay in
+    # step with whatever the loader (or a later weight update) wrote into kv_b_proj.
+    def _kv_b(self) -> torch.Tensor:
+        """kv_b_proj weight as [H, Dn + V, C]."""
+        return self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+
+    def expand_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """c_kv [N, C], k_pe [N, R] -> keys [N, H, Dn + R] and values [N, H, V] (the naive MHA form)."""
+        n = c_kv.shape[0]
+        kv = self.kv_b_proj(c_kv).view(n, self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, None, :].expand(n, self.num_heads, self.rope_dim)), dim=-1)
+        return k, v
+
+    def absorb_q(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope [T, H, Dn] -> q in the latent space [T, H, C] (W_UK absorbed into the query)."""
+        w_uk = self._kv_b()[:, : self.nope_dim, :]  # [H, Dn, C]
+        return torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
+
+    def values_from_latent(self, o_latent: torch.Tensor) -> torch.Tensor:
+        """o_latent [T, H, C] (attention-weighted c_kv) -> per-head values [T, H, V] (W_UV applied)."""
+        w_uv = self._kv_b()[:, self.nope_dim:, :]  # [H, V, C]
+        return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+
+
+def causal_attention(layer: MLAttention, q_nope: torch.Tensor, q_pe: torch.Tensor,
+                     c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+    """Naive-form attention of q [T] over keys [N] where the queries are the last T of the N positions.
+
+    q_nope [T, H, Dn], q_pe [T, H, R], c_kv [N, C], k_pe [N, R] -> [T, H, V].
+    """
+    t, n = q_nope.shape[0], c_kv.shape[0]
+    k, v = layer.expand_kv(c_kv, k_pe)
+    q = torch.cat((q_nope, q_pe), dim=-1).transpose(0, 1)  # [H, T, Dn + R]
+    k, v = k.transpose(0, 1), v.transpose(0, 1)
+    if t == n:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.softmax_scale)
+    else:
+        mask = torch.ones(t, n, dtype=torch.bool, device=q.device).tril(diagonal=n - t)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.softmax_scale)
+    return out.transpose(0, 1)
+
+
+class NoCacheAttention:
+    """Backend for one or more whole sequences with no cache: the reference forward of tests and tools.
+
+    `seq_lens` splits the flattened tokens into sequences that do not attend to each other.
+    """
+
+    def __init__(self, seq_lens: list[int]) -> None:
+        self.seq_lens = seq_lens
+
+    def attend(self, layer: MLAttention, q_nope: torch.Tensor, q_pe: torch.Tensor,
+               c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+        outs, start = [], 0
+        for n in self.seq_lens:
+            s = slice(start, start + n)
+            outs.append(causal_attention(layer, q_nope[s], q_pe[s], c_kv[s], k_pe[s]))
+            start += n
+        return torch.cat(outs) if len(outs) != 1 else outs[0]

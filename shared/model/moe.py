@@ -1,0 +1,114 @@
+"""DeepSeek's mixture of experts: the router (softmax or sigmoid scoring, grouped top-k) and the experts.
+
+Legend: T tokens, D hidden, E routed experts, K experts per token, I expert intermediate size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.model.config import ModelConfig
+from shared.model.layers import GatedMLP, silu_and_mul
+
+
+class Router(nn.Module):
+    """Chooses K experts per token and their weights, exactly as the checkpoint's routing method says."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        e = cfg.n_routed_experts or 0
+        self.num_experts = e
+        self.top_k = cfg.num_experts_per_tok or 0
+        self.scoring = cfg.scoring_func
+        self.method = cfg.topk_method
+        self.n_group = cfg.n_group or 1
+        self.topk_group = cfg.topk_group or 1
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.scaling = cfg.routed_scaling_factor
+        # The router runs in float32 whatever the compute dtype: routing flips are not small errors.
+        self.weight = nn.Parameter(torch.zeros(e, cfg.hidden_size, dtype=torch.float32))
+        if self.method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(e, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (topk_ids [T, K] int64, topk_weights [T, K] float32)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
+        if self.method == "greedy":
+            weights, ids = torch.topk(scores, self.top_k, dim=-1, sorted=False)
+        elif self.method == "group_limited_greedy":
+            group_scores = scores.view(-1, self.n_group, self.num_experts // self.n_group).amax(dim=-1)
+            masked = scores.masked_fill(~self._group_mask(group_scores), 0.0)
+            weights, ids = torch.topk(masked, self.top_k, dim=-1, sorted=False)
+        else:  # noaux_tc: the bias steers the choice only; weights come from the unbiased scores
+            biased = scores + self.e_score_correction_bias
+            group_scores = biased.view(-1, self.n_group, self.num_experts // self.n_group).topk(2, dim=-1)[0].sum(-1)
+            masked = biased.masked_fill(~self._group_mask(group_scores), float("-inf"))
+            ids = torch.topk(masked, self.top_k, dim=-1, sorted=False)[1]
+            weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, weights * self.scaling
+
+    def _group_mask(self, group_scores: torch.Tensor) -> torch.Tensor:
+        """group_scores [T, G] -> bool [T, E], True for experts in the top `topk_group` groups."""
+        group_idx = torch.topk(group_scores, self.topk_group, dim=-1, sorted=False)[1]
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+        return mask.repeat_interleave(self.num_experts // self.n_group, dim=1)
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts with stacked weights: `w13` [E, 2I, D] (gate then up), `w2` [E, D, I].
+
+    The forward is the plain-torch grouped GEMM: sort the (token, expert) pairs by expert and run one
+    matmul pair per expert that received tokens. Expert parallelism replaces this module's forward.
+    """
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """x [T, D]; topk_ids [T, K] int64; topk_weights [T, K] float32 -> [T, D] in x's dtype."""
+        k = topk_ids.shape[1]
+        flat_ids = topk_ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        token_of_pair = order // k
+        xs = x.index_select(0, token_of_pair)  # [T*K, D], grouped by expert
+        out = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                seg = xs[start:start + n]
+                out[start:start + n] = silu_and_mul(seg @ self.w13[e].t()) @ self.w2[e].t()
+                start += n
+        out = out * topk_weights.reshape(-1)[order, None].to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of_pair, out)
+
+
+class MoE(nn.Module):
+    """Routed experts plus the always-on shared experts of a DeepSeek MoE layer."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = RoutedExperts(cfg.n_routed_experts or 0, cfg.hidden_size, cfg.moe_intermediate_size)
+        n_shared = cfg.n_shared_experts or 0
+        self.shared_experts = (
+            GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> [T, D]."""
+        topk_ids, topk_weights = self.gate(x)
+        out = self.experts(x, topk_ids, topk_weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
