@@ -34,7 +34,8 @@ class LatentKVCache:
 
     def read(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """Gather latents at slots (any shape [...]) -> [..., C + R]."""
-        return self.data[layer][slots]
+        flat = self.data[layer].index_select(0, slots.reshape(-1))  # faster than advanced indexing on CPU
+        return flat.view(*slots.shape, flat.shape[-1])
 
     def page_view(self, layer: int, page: int) -> torch.Tensor:
         """One page of one layer, [page_size, C + R] (a view: writes land in the cache)."""

@@ -79,9 +79,19 @@ class RoutedExperts(nn.Module):
         k = topk_ids.shape[1]
         flat_ids = topk_ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat_ids, minlength=self.num_experts)
         token_of_pair = order // k
         xs = x.index_select(0, token_of_pair)  # [T*K, D], grouped by expert
+        cap = int(counts.max())
+        if cap * self.num_experts <= 2 * xs.shape[0]:
+            out = self._padded(xs, flat_ids[order], counts, cap)
+        else:
+            out = self._looped(xs, counts.tolist())
+        out = out * topk_weights.reshape(-1)[order, None].to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of_pair, out)
+
+    def _looped(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """One matmul pair per expert with tokens: xs [P, D] grouped by expert -> [P, D]."""
         out = torch.empty_like(xs)
         start = 0
         for e, n in enumerate(counts):
@@ -89,8 +99,18 @@ class RoutedExperts(nn.Module):
                 seg = xs[start:start + n]
                 out[start:start + n] = silu_and_mul(seg @ self.w13[e].t()) @ self.w2[e].t()
                 start += n
-        out = out * topk_weights.reshape(-1)[order, None].to(out.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of_pair, out)
+        return out
+
+    def _padded(self, xs: torch.Tensor, expert_of_pair: torch.Tensor, counts: torch.Tensor, cap: int
+                ) -> torch.Tensor:
+        """Small, even batches (decode): pad every expert's tokens to `cap` rows and run two bmm calls
+        instead of 2E small matmuls. xs [P, D] grouped by expert, expert_of_pair [P] sorted -> [P, D]."""
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(xs.shape[0], device=xs.device) - starts[expert_of_pair]
+        buf = xs.new_zeros(self.num_experts, cap, xs.shape[1])
+        buf[expert_of_pair, slot] = xs
+        h = silu_and_mul(torch.bmm(buf, self.w13.transpose(1, 2)))  # [E, cap, I]
+        return torch.bmm(h, self.w2.transpose(1, 2))[expert_of_pair, slot]
 
 
 class MoE(nn.Module):
