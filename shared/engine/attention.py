@@ -26,14 +26,14 @@ class StepLayout:
     slot_mapping [T] int64: cache slot of every new token.
     prefill: per multi-token sequence, (token slice in the batch, KV slots [N] int64 or None when the
       sequence has no cached prefix and attends only to its new tokens).
-    decode_rows [Bd] int64: batch rows of the single-token sequences; decode_slots [Bd, Nmax] int64 and
-      decode_mask [Bd, Nmax] bool (True where a slot is real) describe their padded KV.
+    decode_rows [Bd] int64: batch rows of the single-token sequences; decode_pages [Bd, Pmax] int64 (their
+      page tables, padded) and decode_mask [Bd, Pmax * page_size] bool (True where a token is real).
     """
 
     slot_mapping: torch.Tensor
     prefill: list[tuple[slice, torch.Tensor | None]]
     decode_rows: torch.Tensor | None = None
-    decode_slots: torch.Tensor | None = None
+    decode_pages: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None
 
 
@@ -65,7 +65,7 @@ class PagedAttention:
 
     def _decode(self, layer: MLAttention, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
         """Absorbed MLA for Bd single-token queries: q_nope [Bd, H, Dn], q_pe [Bd, H, R] -> [Bd, H, V]."""
-        kv = self.cache.read(layer.layer_idx, self.layout.decode_slots).to(q_nope.dtype)  # [Bd, N, C + R]
+        kv = self.cache.read_pages(layer.layer_idx, self.layout.decode_pages).to(q_nope.dtype)  # [Bd, N, C + R]
         q = torch.cat((layer.absorb_q(q_nope), q_pe), dim=-1)  # [Bd, H, C + R]
         scores = torch.bmm(q, kv.transpose(1, 2)) * layer.softmax_scale  # [Bd, H, N]
         if self._decode_bias is None:

@@ -39,7 +39,7 @@ class ModelRunner:
         slot_parts: list[torch.Tensor] = []
         prefill: list[tuple[slice, torch.Tensor | None]] = []
         decode_rows: list[int] = []
-        decode_slots: list[torch.Tensor] = []
+        decode_seqs: list[tuple[list[int], int]] = []  # (page table, KV length)
         sample_rows: list[int] = []
         row = 0
         for s in batch.seqs:
@@ -50,7 +50,7 @@ class ModelRunner:
             slot_parts.append(kv_slots[s.start:])
             if n == 1:
                 decode_rows.append(row)
-                decode_slots.append(kv_slots)
+                decode_seqs.append((req.pages, end))
             else:
                 prefill.append((slice(row, row + n), kv_slots if s.start else None))
             row += n
@@ -58,14 +58,14 @@ class ModelRunner:
                 sample_rows.append(row - 1)
         layout = StepLayout(slot_mapping=torch.cat(slot_parts), prefill=prefill)
         if decode_rows:
-            n_max = max(len(x) for x in decode_slots)
-            padded = torch.zeros(len(decode_slots), n_max, dtype=torch.int64, device=self.device)
-            mask = torch.zeros(len(decode_slots), n_max, dtype=torch.bool, device=self.device)
-            for i, x in enumerate(decode_slots):
-                padded[i, : len(x)] = x
-                mask[i, : len(x)] = True
+            ps = self.cache.page_size
+            p_max = max(-(-n // ps) for _, n in decode_seqs)
+            # Padding repeats page 0: its rows are read but masked out.
+            table = [pages[: -(-n // ps)] + [0] * (p_max - -(-n // ps)) for pages, n in decode_seqs]
+            lens = torch.tensor([n for _, n in decode_seqs], device=self.device)
             layout.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=self.device)
-            layout.decode_slots, layout.decode_mask = padded, mask
+            layout.decode_pages = torch.tensor(table, dtype=torch.int64, device=self.device)
+            layout.decode_mask = torch.arange(p_max * ps, device=self.device)[None, :] < lens[:, None]
         input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
         return input_ids, torch.cat(positions), layout, sample_rows
 
