@@ -121,7 +121,7 @@ def test_missing_and_malformed_folders(single: Path, tmp_path: Path) -> None:
         load_model(tmp_path / "nope")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(CheckpointError, match="config.json not found"):
+    with pytest.raises(CheckpointError, match=r"config\.json not found"):
         load_model(empty)
     bad = _copy(single, tmp_path / "badjson")
     (bad / "config.json").write_text("{not json")
@@ -129,11 +129,11 @@ def test_missing_and_malformed_folders(single: Path, tmp_path: Path) -> None:
         load_model(bad)
     noweights = _copy(single, tmp_path / "noweights")
     (noweights / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors"):
         load_model(noweights)
     corrupt = _copy(single, tmp_path / "corrupt")
     (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+    with pytest.raises(CheckpointError, match=r"not a readable safetensors"):
         load_model(corrupt)
 
 
@@ -142,7 +142,7 @@ def test_unsupported_architecture_names_the_supported_ones(single: Path, tmp_pat
     cfg = json.loads((llama / "config.json").read_text())
     cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
     (llama / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="LlamaForCausalLM.*DeepseekV3ForCausalLM, DeepseekV2ForCausalLM"):
+    with pytest.raises(CheckpointError, match=r"LlamaForCausalLM.*DeepseekV3ForCausalLM, DeepseekV2ForCausalLM"):
         load_model(llama)
 
 
