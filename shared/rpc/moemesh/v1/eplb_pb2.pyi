@@ -1,0 +1,58 @@
+from shared.rpc.moemesh.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ExpertLoadReport(_message.Message):
+    __slots__ = ("protocol_version", "instance_id", "role", "ep_rank", "num_layers", "num_logical_experts", "token_counts", "window_start_unix_ms", "window_end_unix_ms")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    EP_RANK_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_LOGICAL_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_START_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_END_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: _common_pb2.ProtocolVersion
+    instance_id: str
+    role: _common_pb2.WorkerRole
+    ep_rank: int
+    num_layers: int
+    num_logical_experts: int
+    token_counts: _containers.RepeatedScalarFieldContainer[int]
+    window_start_unix_ms: int
+    window_end_unix_ms: int
+    def __init__(self, protocol_version: _Optional[_Union[_common_pb2.ProtocolVersion, str]] = ..., instance_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., ep_rank: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_logical_experts: _Optional[int] = ..., token_counts: _Optional[_Iterable[int]] = ..., window_start_unix_ms: _Optional[int] = ..., window_end_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ReportExpertLoadResponse(_message.Message):
+    __slots__ = ("num_reports",)
+    NUM_REPORTS_FIELD_NUMBER: _ClassVar[int]
+    num_reports: int
+    def __init__(self, num_reports: _Optional[int] = ...) -> None: ...
+
+class GetPlacementRequest(_message.Message):
+    __slots__ = ("instance_id", "role")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    role: _common_pb2.WorkerRole
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ...) -> None: ...
+
+class Placement(_message.Message):
+    __slots__ = ("version", "num_layers", "num_physical_experts", "phy2log", "ep_size")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PHYSICAL_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    PHY2LOG_FIELD_NUMBER: _ClassVar[int]
+    EP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    num_layers: int
+    num_physical_experts: int
+    phy2log: _containers.RepeatedScalarFieldContainer[int]
+    ep_size: int
+    def __init__(self, version: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_physical_experts: _Optional[int] = ..., phy2log: _Optional[_Iterable[int]] = ..., ep_size: _Optional[int] = ...) -> None: ...

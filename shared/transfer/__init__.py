@@ -1,0 +1,4 @@
+"""KV data planes: how a request's KV rows travel from a prefill worker to a decode worker.
+
+One interface (`base.py`), several backends registered in `registry.py` and imported only when chosen.
+"""
