@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from shared.engine.kv_cache import LatentKVCache
-from shared.engine.request import FinishReason, Request, RequestOutput
+from shared.engine.request import FinishReason, Request, RequestOutput, RequestStatus
 from shared.engine.runner import ModelRunner
 from shared.engine.sampling import Sampler
 from shared.engine.sampling_params import InvalidParameter, SamplingParams
@@ -106,8 +106,32 @@ class Engine:
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a prompt (text, or token ids); returns its id. Raises on an invalid or too long prompt."""
+                    request_id: str | None = None, prefill_only: bool = False) -> str:
+        """Queue a prompt (text, or token ids); returns its id. Raises on an invalid or too long prompt.
+
+        `prefill_only` (PD prefill): the request ends after its first token, keeping its pages until
+        `release` so that its KV can be sent; `read_kv` reads the rows.
+        """
+        req = self._new_request(prompt, params, request_id)
+        req.prefill_only = prefill_only
+        self.scheduler.add(req)
+        self.requests[req.request_id] = req
+        return req.request_id
+
+    def reserve_request(self, prompt: Sequence[int], params: SamplingParams | None = None,
+                        request_id: str | None = None) -> str:
+        """PD decode: queue a request whose prompt KV will arrive from a prefill worker.
+
+        A later `step` gives it pages (it then appears in `take_reserved`); `write_kv` fills them and
+        `commit_transfer` starts decoding with the prefill's first token.
+        """
+        req = self._new_request(prompt, params, request_id)
+        self.scheduler.reserve(req)
+        self.requests[req.request_id] = req
+        return req.request_id
+
+    def _new_request(self, prompt: str | Sequence[int], params: SamplingParams | None,
+                     request_id: str | None) -> Request:
         params = params or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -129,9 +153,65 @@ class Engine:
             req.generator = Sampler.make_generator(params.seed)
         if self.tokenizer is not None:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
-        self.scheduler.add(req)
-        self.requests[rid] = req
-        return rid
+        return req
+
+    # ---- disaggregation: moving a prompt's KV between engines ---------------------------------
+    @property
+    def kv_row_width(self) -> int:
+        return self.model.config.kv_cache_dim
+
+    def _slots(self, req: Request, start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        pages = torch.tensor(req.pages, dtype=torch.int64)
+        return pages[pos // self.cfg.page_size] * self.cfg.page_size + pos % self.cfg.page_size
+
+    def read_kv(self, request_id: str, start: int, end: int) -> torch.Tensor:
+        """A copy of the request's KV rows for tokens [start, end): [L, end - start, W] in the cache dtype."""
+        req = self.requests[request_id]
+        if not 0 <= start <= end <= req.num_computed:
+            raise ValueError(f"rows [{start}, {end}) of {request_id} are not computed ({req.num_computed} are)")
+        return self.cache.data.index_select(1, self._slots(req, start, end))
+
+    def write_kv(self, request_id: str, start: int, rows: torch.Tensor) -> None:
+        """Store received rows [L, N, W] for tokens [start, start + N) into a transferring request's pages.
+
+        Safe to call from another thread while the engine steps: the pages are reserved for this
+        request alone and no step reads them until `commit_transfer`.
+        """
+        req = self.requests[request_id]
+        n = rows.shape[1]
+        if req.status is not RequestStatus.TRANSFERRING:
+            raise ValueError(f"request {request_id} is {req.status.value}, not receiving KV")
+        if rows.shape[0] != self.cache.data.shape[0] or rows.shape[2] != self.kv_row_width:
+            raise ValueError(f"rows of shape {tuple(rows.shape)} do not fit this cache's "
+                             f"[{self.cache.data.shape[0]}, N, {self.kv_row_width}] layout")
+        if not 0 <= start and start + n <= len(req.prompt_token_ids):
+            raise ValueError(f"rows [{start}, {start + n}) fall outside the prompt of {request_id}")
+        self.cache.data[:, self._slots(req, start, start + n)] = rows.to(self.cache.data.dtype)
+
+    def take_reserved(self) -> list[str]:
+        """Requests that got their pages since the last call (ready for `write_kv`)."""
+        out = [r.request_id for r in self.scheduler.newly_reserved]
+        self.scheduler.newly_reserved.clear()
+        return out
+
+    def commit_transfer(self, request_id: str, token: int, logprob: float | None = None,
+                        top: list[tuple[int, float]] | None = None) -> RequestOutput:
+        """The prompt's KV is in place: the prefill's first token becomes this request's first output."""
+        req = self.requests[request_id]
+        self.scheduler.commit_transfer(req)
+        if req.generator is not None and not req.params.greedy:
+            # The prefill worker drew this token from the same seed: skip that draw to stay in step.
+            self.runner.sampler.advance(req.generator, self.model.config.vocab_size)
+        return self._postprocess(req, token, logprob, top)
+
+    def release(self, request_id: str) -> bool:
+        """PD prefill: the KV was sent (or the send failed); give the held pages back."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req, FinishReason.STOP)
+        return True
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request wherever it is; its pages are freed. False if it was unknown or done."""
@@ -155,9 +235,24 @@ class Engine:
         outputs = []
         sampled = [s.request for s in batch.seqs if s.sample]
         for i, req in enumerate(sampled):
-            outputs.append(self._postprocess(req, result.token_ids[i], result.logprobs[i],
-                                             result.top_logprobs[i]))
+            if req.prefill_only:
+                outputs.append(self._prefill_done(req, result.token_ids[i], result.logprobs[i],
+                                                  result.top_logprobs[i]))
+            else:
+                outputs.append(self._postprocess(req, result.token_ids[i], result.logprobs[i],
+                                                 result.top_logprobs[i]))
         return outputs
+
+    def _prefill_done(self, req: Request, token: int, logprob: float | None,
+                      top: list[tuple[int, float]] | None) -> RequestOutput:
+        """PD prefill: report the first token and hold the pages; stop rules are the decode side's."""
+        self.scheduler.hold(req)
+        return RequestOutput(
+            request_id=req.request_id, new_token_ids=[token], new_text="",
+            new_logprobs=[logprob] if logprob is not None else [],
+            new_top_logprobs=[top] if top is not None else [], finished=False,
+            num_prompt_tokens=len(req.prompt_token_ids), num_output_tokens=0,
+            num_cached_tokens=req.num_cached_tokens, prefill_done=True)
 
     def _postprocess(self, req: Request, token: int, logprob: float | None,
                      top: list[tuple[int, float]] | None) -> RequestOutput:
@@ -185,7 +280,7 @@ class Engine:
             request_id=req.request_id, new_token_ids=[token], new_text=delta,
             new_logprobs=[logprob] if logprob is not None else [],
             new_top_logprobs=[top] if top is not None else [],
-            finished=reason is not None, finish_reason=reason,
+            finished=reason is not None, finish_reason=reason, stop_reason=stop_reason,
             num_prompt_tokens=len(req.prompt_token_ids), num_output_tokens=req.num_output_tokens,
             num_cached_tokens=req.num_cached_tokens)
 

@@ -15,6 +15,9 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"        # queued, owns no pages
     PREFILLING = "prefilling"  # admitted, pages reserved, prompt KV being computed chunk by chunk
     RUNNING = "running"        # decoding
+    RESERVING = "reserving"    # decode side of PD: waiting for pages to receive the prompt's KV into
+    TRANSFERRING = "transferring"  # pages reserved; the prompt's KV is arriving from a prefill worker
+    HELD = "held"              # prefill side of PD: first token sampled, pages kept until the KV is sent
     FINISHED = "finished"
 
 
@@ -50,6 +53,8 @@ class Request:
     generator: torch.Generator | None = None
     output_text: str = ""
     num_sent_chars: int = 0      # how much of output_text has been streamed out
+    prefill_only: bool = False   # PD prefill: stop after the first token and hold the pages
+    num_kv_emitted: int = 0      # PD prefill: tokens whose KV rows were handed to the sender
     detokenizer: Any = None
 
     @property
@@ -80,6 +85,8 @@ class RequestOutput:
     new_top_logprobs: list[list[tuple[int, float]]]
     finished: bool
     finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    prefill_done: bool = False   # PD prefill: the first token is sampled; the request holds its pages

@@ -69,6 +69,15 @@ class Sampler:
         generator.manual_seed(seed)
         return generator
 
+    @staticmethod
+    def advance(generator: torch.Generator, vocab: int) -> None:
+        """Consume one step's draw from a seeded row's generator, exactly as sampling a token does.
+
+        A request whose first token was sampled elsewhere (a prefill worker) calls this once so that its
+        later tokens match those of a request sampled in one engine from the same seed.
+        """
+        _draw_exponential((vocab,), generator, generator.device)
+
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
         """Sample one token per row.
 

@@ -77,13 +77,25 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []
         self.running: list[Request] = []
+        # Disaggregation: decode-side requests waiting for pages to receive KV into, and those receiving;
+        # prefill-side requests whose first token is out and whose pages wait for the sender.
+        self.reserving: deque[Request] = deque()
+        self.transferring: list[Request] = []
+        self.held: list[Request] = []
+        self.newly_reserved: list[Request] = []
         self._watermark_pages = math.ceil(cfg.watermark * cfg.num_pages)
         self.num_preemptions = 0
 
     # ---- queue state ---------------------------------------------------------------------------
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.prefilling) + len(self.running)
+        return (len(self.waiting) + len(self.prefilling) + len(self.running) + len(self.reserving)
+                + len(self.transferring) + len(self.held))
+
+    @property
+    def has_work(self) -> bool:
+        """Whether a step could make progress (transferring and held requests only wait)."""
+        return bool(self.waiting or self.prefilling or self.running or self.reserving)
 
     @property
     def num_free_pages(self) -> int:
@@ -105,9 +117,33 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
 
+    def reserve(self, req: Request) -> None:
+        """Decode side of PD: queue a request that will receive its prompt's KV instead of computing it."""
+        self.add(req)
+        self.waiting.remove(req)
+        req.status = RequestStatus.RESERVING
+        self.reserving.append(req)
+
+    def commit_transfer(self, req: Request) -> None:
+        """The prompt's KV arrived in the reserved pages: the request joins the running batch."""
+        if req.status is not RequestStatus.TRANSFERRING:
+            raise ValueError(f"request {req.request_id} is {req.status.value}, not transferring")
+        self.transferring.remove(req)
+        req.num_computed = len(req.prompt_token_ids)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        self._cache_prefix(req)
+
+    def hold(self, req: Request) -> None:
+        """Prefill side of PD: the first token is out; keep the pages until the KV has been sent."""
+        self.running.remove(req)
+        req.status = RequestStatus.HELD
+        self.held.append(req)
+
     # ---- one step ------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
         """Choose the next step's work; None when there is nothing to do."""
+        self._admit_reservations()
         batch = self._schedule_prefill()
         if batch.seqs:
             return batch
@@ -132,6 +168,20 @@ class Scheduler:
             seqs.append(ScheduledSeq(req, req.num_computed, n, req.num_computed + n == req.num_tokens))
             budget -= n
         return ScheduledBatch(seqs, is_prefill=True)
+
+    def _admit_reservations(self) -> None:
+        """Give reserving requests their pages, first come first served; `newly_reserved` lists them."""
+        while self.reserving:
+            req = self.reserving[0]
+            need = self.pages_for(len(req.prompt_token_ids))
+            reserve = self._watermark_pages if (self.running or self.prefilling) else 0
+            if need + reserve > self.num_free_pages:
+                return
+            self.reserving.popleft()
+            req.pages = self._alloc(need)
+            req.status = RequestStatus.TRANSFERRING
+            self.transferring.append(req)
+            self.newly_reserved.append(req)
 
     def _admit(self, req: Request) -> bool:
         tokens = req.all_token_ids
@@ -185,12 +235,14 @@ class Scheduler:
         """Mark a request done and give its pages back (full computed pages stay in the prefix cache)."""
         if req.status is RequestStatus.FINISHED:
             return
-        if req.status is RequestStatus.WAITING:
-            self.waiting.remove(req)
-        elif req.status is RequestStatus.PREFILLING:
-            self.prefilling.remove(req)
-        else:
-            self.running.remove(req)
+        queue = {
+            RequestStatus.WAITING: self.waiting, RequestStatus.PREFILLING: self.prefilling,
+            RequestStatus.RUNNING: self.running, RequestStatus.RESERVING: self.reserving,
+            RequestStatus.TRANSFERRING: self.transferring, RequestStatus.HELD: self.held,
+        }[req.status]
+        queue.remove(req)
+        if req in self.newly_reserved:
+            self.newly_reserved.remove(req)
         self._release(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason

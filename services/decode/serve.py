@@ -1,0 +1,53 @@
+"""`moemesh serve decode`: one decode worker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from shared.rpc.moemesh.v1 import common_pb2, decode_pb2_grpc, kvtransfer_pb2_grpc
+from shared.service.config import apply_env_defaults
+from shared.service.worker import ServiceParts, Worker, add_worker_arguments, run_worker
+
+DEFAULT_PORT = 50070
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moemesh serve decode", description="Run one decode worker.")
+    add_worker_arguments(p, DEFAULT_PORT)
+    p.add_argument("--ucx-host", default=None, help="address the UCX receiver listens on (default: --host)")
+    p.add_argument("--ucx-port", type=int, default=0, help="UCX receiver port (0 picks a free one)")
+    p.add_argument("--kv-lease-ms", type=int, default=60_000, help="how long a KV handoff may take at most")
+    apply_env_defaults(p)
+    return p
+
+
+async def _setup(worker: Worker, kv: kvtransfer_pb2_grpc.KvTransferStub) -> ServiceParts:
+    from services.decode.servicer import DecodeServicer
+    from shared.transfer.registry import make_receiver
+
+    args = worker.args
+    receiver = make_receiver(args.transfer, kvtransfer=args.kvtransfer, host=args.ucx_host or args.host,
+                             port=args.ucx_port)
+    await receiver.start()
+    servicer = DecodeServicer(worker.engine, worker.layout, receiver, kv, worker.load_pb, args.kv_lease_ms)
+    return decode_pb2_grpc.add_DecodeServicer_to_server, servicer, "moemesh.v1.Decode", receiver.close
+
+
+async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    await run_worker(common_pb2.WORKER_ROLE_DECODE, "decode", args, _setup, ready, stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

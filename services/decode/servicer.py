@@ -1,0 +1,122 @@
+"""The Decode gRPC servicer: reserve pages, rendezvous at kvtransfer, receive KV, stream tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from shared.engine.async_engine import AsyncEngine, Reserved
+from shared.engine.request import RequestOutput
+from shared.rpc.moemesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2, kvtransfer_pb2_grpc
+from shared.service.convert import finish_to_pb, logprobs_to_pb, sampling_from_pb
+from shared.service.errors import DeadlineExceeded, Unavailable
+from shared.service.rooms import PLANES, report_room_failed
+from shared.service.version import PROTOCOL_VERSION
+from shared.transfer.base import KvReceiver, TransferError
+
+log = logging.getLogger(__name__)
+
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, engine: AsyncEngine, layout: common_pb2.KvLayout, receiver: KvReceiver,
+                 kvtransfer: kvtransfer_pb2_grpc.KvTransferStub, load: callable, lease_ms: int = 60_000) -> None:
+        self.engine = engine
+        self.layout = layout
+        self.receiver = receiver
+        self.kv = kvtransfer
+        self.load = load
+        self.lease_ms = lease_ms
+
+    async def Generate(self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[decode_pb2.DecodeResponse]:
+        params = sampling_from_pb(request.sampling)
+        rid = request.request_id or uuid.uuid4().hex
+        prompt = list(request.prompt_token_ids)
+        if not request.room_id:
+            async for out in self.engine.generate(prompt, params, rid):
+                yield _response(out)
+            return
+        events = self.engine.reserve(prompt, params, rid)
+        try:
+            async for item in events:
+                if isinstance(item, Reserved):
+                    await self._receive(request.room_id, rid, len(prompt), context)
+                else:
+                    yield _response(item)
+        finally:
+            await events.aclose()  # aborts the request in the engine unless it finished
+
+    async def _receive(self, room: str, rid: str, num_tokens: int, context: grpc.aio.ServicerContext) -> None:
+        """Register as the room's receiver, wait for every chunk, report, and start decoding."""
+        remaining = context.time_remaining()
+        timeout_s = min(remaining, self.lease_ms / 1000) if remaining is not None else self.lease_ms / 1000
+        ok = False
+        try:
+            await self.kv.RegisterReceiver(kvtransfer_pb2.RegisterReceiverRequest(
+                protocol_version=PROTOCOL_VERSION, room_id=room, request_id=rid, layout=self.layout,
+                data_plane=PLANES[self.receiver.plane], data_plane_address=self.receiver.address,
+                num_tokens=num_tokens, lease_ms=int(timeout_s * 1000)), timeout=10)
+            t0 = time.perf_counter()
+            recv = asyncio.ensure_future(self.receiver.receive(
+                room, num_tokens, lambda start, rows: self.engine.write_kv(rid, start, rows), timeout_s))
+            watch = asyncio.ensure_future(self._until_failed(room))
+            done, _ = await asyncio.wait({recv, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if recv not in done:
+                await self.receiver.cancel(room)
+                recv.cancel()
+                raise Unavailable(f"KV transfer for room {room} failed: {watch.result()}")
+            watch.cancel()
+            first, nbytes = recv.result()
+            await self.kv.ReportTransfer(kvtransfer_pb2.ReportTransferRequest(
+                room_id=room, state=kvtransfer_pb2.ROOM_STATE_SUCCESS, bytes=nbytes), timeout=10)
+            log.debug("room %s: %d bytes in %.1f ms", room, nbytes, (time.perf_counter() - t0) * 1e3)
+            top = list(first.top_logprobs) if first.top_logprobs is not None else None
+            await self.engine.commit(rid, first.token_id, first.logprob, top)
+            ok = True
+        except TransferError as e:
+            if "timed out" in str(e) or "timeout" in str(e):
+                raise DeadlineExceeded(f"KV for room {room} did not arrive in time: {e}") from None
+            raise Unavailable(f"KV transfer for room {room} failed: {e}") from None
+        except grpc.aio.AioRpcError as e:
+            raise Unavailable(f"kvtransfer is unreachable or refused room {room}: {e.details()}") from None
+        finally:
+            if not ok:
+                await self.receiver.cancel(room)
+                await report_room_failed(self.kv, room, "the decode worker gave up on the room")
+
+    async def _until_failed(self, room: str) -> str:
+        """Return the room's error once kvtransfer reports it FAILED (the prefill side gave up)."""
+        async for status in self.kv.WatchRoom(kvtransfer_pb2.WatchRoomRequest(room_id=room)):
+            if status.state == kvtransfer_pb2.ROOM_STATE_FAILED:
+                return status.error or "the room failed"
+        await asyncio.Event().wait()  # the room succeeded: only the receive can finish now
+        return ""
+
+    async def Abort(self, request: common_pb2.AbortRequest, context: grpc.aio.ServicerContext
+                    ) -> common_pb2.AbortResponse:
+        return common_pb2.AbortResponse(aborted=await self.engine.abort(request.request_id))
+
+    async def GetLoad(self, request: common_pb2.GetLoadRequest, context: grpc.aio.ServicerContext
+                      ) -> common_pb2.WorkerLoad:
+        return self.load()
+
+
+
+def _response(out: RequestOutput) -> decode_pb2.DecodeResponse:
+    resp = decode_pb2.DecodeResponse(
+        token_ids=out.new_token_ids, text=out.new_text,
+        logprobs=logprobs_to_pb(out.new_logprobs, out.new_top_logprobs),
+        num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens)
+    if out.finished:
+        resp.finish_reason = finish_to_pb(out.finish_reason)
+        if isinstance(out.stop_reason, str):
+            resp.stop_string = out.stop_reason
+        elif isinstance(out.stop_reason, int):
+            resp.stop_token_id = out.stop_reason
+    return resp

@@ -1,0 +1,63 @@
+"""`moemesh serve prefill`: one prefill worker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from shared.rpc.moemesh.v1 import common_pb2, kvtransfer_pb2_grpc, prefill_pb2_grpc
+from shared.service.config import apply_env_defaults
+from shared.service.worker import ServiceParts, Worker, add_worker_arguments, run_worker
+
+DEFAULT_PORT = 50080
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moemesh serve prefill", description="Run one prefill worker.")
+    add_worker_arguments(p, DEFAULT_PORT)
+    p.add_argument("--kv-wait-ms", type=int, default=30_000,
+                   help="how long to wait for the decode worker to register its receiver")
+    p.add_argument("--kv-lease-ms", type=int, default=60_000, help="how long a KV handoff may take at most")
+    apply_env_defaults(p)
+    return p
+
+
+async def _setup(worker: Worker, kv: kvtransfer_pb2_grpc.KvTransferStub) -> ServiceParts:
+    from services.prefill.servicer import PrefillServicer
+    from shared.transfer.registry import make_sender
+
+    args = worker.args
+    senders = {}
+
+    def sender_for(plane: str):
+        # One sender per plane, made on first use: the receiver's registration decides the plane.
+        if plane not in senders:
+            senders[plane] = make_sender(plane, kvtransfer=args.kvtransfer)
+        return senders[plane]
+
+    async def close() -> None:
+        for s in senders.values():
+            await s.close()
+
+    servicer = PrefillServicer(worker.engine, worker.layout, sender_for, kv, worker.load_pb, args.kv_wait_ms,
+                               args.kv_lease_ms)
+    return prefill_pb2_grpc.add_PrefillServicer_to_server, servicer, "moemesh.v1.Prefill", close
+
+
+async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    await run_worker(common_pb2.WORKER_ROLE_PREFILL, "prefill", args, _setup, ready, stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The Prefill gRPC servicer: compute a prompt while resolving its receiver, stream its KV as it is made."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from shared.engine.async_engine import AsyncEngine, KvRows
+from shared.rpc.moemesh.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from shared.service.convert import logprobs_to_pb, sampling_from_pb
+from shared.service.errors import FailedPrecondition, Unavailable
+from shared.service.rooms import PLANE_NAMES, report_room_failed
+from shared.service.version import PROTOCOL_VERSION
+from shared.transfer.base import FirstToken, KvSender, RowBlock, TransferError
+
+log = logging.getLogger(__name__)
+
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, engine: AsyncEngine, layout: common_pb2.KvLayout,
+                 sender_for: Callable[[str], KvSender], kvtransfer: kvtransfer_pb2_grpc.KvTransferStub,
+                 load: Callable[[], common_pb2.WorkerLoad], wait_ms: int = 30_000, lease_ms: int = 60_000) -> None:
+        self.engine = engine
+        self.layout = layout
+        self.sender_for = sender_for
+        self.kv = kvtransfer
+        self.load = load
+        self.wait_ms = wait_ms
+        self.lease_ms = lease_ms
+
+    async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+                      ) -> prefill_pb2.PrefillResponse:
+        params = sampling_from_pb(request.sampling)
+        rid = request.request_id or uuid.uuid4().hex
+        room = request.room_id
+        if not room:
+            raise FailedPrecondition("a prefill needs the room_id of its decode worker")
+        remaining = context.time_remaining()
+        wait_ms = int(min(self.wait_ms, remaining * 1000)) if remaining is not None else self.wait_ms
+        t0 = time.perf_counter_ns()
+        times: dict[str, int] = {}
+        blocks: asyncio.Queue[RowBlock | None] = asyncio.Queue()
+        first: asyncio.Future[FirstToken] = asyncio.get_running_loop().create_future()
+        cached = 0
+
+        async def compute() -> None:
+            nonlocal cached
+            async for item in self.engine.prefill(list(request.prompt_token_ids), params, rid):
+                if isinstance(item, KvRows):
+                    times.setdefault("first_rows", time.perf_counter_ns())
+                    blocks.put_nowait(RowBlock(item.token_start, item.rows))
+                else:
+                    cached = item.num_cached_tokens
+                    times["first_token"] = time.perf_counter_ns()
+                    top = tuple(item.new_top_logprobs[0]) if item.new_top_logprobs else None
+                    lp = item.new_logprobs[0] if item.new_logprobs else None
+                    first.set_result(FirstToken(item.new_token_ids[0], lp, top))
+            blocks.put_nowait(None)
+
+        computing = asyncio.ensure_future(compute())
+        ok = False
+        nbytes = 0
+        try:
+            # The receiver is resolved while the prompt computes: neither waits for the other.
+            resolved = await self.kv.ResolveReceiver(kvtransfer_pb2.ResolveReceiverRequest(
+                protocol_version=PROTOCOL_VERSION, room_id=room, layout=self.layout, wait_ms=wait_ms,
+                lease_ms=self.lease_ms), timeout=wait_ms / 1000 + 5)
+            sender = self.sender_for(PLANE_NAMES.get(resolved.data_plane, "relay"))
+
+            async def stream() -> AsyncIterator[RowBlock]:
+                while True:
+                    if computing.done() and computing.exception() is not None:
+                        raise computing.exception()
+                    block = await blocks.get()
+                    if block is None:
+                        return
+                    yield block
+
+            nbytes = await sender.send(room, resolved.data_plane_address, stream(), first)
+            await computing  # surfaces an engine error that ended the stream
+            ok = True
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise FailedPrecondition(e.details()) from None
+            raise Unavailable(f"kvtransfer could not pair room {room}: {e.code().name}: {e.details()}") from None
+        except TransferError as e:
+            raise Unavailable(f"sending KV for room {room} failed: {e}") from None
+        finally:
+            computing.cancel()
+            await asyncio.gather(computing, return_exceptions=True)
+            await self.engine.release(rid)
+            if not ok:
+                await report_room_failed(self.kv, room, "the prefill worker could not deliver the KV")
+        done = time.perf_counter_ns()
+        tok = first.result()
+        return prefill_pb2.PrefillResponse(
+            first_token_id=tok.token_id,
+            first_logprobs=logprobs_to_pb([tok.logprob], [tok.top_logprobs or ()])[0] if tok.logprob is not None
+            else None,
+            num_cached_tokens=cached, queue_ns=times.get("first_rows", t0) - t0,
+            forward_ns=times["first_token"] - times.get("first_rows", t0), transfer_ns=done - times["first_token"],
+            kv_bytes=nbytes)
+
+    async def Abort(self, request: common_pb2.AbortRequest, context: grpc.aio.ServicerContext
+                    ) -> common_pb2.AbortResponse:
+        return common_pb2.AbortResponse(aborted=await self.engine.abort(request.request_id))
+
+    async def GetLoad(self, request: common_pb2.GetLoadRequest, context: grpc.aio.ServicerContext
+                      ) -> common_pb2.WorkerLoad:
+        return self.load()
+

@@ -1,0 +1,249 @@
+"""The engine on its own thread, for asyncio servers: requests in, outputs and KV rows out as events.
+
+The engine is synchronous torch code; a gRPC server's event loop must never run it. One thread owns
+the `Engine` and runs `step()` whenever there is work; asyncio callers send it commands (add, abort,
+reserve, commit...) and read each request's events from an `asyncio.Queue`. Only the engine thread
+touches the scheduler. `write_kv` is the exception, by design: it fills pages reserved for one request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shared.engine.engine import Engine
+from shared.engine.request import RequestOutput
+from shared.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KvRows:
+    """PD prefill: KV rows [L, N, W] of tokens [token_start, token_start + N), final once emitted."""
+
+    token_start: int
+    rows: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Reserved:
+    """PD decode: the request's pages are reserved; KV may now be written."""
+
+
+class EngineDead(RuntimeError):
+    """The engine thread failed; nothing more will run on it."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._prefill_ids: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.error: BaseException | None = None
+        self.load: dict[str, float] = self._snapshot()
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stop = True
+        self._cmds.put(None)  # wake the thread
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    # ---- requests ------------------------------------------------------------------------------
+    async def generate(self, prompt: Sequence[int], params: SamplingParams, request_id: str
+                       ) -> AsyncIterator[RequestOutput]:
+        """Run a request to the end here (colocated); yields its outputs; abandoning the iterator aborts it."""
+        q = self._open(request_id)
+        try:
+            await self._call(self.engine.add_request, list(prompt), params, request_id)
+            async for out in self._events(q, request_id):
+                yield out
+                if out.finished:
+                    return
+        finally:
+            await self._close(request_id)
+
+    async def prefill(self, prompt: Sequence[int], params: SamplingParams, request_id: str
+                      ) -> AsyncIterator[KvRows | RequestOutput]:
+        """PD prefill: yields KvRows as chunks complete, then the first token (`prefill_done`).
+
+        The pages stay held until `release`, which the caller must await once the KV is sent.
+        """
+        q = self._open(request_id)
+        self._prefill_ids.add(request_id)
+        try:
+            await self._call(self.engine.add_request, list(prompt), params, request_id, True)
+            async for item in self._events(q, request_id):
+                yield item
+                if isinstance(item, RequestOutput) and item.prefill_done:
+                    return
+        finally:
+            self._prefill_ids.discard(request_id)
+            self._streams.pop(request_id, None)
+
+    async def reserve(self, prompt: Sequence[int], params: SamplingParams, request_id: str
+                      ) -> AsyncIterator[Reserved | RequestOutput]:
+        """PD decode: yields Reserved once pages are reserved, then (after `commit`) the outputs."""
+        q = self._open(request_id)
+        try:
+            await self._call(self.engine.reserve_request, list(prompt), params, request_id)
+            async for item in self._events(q, request_id):
+                yield item
+                if isinstance(item, RequestOutput) and item.finished:
+                    return
+        finally:
+            await self._close(request_id)
+
+    def write_kv(self, request_id: str, token_start: int, rows: torch.Tensor) -> None:
+        """PD decode: store received rows into the reserved pages (any thread; see the module doc)."""
+        self.engine.write_kv(request_id, token_start, rows)
+
+    async def commit(self, request_id: str, token: int, logprob: float | None,
+                     top: list[tuple[int, float]] | None) -> None:
+        """PD decode: the KV is complete; decoding starts from the prefill's first token."""
+        out = await self._call(self.engine.commit_transfer, request_id, token, logprob, top)
+        self._deliver(request_id, out)
+
+    async def release(self, request_id: str) -> None:
+        """PD prefill: the held pages go back (into the prefix cache)."""
+        await self._call(self.engine.release, request_id)
+
+    async def abort(self, request_id: str) -> bool:
+        if not self.alive:
+            return False
+        return bool(await self._call(self.engine.abort, request_id))
+
+    # ---- plumbing ------------------------------------------------------------------------------
+    def _open(self, request_id: str) -> asyncio.Queue:
+        if not self.alive:
+            raise EngineDead(f"the engine is not running: {self.error!r}")
+        if request_id in self._streams:
+            from shared.engine.sampling_params import InvalidParameter
+
+            raise InvalidParameter(f"request_id {request_id!r} is already in use")
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = q
+        return q
+
+    async def _close(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        # Whatever ended the iteration early (client gone, error), the engine must forget the request.
+        await self.abort(request_id)
+
+    async def _events(self, q: asyncio.Queue, request_id: str) -> AsyncIterator[Any]:
+        while True:
+            item = await q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        self._cmds.put((fn, args, fut))
+        return fut
+
+    def _deliver(self, request_id: str, item: Any) -> None:
+        q = self._streams.get(request_id)
+        if q is not None:
+            q.put_nowait(item)
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(fn, *args)
+
+    def _settle(self, fut: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                self._drain_commands(block=not self.engine.scheduler.has_work)
+                if self._stop or not self.engine.scheduler.has_work:
+                    continue
+                outputs = self.engine.step()
+                for rid in self.engine.take_reserved():
+                    self._post(self._deliver, rid, Reserved())
+                self._emit_kv_rows()
+                for out in outputs:
+                    self._post(self._deliver, out.request_id, out)
+                self.load = self._snapshot()
+        except BaseException as e:  # a bug in the engine: fail every request rather than hang them
+            log.exception("engine thread failed")
+            self.error = e
+            dead = EngineDead(f"the engine failed: {type(e).__name__}: {e}")
+            for rid in list(self._streams):
+                self._post(self._deliver, rid, dead)
+            self._fail_pending(dead)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            cmd = self._cmds.get(timeout=0.5) if block else self._cmds.get_nowait()
+        except queue.Empty:
+            return
+        while cmd is not None:
+            fn, args, fut = cmd
+            try:
+                result = fn(*args)
+                self._post(self._settle, fut, result)
+            except Exception as e:
+                self._post(self._settle, fut, None, e)
+            self.load = self._snapshot()
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+
+    def _fail_pending(self, error: BaseException) -> None:
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            if cmd is not None:
+                self._post(self._settle, cmd[2], None, error)
+
+    def _emit_kv_rows(self) -> None:
+        """Hand every prefill request's newly computed rows to its sender while the next chunk runs."""
+        for rid in list(self._prefill_ids):
+            req = self.engine.requests.get(rid)
+            if req is None or req.num_computed <= req.num_kv_emitted:
+                continue
+            rows = self.engine.read_kv(rid, req.num_kv_emitted, req.num_computed)
+            self._post(self._deliver, rid, KvRows(req.num_kv_emitted, rows))
+            req.num_kv_emitted = req.num_computed
+
+    def _snapshot(self) -> dict[str, float]:
+        s = self.engine.scheduler
+        return {
+            "num_running": len(s.running), "num_waiting": len(s.waiting) + len(s.prefilling) + len(s.reserving),
+            "num_transferring": len(s.transferring) + len(s.held), "num_free_pages": s.num_free_pages,
+            "num_pages": s.cfg.num_pages, "prefix_cache_hit_rate": s.cache.hit_rate,
+        }

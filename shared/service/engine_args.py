@@ -1,0 +1,36 @@
+"""Command-line options shared by the services that run an engine (prefill, decode)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from shared.engine.engine import EngineConfig
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="checkpoint folder (default: the embedded tiny model)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    g.add_argument("--kv-cache-mb", type=int, default=512, help="memory for the paged KV cache")
+    g.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch at most")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prompt tokens per prefill step")
+    g.add_argument("--no-prefix-caching", action="store_true", help="disable the radix prefix cache")
+    g.add_argument("--num-threads", type=int, default=None,
+                   help="torch threads (default: the cores divided among the processes on this host)")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, page_size=args.page_size, kv_cache_mb=args.kv_cache_mb,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
+        num_threads=args.num_threads or default_threads())
+
+
+def default_threads() -> int:
+    """Threads for one engine process: `MOEMESH_PROCS_PER_HOST` processes share the cores evenly."""
+    procs = max(1, int(os.environ.get("MOEMESH_PROCS_PER_HOST", "1")))
+    return max(1, (os.cpu_count() or 1) // procs)

@@ -1,0 +1,133 @@
+"""What a prefill or a decode worker process is made of: an engine on its thread, its KV layout, its
+gRPC server shell and its registration with the gateway. The services add their servicer on top."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from shared.engine.async_engine import AsyncEngine
+from shared.engine.engine import Engine
+from shared.rpc.moemesh.v1 import common_pb2, gateway_pb2, kvtransfer_pb2_grpc
+from shared.service.engine_args import add_engine_arguments, engine_config
+from shared.service.kv_layout import kv_layout
+from shared.service.registration import GatewayRegistration
+from shared.service.server import CHANNEL_OPTIONS, GrpcServer, install_signal_handlers
+from shared.service.version import PROTOCOL_VERSION
+
+log = logging.getLogger(__name__)
+
+
+def add_worker_arguments(p: argparse.ArgumentParser, default_port: int) -> None:
+    """Options every engine worker takes (each also read from MOEMESH_<DEST>)."""
+    g = p.add_argument_group("worker")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (internal services: loopback)")
+    g.add_argument("--port", type=int, default=default_port, help="gRPC port (0 picks a free one)")
+    g.add_argument("--advertise-host", default=None,
+                   help="host other services use to reach this one (default: --host, or this machine's name)")
+    g.add_argument("--gateway", default="127.0.0.1:50051", help="gateway address to register with ('' = none)")
+    g.add_argument("--kvtransfer", default="127.0.0.1:50060", help="kvtransfer service address")
+    g.add_argument("--transfer", default="relay", choices=["ucx", "relay", "inproc"], help="KV data plane")
+    g.add_argument("--worker-id", default=None, help="unique worker id (default: generated)")
+    g.add_argument("--instance-id", default=None, help="EP group id (default: the worker id)")
+    add_engine_arguments(p)
+
+
+@dataclass
+class Worker:
+    """A started worker: everything a servicer needs."""
+
+    role: int
+    args: argparse.Namespace
+    engine: AsyncEngine
+    layout: common_pb2.KvLayout
+    server: GrpcServer
+    registration: GatewayRegistration | None
+    worker_id: str
+
+    @classmethod
+    async def create(cls, role: int, args: argparse.Namespace) -> Worker:
+        cfg = engine_config(args)
+        engine = await asyncio.to_thread(Engine, cfg)  # loading weights must not block the event loop
+        dtype = next(engine.model.parameters()).dtype
+        layout = kv_layout(engine.model_dir, engine.model.config, dtype, cfg.page_size)
+        aengine = AsyncEngine(engine)
+        await aengine.start()
+        server = GrpcServer(args.host, args.port)
+        role_name = common_pb2.WorkerRole.Name(role).removeprefix("WORKER_ROLE_").lower()
+        worker_id = args.worker_id or f"{role_name}-{uuid.uuid4().hex[:8]}"
+        return cls(role, args, aengine, layout, server, None, worker_id)
+
+    def load_pb(self) -> common_pb2.WorkerLoad:
+        ld = self.engine.load
+        return common_pb2.WorkerLoad(
+            num_running_requests=int(ld["num_running"]), num_waiting_requests=int(ld["num_waiting"]),
+            num_free_pages=int(ld["num_free_pages"]), num_total_pages=int(ld["num_pages"]),
+            prefix_cache_hit_rate=float(ld["prefix_cache_hit_rate"]))
+
+    @property
+    def advertised_address(self) -> str:
+        host = self.args.advertise_host or self.args.host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        return f"{host}:{self.server.port}"
+
+    async def register(self) -> None:
+        """Join the gateway (in the background: it may start after us)."""
+        if not self.args.gateway:
+            return
+        req = gateway_pb2.RegisterWorkerRequest(
+            protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, role=self.role,
+            address=self.advertised_address, instance_id=self.args.instance_id or self.worker_id,
+            dp_rank=0, dp_size=1, model_name=self.engine.engine.model_dir.name, kv_layout=self.layout,
+            max_model_len=self.engine.engine.max_model_len)
+        self.registration = GatewayRegistration(self.args.gateway, req, self.load_pb)
+        await self.registration.start()
+
+    async def shutdown(self) -> None:
+        """Drain: not serving, leave the gateway, let in-flight calls finish, stop the engine."""
+        await self.server.set_serving(False)
+        if self.registration is not None:
+            self.registration.draining = True
+            await self.registration.stop()
+        await self.server.stop(grace_s=float(os.environ.get("MOEMESH_DRAIN_GRACE_S", "5")))
+        await self.engine.stop()
+
+
+# (add_servicer_to_server, servicer, full service name, async cleanup)
+ServiceParts = tuple[Callable[[Any, grpc.aio.Server], None], Any, str, Callable[[], Awaitable[None]]]
+
+
+async def run_worker(role: int, name: str, args: argparse.Namespace,
+                     setup: Callable[[Worker, kvtransfer_pb2_grpc.KvTransferStub], Awaitable[ServiceParts]],
+                     ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
+    """Start a worker, serve until `stop` (or SIGINT/SIGTERM), then drain and exit cleanly."""
+    stop = stop or asyncio.Event()
+    if threading.current_thread() is threading.main_thread():
+        install_signal_handlers(stop)
+    worker = await Worker.create(role, args)
+    channel = grpc.aio.insecure_channel(args.kvtransfer, options=CHANNEL_OPTIONS)
+    add, servicer, service_name, cleanup = await setup(worker, kvtransfer_pb2_grpc.KvTransferStub(channel))
+    worker.server.add(add, servicer, service_name)
+    try:
+        await worker.server.start()
+        await worker.server.set_serving(True)
+        print(f"{name} listening on {worker.advertised_address}", flush=True)
+        await worker.register()
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+    finally:
+        await worker.shutdown()
+        await cleanup()
+        await channel.close()
