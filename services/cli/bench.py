@@ -23,9 +23,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--no-hf", action="store_true", help="skip the Hugging Face reference")
     e.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     e.set_defaults(func=_run_engine)
+    t = bsub.add_parser("transfer", help="KV transfer GB/s and latency per data plane against memcpy")
+    t.add_argument("--model", default=None, help="take the KV row shape from this checkpoint (default: tiny)")
+    t.add_argument("--planes", default="inproc,relay,ucx", help="comma-separated data planes")
+    t.add_argument("--prompt-tokens", type=int, default=2048)
+    t.add_argument("--repeats", type=int, default=5)
+    t.add_argument("--json", default=None, metavar="FILE")
+    t.set_defaults(func=_run_transfer)
 
 
 def _run_engine(args: argparse.Namespace) -> int:
     from services.cli.bench_engine import run
+
+    return run(args)
+
+
+def _run_transfer(args: argparse.Namespace) -> int:
+    from services.cli.bench_transfer import run
 
     return run(args)

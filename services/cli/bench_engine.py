@@ -103,7 +103,7 @@ def _ints(s: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shared.model.tiny import default_model_dir
+    from shared.model.default import default_model_dir
 
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, greedy, "

@@ -30,8 +30,12 @@ async def _setup(worker: Worker, kv: kvtransfer_pb2_grpc.KvTransferStub) -> Serv
     from shared.transfer.registry import make_receiver
 
     args = worker.args
-    receiver = make_receiver(args.transfer, kvtransfer=args.kvtransfer, host=args.ucx_host or args.host,
-                             port=args.ucx_port)
+    if args.transfer == "ucx":
+        receiver = make_receiver("ucx", host=args.ucx_host or args.host, port=args.ucx_port)
+    elif args.transfer == "relay":
+        receiver = make_receiver("relay", target=args.kvtransfer)
+    else:
+        receiver = make_receiver(args.transfer)
     await receiver.start()
     servicer = DecodeServicer(worker.engine, worker.layout, receiver, kv, worker.load_pb, args.kv_lease_ms)
     return decode_pb2_grpc.add_DecodeServicer_to_server, servicer, "moemesh.v1.Decode", receiver.close

@@ -15,9 +15,10 @@ from shared.engine.request import RequestOutput
 from shared.rpc.moemesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2, kvtransfer_pb2_grpc
 from shared.service.convert import finish_to_pb, logprobs_to_pb, sampling_from_pb
 from shared.service.errors import DeadlineExceeded, Unavailable
-from shared.service.rooms import PLANES, report_room_failed
+from shared.service.rooms import report_room_failed
 from shared.service.version import PROTOCOL_VERSION
 from shared.transfer.base import KvReceiver, TransferError
+from shared.transfer.registry import plane_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         try:
             await self.kv.RegisterReceiver(kvtransfer_pb2.RegisterReceiverRequest(
                 protocol_version=PROTOCOL_VERSION, room_id=room, request_id=rid, layout=self.layout,
-                data_plane=PLANES[self.receiver.plane], data_plane_address=self.receiver.address,
+                data_plane=plane_to_proto(self.receiver.plane), data_plane_address=self.receiver.address,
                 num_tokens=num_tokens, lease_ms=int(timeout_s * 1000)), timeout=10)
             t0 = time.perf_counter()
             recv = asyncio.ensure_future(self.receiver.receive(

@@ -42,7 +42,7 @@ def load_served_model(cfg: GatewayConfig) -> ServedModel:
 
 def _embedded_model_dir() -> Path:
     # Imported here: writing the tiny checkpoint needs torch, which a gateway given --model never loads.
-    from shared.model.tiny import default_model_dir
+    from shared.model.default import default_model_dir
 
     return default_model_dir()
 

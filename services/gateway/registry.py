@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +73,9 @@ class WorkerEntry:
     _channel: grpc.aio.Channel | None = None
     _stub: Any = None
 
+    def __repr__(self) -> str:
+        return f"WorkerEntry({self.name}, routable={self.routable}, in_flight={self.in_flight})"
+
     @property
     def routable(self) -> bool:
         """True when new requests may be sent to it."""
@@ -118,9 +121,11 @@ class WorkerRegistry:
     """The registered workers of one served model, keyed by worker id."""
 
     def __init__(self, model_name: str, heartbeat_interval_ms: int = 1000, heartbeat_timeout_ms: int = 5000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        """`model_name`: the name workers must register with (or leave empty); `clock` in seconds."""
+                 clock: Callable[[], float] = time.monotonic, model_aliases: Sequence[str] = ()) -> None:
+        """`model_name` (or one of `model_aliases`, e.g. the model folder's name): what workers must
+        register with, or leave empty; `clock` in seconds."""
         self.model_name = model_name
+        self.model_names = {model_name, *model_aliases}
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.heartbeat_timeout_ms = heartbeat_timeout_ms
         self._clock = clock
@@ -140,7 +145,7 @@ class WorkerRegistry:
             raise InvalidArgument(f"{who}: address must not be empty")
         if req.role not in _ROLE_NAMES:
             raise InvalidArgument(f"{who}: role must be WORKER_ROLE_PREFILL or WORKER_ROLE_DECODE")
-        if req.model_name and req.model_name != self.model_name:
+        if req.model_name and req.model_name not in self.model_names:
             raise FailedPrecondition(
                 f"{who} serves model {req.model_name!r}, this gateway serves {self.model_name!r}")
         old = self._workers.get(req.worker_id)

@@ -35,7 +35,7 @@ async def _setup(worker: Worker, kv: kvtransfer_pb2_grpc.KvTransferStub) -> Serv
     def sender_for(plane: str):
         # One sender per plane, made on first use: the receiver's registration decides the plane.
         if plane not in senders:
-            senders[plane] = make_sender(plane, kvtransfer=args.kvtransfer)
+            senders[plane] = make_sender(plane, target=args.kvtransfer) if plane == "relay" else make_sender(plane)
         return senders[plane]
 
     async def close() -> None:

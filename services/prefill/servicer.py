@@ -14,9 +14,10 @@ from shared.engine.async_engine import AsyncEngine, KvRows
 from shared.rpc.moemesh.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from shared.service.convert import logprobs_to_pb, sampling_from_pb
 from shared.service.errors import FailedPrecondition, Unavailable
-from shared.service.rooms import PLANE_NAMES, report_room_failed
+from shared.service.rooms import report_room_failed
 from shared.service.version import PROTOCOL_VERSION
 from shared.transfer.base import FirstToken, KvSender, RowBlock, TransferError
+from shared.transfer.registry import plane_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             resolved = await self.kv.ResolveReceiver(kvtransfer_pb2.ResolveReceiverRequest(
                 protocol_version=PROTOCOL_VERSION, room_id=room, layout=self.layout, wait_ms=wait_ms,
                 lease_ms=self.lease_ms), timeout=wait_ms / 1000 + 5)
-            sender = self.sender_for(PLANE_NAMES.get(resolved.data_plane, "relay"))
+            sender = self.sender_for(plane_from_proto(resolved.data_plane))
 
             async def stream() -> AsyncIterator[RowBlock]:
                 while True:

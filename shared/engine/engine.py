@@ -22,9 +22,9 @@ from shared.engine.sampling_params import InvalidParameter, SamplingParams
 from shared.engine.scheduler import RequestTooLong, Scheduler, SchedulerConfig
 from shared.engine.stop import check_stop, streamable_len
 from shared.model.deepseek import DeepseekForCausalLM
+from shared.model.default import default_model_dir
 from shared.model.detokenizer import IncrementalDetokenizer
 from shared.model.loader import load_model
-from shared.model.tiny import default_model_dir
 from shared.model.tokenizer import Tokenizer
 
 __all__ = ["Completion", "Engine", "EngineConfig", "InvalidParameter", "RequestTooLong"]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from shared.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the gateway uses these types without torch installed
+    import torch
 
 
 class RequestStatus(enum.Enum):

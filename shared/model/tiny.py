@@ -7,9 +7,6 @@ other engines' MLA kernels can serve the same files; everything else is scaled d
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +17,6 @@ from shared.model.config import ModelConfig
 from shared.model.tiny_tokenizer import build_tiny_tokenizer
 from shared.model.weights import checkpoint_shapes
 
-# Bumped whenever the tiny model's files change, so cached copies of an older one are not reused.
-TINY_VERSION = 1
 INIT_STD = 0.1
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -130,23 +125,3 @@ def write_checkpoint(out_dir: str | Path, config: dict[str, Any], seed: int = 0,
 def make_tiny(out_dir: str | Path, seed: int = 0, preset: str = "tiny") -> Path:
     """Write the embedded default model (or the `bench` preset) to `out_dir`."""
     return write_checkpoint(out_dir, tiny_config(preset), seed=seed)
-
-
-def default_model_dir(seed: int = 0, preset: str = "tiny") -> Path:
-    """The cached default model, created on first use (atomically, so concurrent starters agree)."""
-    root = Path(os.environ.get("MOEMESH_CACHE_DIR") or Path.home() / ".cache" / "moemesh")
-    target = root / f"{preset}-v{TINY_VERSION}-seed{seed}"
-    if (target / "config.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
-    try:
-        make_tiny(tmp, seed=seed, preset=preset)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():  # lost a race only if the winner finished
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target

@@ -6,10 +6,6 @@ import grpc
 
 from shared.rpc.moemesh.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
 
-PLANES = {"ucx": kvtransfer_pb2.DATA_PLANE_UCX, "relay": kvtransfer_pb2.DATA_PLANE_RELAY,
-          "inproc": kvtransfer_pb2.DATA_PLANE_INPROC}
-PLANE_NAMES = {v: k for k, v in PLANES.items()}
-
 
 async def report_room_failed(kv: kvtransfer_pb2_grpc.KvTransferStub, room: str, error: str) -> None:
     """Best effort: fail a room so the other side stops waiting (its lease would end it anyway)."""

@@ -5,6 +5,7 @@ that maps exceptions to status codes."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
@@ -36,11 +37,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary:
             return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
         if handler.unary_stream:
-            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream))
+            # Some servicers (grpc's own health Watch) stream with context.write from a coroutine.
+            if inspect.isasyncgenfunction(handler.unary_stream):
+                return handler._replace(unary_stream=_wrap_stream(handler.unary_stream))
+            return handler._replace(unary_stream=_wrap_unary(handler.unary_stream))
         if handler.stream_unary:
             return handler._replace(stream_unary=_wrap_unary(handler.stream_unary))
         if handler.stream_stream:
-            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream))
+            if inspect.isasyncgenfunction(handler.stream_stream):
+                return handler._replace(stream_stream=_wrap_stream(handler.stream_stream))
+            return handler._replace(stream_stream=_wrap_unary(handler.stream_stream))
         return handler
 
 
@@ -85,7 +91,9 @@ class GrpcServer:
     """
 
     def __init__(self, host: str, port: int) -> None:
-        self.server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[ErrorInterceptor()])
+        # No SO_REUSEPORT: a second server on a taken port must fail, not silently split the traffic.
+        self.server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
+                                      interceptors=[ErrorInterceptor()])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names: list[str] = []

@@ -20,6 +20,13 @@ class TransferError(RuntimeError):
     """A room's KV could not be moved (peer gone, checksum mismatch, missing chunk, timeout)."""
 
 
+class PlaneUnavailable(RuntimeError):
+    """A data plane was chosen whose package is missing; the message names the package and the fallback.
+
+    Raised when the backend is created (at start-up), never on the first request.
+    """
+
+
 @dataclass(frozen=True)
 class FirstToken:
     """The prefill's sampled token, delivered with the room's last chunk."""
@@ -56,16 +63,22 @@ class KvReceiver(abc.ABC):
         """What to register at kvtransfer as this receiver's data-plane address ("" for the relay)."""
 
     @abc.abstractmethod
-    async def receive(self, room_id: str, num_tokens: int, write: RowWriter, timeout_s: float) -> tuple[FirstToken, int]:
+    async def receive(self, room_id: str, num_tokens: int, write: RowWriter,
+                      timeout_s: float) -> tuple[FirstToken, int]:
         """Wait for the room's chunks, verify each, `write` them, and return (first token, bytes received).
 
         Must be called before or while the sender sends (chunks that arrive first are buffered).
-        Raises TransferError on a bad checksum, a gap, a wrong row count or the timeout.
+        `write` runs in this task, once per chunk in token order, with rows [L, N, W] the receiver may keep;
+        an exception from it propagates unchanged. Chunks must cover exactly tokens [0, num_tokens).
+        Raises TransferError on a bad checksum, a gap, a wrong row count, the timeout, `cancel` or `close`.
         """
 
     @abc.abstractmethod
     async def cancel(self, room_id: str) -> None:
-        """Stop waiting for a room (its request was cancelled); buffered chunks are dropped."""
+        """Stop waiting for a room (its request was cancelled); buffered chunks are dropped.
+
+        A running `receive` of the room raises TransferError; later chunks and receives of it are refused.
+        """
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -83,7 +96,11 @@ class KvSender(abc.ABC):
         """Send the room's blocks in order as they come (prefill may still be computing later ones), then
         await `first` and send it on the last chunk (which may carry no rows); returns bytes sent.
 
-        Raises TransferError when the receiver is unreachable or the send fails.
+        Blocks must be consecutive from token 0 with one (L, W, dtype); they may be any size (the sender
+        cuts them into chunks). Returns once every chunk left this side; the receiver's `receive` is what
+        says they all arrived. Raises TransferError when the receiver is unreachable or the send fails,
+        ValueError for blocks that break the rules above. A coroutine passed as `first` is closed if the
+        send fails before awaiting it.
         """
 
     @abc.abstractmethod

@@ -1,0 +1,167 @@
+"""`moemesh up`: the whole mesh on this host as processes on loopback (the embedded default).
+
+Starts kvtransfer, eplb, the gateway, then the prefill and decode workers, each its own process
+running `moemesh serve NAME`; prints where each listens once all are ready; on Ctrl-C or SIGTERM
+stops them all, leaving no process behind (children also die with this process: PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+_LISTENING = re.compile(r"^(\w+) listening on (\S+)$")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="run the whole mesh on this host",
+                       description="Start gateway, kvtransfer, eplb and prefill/decode workers as processes on "
+                                   "loopback; Ctrl-C stops them all.")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded tiny model)")
+    p.add_argument("--grpc-port", type=int, default=50051, help="the gateway's gRPC port")
+    p.add_argument("--http-port", type=int, default=8000, help="the gateway's REST port (when it serves REST)")
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers (0: colocated, decode prefills)")
+    p.add_argument("--decode", type=int, default=1, help="decode workers")
+    p.add_argument("--transfer", default="relay", choices=["ucx", "relay"], help="KV data plane")
+    p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
+    p.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for every service")
+    p.add_argument("worker_args", nargs=argparse.REMAINDER,
+                   help="after `--`: extra options for every prefill and decode worker (e.g. --kv-cache-mb 256)")
+    p.set_defaults(func=run)
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    address: str = ""
+    lines: list[str] = field(default_factory=list)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the launcher dies, however it dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except OSError:
+        pass
+
+
+class Mesh:
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.children: list[Child] = []
+
+    def start(self, name: str, service: str, args: list[str], env: dict[str, str]) -> Child:
+        cmd = [sys.executable, "-m", "services.cli.main", "serve", service, "--host", self.host, *args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env,
+                                preexec_fn=_die_with_parent)
+        child = Child(name, proc)
+        self.children.append(child)
+        return child
+
+    def wait_ready(self, children: list[Child], deadline: float) -> None:
+        """Read each child's stdout until its `NAME listening on ADDR` line."""
+        pending = {c.proc.stdout.fileno(): c for c in children if not c.address}
+        while pending:
+            for c in pending.values():
+                if c.proc.poll() is not None:
+                    raise RuntimeError(f"{c.name} exited with code {c.proc.returncode} before it was ready")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"not ready in time: {', '.join(c.name for c in pending.values())}")
+            ready, _, _ = select.select(list(pending), [], [], min(left, 0.5))
+            for fd in ready:
+                c = pending[fd]
+                line = c.proc.stdout.readline()
+                if not line:
+                    continue
+                c.lines.append(line.rstrip())
+                m = _LISTENING.match(line.strip())
+                if m:
+                    c.address = m.group(2)
+                    del pending[fd]
+
+    def stop(self, timeout_s: float = 15) -> None:
+        # Workers first (they deregister), then the services they talk to.
+        for c in reversed(self.children):
+            if c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for c in self.children:
+            try:
+                c.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait()
+
+    def exited(self) -> list[Child]:
+        return [c for c in self.children if c.proc.poll() is not None]
+
+
+def run(args: argparse.Namespace) -> int:
+    extra = [a for a in args.worker_args if a != "--"]
+    env = dict(os.environ)
+    # Engines split the cores among themselves instead of each taking them all.
+    env["MOEMESH_PROCS_PER_HOST"] = str(max(1, args.prefill + args.decode))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    mesh = Mesh(args.host)
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    deadline = time.monotonic() + args.ready_timeout
+    try:
+        kv = mesh.start("kvtransfer", "kvtransfer", ["--port", "0"], env)
+        eplb = mesh.start("eplb", "eplb", ["--port", "0"], env)
+        mesh.wait_ready([kv], deadline)
+        gw_args = ["--port", str(args.grpc_port)] + (["--model", args.model] if args.model else [])
+        gateway = mesh.start("gateway", "gateway", gw_args, env)
+        mesh.wait_ready([gateway, eplb], deadline)
+        common = ["--port", "0", "--gateway", gateway.address, "--kvtransfer", kv.address,
+                  "--transfer", args.transfer, *(["--model", args.model] if args.model else []), *extra]
+        workers = [mesh.start(f"prefill-{i}", "prefill", common, env) for i in range(args.prefill)]
+        workers += [mesh.start(f"decode-{i}", "decode", common, env) for i in range(args.decode)]
+        mesh.wait_ready(workers, deadline)
+        print(_table(mesh, args), flush=True)
+        reported: set[str] = set()
+        while not stopping:
+            for dead in mesh.exited():
+                if dead.name in reported:
+                    continue
+                reported.add(dead.name)
+                if dead.name in ("gateway", "kvtransfer", "eplb"):
+                    print(f"moemesh up: {dead.name} exited with code {dead.proc.returncode}; stopping the mesh",
+                          file=sys.stderr)
+                    return 1
+                # The mesh outlives a worker, as it would in production: the gateway routes around it.
+                print(f"moemesh up: {dead.name} exited with code {dead.proc.returncode}; the others keep serving",
+                      file=sys.stderr)
+            time.sleep(0.2)
+        return 0
+    except (RuntimeError, TimeoutError) as e:
+        print(f"moemesh up: {e}", file=sys.stderr)
+        return 1
+    finally:
+        mesh.stop()
+
+
+def _table(mesh: Mesh, args: argparse.Namespace) -> str:
+    mode = "colocated (decode prefills)" if args.prefill == 0 else f"disaggregated, KV over {args.transfer}"
+    rows = [f"moemesh is up: {mode}", f"  {'service':<14} {'address':<22} pid"]
+    rows += [f"  {c.name:<14} {c.address:<22} {c.proc.pid}" for c in mesh.children]
+    rows.append(f"first request: python -c \"from shared.sdk import MeshClient; "
+                f"print(MeshClient('{mesh.children[2].address}').generate(prompt='Hello', max_tokens=16).text)\"")
+    rows.append("Ctrl-C stops everything.")
+    return "\n".join(rows)

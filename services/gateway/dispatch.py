@@ -1,0 +1,194 @@
+"""One request's fan-out: decode and prefill called at once with a shared room, decode's stream relayed.
+
+As in SGLang's PD router, the gateway does not sequence the two sides: the decode worker reserves
+pages and waits for the room's KV, the prefill worker computes and pushes it, and the decode stream
+carries every token (the first one included). The gateway only watches both calls: a failed prefill
+ends the request at once (the decode side would otherwise wait for KV until its deadline), and a
+request that ends abnormally is cancelled and aborted on both workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from services.gateway.inputs import PreparedRequest
+from services.gateway.registry import WorkerEntry, WorkerRegistry
+from services.gateway.router import Route
+from shared.rpc.moemesh.v1 import common_pb2, decode_pb2, gateway_pb2, prefill_pb2
+from shared.service.errors import DeadlineExceeded, ServiceError, Unavailable
+
+log = logging.getLogger(__name__)
+
+# How long a worker may take to end its stream after the last message before the call is cancelled.
+STREAM_CLOSE_GRACE_S = 1.0
+# Abort is a courtesy after a cancel (which already reached the worker if it could): keep it short.
+ABORT_TIMEOUT_S = 2.0
+
+
+class DownstreamError(ServiceError):
+    """A worker's own error status, relayed with its code and the worker named."""
+
+    def __init__(self, message: str, code: grpc.StatusCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class AbortSender:
+    """Best-effort Abort RPCs, sent in the background so a cancelled request never waits on them."""
+
+    def __init__(self, registry: WorkerRegistry) -> None:
+        self._registry = registry
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def send(self, worker: WorkerEntry, request_id: str) -> None:
+        # Counted in flight so that a removed worker's channel stays open until the abort is sent.
+        self._registry.acquire(worker)
+        task = asyncio.get_running_loop().create_task(self._abort(worker, request_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for the aborts still being sent (on shutdown)."""
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _abort(self, worker: WorkerEntry, request_id: str) -> None:
+        try:
+            await worker.stub().Abort(common_pb2.AbortRequest(request_id=request_id), timeout=ABORT_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("abort of %s on %s failed: %s", request_id, worker.name, exc.code())
+        finally:
+            self._registry.release(worker)
+
+
+class Exchange:
+    """The downstream calls of one request; iterate `run()` for the client's responses."""
+
+    def __init__(self, registry: WorkerRegistry, aborts: AbortSender, route: Route, request: PreparedRequest,
+                 room_id: str, timeout_s: float) -> None:
+        self.registry = registry
+        self.aborts = aborts
+        self.route = route
+        self.request = request
+        self.room_id = room_id
+        self.timeout_s = timeout_s
+        self.prefill_response: prefill_pb2.PrefillResponse | None = None
+        self.completion_tokens = 0
+
+    async def run(self) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        """Call both workers, relay decode's stream; raises a ServiceError when either side fails."""
+        req = self.request
+        decode = self.route.decode
+        decode_call = decode.stub().Generate(decode_pb2.DecodeRequest(
+            request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, sampling=req.sampling,
+            room_id=self.room_id), timeout=self.timeout_s)
+        prefill_call: Any = None
+        prefill_task: asyncio.Future[Any] | None = None
+        if self.route.prefill is not None:
+            prefill_call = self.route.prefill.stub().Prefill(prefill_pb2.PrefillRequest(
+                request_id=req.request_id, room_id=self.room_id, prompt_token_ids=req.prompt_token_ids,
+                sampling=req.sampling), timeout=self.timeout_s)
+            prefill_task = asyncio.ensure_future(prefill_call)
+        read: asyncio.Future[Any] = asyncio.ensure_future(decode_call.read())
+        ok = False  # the request finished: nothing to cancel or abort
+        try:
+            while True:
+                waiting = {read} if prefill_task is None or self.prefill_response is not None \
+                    else {read, prefill_task}
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if prefill_task is not None and prefill_task in done and self.prefill_response is None:
+                    self.prefill_response = self._prefill_result(prefill_task)
+                if read not in done:
+                    continue
+                msg = self._decode_result(read)
+                if msg is grpc.aio.EOF:
+                    raise ServiceError(f"{decode.name} ended the stream without a finish reason")
+                ok = msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                if not ok:
+                    read = asyncio.ensure_future(decode_call.read())
+                yield self._response(msg, ok)
+                if ok:
+                    await _close_gracefully(decode_call)
+                    return
+        finally:
+            _settle(read)
+            decode_call.cancel()  # a no-op on a finished call
+            if not ok:
+                self.aborts.send(decode, req.request_id)
+            if prefill_task is not None:
+                if not prefill_task.done() or not ok:
+                    prefill_call.cancel()
+                    self.aborts.send(self.route.prefill, req.request_id)
+                _settle(prefill_task)
+
+    def _prefill_result(self, task: asyncio.Future[Any]) -> prefill_pb2.PrefillResponse:
+        if task.cancelled():
+            raise Unavailable(f"the call to {self.route.prefill.name} was cancelled")
+        exc = task.exception()
+        if exc is None:
+            return task.result()
+        raise self._mapped(self.route.prefill, exc)
+
+    def _decode_result(self, read: asyncio.Future[Any]) -> Any:
+        if read.cancelled():
+            raise Unavailable(f"the call to {self.route.decode.name} was cancelled")
+        exc = read.exception()
+        if exc is None:
+            return read.result()
+        raise self._mapped(self.route.decode, exc)
+
+    def _mapped(self, worker: WorkerEntry, exc: BaseException) -> BaseException:
+        if not isinstance(exc, grpc.aio.AioRpcError):
+            return exc
+        code, details = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self.registry.mark_unhealthy(worker, details)
+            return Unavailable(f"{worker.name} is unavailable: {details}")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceeded(
+                f"request {self.request.request_id} passed its deadline of {self.timeout_s:.3g} s at {worker.name}")
+        if code == grpc.StatusCode.CANCELLED:
+            # Not ours (ours raise CancelledError here): the worker cancelled it, e.g. while shutting down.
+            return Unavailable(f"{worker.name} cancelled the request: {details}")
+        return DownstreamError(f"{worker.name}: {details}", code)
+
+    def _response(self, msg: decode_pb2.DecodeResponse, last: bool) -> gateway_pb2.GenerateResponse:
+        self.completion_tokens += len(msg.token_ids)
+        out = gateway_pb2.GenerateResponse(request_id=self.request.request_id, token_ids=msg.token_ids,
+                                           text=msg.text, logprobs=msg.logprobs)
+        if not last:
+            return out
+        out.finish_reason = msg.finish_reason
+        which = msg.WhichOneof("stop_reason")
+        if which is not None:
+            setattr(out, which, getattr(msg, which))
+        cached = msg.num_cached_tokens
+        if self.prefill_response is not None:
+            cached = max(cached, self.prefill_response.num_cached_tokens)
+        out.usage.CopyFrom(gateway_pb2.Usage(
+            prompt_tokens=msg.num_prompt_tokens or len(self.request.prompt_token_ids),
+            completion_tokens=self.completion_tokens, cached_prompt_tokens=cached))
+        return out
+
+
+async def _close_gracefully(call: Any) -> None:
+    """Read a finished stream's status, so the worker sees a clean end rather than a cancellation.
+
+    Bounded: the client already has its last message, and a worker slow to close must not hold it.
+    """
+    try:
+        await asyncio.wait_for(call.read(), STREAM_CLOSE_GRACE_S)
+    except (asyncio.TimeoutError, grpc.aio.AioRpcError):
+        pass
+
+
+def _settle(future: asyncio.Future[Any]) -> None:
+    """Cancel a pending future; mark a failed one's error as seen (it was reported another way)."""
+    if not future.done():
+        future.cancel()
+    elif not future.cancelled():
+        future.exception()

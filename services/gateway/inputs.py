@@ -1,0 +1,97 @@
+"""A Generate request's inputs, checked and turned into what workers take: token ids and sampling.
+
+Every check raises a `ServiceError` (INVALID_ARGUMENT or NOT_FOUND) with a message for the user, so
+the REST facade and the gRPC servicer report the same errors.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from shared.engine.sampling_params import InvalidParameter, SamplingParams
+from shared.model.tokenizer import Tokenizer, TokenizerError
+from shared.rpc.moemesh.v1 import common_pb2, gateway_pb2
+from shared.service.convert import sampling_from_pb
+from shared.service.errors import InvalidArgument, NotFound
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated request: its id, prompt token ids and sampling (proto form, defaults filled in)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: common_pb2.SamplingParams
+    params: SamplingParams
+
+
+def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
+    """The engine's SamplingParams for a wire message; InvalidArgument names the bad parameter."""
+    try:
+        return sampling_from_pb(msg)
+    except InvalidParameter as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+def check_model(requested: str, served: str) -> None:
+    """NOT_FOUND unless `requested` is empty or the served model's name."""
+    if requested and requested != served:
+        raise NotFound(f"model {requested!r} is not served here; this mesh serves {served!r}")
+
+
+def render_messages(tokenizer: Tokenizer, chat: gateway_pb2.ChatMessages) -> list[int]:
+    """Token ids of chat messages rendered with the chat template (which writes its own BOS)."""
+    if not chat.messages:
+        raise InvalidArgument("messages must not be empty")
+    turns = [{"role": m.role, "content": m.content} for m in chat.messages]
+    try:
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=chat.add_generation_prompt)
+    except TokenizerError as exc:
+        raise InvalidArgument(str(exc)) from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def prompt_token_ids(req: gateway_pb2.GenerateRequest, tokenizer: Tokenizer) -> list[int]:
+    """The prompt of `req` as token ids: text gets BOS, chat messages their template, ids are checked."""
+    which = req.WhichOneof("input")
+    if which is None:
+        raise InvalidArgument("the request needs a prompt: set one of prompt, token_ids or messages")
+    if which == "prompt":
+        if not req.prompt:
+            raise InvalidArgument("prompt must not be empty")
+        return tokenizer.encode(req.prompt, add_special_tokens=True)
+    if which == "messages":
+        return render_messages(tokenizer, req.messages)
+    ids = list(req.token_ids.ids)
+    if not ids:
+        raise InvalidArgument("token_ids must not be empty")
+    check_token_ids(ids, tokenizer.vocab_size)
+    return ids
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int) -> None:
+    """INVALID_ARGUMENT naming the first id outside the vocabulary."""
+    for i, t in enumerate(ids):
+        if t >= vocab_size:
+            raise InvalidArgument(f"token_ids[{i}] = {t} is outside the vocabulary (size {vocab_size})")
+
+
+def prepare(req: gateway_pb2.GenerateRequest, tokenizer: Tokenizer, model_name: str,
+            max_model_len: int) -> PreparedRequest:
+    """Validate `req`, tokenize its prompt and give it an id (the client's, or a new one)."""
+    check_model(req.model, model_name)
+    params = sampling_from_proto(req.sampling)
+    ids = prompt_token_ids(req, tokenizer)
+    if not ids:
+        raise InvalidArgument("the prompt has no tokens")
+    if len(ids) >= max_model_len:
+        raise InvalidArgument(
+            f"the prompt has {len(ids)} tokens; this model's context limit is {max_model_len} tokens, "
+            "prompt and output together, so the prompt must be shorter")
+    sampling = common_pb2.SamplingParams()
+    sampling.CopyFrom(req.sampling)
+    sampling.max_tokens = params.max_tokens
+    return PreparedRequest(request_id=req.request_id or uuid.uuid4().hex, prompt_token_ids=ids,
+                           sampling=sampling, params=params)

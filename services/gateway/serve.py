@@ -1,0 +1,151 @@
+"""Start the gateway: `moemesh serve gateway ...`, or `serve(cfg)` / `start_gateway(cfg)` from Python."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import threading
+from collections.abc import Callable, Sequence
+
+from services.gateway.config import GatewayConfig
+from services.gateway.core import GatewayCore
+from services.gateway.model import ServedModel, load_served_model
+from services.gateway.registry import WorkerRegistry
+from services.gateway.servicer import GatewayServicer, WorkerRegistryServicer
+from shared.model.tokenizer import TokenizerError
+from shared.rpc.moemesh.v1 import gateway_pb2, gateway_pb2_grpc
+from shared.service.config import apply_env_defaults
+from shared.service.server import GrpcServer, install_signal_handlers
+
+log = logging.getLogger(__name__)
+
+GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+REGISTRY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["WorkerRegistry"].full_name
+EXIT_USAGE = 2
+
+
+class GatewayApp:
+    """A running gateway: its server, core and registry. Build it with `start_gateway`."""
+
+    def __init__(self, cfg: GatewayConfig, model: ServedModel, server: GrpcServer, core: GatewayCore) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.server = server
+        self.core = core
+        self.registry = core.registry
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when cfg.port was 0)."""
+        return self.server.port
+
+    @property
+    def address(self) -> str:
+        """host:port clients and workers dial."""
+        return self.server.address
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting, give in-flight requests `grace_s` to finish, then cancel them and close."""
+        await self.server.stop(grace_s)
+        await self.core.close()
+
+
+async def start_gateway(cfg: GatewayConfig) -> GatewayApp:
+    """Load the tokenizer, bind, start the sweeper and report SERVING; returns the running gateway."""
+    model = await asyncio.to_thread(load_served_model, cfg)
+    # Workers name the model after its folder; the gateway may serve it under another name.
+    registry = WorkerRegistry(model.name, cfg.heartbeat_interval_ms, cfg.heartbeat_timeout_ms,
+                              model_aliases=[model.path.name])
+    core = GatewayCore(model, registry, default_timeout_s=cfg.default_request_timeout_s)
+    server = GrpcServer(cfg.host, cfg.port)
+    server.add(gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(core), GATEWAY_SERVICE)
+    server.add(gateway_pb2_grpc.add_WorkerRegistryServicer_to_server, WorkerRegistryServicer(registry),
+               REGISTRY_SERVICE)
+    await server.start()
+    registry.start()
+    # Ready once the tokenizer is loaded: Tokenize and ListModels work without workers, and Generate
+    # answers UNAVAILABLE until a decode worker registers (core.has_decode_workers is the hook for
+    # stricter readiness).
+    await server.set_serving(True)
+    return GatewayApp(cfg, model, server, core)
+
+
+async def serve(cfg: GatewayConfig, ready: asyncio.Event | Callable[[GatewayApp], object] | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Run the gateway until `stop` is set (default: until SIGINT/SIGTERM).
+
+    `ready` is set (an Event, as the workers' `serve` takes) or called with the running GatewayApp
+    (to learn `app.port`) once the gateway serves.
+    """
+    if stop is None:
+        stop = asyncio.Event()
+        if threading.current_thread() is threading.main_thread():
+            install_signal_handlers(stop)
+    app = await start_gateway(cfg)
+    try:
+        print(f"gateway listening on {app.address}", flush=True)
+        log.info("serving model %s (context %d tokens) from %s", app.model.name, app.model.max_model_len,
+                 app.model.path)
+        if isinstance(ready, asyncio.Event):
+            ready.set()
+        elif ready is not None:
+            ready(app)
+        await stop.wait()
+    finally:
+        await app.stop()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The gateway's options; each can also be set as MOEMESH_<DEST> (e.g. MOEMESH_HEARTBEAT_TIMEOUT_MS)."""
+    d = GatewayConfig()
+    parser.add_argument("--host", default=d.host, help="interface to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=d.port, help="gRPC port, 0 picks one (default: %(default)s)")
+    parser.add_argument("--model", default=None,
+                        help="model (or tokenizer) folder (default: the embedded tiny model)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model's name for clients and workers (default: the folder's name)")
+    parser.add_argument("--heartbeat-interval-ms", type=int, default=d.heartbeat_interval_ms,
+                        help="how often workers send heartbeats (default: %(default)s)")
+    parser.add_argument("--heartbeat-timeout-ms", type=int, default=d.heartbeat_timeout_ms,
+                        help="silence after which a worker is dropped (default: %(default)s)")
+    parser.add_argument("--request-timeout-s", type=float, default=d.default_request_timeout_s,
+                        help="deadline of a request whose client set none (default: %(default)s)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="context limit in tokens (default: the model's)")
+    apply_env_defaults(parser)
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    """The GatewayConfig of parsed `add_arguments` options (raises ValueError for bad values)."""
+    return GatewayConfig(
+        host=args.host, port=args.port, model_dir=args.model, model_name=args.served_model_name,
+        heartbeat_interval_ms=args.heartbeat_interval_ms, heartbeat_timeout_ms=args.heartbeat_timeout_ms,
+        default_request_timeout_s=args.request_timeout_s, max_model_len=args.max_model_len)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve with parsed options until SIGINT/SIGTERM; bad options or model files exit with 2."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(args)
+        asyncio.run(serve(cfg))
+    except (ValueError, TokenizerError, OSError) as exc:
+        print(f"moemesh serve gateway: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m services.gateway.serve [options]`."""
+    parser = argparse.ArgumentParser(prog="moemesh serve gateway", description="Run the mesh's gateway.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The KvTransfer gRPC servicer: protobuf in and out, the rooms and the relay do the work.
+
+Refusals from rooms/relay (`KvTransferError`) become `shared.service.errors` exceptions here, which
+the server's interceptor turns into status codes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+
+from services.kvtransfer.errors import KvTransferError, Reason
+from services.kvtransfer.relay import Relay
+from services.kvtransfer.rooms import Layout, Receiver, RoomRegistry, RoomState, RoomStatus, Side
+from shared.rpc.moemesh.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc
+from shared.service import errors
+from shared.service.version import check_protocol_version
+
+# One status code per refusal reason.
+STATUS_OF: dict[Reason, type[errors.ServiceError]] = {
+    Reason.INVALID: errors.InvalidArgument,
+    Reason.NOT_FOUND: errors.NotFound,
+    Reason.CONFLICT: errors.FailedPrecondition,
+    Reason.INCOMPATIBLE: errors.FailedPrecondition,
+    Reason.TIMED_OUT: errors.DeadlineExceeded,
+    Reason.ABORTED: errors.Aborted,
+    Reason.EXHAUSTED: errors.ResourceExhausted,
+    Reason.SHUTTING_DOWN: errors.Unavailable,
+}
+
+# Optional call metadata naming the caller's side ("sender" or "receiver") on ReportTransfer, so the
+# "only the receiver reports SUCCESS" rule can be enforced; the request itself does not say.
+SIDE_METADATA_KEY = "moemesh-kv-side"
+
+
+@contextlib.contextmanager
+def _mapped() -> Iterator[None]:
+    try:
+        yield
+    except KvTransferError as e:
+        raise STATUS_OF[e.reason](str(e)) from None
+
+
+def layout_from_proto(msg: common_pb2.KvLayout) -> Layout:
+    """The registry's layout from the proto's, with the dtype by name (for readable mismatch messages)."""
+    dtype = (common_pb2.KvDtype.Name(msg.dtype) if msg.dtype in common_pb2.KvDtype.values()
+             else str(msg.dtype))
+    return Layout(model_fingerprint=msg.model_fingerprint, num_layers=msg.num_layers,
+                  page_size_tokens=msg.page_size_tokens, kv_lora_rank=msg.kv_lora_rank,
+                  qk_rope_head_dim=msg.qk_rope_head_dim, dtype=dtype)
+
+
+def _require(room_id: str) -> str:
+    if not room_id:
+        raise errors.InvalidArgument("room_id is required")
+    return room_id
+
+
+def _side_of(context: grpc.aio.ServicerContext) -> Side | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == SIDE_METADATA_KEY:
+            try:
+                return Side(value)
+            except ValueError:
+                raise errors.InvalidArgument(
+                    f"{SIDE_METADATA_KEY} metadata is 'sender' or 'receiver', not {value!r}") from None
+    return None
+
+
+def _status_to_proto(s: RoomStatus) -> kvtransfer_pb2.RoomStatus:
+    return kvtransfer_pb2.RoomStatus(room_id=s.room_id, state=int(s.state), error=s.error)
+
+
+class KvTransferServicer(kvtransfer_pb2_grpc.KvTransferServicer):
+    """Maps the KvTransfer RPCs onto a `RoomRegistry` and a `Relay`."""
+
+    def __init__(self, rooms: RoomRegistry, relay: Relay) -> None:
+        self.rooms = rooms
+        self.relay = relay
+
+    async def RegisterReceiver(self, request: kvtransfer_pb2.RegisterReceiverRequest,
+                               context: grpc.aio.ServicerContext) -> kvtransfer_pb2.RegisterReceiverResponse:
+        check_protocol_version(request.protocol_version, "the KV receiver")
+        room_id = _require(request.room_id)
+        if not request.HasField("layout"):
+            raise errors.InvalidArgument("layout is required")
+        receiver = Receiver(layout=layout_from_proto(request.layout), data_plane=request.data_plane,
+                            address=request.data_plane_address, num_tokens=request.num_tokens,
+                            request_id=request.request_id)
+        with _mapped():
+            state = self.rooms.register_receiver(room_id, receiver, lease_ms=request.lease_ms)
+        return kvtransfer_pb2.RegisterReceiverResponse(state=int(state))
+
+    async def ResolveReceiver(self, request: kvtransfer_pb2.ResolveReceiverRequest,
+                              context: grpc.aio.ServicerContext) -> kvtransfer_pb2.ResolveReceiverResponse:
+        check_protocol_version(request.protocol_version, "the KV sender")
+        room_id = _require(request.room_id)
+        if not request.HasField("layout"):
+            raise errors.InvalidArgument("layout is required")
+        with _mapped():
+            state, receiver = await self.rooms.resolve_receiver(
+                room_id, layout_from_proto(request.layout), wait_ms=request.wait_ms, lease_ms=request.lease_ms)
+        return kvtransfer_pb2.ResolveReceiverResponse(
+            state=int(state), data_plane=receiver.data_plane, data_plane_address=receiver.address,
+            num_tokens=receiver.num_tokens)
+
+    async def ReportTransfer(self, request: kvtransfer_pb2.ReportTransferRequest,
+                             context: grpc.aio.ServicerContext) -> kvtransfer_pb2.ReportTransferResponse:
+        room_id = _require(request.room_id)
+        if request.state not in (RoomState.SUCCESS, RoomState.FAILED):
+            name = kvtransfer_pb2.RoomState.Name(request.state) if request.state in kvtransfer_pb2.RoomState.values() \
+                else str(request.state)
+            raise errors.InvalidArgument(f"a report's state is ROOM_STATE_SUCCESS or ROOM_STATE_FAILED, not {name}")
+        with _mapped():
+            state = self.rooms.report(room_id, RoomState(request.state), error=request.error,
+                                      bytes_moved=request.bytes, side=_side_of(context))
+        return kvtransfer_pb2.ReportTransferResponse(state=int(state))
+
+    async def WatchRoom(self, request: kvtransfer_pb2.WatchRoomRequest,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[kvtransfer_pb2.RoomStatus]:
+        room_id = _require(request.room_id)
+        with _mapped():
+            async for status in self.rooms.watch(room_id):
+                yield _status_to_proto(status)
+
+    async def PushChunks(self, request_iterator: AsyncIterator[kvtransfer_pb2.KvChunk],
+                         context: grpc.aio.ServicerContext) -> kvtransfer_pb2.PushChunksResponse:
+        with _mapped():
+            num_chunks, num_bytes = await self.relay.push(request_iterator)
+        return kvtransfer_pb2.PushChunksResponse(num_chunks=num_chunks, bytes=num_bytes)
+
+    async def PullChunks(self, request: kvtransfer_pb2.PullChunksRequest,
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[kvtransfer_pb2.KvChunk]:
+        room_id = _require(request.room_id)
+        with _mapped():
+            async for chunk in self.relay.pull(room_id):
+                yield chunk

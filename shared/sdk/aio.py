@@ -1,0 +1,152 @@
+"""AsyncMeshClient: the asyncio client of the gateway's gRPC API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from shared.rpc.moemesh.v1 import gateway_pb2, gateway_pb2_grpc
+from shared.sdk.channel import aio_channel
+from shared.sdk.errors import from_rpc_error
+from shared.sdk.messages import CompletionBuilder, chunk_from, generate_request, model_infos, tokenize_request
+from shared.sdk.results import Chunk, Completion, ModelInfo
+from shared.sdk.retry import Deadline, RetryPolicy
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class AsyncMeshClient:
+    """`MeshClient` for asyncio: the same methods, awaited; `stream`/`chat_stream` are async iterators.
+
+        async with AsyncMeshClient("127.0.0.1:50051") as mesh:
+            async for chunk in mesh.stream("Once upon a time", max_tokens=32):
+                print(chunk.text, end="")
+
+    The channel opens on first use, inside the running event loop. To cancel a stream left early, close
+    it (`contextlib.aclosing(mesh.stream(...))`) or cancel the task iterating it.
+    """
+
+    def __init__(self, target: str, timeout_s: float | None = None, retries: int = 3, *,
+                 retry_policy: RetryPolicy | None = None) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self.retry_policy = retry_policy if retry_policy is not None else RetryPolicy(retries=retries)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: gateway_pb2_grpc.GatewayStub | None = None
+
+    async def __aenter__(self) -> AsyncMeshClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel; streams still open are cancelled."""
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = self._stub = None
+
+    def _gateway(self) -> gateway_pb2_grpc.GatewayStub:
+        if self._stub is None:
+            self._channel = aio_channel(self.target)
+            self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        return self._stub
+
+    # -- completions
+
+    async def generate(self, prompt: str | None = None, token_ids: Sequence[int] | None = None, *,
+                       timeout_s: float | None = None, model: str | None = None, request_id: str | None = None,
+                       **sampling: Any) -> Completion:
+        """Complete a text prompt (BOS added) or token ids; returns when the request finishes."""
+        return await _collect(self.stream(prompt, token_ids, timeout_s=timeout_s, model=model,
+                                          request_id=request_id, **sampling))
+
+    def stream(self, prompt: str | None = None, token_ids: Sequence[int] | None = None, *,
+               timeout_s: float | None = None, model: str | None = None, request_id: str | None = None,
+               **sampling: Any) -> AsyncIterator[Chunk]:
+        """Like `generate`, yielding chunks as tokens are made."""
+        req = generate_request(prompt, token_ids, model=model, request_id=request_id, **sampling)
+        return self._stream(req, timeout_s)
+
+    async def chat(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
+                   timeout_s: float | None = None, model: str | None = None, request_id: str | None = None,
+                   **sampling: Any) -> Completion:
+        """Answer chat messages (`[{"role": "user", "content": "..."}]`) rendered with the chat template."""
+        return await _collect(self.chat_stream(messages, add_generation_prompt=add_generation_prompt,
+                                               timeout_s=timeout_s, model=model, request_id=request_id,
+                                               **sampling))
+
+    def chat_stream(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
+                    timeout_s: float | None = None, model: str | None = None, request_id: str | None = None,
+                    **sampling: Any) -> AsyncIterator[Chunk]:
+        """Like `chat`, yielding chunks as tokens are made."""
+        req = generate_request(messages=messages, add_generation_prompt=add_generation_prompt, model=model,
+                               request_id=request_id, **sampling)
+        return self._stream(req, timeout_s)
+
+    # -- other calls
+
+    async def tokenize(self, text: str | None = None, messages: Sequence[Mapping[str, str]] | None = None, *,
+                       add_special_tokens: bool = True, add_generation_prompt: bool = True,
+                       timeout_s: float | None = None, model: str | None = None) -> list[int]:
+        """Token ids of `text` (BOS first when add_special_tokens) or of chat `messages`."""
+        req = tokenize_request(text, messages, add_special_tokens, add_generation_prompt, model)
+        resp = await self._unary(lambda r, timeout: self._gateway().Tokenize(r, timeout=timeout), req, timeout_s)
+        return list(resp.token_ids)
+
+    async def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
+        """The models the mesh serves."""
+        resp = await self._unary(lambda r, timeout: self._gateway().ListModels(r, timeout=timeout),
+                                 gateway_pb2.ListModelsRequest(), timeout_s)
+        return model_infos(resp)
+
+    # -- retries
+
+    async def _stream(self, req: gateway_pb2.GenerateRequest, timeout_s: float | None) -> AsyncIterator[Chunk]:
+        deadline = Deadline(self.timeout_s if timeout_s is None else timeout_s)
+        attempt = 0
+        while True:
+            call = self._gateway().Generate(req, timeout=deadline.remaining_s())
+            received = False
+            try:
+                async for resp in call:
+                    received = True
+                    yield chunk_from(resp)
+                return
+            except grpc.aio.AioRpcError as err:
+                delay = self.retry_policy.delay_s(err.code(), attempt, received, deadline)
+                if delay is None:
+                    raise from_rpc_error(err) from None
+                log.info("gateway %s unavailable (%s); retry %d in %.2f s", self.target, err.details(),
+                         attempt + 1, delay)
+            finally:
+                call.cancel()  # a no-op once the call ended; otherwise the caller stopped iterating
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def _unary(self, method: Callable[..., Awaitable[T]], req: Any, timeout_s: float | None) -> T:
+        deadline = Deadline(self.timeout_s if timeout_s is None else timeout_s)
+        attempt = 0
+        while True:
+            try:
+                return await method(req, timeout=deadline.remaining_s())
+            except grpc.aio.AioRpcError as err:
+                delay = self.retry_policy.delay_s(err.code(), attempt, False, deadline)
+                if delay is None:
+                    raise from_rpc_error(err) from None
+                log.info("gateway %s unavailable (%s); retry %d in %.2f s", self.target, err.details(),
+                         attempt + 1, delay)
+            await asyncio.sleep(delay)
+            attempt += 1
+
+
+async def _collect(chunks: AsyncIterator[Chunk]) -> Completion:
+    builder = CompletionBuilder()
+    async for chunk in chunks:
+        builder.add(chunk)
+    return builder.build()

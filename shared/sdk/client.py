@@ -1,0 +1,145 @@
+"""MeshClient: the blocking client of the gateway's gRPC API."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from shared.rpc.moemesh.v1 import gateway_pb2, gateway_pb2_grpc
+from shared.sdk.channel import sync_channel
+from shared.sdk.errors import from_rpc_error
+from shared.sdk.messages import CompletionBuilder, chunk_from, generate_request, model_infos, tokenize_request
+from shared.sdk.results import Chunk, Completion, ModelInfo
+from shared.sdk.retry import Deadline, RetryPolicy
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class MeshClient:
+    """Calls a moemesh gateway; use as a context manager or call `close()`.
+
+        with MeshClient("127.0.0.1:50051") as mesh:
+            print(mesh.generate("The capital of France is", max_tokens=8, temperature=0).text)
+
+    `timeout_s` is the default deadline of each call (all its retries included; None: none). Calls
+    failing with UNAVAILABLE before any token arrived are retried up to `retries` times with
+    exponential backoff and jitter. Errors are `shared.sdk.MeshError` subclasses.
+
+    Sampling options of generate/stream/chat/chat_stream (vLLM's names and defaults): max_tokens=16,
+    temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0, frequency_penalty=0.0, presence_penalty=0.0,
+    repetition_penalty=1.0, seed=None, stop=None, stop_token_ids=None, ignore_eos=False, min_tokens=0,
+    logprobs=None, include_stop_str_in_output=False.
+    """
+
+    def __init__(self, target: str, timeout_s: float | None = None, retries: int = 3, *,
+                 retry_policy: RetryPolicy | None = None) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self.retry_policy = retry_policy if retry_policy is not None else RetryPolicy(retries=retries)
+        self._channel = sync_channel(target)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+
+    def __enter__(self) -> MeshClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; streams still open are cancelled."""
+        self._channel.close()
+
+    # -- completions
+
+    def generate(self, prompt: str | None = None, token_ids: Sequence[int] | None = None, *,
+                 timeout_s: float | None = None, model: str | None = None, request_id: str | None = None,
+                 **sampling: Any) -> Completion:
+        """Complete a text prompt (BOS added) or token ids; returns when the request finishes."""
+        return _collect(self.stream(prompt, token_ids, timeout_s=timeout_s, model=model, request_id=request_id,
+                                    **sampling))
+
+    def stream(self, prompt: str | None = None, token_ids: Sequence[int] | None = None, *,
+               timeout_s: float | None = None, model: str | None = None, request_id: str | None = None,
+               **sampling: Any) -> Iterator[Chunk]:
+        """Like `generate`, yielding chunks as tokens are made; leaving the loop early cancels the request."""
+        req = generate_request(prompt, token_ids, model=model, request_id=request_id, **sampling)
+        return self._stream(req, timeout_s)
+
+    def chat(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
+             timeout_s: float | None = None, model: str | None = None, request_id: str | None = None,
+             **sampling: Any) -> Completion:
+        """Answer chat messages (`[{"role": "user", "content": "..."}]`) rendered with the chat template."""
+        return _collect(self.chat_stream(messages, add_generation_prompt=add_generation_prompt,
+                                         timeout_s=timeout_s, model=model, request_id=request_id, **sampling))
+
+    def chat_stream(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
+                    timeout_s: float | None = None, model: str | None = None, request_id: str | None = None,
+                    **sampling: Any) -> Iterator[Chunk]:
+        """Like `chat`, yielding chunks as tokens are made."""
+        req = generate_request(messages=messages, add_generation_prompt=add_generation_prompt, model=model,
+                               request_id=request_id, **sampling)
+        return self._stream(req, timeout_s)
+
+    # -- other calls
+
+    def tokenize(self, text: str | None = None, messages: Sequence[Mapping[str, str]] | None = None, *,
+                 add_special_tokens: bool = True, add_generation_prompt: bool = True,
+                 timeout_s: float | None = None, model: str | None = None) -> list[int]:
+        """Token ids of `text` (BOS first when add_special_tokens) or of chat `messages`."""
+        req = tokenize_request(text, messages, add_special_tokens, add_generation_prompt, model)
+        return list(self._unary(self._stub.Tokenize, req, timeout_s).token_ids)
+
+    def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
+        """The models the mesh serves."""
+        return model_infos(self._unary(self._stub.ListModels, gateway_pb2.ListModelsRequest(), timeout_s))
+
+    # -- retries
+
+    def _stream(self, req: gateway_pb2.GenerateRequest, timeout_s: float | None) -> Iterator[Chunk]:
+        deadline = Deadline(self.timeout_s if timeout_s is None else timeout_s)
+        attempt = 0
+        while True:
+            call = self._stub.Generate(req, timeout=deadline.remaining_s())
+            received = False
+            try:
+                for resp in call:
+                    received = True
+                    yield chunk_from(resp)
+                return
+            except grpc.RpcError as err:
+                delay = self.retry_policy.delay_s(err.code(), attempt, received, deadline)
+                if delay is None:
+                    raise from_rpc_error(err) from None
+                log.info("gateway %s unavailable (%s); retry %d in %.2f s", self.target, err.details(),
+                         attempt + 1, delay)
+            finally:
+                call.cancel()  # a no-op once the call ended; otherwise the caller left the loop early
+            time.sleep(delay)
+            attempt += 1
+
+    def _unary(self, method: Callable[..., T], req: Any, timeout_s: float | None) -> T:
+        deadline = Deadline(self.timeout_s if timeout_s is None else timeout_s)
+        attempt = 0
+        while True:
+            try:
+                return method(req, timeout=deadline.remaining_s())
+            except grpc.RpcError as err:
+                delay = self.retry_policy.delay_s(err.code(), attempt, False, deadline)
+                if delay is None:
+                    raise from_rpc_error(err) from None
+                log.info("gateway %s unavailable (%s); retry %d in %.2f s", self.target, err.details(),
+                         attempt + 1, delay)
+            time.sleep(delay)
+            attempt += 1
+
+
+def _collect(chunks: Iterator[Chunk]) -> Completion:
+    builder = CompletionBuilder()
+    for chunk in chunks:
+        builder.add(chunk)
+    return builder.build()

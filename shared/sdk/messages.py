@@ -1,0 +1,165 @@
+"""Between the SDK's Python values and the gateway's protobuf messages (shared by both clients)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from shared.rpc.moemesh.v1 import common_pb2, gateway_pb2
+from shared.sdk.errors import InvalidArgumentError, error_for
+from shared.sdk.results import Chunk, Completion, ModelInfo, Usage
+
+_FINISH = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_ABORT: "abort",
+}
+
+
+def sampling_message(
+    *,
+    max_tokens: int = 16,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = -1,
+    min_p: float = 0.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    ignore_eos: bool = False,
+    min_tokens: int = 0,
+    logprobs: int | None = None,
+    include_stop_str_in_output: bool = False,
+) -> common_pb2.SamplingParams:
+    """The sampling options every generate/stream/chat call takes (vLLM's names and defaults).
+
+    The gateway validates the values; this only checks what the wire format cannot carry.
+    """
+    if max_tokens < 1:
+        raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, f"max_tokens must be >= 1, got {max_tokens}")
+    stops = [stop] if isinstance(stop, str) else list(stop or ())
+    fields: dict[str, Any] = {
+        "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+        "frequency_penalty": frequency_penalty, "presence_penalty": presence_penalty,
+        "repetition_penalty": repetition_penalty, "stop": stops, "stop_token_ids": list(stop_token_ids or ()),
+        "ignore_eos": ignore_eos, "min_tokens": min_tokens,
+        "include_stop_str_in_output": include_stop_str_in_output,
+    }
+    if seed is not None:
+        fields["seed"] = seed
+    if logprobs is not None:
+        fields["logprobs"] = logprobs
+    msg = common_pb2.SamplingParams()
+    for name, value in fields.items():
+        try:
+            if isinstance(value, list):
+                getattr(msg, name).extend(value)
+            else:
+                setattr(msg, name, value)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}={value!r}: {exc}") from None
+    return msg
+
+
+def chat_messages(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> gateway_pb2.ChatMessages:
+    """`[{"role": ..., "content": ...}]` as the wire's ChatMessages."""
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise InvalidArgumentError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"messages[{i}] must be a dict with string 'role' and 'content'")
+        turns.append(gateway_pb2.ChatMessage(role=m["role"], content=m["content"]))
+    return gateway_pb2.ChatMessages(messages=turns, add_generation_prompt=add_generation_prompt)
+
+
+def generate_request(
+    prompt: str | None = None,
+    token_ids: Sequence[int] | None = None,
+    messages: Sequence[Mapping[str, str]] | None = None,
+    *,
+    add_generation_prompt: bool = True,
+    model: str | None = None,
+    request_id: str | None = None,
+    **sampling: Any,
+) -> gateway_pb2.GenerateRequest:
+    """A GenerateRequest with exactly one of `prompt`, `token_ids`, `messages`.
+
+    `sampling` are the keyword arguments of `sampling_message`; an unknown one raises TypeError.
+    """
+    given = [name for name, v in (("prompt", prompt), ("token_ids", token_ids), ("messages", messages))
+             if v is not None]
+    if len(given) != 1:
+        raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "pass exactly one of prompt, token_ids or messages"
+                                   + (f" (got {', '.join(given)})" if given else ""))
+    req = gateway_pb2.GenerateRequest(model=model or "", request_id=request_id or "",
+                                      sampling=sampling_message(**sampling))
+    if prompt is not None:
+        req.prompt = prompt
+    elif token_ids is not None:
+        try:
+            req.token_ids.ids.extend(token_ids)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, f"token_ids: {exc}") from None
+    else:
+        req.messages.CopyFrom(chat_messages(messages or (), add_generation_prompt))
+    return req
+
+
+def chunk_from(resp: gateway_pb2.GenerateResponse) -> Chunk:
+    """A stream message as a Chunk."""
+    has_logprobs = len(resp.logprobs) > 0
+    stop_field = resp.WhichOneof("stop_reason")
+    return Chunk(
+        request_id=resp.request_id, text=resp.text, token_ids=list(resp.token_ids),
+        logprobs=[s.logprob for s in resp.logprobs] if has_logprobs else None,
+        top_logprobs=[[(t.token_id, t.logprob) for t in s.top] for s in resp.logprobs] if has_logprobs else None,
+        finish_reason=_FINISH.get(resp.finish_reason),
+        stop_reason=getattr(resp, stop_field) if stop_field else None,
+        usage=Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens, resp.usage.cached_prompt_tokens)
+        if resp.HasField("usage") else None)
+
+
+class CompletionBuilder:
+    """Folds a stream's chunks into a Completion."""
+
+    def __init__(self) -> None:
+        self._chunks: list[Chunk] = []
+
+    def add(self, chunk: Chunk) -> None:
+        self._chunks.append(chunk)
+
+    def build(self) -> Completion:
+        """The Completion; raises a MeshError when the stream ended without a finish reason."""
+        last = self._chunks[-1] if self._chunks else None
+        if last is None or last.finish_reason is None:
+            raise error_for(grpc.StatusCode.INTERNAL, "the stream ended before the request finished")
+        with_logprobs = any(c.logprobs is not None for c in self._chunks)
+        return Completion(
+            request_id=last.request_id, text="".join(c.text for c in self._chunks),
+            token_ids=[t for c in self._chunks for t in c.token_ids], finish_reason=last.finish_reason,
+            logprobs=[lp for c in self._chunks for lp in (c.logprobs or ())] if with_logprobs else None,
+            top_logprobs=[t for c in self._chunks for t in (c.top_logprobs or ())] if with_logprobs else None,
+            stop_reason=last.stop_reason, usage=last.usage)
+
+
+def model_infos(resp: gateway_pb2.ListModelsResponse) -> list[ModelInfo]:
+    return [ModelInfo(m.id, m.max_model_len, m.num_prefill_workers, m.num_decode_workers) for m in resp.models]
+
+
+def tokenize_request(text: str | None, messages: Sequence[Mapping[str, str]] | None, add_special_tokens: bool,
+                     add_generation_prompt: bool, model: str | None) -> gateway_pb2.TokenizeRequest:
+    """A TokenizeRequest with exactly one of `text`, `messages`."""
+    if (text is None) == (messages is None):
+        raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, "pass exactly one of text or messages")
+    req = gateway_pb2.TokenizeRequest(model=model or "", add_special_tokens=add_special_tokens)
+    if text is not None:
+        req.text = text
+    else:
+        req.messages.CopyFrom(chat_messages(messages or (), add_generation_prompt))
+    return req

@@ -1,0 +1,164 @@
+"""The relay data plane: KV goes through the kvtransfer service, for networks where the prefill worker
+cannot reach the decode worker. The sender streams a room's chunks with `PushChunks` (client streaming);
+the receiver reads them with `PullChunks(room_id)` (server streaming). Both talk to one kvtransfer
+target ("host:port"). The receiver's address is "" (nothing to dial: the relay holds the chunks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+import grpc
+
+from shared.rpc.moemesh.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
+from shared.service.server import CHANNEL_OPTIONS
+from shared.transfer.assembler import RoomTable
+from shared.transfer.base import FirstToken, KvReceiver, KvSender, RowBlock, RowWriter, TransferError
+from shared.transfer.chunk import DEFAULT_CHUNK_BYTES, decode_chunk, iter_chunks
+
+# How long one chunk may wait for the relay to take it before the send fails.
+DEFAULT_WRITE_TIMEOUT_S = 30.0
+
+
+class _Relay:
+    """One grpc.aio channel to kvtransfer, opened on first use so it binds to the running event loop."""
+
+    def __init__(self, target: str) -> None:
+        if not target:
+            raise ValueError("the relay data plane needs the kvtransfer target (host:port)")
+        self.target = target
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: kvtransfer_pb2_grpc.KvTransferStub | None = None
+
+    def stub(self) -> kvtransfer_pb2_grpc.KvTransferStub:
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+            self._stub = kvtransfer_pb2_grpc.KvTransferStub(self._channel)
+        return self._stub
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = self._stub = None
+
+
+async def _rpc_error(call: Any, e: BaseException) -> str:
+    """Why a call failed, from the exception or, when the call was already over, from its status."""
+    if isinstance(e, grpc.aio.AioRpcError):
+        return f"{e.code().name}: {e.details()}"
+    try:
+        return f"{(await call.code()).name}: {await call.details()}"
+    except Exception:  # the status itself is unavailable; the original error says enough
+        return f"{type(e).__name__}: {e}"
+
+
+class RelaySender(KvSender):
+    """Pushes rooms to the relay at `target`, in chunks of at most max_chunk_bytes (under gRPC's limit).
+
+    `send`'s address argument is ignored: a relay receiver registers "" and the relay is `target`.
+    """
+
+    plane = "relay"
+
+    def __init__(self, target: str, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 write_timeout_s: float = DEFAULT_WRITE_TIMEOUT_S) -> None:
+        self._relay = _Relay(target)
+        self.max_chunk_bytes = max_chunk_bytes
+        self.write_timeout_s = write_timeout_s
+
+    async def send(self, room_id: str, address: str, blocks: AsyncIterator[RowBlock],
+                   first: Awaitable[FirstToken]) -> int:
+        call = self._relay.stub().PushChunks()
+        sent = chunks = 0
+        try:
+            async with contextlib.aclosing(iter_chunks(room_id, blocks, first, self.max_chunk_bytes)) as stream:
+                async for chunk in stream:
+                    await asyncio.wait_for(call.write(chunk.to_message()), self.write_timeout_s)
+                    sent += chunk.nbytes
+                    chunks += 1
+            await asyncio.wait_for(call.done_writing(), self.write_timeout_s)
+            reply: kvtransfer_pb2.PushChunksResponse = await asyncio.wait_for(call, self.write_timeout_s)
+        except asyncio.TimeoutError:
+            call.cancel()
+            raise TransferError(f"room {room_id!r}: the relay at {self._relay.target} took no chunk for "
+                                f"{self.write_timeout_s:g} s") from None
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
+            raise TransferError(f"room {room_id!r}: relay push to {self._relay.target} failed: "
+                                f"{await _rpc_error(call, e)}") from e
+        except BaseException:
+            call.cancel()
+            raise
+        if reply.num_chunks != chunks or reply.bytes != sent:
+            raise TransferError(f"room {room_id!r}: the relay took {reply.num_chunks} chunks / {reply.bytes} bytes "
+                                f"of {chunks} / {sent}")
+        return sent
+
+    async def close(self) -> None:
+        await self._relay.close()
+
+
+class RelayReceiver(KvReceiver):
+    """Pulls each room from the relay at `target` while `receive` runs. `table_kw` tunes its RoomTable."""
+
+    plane = "relay"
+
+    def __init__(self, target: str, **table_kw: Any) -> None:
+        self._relay = _Relay(target)
+        self._table = RoomTable(**table_kw)
+        self._pulls: dict[str, asyncio.Task[None]] = {}
+
+    async def start(self) -> None:
+        self._relay.stub()
+
+    @property
+    def address(self) -> str:
+        return ""
+
+    async def receive(self, room_id: str, num_tokens: int, write: RowWriter,
+                      timeout_s: float) -> tuple[FirstToken, int]:
+        # The gRPC deadline trails the receive's own, so a timeout reads as the room's, not the stream's.
+        call = self._relay.stub().PullChunks(kvtransfer_pb2.PullChunksRequest(room_id=room_id), timeout=timeout_s + 1)
+        pull = asyncio.ensure_future(self._pull(room_id, call))
+        self._pulls[room_id] = pull
+        try:
+            return await self._table.receive(room_id, num_tokens, write, timeout_s)
+        finally:
+            self._pulls.pop(room_id, None)
+            call.cancel()
+            pull.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pull
+
+    async def _pull(self, room_id: str, call: Any) -> None:
+        try:
+            async for msg in call:
+                if msg.room_id != room_id:
+                    self._table.fail(room_id, TransferError(f"room {room_id!r}: the relay sent a chunk of "
+                                                            f"room {msg.room_id!r}"))
+                    return
+                try:
+                    chunk = decode_chunk(msg)
+                except TransferError as e:
+                    self._table.fail(room_id, e)
+                    return
+                self._table.deliver(chunk)
+                if chunk.last:
+                    return
+            self._table.fail(room_id, TransferError(f"room {room_id!r}: the relay stream ended before the last chunk"))
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:
+                self._table.fail(room_id, TransferError(f"room {room_id!r}: relay pull from {self._relay.target} "
+                                                        f"failed: {e.code().name}: {e.details()}"))
+
+    async def cancel(self, room_id: str) -> None:
+        self._table.cancel(room_id)
+
+    async def close(self) -> None:
+        self._table.close()
+        for pull in list(self._pulls.values()):
+            pull.cancel()
+        await asyncio.gather(*self._pulls.values(), return_exceptions=True)
+        await self._relay.close()

@@ -1,0 +1,310 @@
+"""The UCX data plane through `ucxx` (asyncio API): RDMA where the hardware has it, TCP or shared memory
+otherwise. The decode worker listens on a port; the prefill worker keeps one endpoint per receiver
+address and sends every room for that receiver over it.
+
+Wire format, per chunk, two UCX tag messages on the endpoint's default tag (UCX keeps their order):
+  1. frame: `<4sHHIQ` = magic b"MMKV", version 1, flags 0, header length H, data length D;
+     then H bytes: the serialized KvChunk with `data` empty (checksum and shape included).
+     At most MAX_FRAME_BYTES in all, so the receiver can post one fixed buffer for it.
+  2. data: the D raw row bytes (see chunk.py), sent straight from the rows' buffer; omitted when D == 0.
+A sender holds a per-endpoint lock around each pair so chunks of rooms sent concurrently never interleave.
+
+`ucxx` is imported when a backend is created, never at import time of this module, after setting
+UCX_TLS=tcp,sm,self and UCX_WARN_UNUSED_ENV_VARS=n unless the user set them (set UCX_TLS to use RDMA).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+from collections.abc import AsyncIterator, Awaitable
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from shared.rpc.moemesh.v1 import kvtransfer_pb2
+from shared.transfer.assembler import RoomTable
+from shared.transfer.base import FirstToken, KvReceiver, KvSender, PlaneUnavailable, RowBlock, RowWriter, TransferError
+from shared.transfer.chunk import EncodedChunk, decode_chunk, discard, iter_chunks
+
+log = logging.getLogger(__name__)
+
+FRAME = struct.Struct("<4sHHIQ")
+MAGIC = b"MMKV"
+VERSION = 1
+MAX_FRAME_BYTES = 64 * 2**10
+# UCX moves big buffers without protobuf's copies, so chunks can be larger than the relay's.
+DEFAULT_CHUNK_BYTES = 16 * 2**20
+# The receiver refuses to allocate more than this for one chunk (a corrupt frame, not a real chunk).
+MAX_CHUNK_BYTES = 2**30
+# Rooms one connection tracks as started-but-unfinished before it prunes ended ones.
+_MAX_OPEN_ROOMS = 1024
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+DEFAULT_SEND_TIMEOUT_S = 30.0
+
+
+def load_ucxx() -> ModuleType:
+    """Import ucxx (with this plane's UCX defaults); PlaneUnavailable naming the package when it is missing."""
+    os.environ.setdefault("UCX_TLS", "tcp,sm,self")
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    try:
+        import ucxx
+    except Exception as e:  # ImportError, or OSError when libucx itself cannot load
+        raise PlaneUnavailable(
+            f"the ucx KV data plane needs the package ucxx-cu12 (pip install 'moemesh[ucx]'), which failed to "
+            f"import ({type(e).__name__}: {e}); use --transfer relay to send KV through kvtransfer instead"
+        ) from e
+    return ucxx
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """"host:port" (IPv6 hosts in brackets) -> (host, port); TransferError when malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise TransferError(f"bad UCX address {address!r}: expected host:port")
+    return host.strip("[]"), int(port)
+
+
+def _frame(chunk: EncodedChunk) -> bytearray:
+    header = chunk.header.SerializeToString()
+    if FRAME.size + len(header) > MAX_FRAME_BYTES:
+        raise TransferError(f"room {chunk.header.room_id!r}: chunk header of {len(header)} bytes is too large")
+    frame = bytearray(FRAME.size + len(header))
+    FRAME.pack_into(frame, 0, MAGIC, VERSION, 0, len(header), chunk.nbytes)
+    frame[FRAME.size:] = header
+    return frame
+
+
+class _CorruptFrame(Exception):
+    pass
+
+
+def _parse_frame(frame: bytearray) -> tuple[kvtransfer_pb2.KvChunk, int]:
+    magic, version, _flags, header_len, data_len = FRAME.unpack_from(frame)
+    if magic != MAGIC or version != VERSION:
+        raise _CorruptFrame(f"not a moemesh KV frame (magic {magic!r}, version {version})")
+    if header_len > MAX_FRAME_BYTES - FRAME.size or data_len > MAX_CHUNK_BYTES:
+        raise _CorruptFrame(f"frame announces a {header_len}-byte header and {data_len} data bytes")
+    try:
+        header = kvtransfer_pb2.KvChunk.FromString(bytes(frame[FRAME.size:FRAME.size + header_len]))
+    except Exception as e:  # protobuf's DecodeError
+        raise _CorruptFrame(f"bad chunk header: {e}") from e
+    return header, data_len
+
+
+class UcxReceiver(KvReceiver):
+    """Listens for senders on `port` (0: any free one) on every interface; `address` is "host:port",
+    with `host` the name senders should dial. `table_kw` tunes its RoomTable."""
+
+    plane = "ucx"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, **table_kw: Any) -> None:
+        self._ucxx = load_ucxx()
+        self.host = host
+        self.port = port
+        self._table = RoomTable(**table_kw)
+        self._listener: Any = None
+        self._readers: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def start(self) -> None:
+        # ucxx's listener binds every interface; it cannot be limited to `host`.
+        self._listener = self._ucxx.create_listener(self._on_connect, port=self.port)
+        self.port = self._listener.port
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _on_connect(self, ep: Any) -> None:
+        # Runs in ucxx's per-connection handler on our loop; the reader is our own task so the handler
+        # returns at once and close() can stop the reader.
+        if self._closed:
+            ep.abort()
+            return
+        task = asyncio.get_running_loop().create_task(self._read(ep))
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
+
+    async def _read(self, ep: Any) -> None:
+        frame = bytearray(MAX_FRAME_BYTES)
+        open_rooms: set[str] = set()  # rooms that started on this connection and have not ended
+        why = "the sender's connection closed"
+        try:
+            while True:
+                await ep.recv(frame)
+                header, data_len = _parse_frame(frame)
+                data = np.empty(data_len, dtype=np.uint8)
+                if data_len:
+                    await ep.recv(data)
+                room_id = header.room_id
+                open_rooms.add(room_id)
+                if header.last:
+                    open_rooms.discard(room_id)
+                elif len(open_rooms) > _MAX_OPEN_ROOMS:
+                    # Rooms whose sender was cancelled never send a last chunk; forget the ended ones.
+                    open_rooms = {r for r in open_rooms if not self._table.ended(r)}
+                try:
+                    self._table.deliver(decode_chunk(header, data))
+                except TransferError as e:
+                    self._table.fail(room_id, e)
+        except _CorruptFrame as e:
+            why = f"corrupt frame from the sender ({e})"
+            log.warning("closing a UCX connection: %s", why)
+        except asyncio.CancelledError:
+            why = "the receiver closed"
+            raise
+        except self._ucxx.exceptions.UCXError as e:  # how ucxx reports a closed or broken endpoint
+            log.debug("UCX connection ended: %s: %s", type(e).__name__, e)
+        except Exception:
+            why = "the receiver failed reading the connection"
+            log.exception("UCX receive loop failed")
+        finally:
+            for room_id in open_rooms:
+                self._table.fail(room_id, TransferError(f"room {room_id!r}: {why} before the last chunk"))
+            with contextlib.suppress(Exception):
+                ep.abort()
+
+    async def receive(self, room_id: str, num_tokens: int, write: RowWriter,
+                      timeout_s: float) -> tuple[FirstToken, int]:
+        return await self._table.receive(room_id, num_tokens, write, timeout_s)
+
+    async def cancel(self, room_id: str) -> None:
+        self._table.cancel(room_id)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        self._table.close()
+        readers = list(self._readers)
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+
+
+class _Peer:
+    """One endpoint to one receiver, shared by every room sent there."""
+
+    def __init__(self, ep: Any) -> None:
+        self.ep = ep
+        self.lock = asyncio.Lock()  # held for a chunk's frame + data pair
+        self.broken = False
+
+    @property
+    def usable(self) -> bool:
+        return not self.broken and not self.ep.closed
+
+    async def send_pair(self, frame: bytearray, data: np.ndarray) -> None:
+        async with self.lock:
+            if self.broken:
+                raise TransferError("the UCX endpoint failed during an earlier chunk")
+            try:
+                await self.ep.send(frame)
+                if data.nbytes:
+                    await self.ep.send(data)
+            except BaseException:
+                # Half a pair may be on the wire: nothing more can go over this endpoint.
+                self.abort()
+                raise
+
+    def abort(self) -> None:
+        self.broken = True
+        with contextlib.suppress(Exception):
+            self.ep.abort()
+
+
+class UcxSender(KvSender):
+    """Sends rooms to UcxReceivers, one endpoint per receiver address, reconnecting when one failed."""
+
+    plane = "ucx"
+
+    def __init__(self, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+                 send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S) -> None:
+        self._ucxx = load_ucxx()
+        self.max_chunk_bytes = max_chunk_bytes
+        self.connect_timeout_s = connect_timeout_s
+        self.send_timeout_s = send_timeout_s
+        self._peers: dict[str, _Peer] = {}
+        self._connecting: dict[str, asyncio.Lock] = {}
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def send(self, room_id: str, address: str, blocks: AsyncIterator[RowBlock],
+                   first: Awaitable[FirstToken]) -> int:
+        # Connect before the first block: a dead receiver fails the room early, and a new endpoint's
+        # handshake overlaps the prefill computing that block.
+        try:
+            peer = await self._peer(room_id, address)
+        except BaseException:
+            discard(first)
+            raise
+        sent = 0
+        async with contextlib.aclosing(iter_chunks(room_id, blocks, first, self.max_chunk_bytes)) as chunks:
+            async for chunk in chunks:
+                await self._send_chunk(room_id, address, peer, chunk)
+                sent += chunk.nbytes
+        return sent
+
+    async def _peer(self, room_id: str, address: str) -> _Peer:
+        peer = self._peers.get(address)
+        if peer is not None and peer.usable:
+            return peer
+        host, port = parse_address(address)
+        async with self._connecting.setdefault(address, asyncio.Lock()):
+            peer = self._peers.get(address)
+            if peer is not None and peer.usable:
+                return peer
+            try:
+                ep = await asyncio.wait_for(
+                    self._ucxx.create_endpoint(host, port, connect_timeout=self.connect_timeout_s),
+                    self.connect_timeout_s + 1)
+            except asyncio.TimeoutError:
+                raise TransferError(f"room {room_id!r}: no UCX receiver answered at {address} within "
+                                    f"{self.connect_timeout_s:g} s") from None
+            except Exception as e:
+                raise TransferError(f"room {room_id!r}: cannot connect to the UCX receiver at {address}: "
+                                    f"{type(e).__name__}: {e}") from e
+            peer = self._peers[address] = _Peer(ep)
+            return peer
+
+    async def _send_chunk(self, room_id: str, address: str, peer: _Peer, chunk: EncodedChunk) -> None:
+        # The pair runs in its own task, shielded: a cancelled room still finishes the chunk on the wire
+        # (bounded by send_timeout_s) rather than leave half of it and break every room on the endpoint.
+        task = asyncio.ensure_future(peer.send_pair(_frame(chunk), chunk.data))
+        self._pending.add(task)
+        task.add_done_callback(self._settled)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.send_timeout_s)
+        except asyncio.TimeoutError:
+            peer.abort()
+            self._forget(address, peer)
+            raise TransferError(f"room {room_id!r}: the UCX receiver at {address} took no chunk for "
+                                f"{self.send_timeout_s:g} s") from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._forget(address, peer)
+            raise TransferError(f"room {room_id!r}: UCX send to {address} failed: {type(e).__name__}: {e}") from e
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved here: a shielded pair may fail after its room stopped waiting
+
+    def _forget(self, address: str, peer: _Peer) -> None:
+        if self._peers.get(address) is peer:
+            del self._peers[address]
+
+    async def close(self) -> None:
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=self.send_timeout_s)
+        for peer in self._peers.values():
+            with contextlib.suppress(Exception):
+                await peer.ep.close()
+        self._peers.clear()
