@@ -40,8 +40,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from shared.model.config import ModelConfigError
     from shared.model.loader import CheckpointError
     from shared.model.tokenizer import TokenizerError
+    from shared.transfer.base import PlaneUnavailable
 
-    return (InvalidParameter, RequestTooLong, ModelConfigError, CheckpointError, TokenizerError,
+    return (InvalidParameter, RequestTooLong, ModelConfigError, CheckpointError, TokenizerError, PlaneUnavailable,
             FileNotFoundError, NotADirectoryError, PermissionError)
 
 

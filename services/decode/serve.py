@@ -8,9 +8,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from shared.rpc.moemesh.v1 import common_pb2, decode_pb2_grpc, kvtransfer_pb2_grpc
+from shared.rpc.moemesh.v1 import common_pb2, decode_pb2_grpc
 from shared.service.config import apply_env_defaults
-from shared.service.worker import ServiceParts, Worker, add_worker_arguments, run_worker
+from shared.service.worker import add_worker_arguments, advertised, run_worker
+from shared.transfer.base import KvReceiver
 
 DEFAULT_PORT = 50070
 
@@ -25,25 +26,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _setup(worker: Worker, kv: kvtransfer_pb2_grpc.KvTransferStub) -> ServiceParts:
+async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> None:
     from services.decode.servicer import DecodeServicer
     from shared.transfer.registry import make_receiver
 
-    args = worker.args
-    if args.transfer == "ucx":
-        receiver = make_receiver("ucx", host=args.ucx_host or args.host, port=args.ucx_port)
-    elif args.transfer == "relay":
-        receiver = make_receiver("relay", target=args.kvtransfer)
-    else:
-        receiver = make_receiver(args.transfer)
-    await receiver.start()
-    servicer = DecodeServicer(worker.engine, worker.layout, receiver, kv, worker.load_pb, args.kv_lease_ms)
-    return decode_pb2_grpc.add_DecodeServicer_to_server, servicer, "moemesh.v1.Decode", receiver.close
+    def receiver() -> KvReceiver:
+        if args.transfer == "ucx":
+            # UCX listens on every interface; the host is the name peers reach it by.
+            host = args.ucx_host or advertised(args, 0).rsplit(":", 1)[0]
+            return make_receiver("ucx", host=host, port=args.ucx_port)
+        if args.transfer == "relay":
+            return make_receiver("relay", target=args.kvtransfer)
+        return make_receiver(args.transfer)
 
-
-async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
-                stop: asyncio.Event | None = None) -> None:
-    await run_worker(common_pb2.WORKER_ROLE_DECODE, "decode", args, _setup, ready, stop)
+    servicer = DecodeServicer(receiver, args.kv_lease_ms)
+    await run_worker(common_pb2.WORKER_ROLE_DECODE, "decode", args, servicer,
+                     decode_pb2_grpc.add_DecodeServicer_to_server, "moemesh.v1.Decode", ready, stop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -17,6 +17,7 @@ from shared.service.convert import finish_to_pb, logprobs_to_pb, sampling_from_p
 from shared.service.errors import DeadlineExceeded, Unavailable
 from shared.service.rooms import report_room_failed
 from shared.service.version import PROTOCOL_VERSION
+from shared.service.worker import Worker, WorkerServicer
 from shared.transfer.base import KvReceiver, TransferError
 from shared.transfer.registry import plane_to_proto
 
@@ -24,18 +25,30 @@ log = logging.getLogger(__name__)
 
 
 
-class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, engine: AsyncEngine, layout: common_pb2.KvLayout, receiver: KvReceiver,
-                 kvtransfer: kvtransfer_pb2_grpc.KvTransferStub, load: callable, lease_ms: int = 60_000) -> None:
-        self.engine = engine
-        self.layout = layout
-        self.receiver = receiver
-        self.kv = kvtransfer
-        self.load = load
+class DecodeServicer(decode_pb2_grpc.DecodeServicer, WorkerServicer):
+    """Exists (and answers UNAVAILABLE) from the moment the port is bound; `bind` makes it ready."""
+
+    def __init__(self, make_receiver: Callable[[], KvReceiver], lease_ms: int = 60_000) -> None:
+        self.make_receiver = make_receiver
         self.lease_ms = lease_ms
+        self.receiver: KvReceiver | None = None
+
+    async def bind(self, worker: Worker, kvtransfer: kvtransfer_pb2_grpc.KvTransferStub) -> None:
+        self.receiver = self.make_receiver()
+        await self.receiver.start()
+        self.engine: AsyncEngine = worker.engine
+        self.layout = worker.layout
+        self.load = worker.load_pb
+        self.kv = kvtransfer
+        self.worker = worker
+
+    async def close(self) -> None:
+        if self.receiver is not None:
+            await self.receiver.close()
 
     async def Generate(self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[decode_pb2.DecodeResponse]:
+        self.ready()
         params = sampling_from_pb(request.sampling)
         rid = request.request_id or uuid.uuid4().hex
         prompt = list(request.prompt_token_ids)
@@ -101,10 +114,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     async def Abort(self, request: common_pb2.AbortRequest, context: grpc.aio.ServicerContext
                     ) -> common_pb2.AbortResponse:
+        self.ready()
         return common_pb2.AbortResponse(aborted=await self.engine.abort(request.request_id))
 
     async def GetLoad(self, request: common_pb2.GetLoadRequest, context: grpc.aio.ServicerContext
                       ) -> common_pb2.WorkerLoad:
+        self.ready()
         return self.load()
 
 

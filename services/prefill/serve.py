@@ -8,9 +8,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from shared.rpc.moemesh.v1 import common_pb2, kvtransfer_pb2_grpc, prefill_pb2_grpc
+from shared.rpc.moemesh.v1 import common_pb2, prefill_pb2_grpc
 from shared.service.config import apply_env_defaults
-from shared.service.worker import ServiceParts, Worker, add_worker_arguments, run_worker
+from shared.service.worker import add_worker_arguments, run_worker
+from shared.transfer.base import KvSender
 
 DEFAULT_PORT = 50080
 
@@ -25,31 +26,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _setup(worker: Worker, kv: kvtransfer_pb2_grpc.KvTransferStub) -> ServiceParts:
+async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> None:
     from services.prefill.servicer import PrefillServicer
     from shared.transfer.registry import make_sender
 
-    args = worker.args
-    senders = {}
+    def sender(plane: str) -> KvSender:
+        return make_sender(plane, target=args.kvtransfer) if plane == "relay" else make_sender(plane)
 
-    def sender_for(plane: str):
-        # One sender per plane, made on first use: the receiver's registration decides the plane.
-        if plane not in senders:
-            senders[plane] = make_sender(plane, target=args.kvtransfer) if plane == "relay" else make_sender(plane)
-        return senders[plane]
-
-    async def close() -> None:
-        for s in senders.values():
-            await s.close()
-
-    servicer = PrefillServicer(worker.engine, worker.layout, sender_for, kv, worker.load_pb, args.kv_wait_ms,
-                               args.kv_lease_ms)
-    return prefill_pb2_grpc.add_PrefillServicer_to_server, servicer, "moemesh.v1.Prefill", close
-
-
-async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
-                stop: asyncio.Event | None = None) -> None:
-    await run_worker(common_pb2.WORKER_ROLE_PREFILL, "prefill", args, _setup, ready, stop)
+    servicer = PrefillServicer(sender, args.kv_wait_ms, args.kv_lease_ms)
+    await run_worker(common_pb2.WORKER_ROLE_PREFILL, "prefill", args, servicer,
+                     prefill_pb2_grpc.add_PrefillServicer_to_server, "moemesh.v1.Prefill", ready, stop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

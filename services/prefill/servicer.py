@@ -16,6 +16,7 @@ from shared.service.convert import logprobs_to_pb, sampling_from_pb
 from shared.service.errors import FailedPrecondition, Unavailable
 from shared.service.rooms import report_room_failed
 from shared.service.version import PROTOCOL_VERSION
+from shared.service.worker import Worker, WorkerServicer
 from shared.transfer.base import FirstToken, KvSender, RowBlock, TransferError
 from shared.transfer.registry import plane_from_proto
 
@@ -23,20 +24,35 @@ log = logging.getLogger(__name__)
 
 
 
-class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, engine: AsyncEngine, layout: common_pb2.KvLayout,
-                 sender_for: Callable[[str], KvSender], kvtransfer: kvtransfer_pb2_grpc.KvTransferStub,
-                 load: Callable[[], common_pb2.WorkerLoad], wait_ms: int = 30_000, lease_ms: int = 60_000) -> None:
-        self.engine = engine
-        self.layout = layout
-        self.sender_for = sender_for
-        self.kv = kvtransfer
-        self.load = load
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer, WorkerServicer):
+    """Exists (and answers UNAVAILABLE) from the moment the port is bound; `bind` makes it ready."""
+
+    def __init__(self, make_sender: Callable[[str], KvSender], wait_ms: int = 30_000, lease_ms: int = 60_000) -> None:
+        self.make_sender = make_sender
         self.wait_ms = wait_ms
         self.lease_ms = lease_ms
+        self.senders: dict[str, KvSender] = {}
+
+    async def bind(self, worker: Worker, kvtransfer: kvtransfer_pb2_grpc.KvTransferStub) -> None:
+        self.engine: AsyncEngine = worker.engine
+        self.layout = worker.layout
+        self.load = worker.load_pb
+        self.kv = kvtransfer
+        self.worker = worker
+
+    def sender_for(self, plane: str) -> KvSender:
+        # One sender per plane, made on first use: the receiver's registration decides the plane.
+        if plane not in self.senders:
+            self.senders[plane] = self.make_sender(plane)
+        return self.senders[plane]
+
+    async def close(self) -> None:
+        for sender in self.senders.values():
+            await sender.close()
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
                       ) -> prefill_pb2.PrefillResponse:
+        self.ready()
         params = sampling_from_pb(request.sampling)
         rid = request.request_id or uuid.uuid4().hex
         room = request.room_id
@@ -110,9 +126,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     async def Abort(self, request: common_pb2.AbortRequest, context: grpc.aio.ServicerContext
                     ) -> common_pb2.AbortResponse:
+        self.ready()
         return common_pb2.AbortResponse(aborted=await self.engine.abort(request.request_id))
 
     async def GetLoad(self, request: common_pb2.GetLoadRequest, context: grpc.aio.ServicerContext
                       ) -> common_pb2.WorkerLoad:
+        self.ready()
         return self.load()
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import socket
 import threading
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,12 +19,16 @@ from shared.engine.async_engine import AsyncEngine
 from shared.engine.engine import Engine
 from shared.rpc.moemesh.v1 import common_pb2, gateway_pb2, kvtransfer_pb2_grpc
 from shared.service.engine_args import add_engine_arguments, engine_config
+from shared.service.errors import Unavailable
 from shared.service.kv_layout import kv_layout
 from shared.service.registration import GatewayRegistration
 from shared.service.server import CHANNEL_OPTIONS, GrpcServer, install_signal_handlers
 from shared.service.version import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
+
+# In-flight requests get this long to finish when a worker is asked to stop.
+DRAIN_GRACE_S = 5.0
 
 
 def add_worker_arguments(p: argparse.ArgumentParser, default_port: int) -> None:
@@ -43,30 +46,47 @@ def add_worker_arguments(p: argparse.ArgumentParser, default_port: int) -> None:
     add_engine_arguments(p)
 
 
+class WorkerServicer:
+    """Base of the prefill and decode servicers: registered before the model loads (so health answers
+    NOT_SERVING meanwhile), made ready by `bind`; every RPC before that is UNAVAILABLE."""
+
+    worker: Worker | None = None
+
+    def ready(self) -> Worker:
+        if self.worker is None:
+            raise Unavailable("this worker is still loading its model")
+        return self.worker
+
+    async def bind(self, worker: Worker, kvtransfer: kvtransfer_pb2_grpc.KvTransferStub) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release what `bind` acquired."""
+
+
 @dataclass
 class Worker:
-    """A started worker: everything a servicer needs."""
+    """A loaded worker: everything a servicer needs."""
 
     role: int
     args: argparse.Namespace
     engine: AsyncEngine
     layout: common_pb2.KvLayout
     server: GrpcServer
-    registration: GatewayRegistration | None
     worker_id: str
+    registration: GatewayRegistration | None = None
 
     @classmethod
-    async def create(cls, role: int, args: argparse.Namespace) -> Worker:
+    async def load(cls, role: int, args: argparse.Namespace, server: GrpcServer) -> Worker:
         cfg = engine_config(args)
         engine = await asyncio.to_thread(Engine, cfg)  # loading weights must not block the event loop
         dtype = next(engine.model.parameters()).dtype
         layout = kv_layout(engine.model_dir, engine.model.config, dtype, cfg.page_size)
         aengine = AsyncEngine(engine)
         await aengine.start()
-        server = GrpcServer(args.host, args.port)
         role_name = common_pb2.WorkerRole.Name(role).removeprefix("WORKER_ROLE_").lower()
         worker_id = args.worker_id or f"{role_name}-{uuid.uuid4().hex[:8]}"
-        return cls(role, args, aengine, layout, server, None, worker_id)
+        return cls(role, args, aengine, layout, server, worker_id)
 
     def load_pb(self) -> common_pb2.WorkerLoad:
         ld = self.engine.load
@@ -77,10 +97,7 @@ class Worker:
 
     @property
     def advertised_address(self) -> str:
-        host = self.args.advertise_host or self.args.host
-        if host in ("0.0.0.0", "::", ""):
-            host = socket.gethostname()
-        return f"{host}:{self.server.port}"
+        return advertised(self.args, self.server.port)
 
     async def register(self) -> None:
         """Join the gateway (in the background: it may start after us)."""
@@ -94,40 +111,54 @@ class Worker:
         self.registration = GatewayRegistration(self.args.gateway, req, self.load_pb)
         await self.registration.start()
 
-    async def shutdown(self) -> None:
-        """Drain: not serving, leave the gateway, let in-flight calls finish, stop the engine."""
+    async def drain(self) -> None:
+        """Not serving, leave the gateway; in-flight calls go on until the server stops."""
         await self.server.set_serving(False)
         if self.registration is not None:
             self.registration.draining = True
             await self.registration.stop()
-        await self.server.stop(grace_s=float(os.environ.get("MOEMESH_DRAIN_GRACE_S", "5")))
-        await self.engine.stop()
 
 
-# (add_servicer_to_server, servicer, full service name, async cleanup)
-ServiceParts = tuple[Callable[[Any, grpc.aio.Server], None], Any, str, Callable[[], Awaitable[None]]]
+def advertised(args: argparse.Namespace, port: int) -> str:
+    host = args.advertise_host or args.host
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    return f"{host}:{port}"
 
 
-async def run_worker(role: int, name: str, args: argparse.Namespace,
-                     setup: Callable[[Worker, kvtransfer_pb2_grpc.KvTransferStub], Awaitable[ServiceParts]],
+async def run_worker(role: int, name: str, args: argparse.Namespace, servicer: WorkerServicer,
+                     add: Callable[[Any, grpc.aio.Server], None], service_name: str,
                      ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
-    """Start a worker, serve until `stop` (or SIGINT/SIGTERM), then drain and exit cleanly."""
+    """Bind the port (NOT_SERVING), load the model, serve until `stop` or SIGINT/SIGTERM, then drain.
+
+    The "NAME listening on ADDR" line is printed once the worker is ready: launchers wait for it.
+    """
     stop = stop or asyncio.Event()
     if threading.current_thread() is threading.main_thread():
         install_signal_handlers(stop)
-    worker = await Worker.create(role, args)
+    server = GrpcServer(args.host, args.port)
+    server.add(add, servicer, service_name)
+    await server.start()
     channel = grpc.aio.insecure_channel(args.kvtransfer, options=CHANNEL_OPTIONS)
-    add, servicer, service_name, cleanup = await setup(worker, kvtransfer_pb2_grpc.KvTransferStub(channel))
-    worker.server.add(add, servicer, service_name)
+    worker: Worker | None = None
     try:
-        await worker.server.start()
-        await worker.server.set_serving(True)
+        worker = await Worker.load(role, args, server)
+        await servicer.bind(worker, kvtransfer_pb2_grpc.KvTransferStub(channel))
+        await server.set_serving(True)
         print(f"{name} listening on {worker.advertised_address}", flush=True)
         await worker.register()
         if ready is not None:
             ready.set()
         await stop.wait()
     finally:
-        await worker.shutdown()
-        await cleanup()
+        if worker is not None:
+            # Health says NOT_SERVING while in-flight requests finish (the port stays open for probes).
+            await worker.drain()
+            deadline = asyncio.get_running_loop().time() + DRAIN_GRACE_S
+            while worker.engine.engine.scheduler.num_unfinished and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.1)
+        await server.stop(grace_s=1.0)
+        if worker is not None:
+            await worker.engine.stop()
+        await servicer.close()
         await channel.close()
