@@ -30,6 +30,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--repeats", type=int, default=5)
     t.add_argument("--json", default=None, metavar="FILE")
     t.set_defaults(func=_run_transfer)
+    m = bsub.add_parser("mesh", help="mesh end-to-end tok/s and TTFT (colocated, PD relay/UCX) against the engine",
+                        description="Output tokens/s, TTFT and inter-token latency at several concurrency levels, "
+                                    "for the in-process engine and for `moemesh up` meshes (colocated, PD over "
+                                    "the relay, PD over UCX), same prompts; prints the ratios to the engine.")
+    from services.cli.bench_mesh import add_arguments as add_mesh_arguments
+
+    add_mesh_arguments(m)
+    m.set_defaults(func=_run_mesh)
 
 
 def _run_engine(args: argparse.Namespace) -> int:
@@ -40,5 +48,11 @@ def _run_engine(args: argparse.Namespace) -> int:
 
 def _run_transfer(args: argparse.Namespace) -> int:
     from services.cli.bench_transfer import run
+
+    return run(args)
+
+
+def _run_mesh(args: argparse.Namespace) -> int:
+    from services.cli.bench_mesh import run
 
     return run(args)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
 from shared.rpc.moemesh.v1 import common_pb2, decode_pb2_grpc
 from shared.service.config import apply_env_defaults
+from shared.service.server import run_service
 from shared.service.worker import add_worker_arguments, advertised, run_worker
 from shared.transfer.base import KvReceiver
 
@@ -46,10 +46,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args))
-    return 0
+    return run_service(serve, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import grpc
 
 from shared.engine.async_engine import AsyncEngine, Reserved
 from shared.engine.request import RequestOutput
-from shared.rpc.moemesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, kvtransfer_pb2, kvtransfer_pb2_grpc
+from shared.rpc.moemesh.v1 import decode_pb2, decode_pb2_grpc, kvtransfer_pb2, kvtransfer_pb2_grpc
 from shared.service.convert import finish_to_pb, logprobs_to_pb, sampling_from_pb
 from shared.service.errors import DeadlineExceeded, Unavailable
 from shared.service.rooms import report_room_failed
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 
-class DecodeServicer(decode_pb2_grpc.DecodeServicer, WorkerServicer):
+class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
     """Exists (and answers UNAVAILABLE) from the moment the port is bound; `bind` makes it ready."""
 
     def __init__(self, make_receiver: Callable[[], KvReceiver], lease_ms: int = 60_000) -> None:
@@ -38,7 +38,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer, WorkerServicer):
         await self.receiver.start()
         self.engine: AsyncEngine = worker.engine
         self.layout = worker.layout
-        self.load = worker.load_pb
         self.kv = kvtransfer
         self.worker = worker
 
@@ -112,15 +111,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer, WorkerServicer):
         await asyncio.Event().wait()  # the room succeeded: only the receive can finish now
         return ""
 
-    async def Abort(self, request: common_pb2.AbortRequest, context: grpc.aio.ServicerContext
-                    ) -> common_pb2.AbortResponse:
-        self.ready()
-        return common_pb2.AbortResponse(aborted=await self.engine.abort(request.request_id))
-
-    async def GetLoad(self, request: common_pb2.GetLoadRequest, context: grpc.aio.ServicerContext
-                      ) -> common_pb2.WorkerLoad:
-        self.ready()
-        return self.load()
 
 
 

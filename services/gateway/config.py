@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # The embedded tiny model has no folder name worth showing to clients.
@@ -16,6 +16,9 @@ class GatewayConfig:
     `model_dir` None serves the embedded tiny model (its folder is created on first use);
     `model_name` None names the model after its folder (or `moemesh-tiny` for the embedded one);
     `max_model_len` None takes the model folder's own context limit.
+    `http_port` is the OpenAI-compatible REST facade's port (0 picks one; None serves no REST, the
+    default here so embedded and test gateways bind nothing unasked; `moemesh serve gateway` defaults
+    to 8000); `api_key`, when set, is the bearer key every `/v1/...` REST call must present.
     """
 
     host: str = "127.0.0.1"
@@ -26,10 +29,18 @@ class GatewayConfig:
     heartbeat_timeout_ms: int = 5000
     default_request_timeout_s: float = 600.0
     max_model_len: int | None = None
+    http_port: int | None = None
+    api_key: str | None = field(default=None, repr=False)  # a secret: kept out of logs
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in [0, 65535] (or None: no REST), got {self.http_port}")
+        if self.http_port is not None and self.http_port != 0 and self.http_port == self.port:
+            raise ValueError(f"http_port and port must differ, both are {self.port}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key must not be blank (leave it unset to serve REST without a key)")
         if self.heartbeat_interval_ms <= 0:
             raise ValueError(f"heartbeat_interval_ms must be > 0, got {self.heartbeat_interval_ms}")
         if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms:

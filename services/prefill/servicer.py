@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from shared.engine.async_engine import AsyncEngine, KvRows
-from shared.rpc.moemesh.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from shared.rpc.moemesh.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from shared.service.convert import logprobs_to_pb, sampling_from_pb
 from shared.service.errors import FailedPrecondition, Unavailable
 from shared.service.rooms import report_room_failed
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 
-class PrefillServicer(prefill_pb2_grpc.PrefillServicer, WorkerServicer):
+class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
     """Exists (and answers UNAVAILABLE) from the moment the port is bound; `bind` makes it ready."""
 
     def __init__(self, make_sender: Callable[[str], KvSender], wait_ms: int = 30_000, lease_ms: int = 60_000) -> None:
@@ -36,7 +36,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer, WorkerServicer):
     async def bind(self, worker: Worker, kvtransfer: kvtransfer_pb2_grpc.KvTransferStub) -> None:
         self.engine: AsyncEngine = worker.engine
         self.layout = worker.layout
-        self.load = worker.load_pb
         self.kv = kvtransfer
         self.worker = worker
 
@@ -124,13 +123,4 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer, WorkerServicer):
             forward_ns=times["first_token"] - times.get("first_rows", t0), transfer_ns=done - times["first_token"],
             kv_bytes=nbytes)
 
-    async def Abort(self, request: common_pb2.AbortRequest, context: grpc.aio.ServicerContext
-                    ) -> common_pb2.AbortResponse:
-        self.ready()
-        return common_pb2.AbortResponse(aborted=await self.engine.abort(request.request_id))
-
-    async def GetLoad(self, request: common_pb2.GetLoadRequest, context: grpc.aio.ServicerContext
-                      ) -> common_pb2.WorkerLoad:
-        self.ready()
-        return self.load()
 

@@ -135,3 +135,10 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+
+def run_service(serve: Callable[[Any], Awaitable[None]], args: Any) -> int:
+    """The body of a service's `main`: logging, then `serve(args)` until it returns (SIGTERM, Ctrl-C)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(args))
+    return 0

@@ -63,6 +63,16 @@ class WorkerServicer:
     async def close(self) -> None:
         """Release what `bind` acquired."""
 
+    # Abort and GetLoad are the same on both kinds of worker (listed first among the bases, these win).
+    async def Abort(self, request: common_pb2.AbortRequest, context: grpc.aio.ServicerContext
+                    ) -> common_pb2.AbortResponse:
+        worker = self.ready()
+        return common_pb2.AbortResponse(aborted=await worker.engine.abort(request.request_id))
+
+    async def GetLoad(self, request: common_pb2.GetLoadRequest, context: grpc.aio.ServicerContext
+                      ) -> common_pb2.WorkerLoad:
+        return self.ready().load_pb()
+
 
 @dataclass
 class Worker:
