@@ -38,6 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     add_mesh_arguments(m)
     m.set_defaults(func=_run_mesh)
+    from services.cli.bench_serve import add_parsers as add_serve_parsers  # `bench serve`, `bench plot`
+
+    add_serve_parsers(bsub)
 
 
 def _run_engine(args: argparse.Namespace) -> int:
