@@ -26,8 +26,8 @@ import contextlib
 import gc
 import json
 import os
+import queue
 import random
-import select
 import signal
 import subprocess
 import sys
@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded tiny model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--warmup", type=int, default=2, help="warm-up requests per setup before the levels")
-    p.add_argument("--probe", type=int, default=3,
+    p.add_argument("--probe", type=int, default=5,
                    help="direct-to-worker requests per mesh setup for the TTFT breakdown (0: none)")
     p.add_argument("--request-timeout", type=float, default=300, help="seconds one request may take")
     p.add_argument("--level-timeout", type=float, default=1200, help="seconds one concurrency level may take")
@@ -89,15 +89,17 @@ def make_workload(args: argparse.Namespace, vocab: int) -> Workload:
     if not levels or min(levels) < 1:
         raise SystemExit(f"moemesh bench mesh: --concurrency needs positive integers, got {args.concurrency!r}")
 
-    def prompts(n: int, salt: int) -> list[list[int]]:
-        rng = random.Random(args.seed * 1_000_003 + salt)
+    def prompts(n: int, name: str) -> list[list[int]]:
+        # A string seed per set: distinct sets never share a prompt (hence never a cached prefix).
+        rng = random.Random(f"moemesh-bench-mesh:{args.seed}:{name}")
         # The first ids are special tokens (BOS, EOS...): keep prompts to ordinary ones.
         return [[rng.randrange(8, vocab) for _ in range(args.input_len)] for _ in range(n)]
 
     return Workload(
         input_len=args.input_len, output_len=args.output_len, levels=levels,
-        prompts={c: prompts(args.num_prompts or max(2 * c, 8), c) for c in levels},
-        warmup=prompts(args.warmup, -1), probe=prompts(args.probe, -2))
+        prompts={c: prompts(args.num_prompts or max(2 * c, 8), f"level-{c}") for c in levels},
+        warmup=prompts(args.warmup, "warmup"),
+        probe=prompts(args.probe + 1, "probe") if args.probe > 0 else [])  # the first probe warms the channels up
 
 
 # ---- measuring ---------------------------------------------------------------------------------
@@ -157,7 +159,6 @@ class Level:
     concurrency: int
     samples: list[Sample]
     wall_s: float
-    timed_out: int = 0
 
 
 async def run_level(stream: Stream, prompts: list[list[int]], concurrency: int, expected: int,
@@ -177,7 +178,7 @@ async def run_level(stream: Stream, prompts: list[list[int]], concurrency: int, 
     await asyncio.gather(*pending, return_exceptions=True)
     samples = [t.result() if t in done else Sample(ok=False, error=f"level timed out after {level_timeout_s:g} s")
                for t in tasks]
-    return Level(concurrency, samples, wall, len(pending))
+    return Level(concurrency, samples, wall)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -303,27 +304,34 @@ class MeshProcess:
         return self.services["gateway"][0]
 
     def start(self, timeout_s: float) -> None:
+        """Start `moemesh up` and wait for its table; raises RuntimeError or TimeoutError (with its log's tail)."""
         from services.cli.up import _die_with_parent
 
-        cmd = [sys.executable, "-m", "services.cli.main", "up", "--grpc-port", "0", *self.up_args]
+        # Free ports only (gRPC and REST): other meshes may run on this host at the same time.
+        # `up` gets the timeout too, to say which service was late; this side waits a little longer.
+        cmd = [sys.executable, "-m", "services.cli.main", "up", "--grpc-port", "0", "--http-port", "0",
+               "--ready-timeout", f"{timeout_s:g}", *self.up_args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         # stdout: the table (read here); stderr: every service's logs, into a file (shown on failure).
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
                                      preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + timeout_s
-        fd = self.proc.stdout.fileno()
+        # A thread reads stdout to its end (select() on a buffered pipe misses lines already read into the
+        # buffer, and an unread pipe would block `up` once full).
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, args=(lines,), daemon=True).start()
+        deadline = time.monotonic() + timeout_s + 30
         in_table = False
         while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"moemesh up exited with code {self.proc.returncode} before it was ready"
-                                   f"{self.log_tail()}")
-            if time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise TimeoutError(f"moemesh up not ready in {timeout_s:g} s{self.log_tail()}")
-            ready, _, _ = select.select([fd], [], [], 0.5)
-            if not ready:
+            try:
+                line = lines.get(timeout=min(left, 0.5))
+            except queue.Empty:
                 continue
-            line = self.proc.stdout.readline().rstrip()
-            self.output.append(line)
+            if line is None:
+                code = self.proc.wait(10)
+                raise RuntimeError(f"moemesh up exited with code {code} before it was ready{self.log_tail()}")
             if line.startswith("moemesh is up"):
                 in_table = True
             elif in_table:
@@ -331,13 +339,16 @@ class MeshProcess:
                 if len(parts) == 3 and parts[2].isdigit() and ":" in parts[1]:
                     self.services[parts[0]] = (parts[1], int(parts[2]))
                 elif line.startswith("Ctrl-C"):
-                    threading.Thread(target=self._drain, daemon=True).start()
+                    if "gateway" not in self.services:
+                        raise RuntimeError(f"no gateway in the table of moemesh up: {self.output}")
                     return
 
-    def _drain(self) -> None:
-        assert self.proc is not None
+    def _read(self, lines: queue.Queue[str | None]) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
             self.output.append(line.rstrip())
+            lines.put(line.rstrip())
+        lines.put(None)
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -497,7 +508,7 @@ async def probe_workers(mesh: MeshProcess, wl: Workload, pd: bool, timeout_s: fl
     try:
         dstub = decode_pb2_grpc.DecodeStub(dch)
         pstub = prefill_pb2_grpc.PrefillStub(pch) if pch is not None else None
-        for prompt in wl.probe:
+        for i, prompt in enumerate(wl.probe):
             rid = f"bench-probe-{uuid.uuid4().hex[:12]}"
             room = uuid.uuid4().hex if pstub is not None else ""
             t0 = time.perf_counter()
@@ -530,13 +541,14 @@ async def probe_workers(mesh: MeshProcess, wl: Workload, pd: bool, timeout_s: fl
                 row.update(prefill_queue_ms=resp.queue_ns / 1e6, prefill_forward_ms=resp.forward_ns / 1e6,
                            prefill_kv_send_ms=resp.transfer_ns / 1e6, prefill_returned_ms=(returned - t0) * 1e3,
                            kv_bytes=resp.kv_bytes)
-            rows.append(row)
+            if i > 0:  # the first one connected the channels
+                rows.append(row)
     finally:
         await dch.close()
         if pch is not None:
             await pch.close()
     keys = [k for k in rows[0] if k != "tokens"]
-    return {"requests": len(rows), **{k: _mean([r[k] for r in rows]) for k in keys}}
+    return {"requests": len(rows), **{k: _pct([r[k] for r in rows], 50) for k in keys}}  # medians
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -588,6 +600,9 @@ def run(args: argparse.Namespace) -> int:
     _compare(rows, outputs)
     print()
     print(_table(rows))
+    hits = [f"{r['setup']} c={r['concurrency']}" for r in rows if r.get("cached_prompt_tokens")]
+    if hits:
+        print(f"note: prompt tokens came from the prefix cache in {', '.join(hits)}; those TTFTs are flattered")
     if probes:
         print()
         print(_breakdown(rows, probes))
@@ -636,23 +651,21 @@ def _table(rows: list[dict]) -> str:
 def _breakdown(rows: list[dict], probes: dict[str, dict]) -> str:
     """TTFT at concurrency 1 through the gateway against straight to the workers, with prefill's timings."""
     at1 = {r["setup"]: r for r in rows if r.get("concurrency") == 1 and "error" not in r}
-    out = ["TTFT at concurrency 1, mean ms (direct: the same requests sent straight to the workers, no gateway; "
-           "prefill's times are its own account)"]
+    out = ["TTFT at concurrency 1, medians in ms. direct: requests sent straight to the worker(s) as the gateway "
+           "sends them (no gateway); prefill's times are from its own response (queue_ns, forward_ns, transfer_ns)"]
     if "engine" in at1:
-        out.append(f"  {'engine':<10} TTFT {at1['engine']['ttft_ms_mean']:7.1f}  (in-process)")
+        out.append(f"  {'engine':<10} in-process {at1['engine']['ttft_ms_p50']:7.1f}")
     for setup, p in probes.items():
-        via = at1.get(setup, {}).get("ttft_ms_mean")
-        line = f"  {setup:<10} "
-        line += f"via gateway {via:7.1f}  " if via is not None else ""
-        line += f"direct {p['ttft_ms']:7.1f}"
+        via = at1.get(setup, {}).get("ttft_ms_p50")
+        line = f"  {setup:<10} direct {p['ttft_ms']:7.1f}"
         if via is not None:
-            line += f"  (gateway hop {via - p['ttft_ms']:+.1f})"
-        if "prefill_forward_ms" in p:
-            line += (f"  | prefill: queued {p['prefill_queue_ms']:.1f}, forward {p['prefill_forward_ms']:.1f}, "
-                     f"KV send {p['prefill_kv_send_ms']:.1f} ({p['kv_bytes'] / 2**10:.0f} KiB), call returned at "
-                     f"{p['prefill_returned_ms']:.1f}; decode's first token "
-                     f"{p['ttft_ms'] - p['prefill_returned_ms']:+.1f} after that")
+            line += f"   via gateway {via:7.1f}   gateway hop {via - p['ttft_ms']:+.1f}"
         out.append(line)
+        if "prefill_forward_ms" in p:
+            out.append(f"  {'':<10} prefill worker: first KV rows after {p['prefill_queue_ms']:.1f} (queue + forward), "
+                       f"first token +{p['prefill_forward_ms']:.1f}, KV sent +{p['prefill_kv_send_ms']:.1f} after it "
+                       f"({p['kv_bytes'] / 2**10:.0f} KiB); its call returned at {p['prefill_returned_ms']:.1f}, "
+                       f"decode's first token at {p['ttft_ms']:.1f} ({p['ttft_ms'] - p['prefill_returned_ms']:+.1f})")
     return "\n".join(out)
 
 

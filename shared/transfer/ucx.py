@@ -51,6 +51,9 @@ def load_ucxx() -> ModuleType:
     """Import ucxx (with this plane's UCX defaults); PlaneUnavailable naming the package when it is missing."""
     os.environ.setdefault("UCX_TLS", "tcp,sm,self")
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    # ucxx's default progress thread busy-polls a whole core even when idle, a core the engines need
+    # on a CPU host; blocking mode waits on the worker's event fd instead.
+    os.environ.setdefault("UCXPY_PROGRESS_MODE", "blocking")
     try:
         import ucxx
     except Exception as e:  # ImportError, or OSError when libucx itself cannot load
