@@ -10,15 +10,17 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import queue
 import re
-import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
 _LISTENING = re.compile(r"^(\w+) listening on (\S+)$")
+_HTTP_LISTENING = re.compile(r"^\w+ http listening on (\S+)$")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "loopback; Ctrl-C stops them all.")
     p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded tiny model)")
     p.add_argument("--grpc-port", type=int, default=50051, help="the gateway's gRPC port")
-    p.add_argument("--http-port", type=int, default=8000, help="the gateway's REST port (when it serves REST)")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="the gateway's OpenAI-compatible REST port (0 picks one, -1 serves no REST)")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (0: colocated, decode prefills)")
     p.add_argument("--decode", type=int, default=1, help="decode workers")
     p.add_argument("--transfer", default="relay", choices=["ucx", "relay"], help="KV data plane")
@@ -43,7 +46,33 @@ class Child:
     name: str
     proc: subprocess.Popen
     address: str = ""
+    http_address: str = ""
     lines: list[str] = field(default_factory=list)
+    # Every stdout line, read by a thread: select() on a buffered pipe misses lines already read ahead,
+    # and an unread pipe would block the child once full.
+    queue: queue.Queue = field(default_factory=queue.Queue)
+
+    def pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+            self.queue.put(line.strip())
+        self.queue.put(None)  # end of output: the child exited
+
+    def wait_line(self, pattern: re.Pattern, deadline: float, what: str) -> re.Match:
+        """The first stdout line matching `pattern`, waiting until `deadline` (time.monotonic())."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.name} not ready in time ({what})")
+            try:
+                line = self.queue.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if line is None:
+                raise RuntimeError(f"{self.name} exited with code {self.proc.wait()} before {what}")
+            m = pattern.match(line)
+            if m:
+                return m
 
 
 def _die_with_parent() -> None:
@@ -64,30 +93,19 @@ class Mesh:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env,
                                 preexec_fn=_die_with_parent)
         child = Child(name, proc)
+        threading.Thread(target=child.pump, name=f"stdout-{name}", daemon=True).start()
         self.children.append(child)
         return child
 
     def wait_ready(self, children: list[Child], deadline: float) -> None:
-        """Read each child's stdout until its `NAME listening on ADDR` line."""
-        pending = {c.proc.stdout.fileno(): c for c in children if not c.address}
-        while pending:
-            for c in pending.values():
-                if c.proc.poll() is not None:
-                    raise RuntimeError(f"{c.name} exited with code {c.proc.returncode} before it was ready")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"not ready in time: {', '.join(c.name for c in pending.values())}")
-            ready, _, _ = select.select(list(pending), [], [], min(left, 0.5))
-            for fd in ready:
-                c = pending[fd]
-                line = c.proc.stdout.readline()
-                if not line:
-                    continue
-                c.lines.append(line.rstrip())
-                m = _LISTENING.match(line.strip())
-                if m:
-                    c.address = m.group(2)
-                    del pending[fd]
+        """Wait for each child's `NAME listening on ADDR` line."""
+        for c in children:
+            if not c.address:
+                c.address = c.wait_line(_LISTENING, deadline, "it was ready").group(2)
+
+    def wait_http(self, child: Child, deadline: float) -> None:
+        """Wait for `child`'s `NAME http listening on ADDR` line (printed after its gRPC one)."""
+        child.http_address = child.wait_line(_HTTP_LISTENING, deadline, "its REST API was ready").group(1)
 
     def stop(self, timeout_s: float = 15) -> None:
         # Workers first (they deregister), then the services they talk to.
@@ -126,9 +144,12 @@ def run(args: argparse.Namespace) -> int:
         kv = mesh.start("kvtransfer", "kvtransfer", ["--port", "0"], env)
         eplb = mesh.start("eplb", "eplb", ["--port", "0"], env)
         mesh.wait_ready([kv], deadline)
-        gw_args = ["--port", str(args.grpc_port)] + (["--model", args.model] if args.model else [])
+        gw_args = ["--port", str(args.grpc_port), "--http-port", str(args.http_port)] + \
+            (["--model", args.model] if args.model else [])
         gateway = mesh.start("gateway", "gateway", gw_args, env)
         mesh.wait_ready([gateway, eplb], deadline)
+        if args.http_port != -1:
+            mesh.wait_http(gateway, deadline)
         common = ["--port", "0", "--gateway", gateway.address, "--kvtransfer", kv.address,
                   "--transfer", args.transfer, *(["--model", args.model] if args.model else []), *extra]
         workers = [mesh.start(f"prefill-{i}", "prefill", common, env) for i in range(args.prefill)]
@@ -160,8 +181,15 @@ def run(args: argparse.Namespace) -> int:
 def _table(mesh: Mesh, args: argparse.Namespace) -> str:
     mode = "colocated (decode prefills)" if args.prefill == 0 else f"disaggregated, KV over {args.transfer}"
     rows = [f"moemesh is up: {mode}", f"  {'service':<14} {'address':<22} pid"]
-    rows += [f"  {c.name:<14} {c.address:<22} {c.proc.pid}" for c in mesh.children]
+    for c in mesh.children:
+        rows.append(f"  {c.name:<14} {c.address:<22} {c.proc.pid}")
+        if c.http_address:
+            rows.append(f"  {c.name + '-http':<14} {c.http_address:<22} {c.proc.pid}")
+    gateway = mesh.children[2]
     rows.append(f"first request: python -c \"from shared.sdk import MeshClient; "
-                f"print(MeshClient('{mesh.children[2].address}').generate(prompt='Hello', max_tokens=16).text)\"")
+                f"print(MeshClient('{gateway.address}').generate(prompt='Hello', max_tokens=16).text)\"")
+    if gateway.http_address:
+        rows.append(f"or over REST: curl http://{gateway.http_address}/v1/completions "
+                    "-H 'Content-Type: application/json' -d '{\"prompt\": \"Hello\", \"max_tokens\": 16}'")
     rows.append("Ctrl-C stops everything.")
     return "\n".join(rows)

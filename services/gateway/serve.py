@@ -13,6 +13,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.core import GatewayCore
 from services.gateway.model import ServedModel, load_served_model
 from services.gateway.registry import WorkerRegistry
+from services.gateway.rest import HttpServer, rest_server
 from services.gateway.servicer import GatewayServicer, WorkerRegistryServicer
 from shared.model.tokenizer import TokenizerError
 from shared.rpc.moemesh.v1 import gateway_pb2, gateway_pb2_grpc
@@ -24,17 +25,23 @@ log = logging.getLogger(__name__)
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 REGISTRY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["WorkerRegistry"].full_name
 EXIT_USAGE = 2
+DEFAULT_HTTP_PORT = 8000
 
 
 class GatewayApp:
-    """A running gateway: its server, core and registry. Build it with `start_gateway`."""
+    """A running gateway: its servers (gRPC, and REST when cfg.http_port is set), core and registry.
 
-    def __init__(self, cfg: GatewayConfig, model: ServedModel, server: GrpcServer, core: GatewayCore) -> None:
+    Build it with `start_gateway`.
+    """
+
+    def __init__(self, cfg: GatewayConfig, model: ServedModel, server: GrpcServer, core: GatewayCore,
+                 http: HttpServer | None = None) -> None:
         self.cfg = cfg
         self.model = model
         self.server = server
         self.core = core
         self.registry = core.registry
+        self.http = http
 
     @property
     def port(self) -> int:
@@ -46,9 +53,15 @@ class GatewayApp:
         """host:port clients and workers dial."""
         return self.server.address
 
+    @property
+    def http_address(self) -> str | None:
+        """host:port of the REST facade; None when it is off."""
+        return self.http.address if self.http is not None else None
+
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting, give in-flight requests `grace_s` to finish, then cancel them and close."""
-        await self.server.stop(grace_s)
+        stops = [self.server.stop(grace_s)] + ([self.http.stop(grace_s)] if self.http is not None else [])
+        await asyncio.gather(*stops)
         await self.core.close()
 
 
@@ -64,12 +77,20 @@ async def start_gateway(cfg: GatewayConfig) -> GatewayApp:
     server.add(gateway_pb2_grpc.add_WorkerRegistryServicer_to_server, WorkerRegistryServicer(registry),
                REGISTRY_SERVICE)
     await server.start()
+    http = None
+    if cfg.http_port is not None:
+        http = rest_server(core, cfg.host, cfg.http_port, api_key=cfg.api_key)
+        try:
+            await http.start()
+        except BaseException:
+            await server.stop(0)
+            raise
     registry.start()
     # Ready once the tokenizer is loaded: Tokenize and ListModels work without workers, and Generate
     # answers UNAVAILABLE until a decode worker registers (core.has_decode_workers is the hook for
     # stricter readiness).
     await server.set_serving(True)
-    return GatewayApp(cfg, model, server, core)
+    return GatewayApp(cfg, model, server, core, http)
 
 
 async def serve(cfg: GatewayConfig, ready: asyncio.Event | Callable[[GatewayApp], object] | None = None,
@@ -86,6 +107,8 @@ async def serve(cfg: GatewayConfig, ready: asyncio.Event | Callable[[GatewayApp]
     app = await start_gateway(cfg)
     try:
         print(f"gateway listening on {app.address}", flush=True)
+        if app.http_address is not None:
+            print(f"gateway http listening on {app.http_address}", flush=True)
         log.info("serving model %s (context %d tokens) from %s", app.model.name, app.model.max_model_len,
                  app.model.path)
         if isinstance(ready, asyncio.Event):
@@ -114,6 +137,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="deadline of a request whose client set none (default: %(default)s)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="context limit in tokens (default: the model's)")
+    parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
+                        help="port of the OpenAI-compatible REST API, 0 picks one, -1 serves none "
+                             "(default: %(default)s)")
+    parser.add_argument("--api-key", default=None,
+                        help="bearer key every /v1 REST call must send (default: none); prefer setting "
+                             "MOEMESH_API_KEY, which other users cannot read from the process list")
     apply_env_defaults(parser)
 
 
@@ -122,7 +151,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(
         host=args.host, port=args.port, model_dir=args.model, model_name=args.served_model_name,
         heartbeat_interval_ms=args.heartbeat_interval_ms, heartbeat_timeout_ms=args.heartbeat_timeout_ms,
-        default_request_timeout_s=args.request_timeout_s, max_model_len=args.max_model_len)
+        default_request_timeout_s=args.request_timeout_s, max_model_len=args.max_model_len,
+        http_port=None if args.http_port == -1 else args.http_port, api_key=args.api_key or None)
 
 
 def run(args: argparse.Namespace) -> int:

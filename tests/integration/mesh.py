@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -48,26 +48,32 @@ class RunningMesh:
 
 
 def start_mesh(*args: str, timeout_s: float = 240, env: dict[str, str] | None = None) -> RunningMesh:
-    """Run `moemesh up ARGS` and wait until it prints its table of services."""
-    cmd = [sys.executable, "-m", "services.cli.main", "up", "--grpc-port", "0", *args]
+    """Run `moemesh up ARGS` (gRPC and REST on free ports) and wait until it prints its table of services."""
+    cmd = [sys.executable, "-m", "services.cli.main", "up", "--grpc-port", "0", "--http-port", "0", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})
     mesh = RunningMesh(proc)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        # A thread, not select(): readline() reads ahead, and the pipe must be drained for good anyway
+        # (the services' logs share it and would block once it filled).
+        for line in proc.stdout:
+            mesh.output.append(line.rstrip())
+            lines.put(line.rstrip())
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
     deadline = time.monotonic() + timeout_s
-    fd = proc.stdout.fileno()
     in_table = False
     while True:
-        if proc.poll() is not None:
-            rest = proc.stdout.read()
-            raise RuntimeError(f"moemesh up exited with {proc.returncode}:\n" + "\n".join(mesh.output) + rest)
-        if time.monotonic() > deadline:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
             mesh.stop()
-            raise TimeoutError("moemesh up not ready in time:\n" + "\n".join(mesh.output))
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if not ready:
-            continue
-        line = proc.stdout.readline().rstrip()
-        mesh.output.append(line)
+            raise TimeoutError("moemesh up not ready in time:\n" + "\n".join(mesh.output)) from None
+        if line is None:
+            raise RuntimeError(f"moemesh up exited with {proc.wait()}:\n" + "\n".join(mesh.output))
         if line.startswith("moemesh is up"):
             in_table = True
         elif in_table:
@@ -75,11 +81,4 @@ def start_mesh(*args: str, timeout_s: float = 240, env: dict[str, str] | None = 
             if m:
                 mesh.services[m.group(1)] = (m.group(2), int(m.group(3)))
             elif line.startswith("Ctrl-C"):
-                # Keep draining: the services' logs share this pipe and would block once it filled.
-                threading.Thread(target=_drain, args=(mesh,), daemon=True).start()
                 return mesh
-
-
-def _drain(mesh: RunningMesh) -> None:
-    for line in mesh.proc.stdout:
-        mesh.output.append(line.rstrip())

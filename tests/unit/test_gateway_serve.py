@@ -51,7 +51,8 @@ def test_options_from_flags_and_environment() -> None:
 def test_process_serves_without_torch_and_exits_cleanly(tmp_path: Path) -> None:
     model = make_tokenizer_dir(tmp_path / "tok")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MOEMESH_MAX_MODEL_LEN": "100"}
-    proc = subprocess.Popen([sys.executable, "-c", NO_TORCH_MAIN, "--port", "0", "--model", str(model)],
+    proc = subprocess.Popen([sys.executable, "-c", NO_TORCH_MAIN, "--port", "0", "--http-port", "0",
+                             "--model", str(model)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline().strip()

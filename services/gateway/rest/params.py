@@ -1,0 +1,131 @@
+"""OpenAI request bodies -> the core's `GenerateRequest`s: one per choice, sampling params filled in.
+
+A body with n choices (and, for completions, several prompts) becomes n requests per prompt; with a
+seed, choice i samples with seed + i. The core validates ranges again (and says which parameter);
+what only the REST API has (echo, best_of, tools...) is checked here.
+"""
+
+from __future__ import annotations
+
+from services.gateway.rest.errors import ApiError
+from services.gateway.rest.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, _Sampling
+from shared.rpc.moemesh.v1 import common_pb2, gateway_pb2
+
+_SEED_MOD = 2**64  # the wire's seed is a uint64: negative (int64) seeds wrap around
+MAX_CHOICES = 1024  # prompts times n, per call
+
+
+def sampling(body: _Sampling, max_tokens: int | None, logprobs: int | None, choice: int) -> common_pb2.SamplingParams:
+    """The sampling params of choice `choice` of `body`; unset optional fields stay unset (defaults apply)."""
+    pb = common_pb2.SamplingParams(
+        max_tokens=max_tokens or 0, top_k=max(body.top_k or 0, 0), min_p=body.min_p or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
+        stop=stop_strings(body.stop), stop_token_ids=body.stop_token_ids or [], ignore_eos=body.ignore_eos,
+        min_tokens=body.min_tokens, include_stop_str_in_output=body.include_stop_str_in_output)
+    if body.temperature is not None:
+        pb.temperature = body.temperature
+    if body.top_p is not None:
+        pb.top_p = body.top_p
+    if body.repetition_penalty is not None:
+        pb.repetition_penalty = body.repetition_penalty
+    if body.seed is not None:
+        pb.seed = (body.seed + choice) % _SEED_MOD
+    if logprobs is not None:
+        pb.logprobs = logprobs
+    return pb
+
+
+def stop_strings(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def check_common(body: _Sampling) -> None:
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
+
+
+def completion_prompts(body: CompletionRequest) -> list[str | list[int]]:
+    """The prompts of a completions body: one text or token list, or a batch of them."""
+    p = body.prompt
+    if isinstance(p, str):
+        return [p]
+    if not p:
+        raise ApiError(400, "prompt must not be empty", "prompt")
+    if isinstance(p[0], int):
+        return [list(p)]  # one prompt as token ids
+    return list(p)
+
+
+def completion_requests(body: CompletionRequest, base_id: str) -> list[gateway_pb2.GenerateRequest]:
+    """One request per (prompt, choice), prompt-major: request k is prompt k // n, choice k % n."""
+    check_common(body)
+    if body.suffix:
+        raise ApiError(400, "suffix is not supported", "suffix")
+    if body.logit_bias:
+        raise ApiError(400, "logit_bias is not supported", "logit_bias")
+    if body.best_of is not None and body.best_of != body.n:
+        raise ApiError(400, f"best_of must equal n ({body.n}) or be null: best-of selection is not supported",
+                       "best_of")
+    if body.echo and body.logprobs is not None:
+        raise ApiError(400, "echo with logprobs needs prompt logprobs, which are not supported", "echo")
+    prompts = completion_prompts(body)
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise ApiError(400, f"{len(prompts)} prompts times n={body.n} exceeds {MAX_CHOICES} choices per call",
+                       "prompt")
+    out = []
+    for p, prompt in enumerate(prompts):
+        for i in range(body.n):
+            req = gateway_pb2.GenerateRequest(model=body.model or "", request_id=f"{base_id}-{p * body.n + i}",
+                                              sampling=sampling(body, body.max_tokens, body.logprobs, i))
+            if isinstance(prompt, str):
+                req.prompt = prompt
+            else:
+                req.token_ids.ids.extend(prompt)
+            out.append(req)
+    return out
+
+
+def chat_messages(body: ChatCompletionRequest) -> gateway_pb2.ChatMessages:
+    turns = [gateway_pb2.ChatMessage(role=m.role, content=_content(m, i)) for i, m in enumerate(body.messages)]
+    return gateway_pb2.ChatMessages(messages=turns, add_generation_prompt=body.add_generation_prompt)
+
+
+def _content(message: ChatMessage, i: int) -> str:
+    content = message.content
+    if isinstance(content, str):
+        return content
+    if content is None:
+        if message.role == "assistant":
+            return ""
+        raise ApiError(400, f"messages[{i}].content is required for role {message.role}", f"messages.{i}.content")
+    texts = []
+    for j, part in enumerate(content):
+        where = f"messages.{i}.content.{j}"
+        if part.type != "text":
+            raise ApiError(400, f"messages[{i}].content[{j}] is a {part.type!r} part; only text parts are supported",
+                           where)
+        if part.text is None:
+            raise ApiError(400, f"messages[{i}].content[{j}] is a text part without text", where)
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def chat_requests(body: ChatCompletionRequest, base_id: str, max_model_len: int) -> list[gateway_pb2.GenerateRequest]:
+    """One request per choice; max tokens default to the context limit (the workers stop there)."""
+    check_common(body)
+    if body.tools:
+        raise ApiError(400, "tools are not supported", "tools")
+    if body.tool_choice not in (None, "none"):
+        raise ApiError(400, "tool_choice is not supported", "tool_choice")
+    if body.response_format and body.response_format.get("type") != "text":
+        raise ApiError(400, "response_format: only {\"type\": \"text\"} is supported", "response_format")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = body.max_completion_tokens or body.max_tokens or max_model_len
+    messages = chat_messages(body)
+    return [gateway_pb2.GenerateRequest(model=body.model or "", request_id=f"{base_id}-{i}", messages=messages,
+                                        sampling=sampling(body, max_tokens, logprobs, i))
+            for i in range(body.n)]

@@ -1,0 +1,260 @@
+"""The REST facade's bodies: OpenAI's request and response shapes (with vLLM's extras), as pydantic models.
+
+Requests ignore unknown fields (clients send many we do not use) and check every field's type and range
+here, so a bad value is a 400 naming the field before anything is tokenized. Scalars are strict: "5"
+is not a number and `true` is not 1. The responses are what the handlers return and what the OpenAPI
+document shows.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, Strict
+
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+TokenId = Annotated[int, Strict(), Field(ge=0, le=2**32 - 1)]
+
+MAX_N = 128  # choices per prompt
+MAX_LOGPROBS = 20  # top alternatives per token, as the workers allow
+UINT32_MAX = 2**32 - 1
+INT32_MAX = 2**31 - 1
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Request):
+    include_usage: Bool = Field(False, description="Send one more chunk before `[DONE]` with the usage of "
+                                                   "the whole request and no choices; every other chunk "
+                                                   "then carries `usage: null`.")
+
+
+class _Sampling(_Request):
+    """The fields completions and chat share: the model, the fan-out, streaming and sampling."""
+
+    model: str | None = Field(None, description="The served model's id (see GET /v1/models); "
+                                                "null or empty uses the one this mesh serves.")
+    n: Int = Field(1, ge=1, le=MAX_N, description="Choices to generate for each prompt. With a `seed`, choice i "
+                                                  "samples with seed + i, so choices differ reproducibly.")
+    stream: Bool = Field(False, description="Stream chunks as Server-Sent Events, ending with `data: [DONE]`.")
+    stream_options: StreamOptions | None = Field(None, description="Only with `stream: true`.")
+    temperature: Float | None = Field(None, ge=0, description="0 is greedy; default 1.0.")
+    top_p: Float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass; default 1.0.")
+    top_k: Int | None = Field(None, ge=-1, le=INT32_MAX,
+                              description="vLLM extra: keep the k most likely tokens; -1 or 0 disables.")
+    min_p: Float | None = Field(None, ge=0, le=1, description="vLLM extra: drop tokens less likely than "
+                                                              "min_p times the most likely one.")
+    frequency_penalty: Float | None = Field(None, ge=-2, le=2,
+                                            description="Subtracted once per occurrence of a token in the output.")
+    presence_penalty: Float | None = Field(None, ge=-2, le=2,
+                                           description="Subtracted once if a token occurred in the output.")
+    repetition_penalty: Float | None = Field(None, gt=0, description="vLLM extra: multiplicative penalty on "
+                                                                     "tokens seen in prompt or output; 1 is none.")
+    seed: Int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="Makes sampling reproducible.")
+    stop: str | list[str] | None = Field(None, description="Strings that end generation (cut from the text).")
+    stop_token_ids: list[TokenId] | None = Field(None, description="vLLM extra: token ids that end generation.")
+    ignore_eos: Bool = Field(False, description="vLLM extra: keep generating past EOS.")
+    min_tokens: Int = Field(0, ge=0, le=UINT32_MAX, description="vLLM extra: tokens to generate before EOS or a "
+                                                                "stop token id may end the choice.")
+    include_stop_str_in_output: Bool = Field(False, description="vLLM extra: keep a matched stop string.")
+    max_tokens: Int | None = Field(None, ge=1, le=UINT32_MAX, description="Tokens to generate at most.")
+    user: str | None = Field(None, description="Accepted for compatibility; unused.")
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions."""
+
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]] = Field(
+        description="A text, a list of token ids, or a batch of either (one set of choices per prompt).")
+    max_tokens: Int | None = Field(16, ge=1, le=UINT32_MAX, description="Tokens to generate at most (default 16).")
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Return each token's logprob and this "
+                                                                           "many most likely alternatives.")
+    echo: Bool = Field(False, description="Put the prompt's text before the completion's.")
+    best_of: Int | None = Field(None, ge=1, le=MAX_N, description="Only null or equal to n is supported.")
+    suffix: str | None = Field(None, description="Not supported: must be null.")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported: must be null or empty.")
+
+
+class TextPart(BaseModel):
+    """One part of a message's content; only text parts are served."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(description="Only `text` is supported.")
+    text: str | None = None
+
+
+class ChatMessage(_Request):
+    role: str = Field(min_length=1, description="system, user, assistant (or whatever the chat template knows).")
+    content: str | list[TextPart] | None = Field(None, description="A text or a list of text parts (joined "
+                                                                   "with newlines); null only for assistant turns.")
+    name: str | None = Field(None, description="Accepted for compatibility; unused.")
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation, oldest turn first.")
+    max_completion_tokens: Int | None = Field(None, ge=1, le=UINT32_MAX,
+                                              description="Tokens to generate at most; wins over max_tokens. "
+                                                          "Default: up to the model's context limit.")
+    logprobs: Bool = Field(False, description="Return the logprob of each output token.")
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                     description="With logprobs: also the most likely alternatives per token.")
+    add_generation_prompt: Bool = Field(True, description="vLLM extra: open the assistant's turn in the template.")
+    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: must be null or empty.")
+    tool_choice: Any = Field(None, description="Not supported: only null or `none`.")
+    response_format: dict[str, Any] | None = Field(None, description="Only `{\"type\": \"text\"}` is supported.")
+
+
+# -- responses
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens whose KV came from a prefix cache.")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="Prompt tokens (chat template tokens included), once per prompt.")
+    completion_tokens: int = Field(description="Tokens generated, all choices together.")
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+FinishReason = Literal["stop", "length", "abort"]
+StopReason = int | str | None
+_FINISH = "Why the choice ended: `stop` (EOS, a stop string or token id), `length` (max tokens or the " \
+          "context limit); null until it ends."
+_STOP = "vLLM extra: the stop token id or stop string that ended the choice; null for EOS or length."
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int] = Field(description="Where each token starts in the choice's text.")
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = Field(description=_FINISH)
+    stop_reason: StopReason = Field(None, description=_STOP)
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: FinishReason | None = Field(description=_FINISH)
+    stop_reason: StopReason = Field(None, description=_STOP)
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: FinishReason | None = Field(None, description=_FINISH)
+    stop_reason: StopReason = Field(None, description=_STOP)
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunk(BaseModel):
+    """One `data:` event of a streamed completion (choices carry text deltas)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "moemesh"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = Field(None, description="vLLM extra: the context limit in tokens.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, whatever its status."""
+
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    decode_workers: int = Field(description="Decode workers registered and ready.")
+    prefill_workers: int = Field(description="Prefill workers registered (0: decode workers prefill).")

@@ -1,0 +1,49 @@
+"""What every REST handler reaches through `request.app.state.rest`."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from services.gateway.core import GatewayCore
+from services.gateway.rest.generation import Generation
+from services.gateway.rest.logprobs import TokenTexts
+from services.gateway.rest.metrics import Exposition
+from shared.service.errors import Unavailable
+
+
+@dataclass
+class RestState:
+    core: GatewayCore
+    metrics: Exposition
+    texts: TokenTexts = field(init=False)
+    started: int = field(default_factory=lambda: int(time.time()))
+    active: set[Generation] = field(default_factory=set)  # calls in progress
+
+    def __post_init__(self) -> None:
+        self.texts = TokenTexts(self.core.model.tokenizer)
+
+    @property
+    def model_name(self) -> str:
+        return self.core.model.name
+
+    def generation(self, per_prompt: int = 1) -> Generation:
+        """A new call's Generation, tracked until it closes."""
+        return Generation(self.core, per_prompt, self.active)
+
+    def abort_all(self, message: str = "the gateway is shutting down") -> None:
+        """End every call in progress now with UNAVAILABLE (streams get an error event, then [DONE])."""
+        for gen in list(self.active):
+            gen.abort(Unavailable(message))
+
+
+def rest_state(request: Request) -> RestState:
+    return request.app.state.rest
+
+
+def new_id(prefix: str) -> str:
+    """An OpenAI-style object id: `cmpl-...`, `chatcmpl-...`."""
+    return f"{prefix}-{uuid.uuid4().hex}"
