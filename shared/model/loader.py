@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from shared.model.config import ModelConfig, ModelConfigError
 from shared.model.deepseek import DeepseekForCausalLM
@@ -129,8 +130,11 @@ def fill_weights(model: DeepseekForCausalLM, tensors: Iterator[tuple[str, torch.
     state.update(model.named_buffers())
     seen: set[str] = set()
     unexpected: list[str] = []
-    with torch.no_grad():
+    # A bar on a terminal only (disable=None): logs of services and CI stay clean.
+    bar = tqdm(total=len(expected), desc="Loading weights", unit="tensor", disable=None, leave=False)
+    with torch.no_grad(), bar:
         for name, t in tensors:
+            bar.update()
             shape = expected.get(name)
             if shape is None:
                 unexpected.append(name)
