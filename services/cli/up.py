@@ -141,20 +141,24 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     deadline = time.monotonic() + args.ready_timeout
     try:
-        kv = mesh.start("kvtransfer", "kvtransfer", ["--port", "0"], env)
-        eplb = mesh.start("eplb", "eplb", ["--port", "0"], env)
+        metrics = ["--metrics-port", "0"]  # several services on one host: no fixed metrics ports
+        kv = mesh.start("kvtransfer", "kvtransfer", ["--port", "0", *metrics], env)
+        eplb = mesh.start("eplb", "eplb", ["--port", "0", *metrics], env)
         mesh.wait_ready([kv], deadline)
-        gw_args = ["--port", str(args.grpc_port), "--http-port", str(args.http_port)] + \
+        gw_args = ["--port", str(args.grpc_port), "--http-port", str(args.http_port), *metrics] + \
             (["--model", args.model] if args.model else [])
         gateway = mesh.start("gateway", "gateway", gw_args, env)
         mesh.wait_ready([gateway, eplb], deadline)
         if args.http_port != -1:
             mesh.wait_http(gateway, deadline)
-        common = ["--port", "0", "--gateway", gateway.address, "--kvtransfer", kv.address,
+        common = ["--port", "0", *metrics, "--gateway", gateway.address, "--kvtransfer", kv.address,
                   "--transfer", args.transfer, *(["--model", args.model] if args.model else []), *extra]
         workers = [mesh.start(f"prefill-{i}", "prefill", common, env) for i in range(args.prefill)]
         workers += [mesh.start(f"decode-{i}", "decode", common, env) for i in range(args.decode)]
         mesh.wait_ready(workers, deadline)
+        # Workers register in the background once they listen; until they have, a first request would
+        # find no prefill worker and run colocated.
+        _wait_registered(gateway.address, args.prefill, args.decode, deadline)
         print(_table(mesh, args), flush=True)
         reported: set[str] = set()
         while not stopping:
@@ -176,6 +180,22 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         mesh.stop()
+
+
+def _wait_registered(gateway: str, prefill: int, decode: int, deadline: float) -> None:
+    from shared.sdk import MeshClient, MeshError
+
+    with MeshClient(gateway, timeout_s=5, retries=0) as client:
+        while True:
+            try:
+                models = client.list_models()
+                if models and models[0].num_prefill_workers >= prefill and models[0].num_decode_workers >= decode:
+                    return
+            except MeshError:
+                pass  # the gateway may still be starting
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers did not register with the gateway at {gateway} in time")
+            time.sleep(0.1)
 
 
 def _table(mesh: Mesh, args: argparse.Namespace) -> str:

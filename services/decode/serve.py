@@ -14,11 +14,12 @@ from shared.service.worker import add_worker_arguments, advertised, run_worker
 from shared.transfer.base import KvReceiver
 
 DEFAULT_PORT = 50070
+DEFAULT_METRICS_PORT = 9105
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moemesh serve decode", description="Run one decode worker.")
-    add_worker_arguments(p, DEFAULT_PORT)
+    add_worker_arguments(p, DEFAULT_PORT, DEFAULT_METRICS_PORT)
     p.add_argument("--ucx-host", default=None, help="address the UCX receiver listens on (default: --host)")
     p.add_argument("--ucx-port", type=int, default=0, help="UCX receiver port (0 picks a free one)")
     p.add_argument("--kv-lease-ms", type=int, default=60_000, help="how long a KV handoff may take at most")
@@ -46,7 +47,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_service(serve, build_parser().parse_args(argv))
+    return run_service(serve, build_parser().parse_args(argv), "decode")
 
 
 if __name__ == "__main__":

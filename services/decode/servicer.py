@@ -1,4 +1,9 @@
-"""The Decode gRPC servicer: reserve pages, rendezvous at kvtransfer, receive KV, stream tokens."""
+"""The Decode gRPC servicer: reserve pages, rendezvous at kvtransfer, receive KV, stream tokens.
+
+Telemetry: each request's log lines carry its request_id and trace_id; at its end its engine
+timestamps become the `decode.*` spans and the latency histograms (`shared.telemetry.requests`); the
+KV receive feeds the `moemesh_kv_transfer_*` families (side "receiver").
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 
@@ -18,6 +24,9 @@ from shared.service.errors import DeadlineExceeded, Unavailable
 from shared.service.rooms import report_room_failed
 from shared.service.version import PROTOCOL_VERSION
 from shared.service.worker import Worker, WorkerServicer
+from shared.telemetry import metrics
+from shared.telemetry.logs import request_log_context
+from shared.telemetry.requests import RequestTelemetry
 from shared.transfer.base import KvReceiver, TransferError
 from shared.transfer.registry import plane_to_proto
 
@@ -51,16 +60,35 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
         params = sampling_from_pb(request.sampling)
         rid = request.request_id or uuid.uuid4().hex
         prompt = list(request.prompt_token_ids)
+        with request_log_context(rid, room_id=request.room_id or None):
+            telemetry = RequestTelemetry("decode", rid, len(prompt))
+            error: BaseException | None = None
+            try:
+                async for response in self._generate(request, rid, prompt, params, context, telemetry):
+                    yield response
+            except BaseException as e:
+                error = e
+                raise
+            finally:
+                telemetry.finish(error)
+                log.debug("request ended: %s, %d tokens", telemetry.outcome or "ok", telemetry.num_output_tokens)
+
+    async def _generate(self, request: decode_pb2.DecodeRequest, rid: str, prompt: list[int], params: Any,
+                        context: grpc.aio.ServicerContext, telemetry: RequestTelemetry
+                        ) -> AsyncIterator[decode_pb2.DecodeResponse]:
         if not request.room_id:
             async for out in self.engine.generate(prompt, params, rid):
+                telemetry.on_output(out)
                 yield _response(out)
             return
         events = self.engine.reserve(prompt, params, rid)
         try:
             async for item in events:
                 if isinstance(item, Reserved):
+                    telemetry.on_reserved(item.timing)
                     await self._receive(request.room_id, rid, len(prompt), context)
                 else:
+                    telemetry.on_output(item)
                     yield _response(item)
         finally:
             await events.aclose()  # aborts the request in the engine unless it finished
@@ -70,6 +98,8 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
         remaining = context.time_remaining()
         timeout_s = min(remaining, self.lease_ms / 1000) if remaining is not None else self.lease_ms / 1000
         ok = False
+        plane = self.receiver.plane
+        t_start = time.perf_counter()
         try:
             await self.kv.RegisterReceiver(kvtransfer_pb2.RegisterReceiverRequest(
                 protocol_version=PROTOCOL_VERSION, room_id=room, request_id=rid, layout=self.layout,
@@ -86,6 +116,8 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
                 raise Unavailable(f"KV transfer for room {room} failed: {watch.result()}")
             watch.cancel()
             first, nbytes = recv.result()
+            metrics.KV_TRANSFER_BYTES.labels("receiver", plane).inc(nbytes)
+            metrics.KV_TRANSFER_LATENCY.labels("receiver", plane).observe(time.perf_counter() - t_start)
             await self.kv.ReportTransfer(kvtransfer_pb2.ReportTransferRequest(
                 room_id=room, state=kvtransfer_pb2.ROOM_STATE_SUCCESS, bytes=nbytes), timeout=10)
             log.debug("room %s: %d bytes in %.1f ms", room, nbytes, (time.perf_counter() - t0) * 1e3)
@@ -100,6 +132,7 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
             raise Unavailable(f"kvtransfer is unreachable or refused room {room}: {e.details()}") from None
         finally:
             if not ok:
+                metrics.KV_TRANSFER_FAILURES.labels("receiver", plane).inc()
                 await self.receiver.cancel(room)
                 await report_room_failed(self.kv, room, "the decode worker gave up on the room")
 

@@ -9,14 +9,18 @@ from collections.abc import Sequence
 
 from shared.service.config import apply_env_defaults
 from shared.service.server import GrpcServer, install_signal_handlers, run_service
+from shared.telemetry.metrics import announce_metrics
+from shared.telemetry.setup import add_telemetry_arguments
 
 DEFAULT_PORT = 50090
+DEFAULT_METRICS_PORT = 9103
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moemesh serve eplb", description="Run the expert-parallel load balancer.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (0 picks a free one)")
+    add_telemetry_arguments(p, DEFAULT_METRICS_PORT)
     apply_env_defaults(p)
     return p
 
@@ -30,6 +34,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
     await server.start()
     await server.set_serving(True)
     print(f"eplb listening on {server.address}", flush=True)
+    announce_metrics()
     if ready is not None:
         ready.set()
     await stop.wait()
@@ -37,7 +42,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_service(serve, build_parser().parse_args(argv))
+    return run_service(serve, build_parser().parse_args(argv), "eplb")
 
 
 if __name__ == "__main__":

@@ -9,21 +9,37 @@ Errors are `shared.service.errors.ServiceError`s (INVALID_ARGUMENT, NOT_FOUND, U
 DEADLINE_EXCEEDED, or a worker's own code): the gRPC interceptor maps them to status codes, a REST
 facade maps `exc.code` to HTTP. Closing or cancelling the iteration (the client went away) cancels the
 request on both workers.
+
+Telemetry: a request is one `gateway.generate` span (child of the caller's span: the gRPC call's, or
+the HTTP `traceparent` a REST handler made current with `shared.telemetry.http_trace_context`), with
+`gateway.tokenize` and `gateway.route` inside; its downstream calls carry the span's context. Its log
+lines carry `request_id` and `trace_id`. Metrics (role "gateway"): time to first token, inter-token
+latency, end-to-end latency, tokens, outcomes, and requests in flight.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator
+
+from opentelemetry import trace
 
 from services.gateway.dispatch import AbortSender, Exchange
 from services.gateway.inputs import PreparedRequest, check_model, prepare, render_messages
 from services.gateway.model import ServedModel
 from services.gateway.registry import DECODE, PREFILL, WorkerRegistry
 from services.gateway.router import Route, Router
-from shared.rpc.moemesh.v1 import gateway_pb2
-from shared.service.errors import InvalidArgument
+from shared.rpc.moemesh.v1 import common_pb2, gateway_pb2
+from shared.service.errors import InvalidArgument, ServiceError
+from shared.telemetry import metrics
+from shared.telemetry.logs import request_log_context
+from shared.telemetry.tracing import end_span, tracer
+
+log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 
@@ -38,6 +54,8 @@ class GatewayCore:
         self.router = router if router is not None else Router()
         self.default_timeout_s = default_timeout_s
         self.aborts = AbortSender(registry)
+        self.num_in_flight = 0
+        metrics.register_load_source("gateway", self, lambda core: {"num_running": core.num_in_flight})
 
     def has_decode_workers(self) -> bool:
         """Readiness hook: a decode worker is registered and routable."""
@@ -61,10 +79,25 @@ class GatewayCore:
         is left of the client's deadline (None: the default request timeout); it bounds both
         downstream calls. Closing or cancelling the iteration cancels the request on both workers.
         """
-        prepared = self.prepare(req)
-        route = self.route(prepared)
+        arrival = time.monotonic()
+        span = tracer.start_span("gateway.generate")  # a child of the caller's current span
+        ctx = trace.set_span_in_context(span)
+        try:
+            with tracer.start_as_current_span("gateway.tokenize", context=ctx):
+                prepared = self.prepare(req)
+            span.set_attributes({"moemesh.request_id": prepared.request_id,
+                                 "moemesh.num_prompt_tokens": len(prepared.prompt_token_ids)})
+            with tracer.start_as_current_span("gateway.route", context=ctx) as route_span:
+                route = self.route(prepared)
+                route_span.set_attribute("moemesh.decode_worker", route.decode.worker_id)
+                if route.prefill is not None:
+                    route_span.set_attribute("moemesh.prefill_worker", route.prefill.worker_id)
+        except BaseException as e:
+            metrics.REQUESTS.labels("gateway", _outcome(e)).inc()
+            end_span(span, e)
+            raise
         timeout = self.default_timeout_s if timeout_s is None else max(timeout_s, 0.0)
-        return self._stream(prepared, route, timeout)
+        return self._stream(prepared, route, timeout, span, arrival)
 
     async def generate(self, req: gateway_pb2.GenerateRequest,
                        timeout_s: float | None = None) -> AsyncIterator[gateway_pb2.GenerateResponse]:
@@ -72,8 +105,8 @@ class GatewayCore:
         async for response in self.open(req, timeout_s):
             yield response
 
-    async def _stream(self, prepared: PreparedRequest, route: Route,
-                      timeout_s: float) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+    async def _stream(self, prepared: PreparedRequest, route: Route, timeout_s: float, span: trace.Span,
+                      arrival: float) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         room_id = uuid.uuid4().hex if route.prefill is not None else ""
         page_size = route.decode.kv_layout.page_size_tokens
         pages = math.ceil(len(prepared.prompt_token_ids) / page_size) if page_size else 0
@@ -81,13 +114,45 @@ class GatewayCore:
         self.registry.acquire(route.decode, pages)
         if route.prefill is not None:
             self.registry.acquire(route.prefill)
-        try:
-            exchange = Exchange(self.registry, self.aborts, route, prepared, room_id, timeout_s)
-            async for response in exchange.run():
-                yield response
-        finally:
-            for worker in workers:
-                self.registry.release(worker)
+        self.num_in_flight += 1
+        if room_id:
+            span.set_attribute("moemesh.room_id", room_id)
+        with request_log_context(prepared.request_id, trace_id=_trace_id(span)):
+            error: BaseException | None = None
+            tokens = _TokenTimes(arrival)
+            finish = ""
+            try:
+                exchange = Exchange(self.registry, self.aborts, route, prepared, room_id, timeout_s,
+                                    trace.set_span_in_context(span))
+                async for response in exchange.run():
+                    tokens.observe(len(response.token_ids))
+                    if response.finish_reason:
+                        finish = common_pb2.FinishReason.Name(response.finish_reason)
+                    yield response
+            except BaseException as e:
+                error = e
+                raise
+            finally:
+                self.num_in_flight -= 1
+                for worker in workers:
+                    self.registry.release(worker)
+                self._record(prepared, span, arrival, tokens, error, finish)
+
+    def _record(self, prepared: PreparedRequest, span: trace.Span, arrival: float, tokens: _TokenTimes,
+                error: BaseException | None, finish: str) -> None:
+        """A request's end: metrics, its span, one log line (DEBUG, or INFO for a failure)."""
+        outcome = _outcome(error) if error is not None else finish.removeprefix("FINISH_REASON_").lower() or "ok"
+        elapsed = time.monotonic() - arrival
+        metrics.REQUESTS.labels("gateway", outcome).inc()
+        metrics.PROMPT_TOKENS.labels("gateway").inc(len(prepared.prompt_token_ids))
+        metrics.GENERATION_TOKENS.labels("gateway").inc(tokens.count)
+        metrics.E2E_REQUEST_LATENCY.labels("gateway").observe(elapsed)
+        span.set_attributes({"moemesh.num_output_tokens": tokens.count, "moemesh.outcome": outcome})
+        end_span(span, error)
+        if isinstance(error, ServiceError):
+            log.info("request failed after %.3f s: %s", elapsed, error)
+        else:
+            log.debug("request ended: %s, %d tokens in %.3f s", outcome, tokens.count, elapsed)
 
     def tokenize(self, req: gateway_pb2.TokenizeRequest) -> gateway_pb2.TokenizeResponse:
         """Token ids of a text (BOS when add_special_tokens) or of chat messages."""
@@ -112,5 +177,43 @@ class GatewayCore:
 
     async def close(self) -> None:
         """Let pending aborts go out, then close the registry's channels."""
+        metrics.unregister_sources(self)
         await self.aborts.drain()
         await self.registry.close()
+
+
+class _TokenTimes:
+    """Time to first token and inter-token latency of one request, as its responses pass."""
+
+    def __init__(self, arrival: float) -> None:
+        self.arrival = arrival
+        self.last = 0.0
+        self.count = 0
+        self._itl = metrics.INTER_TOKEN_LATENCY.labels("gateway")
+
+    def observe(self, n: int) -> None:
+        if not n:
+            return
+        now = time.monotonic()
+        if self.count == 0:
+            metrics.TIME_TO_FIRST_TOKEN.labels("gateway").observe(now - self.arrival)
+        else:
+            gap = (now - self.last) / n
+            for _ in range(n):
+                self._itl.observe(gap)
+        self.last = now
+        self.count += n
+
+
+def _trace_id(span: trace.Span) -> str | None:
+    ctx = span.get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+def _outcome(error: BaseException) -> str:
+    """How a failed request ended, for `moemesh_requests_total{outcome}`: cancelled, or the status code."""
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+        return "cancelled"
+    code = getattr(error, "code", None)
+    name = getattr(code, "name", None)
+    return name.lower() if isinstance(name, str) else "error"

@@ -15,12 +15,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from opentelemetry.context import Context
 
 from services.gateway.inputs import PreparedRequest
 from services.gateway.registry import WorkerEntry, WorkerRegistry
 from services.gateway.router import Route
 from shared.rpc.moemesh.v1 import common_pb2, decode_pb2, gateway_pb2, prefill_pb2
 from shared.service.errors import DeadlineExceeded, ServiceError, Unavailable
+from shared.telemetry.tracing import attached
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,8 @@ class Exchange:
     """The downstream calls of one request; iterate `run()` for the client's responses."""
 
     def __init__(self, registry: WorkerRegistry, aborts: AbortSender, route: Route, request: PreparedRequest,
-                 room_id: str, timeout_s: float) -> None:
+                 room_id: str, timeout_s: float, trace_context: Context | None = None) -> None:
+        """`trace_context`: the request's span context, carried to both workers (default: the current one)."""
         self.registry = registry
         self.aborts = aborts
         self.route = route
@@ -78,21 +81,24 @@ class Exchange:
         self.timeout_s = timeout_s
         self.prefill_response: prefill_pb2.PrefillResponse | None = None
         self.completion_tokens = 0
+        self.trace_context = trace_context
 
     async def run(self) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         """Call both workers, relay decode's stream; raises a ServiceError when either side fails."""
         req = self.request
         decode = self.route.decode
-        decode_call = decode.stub().Generate(decode_pb2.DecodeRequest(
-            request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, sampling=req.sampling,
-            room_id=self.room_id), timeout=self.timeout_s)
         prefill_call: Any = None
         prefill_task: asyncio.Future[Any] | None = None
-        if self.route.prefill is not None:
-            prefill_call = self.route.prefill.stub().Prefill(prefill_pb2.PrefillRequest(
-                request_id=req.request_id, room_id=self.room_id, prompt_token_ids=req.prompt_token_ids,
-                sampling=req.sampling), timeout=self.timeout_s)
-            prefill_task = asyncio.ensure_future(prefill_call)
+        # The calls' interceptors (which write `traceparent`) run in tasks that copy the context now.
+        with attached(self.trace_context):
+            decode_call = decode.stub().Generate(decode_pb2.DecodeRequest(
+                request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, sampling=req.sampling,
+                room_id=self.room_id), timeout=self.timeout_s)
+            if self.route.prefill is not None:
+                prefill_call = self.route.prefill.stub().Prefill(prefill_pb2.PrefillRequest(
+                    request_id=req.request_id, room_id=self.room_id, prompt_token_ids=req.prompt_token_ids,
+                    sampling=req.sampling), timeout=self.timeout_s)
+                prefill_task = asyncio.ensure_future(prefill_call)
         read: asyncio.Future[Any] = asyncio.ensure_future(decode_call.read())
         ok = False  # the request finished: nothing to cancel or abort
         try:

@@ -24,6 +24,7 @@ from shared.rpc.moemesh.v1 import common_pb2, decode_pb2_grpc, gateway_pb2, pref
 from shared.service.errors import FailedPrecondition, InvalidArgument
 from shared.service.server import CHANNEL_OPTIONS
 from shared.service.version import PROTOCOL_VERSION, check_protocol_version
+from shared.telemetry.grpc_tracing import insecure_channel
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class WorkerEntry:
     def stub(self) -> Any:
         """Its Decode or Prefill stub, over a channel opened on first use (inside the event loop)."""
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=WORKER_CHANNEL_OPTIONS)
+            self._channel = insecure_channel(self.address, options=WORKER_CHANNEL_OPTIONS)
             stub_class = decode_pb2_grpc.DecodeStub if self.role == DECODE else prefill_pb2_grpc.PrefillStub
             self._stub = stub_class(self._channel)
         return self._stub

@@ -19,6 +19,7 @@ from shared.model.tokenizer import TokenizerError
 from shared.rpc.moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 from shared.service.config import apply_env_defaults
 from shared.service.server import GrpcServer, install_signal_handlers
+from shared.telemetry import add_telemetry_arguments, announce_metrics, setup_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ async def serve(cfg: GatewayConfig, ready: asyncio.Event | Callable[[GatewayApp]
         print(f"gateway listening on {app.address}", flush=True)
         if app.http_address is not None:
             print(f"gateway http listening on {app.http_address}", flush=True)
+        announce_metrics()
         log.info("serving model %s (context %d tokens) from %s", app.model.name, app.model.max_model_len,
                  app.model.path)
         if isinstance(ready, asyncio.Event):
@@ -143,6 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None,
                         help="bearer key every /v1 REST call must send (default: none); prefer setting "
                              "MOEMESH_API_KEY, which other users cannot read from the process list")
+    add_telemetry_arguments(parser, default_metrics_port=9101)
     apply_env_defaults(parser)
 
 
@@ -157,12 +160,11 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Serve with parsed options until SIGINT/SIGTERM; bad options or model files exit with 2."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        setup_telemetry("gateway", args)  # logs, tracing, /metrics on --host:--metrics-port
         cfg = config_from_args(args)
         asyncio.run(serve(cfg))
-    except (ValueError, TokenizerError, OSError) as exc:
+    except (ValueError, TokenizerError, OSError, RuntimeError) as exc:  # RuntimeError: a missing OTLP exporter
         print(f"moemesh serve gateway: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -2,7 +2,8 @@
 
 Programmatic use: `await serve(KvTransferConfig(port=0), ready=ready_event, stop=stop_event)`;
 command line: `main(["--port", "0"])` or `python -m services.kvtransfer.serve --port 0`.
-When ready it prints one line, `kvtransfer listening on HOST:PORT`, to stdout (launchers read it).
+When ready it prints `kvtransfer listening on HOST:PORT` to stdout (launchers read it); run from the
+command line, then `kvtransfer metrics on HOST:PORT` (its Prometheus `/metrics`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ from collections.abc import Sequence
 from services.kvtransfer.config import KvTransferConfig
 from services.kvtransfer.service import KvTransferService
 from shared.service.config import apply_env_defaults, env_name
+from shared.telemetry.metrics import announce_metrics
+from shared.telemetry.setup import add_telemetry_arguments
 
 log = logging.getLogger(__name__)
+
+DEFAULT_METRICS_PORT = 9102
 
 _HELP = {
     "host": "address to listen on",
@@ -40,7 +45,8 @@ _HELP = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add an option per `KvTransferConfig` field (plus --log-level); each also reads `MOEMESH_<DEST>`.
+    """Add an option per `KvTransferConfig` field (plus the telemetry options: --log-level, --log-format,
+    --metrics-port); each also reads `MOEMESH_<DEST>`.
 
     Applies the environment to every option the parser has so far, so call it after adding others.
     """
@@ -50,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"{_HELP[field.name]} (default {default}; env {env_name(field.name)})")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help=f"logging level (env {env_name('log_level')})")
+    add_telemetry_arguments(parser, DEFAULT_METRICS_PORT)
     apply_env_defaults(parser)
 
 
@@ -71,6 +78,7 @@ async def serve(cfg: KvTransferConfig, ready: asyncio.Event | None = None,
         await svc.start()
         try:
             print(f"kvtransfer listening on {svc.address}", flush=True)
+            announce_metrics()
             if ready is not None:
                 ready.set()
             await stop.wait()
@@ -83,11 +91,16 @@ async def serve(cfg: KvTransferConfig, ready: asyncio.Event | None = None,
 
 def run(args: argparse.Namespace) -> int:
     """Serve with parsed options (what the `moemesh serve kvtransfer` subcommand calls); exit code."""
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from shared.telemetry.setup import setup_telemetry
+
     try:
         cfg = config_from_args(args)
     except ValueError as e:
+        print(f"moemesh: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        setup_telemetry("kvtransfer", args)
+    except (OSError, RuntimeError) as e:
         print(f"moemesh: error: {e}", file=sys.stderr)
         return 2
     try:

@@ -2,14 +2,21 @@
 
 Refusals from rooms/relay (`KvTransferError`) become `shared.service.errors` exceptions here, which
 the server's interceptor turns into status codes.
+
+Telemetry: the sender's wait for its receiver is a `kvtransfer.rendezvous` span; a room's transfer,
+from the sender's resolve to the room's end, a `kvtransfer.transfer` span in the sender's trace, and
+the `moemesh_kv_transfer_*` families (side "room"; the relay's own bytes as side "relay").
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 
 import grpc
+from opentelemetry import context as otel_context
 
 from services.kvtransfer.errors import KvTransferError, Reason
 from services.kvtransfer.relay import Relay
@@ -17,6 +24,8 @@ from services.kvtransfer.rooms import Layout, Receiver, RoomRegistry, RoomState,
 from shared.rpc.moemesh.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc
 from shared.service import errors
 from shared.service.version import check_protocol_version
+from shared.telemetry import metrics
+from shared.telemetry.tracing import record_span, tracer
 
 # One status code per refusal reason.
 STATUS_OF: dict[Reason, type[errors.ServiceError]] = {
@@ -73,12 +82,52 @@ def _status_to_proto(s: RoomStatus) -> kvtransfer_pb2.RoomStatus:
     return kvtransfer_pb2.RoomStatus(room_id=s.room_id, state=int(s.state), error=s.error)
 
 
+def plane_name(data_plane: int) -> str:
+    """"relay" for DATA_PLANE_RELAY (metric labels), "unknown" for values this build does not know."""
+    if data_plane in kvtransfer_pb2.DataPlane.values():
+        return kvtransfer_pb2.DataPlane.Name(data_plane).removeprefix("DATA_PLANE_").lower()
+    return "unknown"
+
+
+@dataclass
+class _RoomTelemetry:
+    """What a room's end needs to report its transfer: set by the calls that touch the room."""
+
+    plane: str = "unknown"
+    transfer_start_ns: int = 0  # monotonic: the sender resolved the receiver
+    sender_context: otel_context.Context | None = field(default=None, repr=False)
+    bytes: int = 0
+
+
 class KvTransferServicer(kvtransfer_pb2_grpc.KvTransferServicer):
     """Maps the KvTransfer RPCs onto a `RoomRegistry` and a `Relay`."""
 
     def __init__(self, rooms: RoomRegistry, relay: Relay) -> None:
         self.rooms = rooms
         self.relay = relay
+        self._telemetry: dict[str, _RoomTelemetry] = {}
+        rooms.on_end(self._room_ended)
+
+    def _room_ended(self, status: RoomStatus, failure: KvTransferError | None) -> None:
+        info = self._telemetry.pop(status.room_id, None) or _RoomTelemetry()
+        ok = status.state is RoomState.SUCCESS
+        if not ok:
+            metrics.KV_TRANSFER_FAILURES.labels("room", info.plane).inc()
+        if not info.transfer_start_ns:
+            return  # never paired: no transfer happened
+        end = time.monotonic_ns()
+        if ok:
+            metrics.KV_TRANSFER_BYTES.labels("room", info.plane).inc(info.bytes)
+            metrics.KV_TRANSFER_LATENCY.labels("room", info.plane).observe((end - info.transfer_start_ns) / 1e9)
+        record_span("kvtransfer.transfer", info.transfer_start_ns, end, info.sender_context,
+                    {"moemesh.room_id": status.room_id, "moemesh.kv_plane": info.plane, "moemesh.kv_bytes": info.bytes},
+                    None if ok else (status.error or "the room failed"))
+
+    def _room(self, room_id: str) -> _RoomTelemetry:
+        info = self._telemetry.get(room_id)
+        if info is None:
+            info = self._telemetry[room_id] = _RoomTelemetry()
+        return info
 
     async def RegisterReceiver(self, request: kvtransfer_pb2.RegisterReceiverRequest,
                                context: grpc.aio.ServicerContext) -> kvtransfer_pb2.RegisterReceiverResponse:
@@ -91,6 +140,8 @@ class KvTransferServicer(kvtransfer_pb2_grpc.KvTransferServicer):
                             request_id=request.request_id)
         with _mapped():
             state = self.rooms.register_receiver(room_id, receiver, lease_ms=request.lease_ms)
+        if not state.terminal:
+            self._room(room_id).plane = plane_name(request.data_plane)
         return kvtransfer_pb2.RegisterReceiverResponse(state=int(state))
 
     async def ResolveReceiver(self, request: kvtransfer_pb2.ResolveReceiverRequest,
@@ -99,9 +150,16 @@ class KvTransferServicer(kvtransfer_pb2_grpc.KvTransferServicer):
         room_id = _require(request.room_id)
         if not request.HasField("layout"):
             raise errors.InvalidArgument("layout is required")
-        with _mapped():
+        sender_context = otel_context.get_current()
+        with _mapped(), tracer.start_as_current_span("kvtransfer.rendezvous",
+                                                     attributes={"moemesh.room_id": room_id}):
             state, receiver = await self.rooms.resolve_receiver(
                 room_id, layout_from_proto(request.layout), wait_ms=request.wait_ms, lease_ms=request.lease_ms)
+        if not state.terminal:
+            info = self._room(room_id)
+            info.plane = plane_name(receiver.data_plane)
+            info.transfer_start_ns = info.transfer_start_ns or time.monotonic_ns()
+            info.sender_context = sender_context
         return kvtransfer_pb2.ResolveReceiverResponse(
             state=int(state), data_plane=receiver.data_plane, data_plane_address=receiver.address,
             num_tokens=receiver.num_tokens)
@@ -113,9 +171,13 @@ class KvTransferServicer(kvtransfer_pb2_grpc.KvTransferServicer):
             name = kvtransfer_pb2.RoomState.Name(request.state) if request.state in kvtransfer_pb2.RoomState.values() \
                 else str(request.state)
             raise errors.InvalidArgument(f"a report's state is ROOM_STATE_SUCCESS or ROOM_STATE_FAILED, not {name}")
+        side = _side_of(context)
+        info = self._telemetry.get(room_id)
+        if info is not None and request.state == RoomState.SUCCESS:
+            info.bytes = request.bytes  # read when the report ends the room
         with _mapped():
             state = self.rooms.report(room_id, RoomState(request.state), error=request.error,
-                                      bytes_moved=request.bytes, side=_side_of(context))
+                                      bytes_moved=request.bytes, side=side)
         return kvtransfer_pb2.ReportTransferResponse(state=int(state))
 
     async def WatchRoom(self, request: kvtransfer_pb2.WatchRoomRequest,
@@ -129,6 +191,7 @@ class KvTransferServicer(kvtransfer_pb2_grpc.KvTransferServicer):
                          context: grpc.aio.ServicerContext) -> kvtransfer_pb2.PushChunksResponse:
         with _mapped():
             num_chunks, num_bytes = await self.relay.push(request_iterator)
+        metrics.KV_TRANSFER_BYTES.labels("relay", "relay").inc(num_bytes)
         return kvtransfer_pb2.PushChunksResponse(num_chunks=num_chunks, bytes=num_bytes)
 
     async def PullChunks(self, request: kvtransfer_pb2.PullChunksRequest,

@@ -14,11 +14,12 @@ from shared.service.worker import add_worker_arguments, run_worker
 from shared.transfer.base import KvSender
 
 DEFAULT_PORT = 50080
+DEFAULT_METRICS_PORT = 9104
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moemesh serve prefill", description="Run one prefill worker.")
-    add_worker_arguments(p, DEFAULT_PORT)
+    add_worker_arguments(p, DEFAULT_PORT, DEFAULT_METRICS_PORT)
     p.add_argument("--kv-wait-ms", type=int, default=30_000,
                    help="how long to wait for the decode worker to register its receiver")
     p.add_argument("--kv-lease-ms", type=int, default=60_000, help="how long a KV handoff may take at most")
@@ -40,7 +41,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_service(serve, build_parser().parse_args(argv))
+    return run_service(serve, build_parser().parse_args(argv), "prefill")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""The Prefill gRPC servicer: compute a prompt while resolving its receiver, stream its KV as it is made."""
+"""The Prefill gRPC servicer: compute a prompt while resolving its receiver, stream its KV as it is made.
+
+Telemetry: each request's log lines carry its request_id and trace_id; its engine timestamps become
+the `prefill.queue_wait` and `prefill.forward` spans and the latency histograms; the send is a
+`prefill.kv_send` span and feeds the `moemesh_kv_transfer_*` families (side "sender").
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,10 @@ from shared.service.errors import FailedPrecondition, Unavailable
 from shared.service.rooms import report_room_failed
 from shared.service.version import PROTOCOL_VERSION
 from shared.service.worker import Worker, WorkerServicer
+from shared.telemetry import metrics
+from shared.telemetry.logs import request_log_context
+from shared.telemetry.requests import RequestTelemetry
+from shared.telemetry.tracing import tracer
 from shared.transfer.base import FirstToken, KvSender, RowBlock, TransferError
 from shared.transfer.registry import plane_from_proto
 
@@ -52,8 +61,22 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
                       ) -> prefill_pb2.PrefillResponse:
         self.ready()
-        params = sampling_from_pb(request.sampling)
         rid = request.request_id or uuid.uuid4().hex
+        with request_log_context(rid, room_id=request.room_id or None):
+            telemetry = RequestTelemetry("prefill", rid, len(request.prompt_token_ids))
+            error: BaseException | None = None
+            try:
+                return await self._prefill(request, rid, context, telemetry)
+            except BaseException as e:
+                error = e
+                raise
+            finally:
+                telemetry.finish(error)
+                log.debug("prefill ended: %s", telemetry.outcome or "ok")
+
+    async def _prefill(self, request: prefill_pb2.PrefillRequest, rid: str, context: grpc.aio.ServicerContext,
+                       telemetry: RequestTelemetry) -> prefill_pb2.PrefillResponse:
+        params = sampling_from_pb(request.sampling)
         room = request.room_id
         if not room:
             raise FailedPrecondition("a prefill needs the room_id of its decode worker")
@@ -72,6 +95,7 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
                     times.setdefault("first_rows", time.perf_counter_ns())
                     blocks.put_nowait(RowBlock(item.token_start, item.rows))
                 else:
+                    telemetry.on_output(item)
                     cached = item.num_cached_tokens
                     times["first_token"] = time.perf_counter_ns()
                     top = tuple(item.new_top_logprobs[0]) if item.new_top_logprobs else None
@@ -82,12 +106,14 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
         computing = asyncio.ensure_future(compute())
         ok = False
         nbytes = 0
+        plane = ""
         try:
             # The receiver is resolved while the prompt computes: neither waits for the other.
             resolved = await self.kv.ResolveReceiver(kvtransfer_pb2.ResolveReceiverRequest(
                 protocol_version=PROTOCOL_VERSION, room_id=room, layout=self.layout, wait_ms=wait_ms,
                 lease_ms=self.lease_ms), timeout=wait_ms / 1000 + 5)
-            sender = self.sender_for(plane_from_proto(resolved.data_plane))
+            plane = plane_from_proto(resolved.data_plane)
+            sender = self.sender_for(plane)
 
             async def stream() -> AsyncIterator[RowBlock]:
                 while True:
@@ -98,7 +124,13 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
                         return
                     yield block
 
-            nbytes = await sender.send(room, resolved.data_plane_address, stream(), first)
+            t_send = time.perf_counter()
+            with tracer.start_as_current_span("prefill.kv_send", attributes={
+                    "moemesh.room_id": room, "moemesh.kv_plane": plane}) as span:
+                nbytes = await sender.send(room, resolved.data_plane_address, stream(), first)
+                span.set_attribute("moemesh.kv_bytes", nbytes)
+            metrics.KV_TRANSFER_BYTES.labels("sender", plane).inc(nbytes)
+            metrics.KV_TRANSFER_LATENCY.labels("sender", plane).observe(time.perf_counter() - t_send)
             await computing  # surfaces an engine error that ended the stream
             ok = True
         except grpc.aio.AioRpcError as e:
@@ -106,6 +138,7 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
                 raise FailedPrecondition(e.details()) from None
             raise Unavailable(f"kvtransfer could not pair room {room}: {e.code().name}: {e.details()}") from None
         except TransferError as e:
+            metrics.KV_TRANSFER_FAILURES.labels("sender", plane).inc()
             raise Unavailable(f"sending KV for room {room} failed: {e}") from None
         finally:
             computing.cancel()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from shared.engine.engine import Engine
-from shared.engine.request import RequestOutput
+from shared.engine.request import RequestOutput, RequestTiming
 from shared.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ class KvRows:
 @dataclass(frozen=True)
 class Reserved:
     """PD decode: the request's pages are reserved; KV may now be written."""
+
+    timing: RequestTiming | None = None  # the request's timestamps (the engine's object, read-only)
 
 
 class EngineDead(RuntimeError):
@@ -122,8 +124,14 @@ class AsyncEngine:
     async def commit(self, request_id: str, token: int, logprob: float | None,
                      top: list[tuple[int, float]] | None) -> None:
         """PD decode: the KV is complete; decoding starts from the prefill's first token."""
-        out = await self._call(self.engine.commit_transfer, request_id, token, logprob, top)
-        self._deliver(request_id, out)
+        await self._call(self._commit, request_id, token, logprob, top)
+
+    def _commit(self, request_id: str, token: int, logprob: float | None,
+                top: list[tuple[int, float]] | None) -> None:
+        # On the engine thread: the first token is posted before any step can post the second one
+        # (delivering it from the awaiting coroutine let a fast step's output overtake it).
+        out = self.engine.commit_transfer(request_id, token, logprob, top)
+        self._post(self._deliver, request_id, out)
 
     async def release(self, request_id: str) -> None:
         """PD prefill: the held pages go back (into the prefix cache)."""
@@ -190,11 +198,15 @@ class AsyncEngine:
                     continue
                 outputs = self.engine.step()
                 for rid in self.engine.take_reserved():
-                    self._post(self._deliver, rid, Reserved())
+                    req = self.engine.requests.get(rid)
+                    self._post(self._deliver, rid, Reserved(req.timing if req is not None else None))
                 self._emit_kv_rows()
                 for out in outputs:
                     self._post(self._deliver, out.request_id, out)
                 self.load = self._snapshot()
+                if self.engine.expert_load is not None:
+                    # Counters to the host at most once a second, and when the engine goes idle.
+                    self.engine.expert_load.maybe_readout(force=not self.engine.scheduler.has_work)
         except BaseException as e:  # a bug in the engine: fail every request rather than hang them
             log.exception("engine thread failed")
             self.error = e

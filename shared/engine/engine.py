@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0                        # the shared generator of unseeded random sampling
     num_threads: int | None = None       # torch intra-op threads; None leaves torch's default
+    record_expert_load: bool = True      # count routed tokens per (MoE layer, expert) for metrics
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -103,6 +105,11 @@ class Engine:
                                   self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        self.expert_load = None
+        if cfg.record_expert_load and mc.n_routed_experts:
+            from shared.telemetry.expert_load import ExpertLoadRecorder
+
+            self.expert_load = ExpertLoadRecorder(self.model)
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
@@ -200,10 +207,11 @@ class Engine:
         """The prompt's KV is in place: the prefill's first token becomes this request's first output."""
         req = self.requests[request_id]
         self.scheduler.commit_transfer(req)
+        req.timing.committed_ns = time.monotonic_ns()
         if req.generator is not None and not req.params.greedy:
             # The prefill worker drew this token from the same seed: skip that draw to stay in step.
             self.runner.sampler.advance(req.generator, self.model.config.vocab_size)
-        return self._postprocess(req, token, logprob, top)
+        return self._postprocess(req, token, logprob, top, req.timing.committed_ns)
 
     def release(self, request_id: str) -> bool:
         """PD prefill: the KV was sent (or the send failed); give the held pages back."""
@@ -211,6 +219,7 @@ class Engine:
         if req is None:
             return False
         self.scheduler.finish(req, FinishReason.STOP)
+        req.timing.finished_ns = time.monotonic_ns()
         return True
 
     def abort(self, request_id: str) -> bool:
@@ -219,6 +228,7 @@ class Engine:
         if req is None or req.finished:
             return False
         self.scheduler.finish(req, FinishReason.ABORT)
+        req.timing.finished_ns = time.monotonic_ns()
         return True
 
     def has_unfinished(self) -> bool:
@@ -228,34 +238,46 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One scheduler step: outputs of every request that produced a token (or ended) in it."""
         batch = self.scheduler.schedule()
+        now = time.monotonic_ns()  # timestamps: one clock read per step, none per token
+        for req in self.scheduler.newly_reserved:
+            if not req.timing.reserved_ns:
+                req.timing.reserved_ns = now
         if batch is None:
             return []
+        for s in batch.seqs:
+            if not s.request.timing.scheduled_ns:
+                s.request.timing.scheduled_ns = now
         result = self.runner.run(batch)
         self.scheduler.on_step_done(batch)
+        now = time.monotonic_ns()
         outputs = []
         sampled = [s.request for s in batch.seqs if s.sample]
         for i, req in enumerate(sampled):
             if req.prefill_only:
                 outputs.append(self._prefill_done(req, result.token_ids[i], result.logprobs[i],
-                                                  result.top_logprobs[i]))
+                                                  result.top_logprobs[i], now))
             else:
                 outputs.append(self._postprocess(req, result.token_ids[i], result.logprobs[i],
-                                                 result.top_logprobs[i]))
+                                                 result.top_logprobs[i], now))
         return outputs
 
     def _prefill_done(self, req: Request, token: int, logprob: float | None,
-                      top: list[tuple[int, float]] | None) -> RequestOutput:
+                      top: list[tuple[int, float]] | None, now_ns: int) -> RequestOutput:
         """PD prefill: report the first token and hold the pages; stop rules are the decode side's."""
         self.scheduler.hold(req)
+        if not req.timing.first_token_ns:
+            req.timing.first_token_ns = now_ns
         return RequestOutput(
             request_id=req.request_id, new_token_ids=[token], new_text="",
             new_logprobs=[logprob] if logprob is not None else [],
             new_top_logprobs=[top] if top is not None else [], finished=False,
             num_prompt_tokens=len(req.prompt_token_ids), num_output_tokens=0,
-            num_cached_tokens=req.num_cached_tokens, prefill_done=True)
+            num_cached_tokens=req.num_cached_tokens, prefill_done=True, time_ns=now_ns, timing=req.timing)
 
     def _postprocess(self, req: Request, token: int, logprob: float | None,
-                     top: list[tuple[int, float]] | None) -> RequestOutput:
+                     top: list[tuple[int, float]] | None, now_ns: int) -> RequestOutput:
+        if not req.timing.first_token_ns:
+            req.timing.first_token_ns = now_ns
         req.output_token_ids.append(token)
         if logprob is not None:
             req.output_logprobs.append(logprob)
@@ -269,6 +291,7 @@ class Engine:
                 req.output_text += req.detokenizer.flush()  # an incomplete last character, as is
             req.stop_reason = stop_reason
             self.scheduler.finish(req, reason)
+            req.timing.finished_ns = now_ns
             self.requests.pop(req.request_id, None)
             end = len(req.output_text)
         else:
@@ -282,7 +305,7 @@ class Engine:
             new_top_logprobs=[top] if top is not None else [],
             finished=reason is not None, finish_reason=reason, stop_reason=stop_reason,
             num_prompt_tokens=len(req.prompt_token_ids), num_output_tokens=req.num_output_tokens,
-            num_cached_tokens=req.num_cached_tokens)
+            num_cached_tokens=req.num_cached_tokens, time_ns=now_ns, timing=req.timing)
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:

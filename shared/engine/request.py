@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,22 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"      # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the context limit
     ABORT = "abort"    # cancelled by the caller
+
+
+@dataclass
+class RequestTiming:
+    """When a request passed each point of its life, in `time.monotonic_ns()`; 0 = not (yet) reached.
+
+    Written by the engine thread only (a clock read per step, not per token); read by the asyncio
+    side, which turns them into spans and latency metrics once the point is passed.
+    """
+
+    arrival_ns: int = field(default_factory=time.monotonic_ns)  # the engine took the request
+    scheduled_ns: int = 0     # first in a step's batch (prefill started)
+    reserved_ns: int = 0      # PD decode: KV pages reserved, the KV may arrive
+    committed_ns: int = 0     # PD decode: the prompt's KV is in place
+    first_token_ns: int = 0   # the first output token was produced
+    finished_ns: int = 0      # ended (finished, aborted, or PD prefill: pages released)
 
 
 @dataclass(eq=False)
@@ -57,6 +74,7 @@ class Request:
     prefill_only: bool = False   # PD prefill: stop after the first token and hold the pages
     num_kv_emitted: int = 0      # PD prefill: tokens whose KV rows were handed to the sender
     detokenizer: Any = None
+    timing: RequestTiming = field(default_factory=RequestTiming)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -91,3 +109,5 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     prefill_done: bool = False   # PD prefill: the first token is sampled; the request holds its pages
+    time_ns: int = 0             # time.monotonic_ns() when the step that produced it ended
+    timing: RequestTiming | None = None  # the request's timestamps (the engine's own object, read-only)

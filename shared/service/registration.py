@@ -10,6 +10,7 @@ import grpc
 
 from shared.rpc.moemesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from shared.service.server import CHANNEL_OPTIONS
+from shared.telemetry.grpc_tracing import insecure_channel
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class GatewayRegistration:
         self.registered = asyncio.Event()
         self._interval_s = 1.0
         self._task: asyncio.Task | None = None
-        self._channel = grpc.aio.insecure_channel(gateway, options=CHANNEL_OPTIONS)
+        self._channel = insecure_channel(gateway, options=CHANNEL_OPTIONS)
         self._stub = gateway_pb2_grpc.WorkerRegistryStub(self._channel)
 
     async def start(self) -> None:

@@ -1,6 +1,7 @@
 """The gRPC server shell every service runs in: grpc.aio, the standard health service (NOT_SERVING
-until the service says it is ready, and again while draining), server reflection, and one interceptor
-that maps exceptions to status codes."""
+until the service says it is ready, and again while draining), server reflection, one interceptor that
+maps exceptions to status codes, and tracing (the caller's W3C trace context from the metadata, one
+SERVER span per call)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import inspect
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -16,6 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared.service.errors import status_of
+from shared.telemetry.grpc_tracing import TracingServerInterceptor
+from shared.telemetry.tracing import configure_tracing
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +92,15 @@ class GrpcServer:
 
     `add(register_fn, servicer, service_name)` adds a servicer; `start()` binds; `set_serving(bool)`
     flips readiness for every registered service and the overall ("") health status.
+    Tracing is configured for the process at `start` unless it already was (`setup_telemetry`), named
+    after the first service added ("moemesh.v1.Decode" -> "decode").
     """
 
     def __init__(self, host: str, port: int) -> None:
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently split the traffic.
+        # Tracing first: its span sees the status the error mapping sets.
         self.server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
-                                      interceptors=[ErrorInterceptor()])
+                                      interceptors=[TracingServerInterceptor(), ErrorInterceptor()])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names: list[str] = []
@@ -106,6 +113,7 @@ class GrpcServer:
         self.service_names.append(service_name)
 
     async def start(self) -> int:
+        configure_tracing(_service_of(self.service_names))
         names: Iterable[str] = (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(tuple(names), self.server)
         self.port = self.server.add_insecure_port(f"{self.host}:{self.requested_port}")
@@ -137,8 +145,20 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-def run_service(serve: Callable[[Any], Awaitable[None]], args: Any) -> int:
-    """The body of a service's `main`: logging, then `serve(args)` until it returns (SIGTERM, Ctrl-C)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _service_of(service_names: list[str]) -> str:
+    """"decode" for ["moemesh.v1.Decode", ...]; "moemesh" without services."""
+    return service_names[0].rsplit(".", 1)[-1].lower() if service_names else "moemesh"
+
+
+def run_service(serve: Callable[[Any], Awaitable[None]], args: Any, name: str) -> int:
+    """The body of a service's `main`: telemetry (logs, tracing, the /metrics server; the options of
+    `add_telemetry_arguments`), then `serve(args)` until it returns (SIGTERM, Ctrl-C)."""
+    from shared.telemetry.setup import setup_telemetry
+
+    try:
+        setup_telemetry(name, args)
+    except (OSError, RuntimeError, ValueError) as e:
+        print(f"moemesh serve {name}: error: {e}", file=sys.stderr)
+        return 2
     asyncio.run(serve(args))
     return 0

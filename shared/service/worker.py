@@ -24,6 +24,9 @@ from shared.service.kv_layout import kv_layout
 from shared.service.registration import GatewayRegistration
 from shared.service.server import CHANNEL_OPTIONS, GrpcServer, install_signal_handlers
 from shared.service.version import PROTOCOL_VERSION
+from shared.telemetry import metrics
+from shared.telemetry.grpc_tracing import insecure_channel
+from shared.telemetry.setup import add_telemetry_arguments
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ log = logging.getLogger(__name__)
 DRAIN_GRACE_S = 5.0
 
 
-def add_worker_arguments(p: argparse.ArgumentParser, default_port: int) -> None:
+def add_worker_arguments(p: argparse.ArgumentParser, default_port: int, default_metrics_port: int) -> None:
     """Options every engine worker takes (each also read from MOEMESH_<DEST>)."""
     g = p.add_argument_group("worker")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (internal services: loopback)")
@@ -43,7 +46,10 @@ def add_worker_arguments(p: argparse.ArgumentParser, default_port: int) -> None:
     g.add_argument("--transfer", default="relay", choices=["ucx", "relay", "inproc"], help="KV data plane")
     g.add_argument("--worker-id", default=None, help="unique worker id (default: generated)")
     g.add_argument("--instance-id", default=None, help="EP group id (default: the worker id)")
+    g.add_argument("--expert-stats-ep-size", type=int, default=1,
+                   help="EP ranks the expert-load balancedness metric spreads the experts over (default 1)")
     add_engine_arguments(p)
+    add_telemetry_arguments(p, default_metrics_port)
 
 
 class WorkerServicer:
@@ -109,6 +115,22 @@ class Worker:
     def advertised_address(self) -> str:
         return advertised(self.args, self.server.port)
 
+    @property
+    def role_name(self) -> str:
+        return common_pb2.WorkerRole.Name(self.role).removeprefix("WORKER_ROLE_").lower()
+
+    def publish_metrics(self) -> None:
+        """Report the engine's state (queues, KV pages, prefix cache, expert load) at every scrape."""
+        role = self.role_name
+        metrics.register_load_source(role, self.engine, lambda e: e.load)
+        recorder = self.engine.engine.expert_load
+        if recorder is not None and recorder.layers:
+            ep_size = getattr(self.args, "expert_stats_ep_size", 1) or 1
+            if not 1 <= ep_size <= recorder.num_experts:
+                raise ValueError(f"--expert-stats-ep-size must be in [1, {recorder.num_experts}] "
+                                 f"(the model's routed experts), got {ep_size}")
+            metrics.register_expert_source(role, self.engine, lambda e: e.engine.expert_load.balancedness(ep_size))
+
     async def register(self) -> None:
         """Join the gateway (in the background: it may start after us)."""
         if not self.args.gateway:
@@ -149,13 +171,15 @@ async def run_worker(role: int, name: str, args: argparse.Namespace, servicer: W
     server = GrpcServer(args.host, args.port)
     server.add(add, servicer, service_name)
     await server.start()
-    channel = grpc.aio.insecure_channel(args.kvtransfer, options=CHANNEL_OPTIONS)
+    channel = insecure_channel(args.kvtransfer, options=CHANNEL_OPTIONS)
     worker: Worker | None = None
     try:
         worker = await Worker.load(role, args, server)
+        worker.publish_metrics()
         await servicer.bind(worker, kvtransfer_pb2_grpc.KvTransferStub(channel))
         await server.set_serving(True)
         print(f"{name} listening on {worker.advertised_address}", flush=True)
+        metrics.announce_metrics()
         await worker.register()
         if ready is not None:
             ready.set()
@@ -169,6 +193,7 @@ async def run_worker(role: int, name: str, args: argparse.Namespace, servicer: W
                 await asyncio.sleep(0.1)
         await server.stop(grace_s=1.0)
         if worker is not None:
+            metrics.unregister_sources(worker.engine)
             await worker.engine.stop()
         await servicer.close()
         await channel.close()

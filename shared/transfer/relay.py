@@ -15,6 +15,7 @@ import grpc
 
 from shared.rpc.moemesh.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
 from shared.service.server import CHANNEL_OPTIONS
+from shared.telemetry.grpc_tracing import insecure_channel
 from shared.transfer.assembler import RoomTable
 from shared.transfer.base import FirstToken, KvReceiver, KvSender, RowBlock, RowWriter, TransferError
 from shared.transfer.chunk import DEFAULT_CHUNK_BYTES, decode_chunk, iter_chunks
@@ -35,7 +36,8 @@ class _Relay:
 
     def stub(self) -> kvtransfer_pb2_grpc.KvTransferStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+            # Traced: the relay's calls join the trace of the request whose KV they carry.
+            self._channel = insecure_channel(self.target, options=CHANNEL_OPTIONS)
             self._stub = kvtransfer_pb2_grpc.KvTransferStub(self._channel)
         return self._stub
 

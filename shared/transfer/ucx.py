@@ -51,9 +51,9 @@ def load_ucxx() -> ModuleType:
     """Import ucxx (with this plane's UCX defaults); PlaneUnavailable naming the package when it is missing."""
     os.environ.setdefault("UCX_TLS", "tcp,sm,self")
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-    # ucxx's default progress thread busy-polls a whole core even when idle, a core the engines need
-    # on a CPU host; blocking mode waits on the worker's event fd instead.
-    os.environ.setdefault("UCXPY_PROGRESS_MODE", "blocking")
+    # Known cost: ucxx's default progress thread busy-polls a core even when idle. Its "blocking" mode
+    # does not, but lost the tail of a room when the sender closed right after sending (a flaky
+    # two-process test), so the default stays until closing flushes; set UCXPY_PROGRESS_MODE to choose.
     try:
         import ucxx
     except Exception as e:  # ImportError, or OSError when libucx itself cannot load

@@ -62,12 +62,12 @@ PROCESS_VARIABLES = {
 # ignored until its option exists). Drop an entry once its option has landed; rename it here and in the
 # manifests if it lands under another name.
 PENDING_OPTIONS = {
-    "gateway": {"http_port", "metrics_port"},
-    "kvtransfer": {"metrics_port"},
-    "eplb": {"metrics_port"},
+    "gateway": set(),
+    "kvtransfer": set(),
+    "eplb": set(),
     # The EP runtime's group options (deploy/k8s/overlays/ep-multinode).
-    "prefill": {"metrics_port", "ep_size", "nnodes", "node_rank", "dist_init_addr"},
-    "decode": {"metrics_port", "ep_size", "nnodes", "node_rank", "dist_init_addr"},
+    "prefill": {"ep_size", "nnodes", "node_rank", "dist_init_addr"},
+    "decode": {"ep_size", "nnodes", "node_rank", "dist_init_addr"},
 }
 HTTP_PORT = 8000
 # Variables the LeaderWorkerSet controller puts first in every container's env.

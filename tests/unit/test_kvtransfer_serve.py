@@ -22,6 +22,7 @@ from services.kvtransfer.serve import add_arguments, config_from_args, serve
 
 ROOT = Path(__file__).resolve().parents[2]
 LISTENING = re.compile(r"^kvtransfer listening on (\S+:\d+)$")
+METRICS = re.compile(r"^kvtransfer metrics on (\S+:\d+)$")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,7 +72,8 @@ def test_serve_prints_its_address_and_stops_on_the_event(capsys):
 
 
 def test_process_starts_answers_health_and_exits_on_sigterm():
-    code = "import sys; from services.kvtransfer.serve import main; sys.exit(main(['--port', '0']))"
+    code = ("import sys; from services.kvtransfer.serve import main; "
+            "sys.exit(main(['--port', '0', '--metrics-port', '0']))")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -81,6 +83,8 @@ def test_process_starts_answers_health_and_exits_on_sigterm():
         line = proc.stdout.readline().strip()
         m = LISTENING.match(line)
         assert m, f"unexpected first line {line!r}"
+        line = proc.stdout.readline().strip()
+        assert METRICS.match(line), f"unexpected second line {line!r}"
         with grpc.insecure_channel(m.group(1)) as channel:
             r = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert r.status == health_pb2.HealthCheckResponse.SERVING
@@ -88,7 +92,7 @@ def test_process_starts_answers_health_and_exits_on_sigterm():
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=5) == 0
         assert time.monotonic() - t0 < 5
-        assert proc.stdout.read() == ""  # the listening line is the only stdout
+        assert proc.stdout.read() == ""  # the metrics and listening lines are the only stdout
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -240,7 +240,8 @@ def test_models_health_metrics_and_openapi(model_dir: Path) -> None:
             assert (await client.get("/v1/models/tok")).json()["id"] == "tok"
             error_of(await client.get("/v1/models/other"), 404)
             r = await client.get("/metrics")
-            assert r.status_code == 200 and r.text == ""
+            # The gateway's REST port serves the process's Prometheus families (shared.telemetry).
+            assert r.status_code == 200 and "# TYPE moemesh_time_to_first_token_seconds histogram" in r.text
             assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
             doc = (await client.get("/openapi.json")).json()
             for path in ("/v1/completions", "/v1/chat/completions"):

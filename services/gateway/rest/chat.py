@@ -27,6 +27,7 @@ from services.gateway.rest.schemas import (
 )
 from services.gateway.rest.state import RestState, new_id, rest_state
 from shared.rpc.moemesh.v1 import common_pb2
+from shared.telemetry import http_trace_context
 
 router = APIRouter()
 
@@ -41,7 +42,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     call = _Call(state, body)
     requests = chat_requests(body, call.id, state.core.model.max_model_len)
     gen = state.generation(per_prompt=body.n)  # n choices of one prompt
-    await gen.start(requests)
+    with http_trace_context(request.headers):  # an incoming W3C traceparent parents the gateway's span
+        await gen.start(requests)
     if body.stream:
         await gen.first(request)  # a failure before any output is still an HTTP error, not an event
         return sse.event_stream(call.stream(gen), on_close=gen.close)

@@ -22,6 +22,7 @@ from services.gateway.rest.schemas import (
     Usage,
 )
 from services.gateway.rest.state import RestState, new_id, rest_state
+from shared.telemetry import http_trace_context
 
 router = APIRouter()
 
@@ -36,7 +37,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     call = _Call(state, body)
     requests = completion_requests(body, call.id)
     gen = state.generation(per_prompt=body.n)
-    await gen.start(requests)
+    with http_trace_context(request.headers):  # an incoming W3C traceparent parents the gateway's span
+        await gen.start(requests)
     if body.stream:
         await gen.first(request)  # a failure before any output is still an HTTP error, not an event
         return sse.event_stream(call.stream(gen), on_close=gen.close)

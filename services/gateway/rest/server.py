@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from services.gateway.core import GatewayCore
 from services.gateway.rest.app import create_app
 from services.gateway.rest.state import RestState
+from shared.telemetry import metrics_exposition
 
 # After the grace period, open calls are ended with an error; uvicorn cancels what is left this much later.
 CANCEL_AFTER_ABORT_S = 1.0
@@ -97,5 +98,5 @@ class HttpServer:
 
 def rest_server(core: GatewayCore, host: str, port: int, api_key: str | None = None) -> HttpServer:
     """The REST facade of `core` on host:port, ending open calls cleanly when it stops."""
-    app = create_app(core, api_key=api_key)
+    app = create_app(core, api_key=api_key, metrics=metrics_exposition)
     return HttpServer(app, host, port, on_grace_expired=rest_state_of(app).abort_all)

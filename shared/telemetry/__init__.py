@@ -1,0 +1,43 @@
+"""Telemetry for every moemesh service: OpenTelemetry tracing, structlog logging, Prometheus metrics.
+
+    from shared.telemetry import add_telemetry_arguments, setup_telemetry
+    add_telemetry_arguments(parser, default_metrics_port=9105)   # before apply_env_defaults(parser)
+    setup_telemetry("decode", args)                              # once per process, before serving
+    ...; print("decode listening on ..."); announce_metrics()    # stdout: "decode metrics on HOST:PORT"
+
+Modules, imported on first use so that a bare `import shared.telemetry` costs nothing:
+- `tracing`: the tracer provider (OTLP export only when OTEL_EXPORTER_OTLP_ENDPOINT is set), spans with
+  explicit times, W3C context from HTTP headers.
+- `grpc_tracing`: the grpc.aio client interceptor (injects `traceparent`) and server interceptor
+  (extracts it, one SERVER span per RPC); `insecure_channel` for the mesh's internal channels.
+- `logs`: structlog JSON lines (or a readable console), stdlib logging routed through it, per-request
+  `request_id`/`trace_id` context.
+- `metrics`: the `moemesh_*` Prometheus families, the `/metrics` server, the exposition text.
+- `requests`: a request's engine timestamps turned into spans and histogram observations.
+- `expert_load`: per (layer, expert) routed-token counts from Router hooks; balancedness (imports torch).
+- `setup`: the process-level options and `setup_telemetry`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "add_telemetry_arguments": "shared.telemetry.setup",
+    "setup_telemetry": "shared.telemetry.setup",
+    "metrics_exposition": "shared.telemetry.metrics",
+    "announce_metrics": "shared.telemetry.metrics",
+    "http_trace_context": "shared.telemetry.tracing",
+    "bind_request": "shared.telemetry.logs",
+    "request_log_context": "shared.telemetry.logs",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shared.telemetry' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
