@@ -7,7 +7,6 @@ against. It is single-threaded: callers own the loop (`step`) or use `generate` 
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -344,7 +343,3 @@ def _maybe_tokenizer(model_dir: Path) -> Tokenizer | None:
         return None
     return Tokenizer.from_dir(model_dir)
 
-
-def default_num_threads() -> int:
-    """Intra-op threads when several processes share the machine's cores."""
-    return max(1, (os.cpu_count() or 1))

@@ -19,7 +19,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prompt tokens per prefill step")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the radix prefix cache")
     g.add_argument("--num-threads", type=int, default=None,
-                   help="torch threads (default: the cores divided among the processes on this host)")
+                   help="torch threads (default: the cores divided by --procs-per-host)")
+    g.add_argument("--procs-per-host", type=int, default=1,
+                   help="engine processes sharing this host's cores (`moemesh up` sets it)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -27,10 +29,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model, dtype=args.dtype, page_size=args.page_size, kv_cache_mb=args.kv_cache_mb,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
-        num_threads=args.num_threads or default_threads())
+        num_threads=args.num_threads or default_threads(args.procs_per_host))
 
 
-def default_threads() -> int:
-    """Threads for one engine process: `MOEMESH_PROCS_PER_HOST` processes share the cores evenly."""
-    procs = max(1, int(os.environ.get("MOEMESH_PROCS_PER_HOST", "1")))
-    return max(1, (os.cpu_count() or 1) // procs)
+def default_threads(procs_per_host: int) -> int:
+    """Threads for one engine process when `procs_per_host` of them share the cores evenly."""
+    return max(1, (os.cpu_count() or 1) // max(1, procs_per_host))

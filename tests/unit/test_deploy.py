@@ -55,7 +55,6 @@ HISTOGRAMS = (
 # MOEMESH_* variables a process reads itself rather than through its option parser, and the file that does.
 PROCESS_VARIABLES = {
     "MOEMESH_CACHE_DIR": "shared/model/default.py",
-    "MOEMESH_PROCS_PER_HOST": "shared/service/engine_args.py",
 }
 
 # Options the deployment sets already while they are being added to the services (each variable is
