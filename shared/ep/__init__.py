@@ -1,0 +1,1 @@
+"""Expert parallelism: expert placement, dispatch/combine backends, grouped GEMM backends, TBO."""

@@ -1,0 +1,151 @@
+"""Expert parallelism with DP attention on gloo: every rank of an EP group runs its own prompt through the model
+with only its slots' experts, and must match the single-process model on that prompt.
+
+The file doubles as the rank script: `python test_ep_moe.py CKPT PORT RANK WORLD REDUNDANT OUT_DIR`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+NUM_EXPERTS = 8  # tests/conftest.py SMALL
+TIMEOUT_S = 45.0
+
+
+def prompt_of(rank: int, world: int, empty_rank: int | None) -> list[int]:
+    """A different prompt per rank (DP attention); `empty_rank` gets none at all (T = 0)."""
+    if rank == empty_rank:
+        return []
+    return [(7 + 31 * rank + 13 * i * (world + 1)) % 512 for i in range(3 + 2 * rank)]
+
+
+def logits_of(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    from shared.model.mla import NoCacheAttention
+
+    input_ids = torch.tensor(ids, dtype=torch.int64)
+    positions = torch.arange(len(ids), dtype=torch.int64)
+    with torch.no_grad():
+        return model.compute_logits(model(input_ids, positions, NoCacheAttention([len(ids)])))
+
+
+def _rank_main(ckpt: str, port: int, rank: int, world: int, redundant: int, empty_rank: int | None,
+               out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from shared.ep.apply import apply_expert_parallel
+    from shared.ep.experts import EPExperts
+    from shared.ep.placement import ExpertPlacement
+    from shared.model.loader import load_model
+    from shared.model.moe import MoE
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = load_model(ckpt, dtype="float32")
+        num_moe = sum(isinstance(m, MoE) for m in model.modules())
+        placement = ExpertPlacement.default(num_moe, NUM_EXPERTS, world, redundant)
+        apply_expert_parallel(model, None, placement)
+        for m in model.modules():
+            if isinstance(m, MoE):
+                assert isinstance(m.experts, EPExperts)
+                assert m.experts.w13.shape[0] == placement.slots_per_rank
+                assert m.experts.w2.shape[0] == placement.slots_per_rank
+        logits = logits_of(model, prompt_of(rank, world, empty_rank))
+        torch.save(logits, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_group(ckpt: Path, world: int, redundant: int, empty_rank: int | None, out: Path) -> None:
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    procs, logs = [], []
+    for rank in range(world):
+        log = open(out / f"rank{rank}.log", "w")
+        logs.append(log)
+        args = [str(ckpt), str(port), str(rank), str(world), str(redundant),
+                "-1" if empty_rank is None else str(empty_rank), str(out)]
+        procs.append(subprocess.Popen([sys.executable, __file__, *args], cwd=ROOT, env=env,
+                                      stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        for p in procs:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        tails = "\n".join(f"--- rank {r} (rc {rc})\n" + (out / f"rank{r}.log").read_text()[-3000:] for r, rc in failed)
+        pytest.fail(f"EP ranks failed or timed out after {TIMEOUT_S}s:\n{tails}")
+
+
+@pytest.mark.parametrize(("world", "redundant", "empty_rank"), [
+    (2, 0, None),
+    (4, 0, 0),
+    (3, 1, 0),  # 8 experts do not split over 3 ranks: one redundant replica makes 9 slots
+], ids=["ep2", "ep4-empty-rank", "ep3-redundant"])
+def test_ep_matches_single_process(small_dir: Path, tmp_path: Path, world: int, redundant: int,
+                                   empty_rank: int | None) -> None:
+    from shared.model.loader import load_model
+
+    _run_group(small_dir, world, redundant, empty_rank, tmp_path)
+    ref_model = load_model(small_dir, dtype="float32")
+    for rank in range(world):
+        ids = prompt_of(rank, world, empty_rank)
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        ref = logits_of(ref_model, ids)
+        assert got.shape == ref.shape == (len(ids), 512)
+        if ids:
+            diff = (got - ref).abs().max().item()
+            assert diff <= 1e-4, f"rank {rank}: max abs diff {diff}"
+
+
+def test_missing_backends_fail_naming_package_and_fallback() -> None:
+    from shared.ep.dispatch import make_dispatcher
+    from shared.ep.experts import make_grouped_gemm
+    from shared.ep.placement import ExpertPlacement
+
+    placement = ExpertPlacement.default(1, NUM_EXPERTS, 2)
+    try:
+        import deep_ep  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match=r"deep_ep.*all_to_all"):
+            make_dispatcher("deepep", None, placement)
+    try:
+        import deep_gemm  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match=r"deep_gemm.*torch"):
+            make_grouped_gemm("deepgemm")
+    with pytest.raises(ValueError, match="all_to_all"):
+        make_dispatcher("nccl-magic", None, placement)
+    with pytest.raises(ValueError, match="torch"):
+        make_grouped_gemm("cutlass")
+
+
+if __name__ == "__main__":
+    _ckpt, _port, _rank, _world, _redundant, _empty, _out = sys.argv[1:8]
+    _rank_main(_ckpt, int(_port), int(_rank), int(_world), int(_redundant),
+               None if int(_empty) < 0 else int(_empty), _out)
