@@ -28,8 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
                 stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
-    if ready is None:
-        install_signal_handlers(stop)
+    install_signal_handlers(stop)
     server = GrpcServer(args.host, args.port)
     await server.start()
     await server.set_serving(True)

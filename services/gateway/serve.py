@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import sys
-import threading
 from collections.abc import Callable, Sequence
 
 from services.gateway.config import GatewayConfig
@@ -103,8 +102,7 @@ async def serve(cfg: GatewayConfig, ready: asyncio.Event | Callable[[GatewayApp]
     """
     if stop is None:
         stop = asyncio.Event()
-        if threading.current_thread() is threading.main_thread():
-            install_signal_handlers(stop)
+        install_signal_handlers(stop)
     app = await start_gateway(cfg)
     try:
         print(f"gateway listening on {app.address}", flush=True)

@@ -12,13 +12,13 @@ import argparse
 import asyncio
 import dataclasses
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 
 from services.kvtransfer.config import KvTransferConfig
 from services.kvtransfer.service import KvTransferService
 from shared.service.config import apply_env_defaults, env_name
+from shared.service.server import install_signal_handlers, remove_signal_handlers
 from shared.telemetry.metrics import announce_metrics
 from shared.telemetry.setup import add_telemetry_arguments
 
@@ -72,7 +72,7 @@ async def serve(cfg: KvTransferConfig, ready: asyncio.Event | None = None,
     Sets `ready` (and prints the listening line) once the server is up and reports SERVING.
     """
     stop = stop if stop is not None else asyncio.Event()
-    signals = _install_signal_handlers(stop)
+    signals = install_signal_handlers(stop)
     try:
         svc = KvTransferService(cfg)
         await svc.start()
@@ -86,7 +86,7 @@ async def serve(cfg: KvTransferConfig, ready: asyncio.Event | None = None,
         finally:
             await svc.stop()
     finally:
-        _remove_signal_handlers(signals)
+        remove_signal_handlers(signals)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,25 +117,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description="The KV handoff's control plane and relay data plane.")
     add_arguments(parser)
     return run(parser.parse_args(argv))
-
-
-def _install_signal_handlers(stop: asyncio.Event) -> list[signal.Signals]:
-    """SIGINT/SIGTERM set `stop`; none where the loop cannot take handlers (not the main thread)."""
-    loop = asyncio.get_running_loop()
-    installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError, ValueError):
-            continue
-        installed.append(sig)
-    return installed
-
-
-def _remove_signal_handlers(signals: list[signal.Signals]) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in signals:
-        loop.remove_signal_handler(sig)
 
 
 if __name__ == "__main__":

@@ -166,17 +166,12 @@ class Engine:
     def kv_row_width(self) -> int:
         return self.model.config.kv_cache_dim
 
-    def _slots(self, req: Request, start: int, end: int) -> torch.Tensor:
-        pos = torch.arange(start, end)
-        pages = torch.tensor(req.pages, dtype=torch.int64)
-        return pages[pos // self.cfg.page_size] * self.cfg.page_size + pos % self.cfg.page_size
-
     def read_kv(self, request_id: str, start: int, end: int) -> torch.Tensor:
         """A copy of the request's KV rows for tokens [start, end): [L, end - start, W] in the cache dtype."""
         req = self.requests[request_id]
         if not 0 <= start <= end <= req.num_computed:
             raise ValueError(f"rows [{start}, {end}) of {request_id} are not computed ({req.num_computed} are)")
-        return self.cache.data.index_select(1, self._slots(req, start, end))
+        return self.cache.data.index_select(1, self.cache.slots(req.pages, start, end))
 
     def write_kv(self, request_id: str, start: int, rows: torch.Tensor) -> None:
         """Store received rows [L, N, W] for tokens [start, start + N) into a transferring request's pages.
@@ -191,9 +186,9 @@ class Engine:
         if rows.shape[0] != self.cache.data.shape[0] or rows.shape[2] != self.kv_row_width:
             raise ValueError(f"rows of shape {tuple(rows.shape)} do not fit this cache's "
                              f"[{self.cache.data.shape[0]}, N, {self.kv_row_width}] layout")
-        if not 0 <= start and start + n <= len(req.prompt_token_ids):
+        if not (0 <= start and start + n <= len(req.prompt_token_ids)):
             raise ValueError(f"rows [{start}, {start + n}) fall outside the prompt of {request_id}")
-        self.cache.data[:, self._slots(req, start, start + n)] = rows.to(self.cache.data.dtype)
+        self.cache.data[:, self.cache.slots(req.pages, start, start + n)] = rows.to(self.cache.data.dtype)
 
     def take_reserved(self) -> list[str]:
         """Requests that got their pages since the last call (ready for `write_kv`)."""

@@ -22,11 +22,17 @@ class LatentKVCache:
         self.kv_lora_rank = cfg.kv_lora_rank
         self.data = torch.zeros(cfg.num_hidden_layers, num_pages * page_size, cfg.kv_cache_dim,
                                 dtype=dtype, device=device)
+        self._page_offsets = torch.arange(page_size, device=device)
 
     @staticmethod
     def bytes_per_page(cfg: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
         """Memory one page takes across all layers."""
         return cfg.num_hidden_layers * page_size * cfg.kv_cache_dim * torch.empty((), dtype=dtype).element_size()
+
+    def slots(self, pages: list[int], start: int, end: int) -> torch.Tensor:
+        """Cache slots of tokens [start, end) of a request whose page table is `pages`: [end - start] int64."""
+        p = torch.tensor(pages[: -(-end // self.page_size)], dtype=torch.int64, device=self.data.device)
+        return (p[:, None] * self.page_size + self._page_offsets).reshape(-1)[start:end]
 
     def write(self, layer: int, slots: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
         """Store the latents of T tokens: slots [T] int64, c_kv [T, C], k_pe [T, R]."""

@@ -24,13 +24,6 @@ class ModelRunner:
         self.sampler = sampler
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = next(model.parameters()).device
-        ps = cache.page_size
-        self._page_offsets = torch.arange(ps, device=self.device)
-
-    def _slots(self, pages: list[int], num_tokens: int) -> torch.Tensor:
-        """Cache slots of a request's first `num_tokens` tokens, [num_tokens] int64."""
-        p = torch.tensor(pages[: -(-num_tokens // self.cache.page_size)], dtype=torch.int64, device=self.device)
-        return (p[:, None] * self.cache.page_size + self._page_offsets).reshape(-1)[:num_tokens]
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, StepLayout, list[int]]:
         """-> input_ids [T], positions [T], the attention layout, and the batch rows to sample."""
@@ -46,7 +39,7 @@ class ModelRunner:
             req, n, end = s.request, s.num_new_tokens, s.start + s.num_new_tokens
             ids.extend(req.all_token_ids[s.start:end])
             positions.append(torch.arange(s.start, end, device=self.device))
-            kv_slots = self._slots(req.pages, end)
+            kv_slots = self.cache.slots(req.pages, 0, end)
             slot_parts.append(kv_slots[s.start:])
             if n == 1:
                 decode_rows.append(row)

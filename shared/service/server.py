@@ -138,11 +138,28 @@ class GrpcServer:
         await self.server.stop(grace_s)
 
 
-def install_signal_handlers(stop: asyncio.Event) -> None:
-    """SIGINT/SIGTERM set `stop` so the service drains and exits cleanly."""
+def install_signal_handlers(stop: asyncio.Event) -> list[signal.Signals]:
+    """SIGINT/SIGTERM set `stop` so the service drains and exits cleanly; returns the signals taken.
+
+    Outside the main thread (a service started inside a test or another program) the loop cannot take
+    signals: nothing is installed, and the caller's `stop` event is the only way to end the service.
+    """
     loop = asyncio.get_running_loop()
+    installed = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            continue
+        installed.append(sig)
+    return installed
+
+
+def remove_signal_handlers(signals: list[signal.Signals]) -> None:
+    """Undo `install_signal_handlers` (a service that returns must not leave handlers on the loop)."""
+    loop = asyncio.get_running_loop()
+    for sig in signals:
+        loop.remove_signal_handler(sig)
 
 
 def _service_of(service_names: list[str]) -> str:

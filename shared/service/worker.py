@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import logging
 import socket
-import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -166,8 +165,7 @@ async def run_worker(role: int, name: str, args: argparse.Namespace, servicer: W
     The "NAME listening on ADDR" line is printed once the worker is ready: launchers wait for it.
     """
     stop = stop or asyncio.Event()
-    if threading.current_thread() is threading.main_thread():
-        install_signal_handlers(stop)
+    install_signal_handlers(stop)
     server = GrpcServer(args.host, args.port)
     server.add(add, servicer, service_name)
     await server.start()
