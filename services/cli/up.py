@@ -33,6 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the gateway's OpenAI-compatible REST port (0 picks one, -1 serves no REST)")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (0: colocated, decode prefills)")
     p.add_argument("--decode", type=int, default=1, help="decode workers")
+    p.add_argument("--ep-size", type=int, default=1,
+                   help="ranks per prefill/decode instance (an EP group with DP attention; one process each)")
     p.add_argument("--transfer", default="relay", choices=["ucx", "relay"], help="KV data plane")
     p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
     p.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for every service")
@@ -128,7 +130,10 @@ def run(args: argparse.Namespace) -> int:
     extra = [a for a in args.worker_args if a != "--"]
     env = dict(os.environ)
     # Engines split the cores among themselves instead of each taking them all.
-    env["MOEMESH_PROCS_PER_HOST"] = str(max(1, args.prefill + args.decode))
+    if args.ep_size < 1:
+        print(f"moemesh up: --ep-size must be >= 1, got {args.ep_size}", file=sys.stderr)
+        return 2
+    env["MOEMESH_PROCS_PER_HOST"] = str(max(1, (args.prefill + args.decode) * args.ep_size))
     env.setdefault("PYTHONUNBUFFERED", "1")
     mesh = Mesh(args.host)
     stopping = False
@@ -153,12 +158,12 @@ def run(args: argparse.Namespace) -> int:
             mesh.wait_http(gateway, deadline)
         common = ["--port", "0", *metrics, "--gateway", gateway.address, "--kvtransfer", kv.address,
                   "--transfer", args.transfer, *(["--model", args.model] if args.model else []), *extra]
-        workers = [mesh.start(f"prefill-{i}", "prefill", common, env) for i in range(args.prefill)]
-        workers += [mesh.start(f"decode-{i}", "decode", common, env) for i in range(args.decode)]
+        workers = [w for role, count in (("prefill", args.prefill), ("decode", args.decode)) for i in range(count)
+                   for w in _start_instance(mesh, role, i, args.ep_size, common, env)]
         mesh.wait_ready(workers, deadline)
         # Workers register in the background once they listen; until they have, a first request would
-        # find no prefill worker and run colocated.
-        _wait_registered(gateway.address, args.prefill, args.decode, deadline)
+        # find no prefill worker and run colocated. Every rank of an EP group is a worker.
+        _wait_registered(gateway.address, args.prefill * args.ep_size, args.decode * args.ep_size, deadline)
         print(_table(mesh, args), flush=True)
         reported: set[str] = set()
         while not stopping:
@@ -182,6 +187,18 @@ def run(args: argparse.Namespace) -> int:
         mesh.stop()
 
 
+def _start_instance(mesh: Mesh, role: str, index: int, ep_size: int, common: list[str], env: dict[str, str]
+                    ) -> list[Child]:
+    """One prefill or decode instance: a single worker, or an EP group of `ep_size` rank processes."""
+    name = f"{role}-{index}"
+    if ep_size == 1:
+        return [mesh.start(name, role, common, env)]
+    from shared.service.ep_args import free_local_addr
+
+    group = ["--ep-size", str(ep_size), "--dist-init-addr", free_local_addr(), "--instance-id", name]
+    return [mesh.start(f"{name}-dp{r}", role, [*common, *group, "--ep-rank", str(r)], env) for r in range(ep_size)]
+
+
 def _wait_registered(gateway: str, prefill: int, decode: int, deadline: float) -> None:
     from shared.sdk import MeshClient, MeshError
 
@@ -200,6 +217,8 @@ def _wait_registered(gateway: str, prefill: int, decode: int, deadline: float) -
 
 def _table(mesh: Mesh, args: argparse.Namespace) -> str:
     mode = "colocated (decode prefills)" if args.prefill == 0 else f"disaggregated, KV over {args.transfer}"
+    if args.ep_size > 1:
+        mode += f"; EP groups of {args.ep_size} ranks"
     rows = [f"moemesh is up: {mode}", f"  {'service':<14} {'address':<22} pid"]
     for c in mesh.children:
         rows.append(f"  {c.name:<14} {c.address:<22} {c.proc.pid}")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from shared.rpc.moemesh.v1 import common_pb2, prefill_pb2_grpc
 from shared.service.config import apply_env_defaults
-from shared.service.server import run_service
+from shared.service.ep_args import main_of_worker
 from shared.service.worker import add_worker_arguments, run_worker
 from shared.transfer.base import KvSender
 
@@ -41,7 +41,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_service(serve, build_parser().parse_args(argv), "prefill")
+    return main_of_worker("prefill", build_parser(), argv, serve)
 
 
 if __name__ == "__main__":

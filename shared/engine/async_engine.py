@@ -19,8 +19,10 @@ from typing import Any
 import torch
 
 from shared.engine.engine import Engine
+from shared.engine.errors import EngineDead
 from shared.engine.request import RequestOutput, RequestTiming
 from shared.engine.sampling_params import SamplingParams
+from shared.ep.group import describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +42,6 @@ class Reserved:
     timing: RequestTiming | None = None  # the request's timestamps (the engine's object, read-only)
 
 
-class EngineDead(RuntimeError):
-    """The engine thread failed; nothing more will run on it."""
-
-
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -54,7 +52,11 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.error: BaseException | None = None
+        self.failed = asyncio.Event()  # set (on the loop) once the engine thread has failed
         self.load: dict[str, float] = self._snapshot()
+        # An EP rank with nothing to do waits this long for work before its next vote: the bound on the
+        # latency a new request sees on an idle group, against one tiny all-reduce per tick per rank.
+        self.idle_tick_s = 0.005
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -192,32 +194,65 @@ class AsyncEngine:
     # ---- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            while not self._stop:
-                self._drain_commands(block=not self.engine.scheduler.has_work)
-                if self._stop or not self.engine.scheduler.has_work:
-                    continue
-                outputs = self.engine.step()
-                for rid in self.engine.take_reserved():
-                    req = self.engine.requests.get(rid)
-                    self._post(self._deliver, rid, Reserved(req.timing if req is not None else None))
-                self._emit_kv_rows()
-                for out in outputs:
-                    self._post(self._deliver, out.request_id, out)
-                self.load = self._snapshot()
-                if self.engine.expert_load is not None:
-                    # Counters to the host at most once a second, and when the engine goes idle.
-                    self.engine.expert_load.maybe_readout(force=not self.engine.scheduler.has_work)
-        except BaseException as e:  # a bug in the engine: fail every request rather than hang them
+            if self.engine.ep is None:
+                self._run_alone()
+            else:
+                self._run_in_group()
+        except BaseException as e:  # a bug, or a peer rank gone: fail every request rather than hang them
             log.exception("engine thread failed")
             self.error = e
-            dead = EngineDead(f"the engine failed: {type(e).__name__}: {e}")
+            if self.engine.ep is not None:
+                dead = EngineDead(describe_failure(self.engine.ep.rank, self.engine.ep.size, e))
+            else:
+                dead = EngineDead(f"the engine failed: {type(e).__name__}: {e}")
             for rid in list(self._streams):
                 self._post(self._deliver, rid, dead)
             self._fail_pending(dead)
+            self._post(self.failed.set)
 
-    def _drain_commands(self, block: bool) -> None:
+    def _run_alone(self) -> None:
+        while not self._stop:
+            self._drain_commands(0.5 if not self.engine.scheduler.has_work else 0)
+            if self._stop or not self.engine.scheduler.has_work:
+                continue
+            self._publish(self.engine.step())
+
+    def _run_in_group(self) -> None:
+        """Lockstep with the other ranks: vote, then all run a forward (empty ones too) or all skip it.
+
+        A stopping rank keeps voting (and joining forwards) until every rank is stopping, so that its
+        peers' collectives never wait on a rank that has left.
+        """
+        ep, engine = self.engine.ep, self.engine
+        busy = False
+        while True:
+            self._drain_commands(0 if busy or engine.scheduler.has_work else self.idle_tick_s)
+            batch = engine.schedule() if not self._stop and engine.scheduler.has_work else None
+            vote = ep.vote(batch is not None, engine.can_split(batch), self._stop)
+            if vote.all_stopping:
+                return
+            busy = vote.any_batch
+            if busy:
+                self._publish(engine.execute(batch, vote.split))
+            elif engine.scheduler.newly_reserved:
+                self._publish([])
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        """After a step: reservations, KV rows and outputs to their streams; load for scrapes."""
+        for rid in self.engine.take_reserved():
+            req = self.engine.requests.get(rid)
+            self._post(self._deliver, rid, Reserved(req.timing if req is not None else None))
+        self._emit_kv_rows()
+        for out in outputs:
+            self._post(self._deliver, out.request_id, out)
+        self.load = self._snapshot()
+        if self.engine.expert_load is not None:
+            # Counters to the host at most once a second, and when the engine goes idle.
+            self.engine.expert_load.maybe_readout(force=not self.engine.scheduler.has_work)
+
+    def _drain_commands(self, wait_s: float) -> None:
         try:
-            cmd = self._cmds.get(timeout=0.5) if block else self._cmds.get_nowait()
+            cmd = self._cmds.get(timeout=wait_s) if wait_s > 0 else self._cmds.get_nowait()
         except queue.Empty:
             return
         while cmd is not None:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,13 +20,16 @@ from shared.engine.request import FinishReason, Request, RequestOutput, RequestS
 from shared.engine.runner import ModelRunner
 from shared.engine.sampling import Sampler
 from shared.engine.sampling_params import InvalidParameter, SamplingParams
-from shared.engine.scheduler import RequestTooLong, Scheduler, SchedulerConfig
+from shared.engine.scheduler import RequestTooLong, ScheduledBatch, Scheduler, SchedulerConfig
 from shared.engine.stop import check_stop, streamable_len
 from shared.model.deepseek import DeepseekForCausalLM
 from shared.model.default import default_model_dir
 from shared.model.detokenizer import IncrementalDetokenizer
 from shared.model.loader import load_model
 from shared.model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from shared.ep.group import EPGroup
 
 __all__ = ["Completion", "Engine", "EngineConfig", "InvalidParameter", "RequestTooLong"]
 
@@ -72,7 +76,10 @@ class Completion:
 
 class Engine:
     def __init__(self, cfg: EngineConfig | None = None, model: DeepseekForCausalLM | None = None,
-                 tokenizer: Tokenizer | None = None) -> None:
+                 tokenizer: Tokenizer | None = None, ep: EPGroup | None = None, role_mode: str = "normal") -> None:
+        """`ep`: this process's rank of an EP group; the model keeps only the rank's experts, and every
+        `execute` (even without a batch) joins the group's collectives. `role_mode` picks the dispatcher's
+        mode where it has several ("normal" for prefill, "low_latency" for decode)."""
         cfg = cfg or EngineConfig()
         self.cfg = cfg
         if cfg.num_threads:
@@ -80,6 +87,9 @@ class Engine:
         model_dir = Path(cfg.model) if cfg.model else default_model_dir()
         self.model_dir = model_dir
         self.model = model if model is not None else load_model(model_dir, cfg.dtype)
+        self.ep = ep
+        if ep is not None:
+            ep.apply(self.model, role_mode)
         self.tokenizer = tokenizer if tokenizer is not None else _maybe_tokenizer(model_dir)
         mc = self.model.config
         dtype = next(self.model.parameters()).dtype
@@ -231,17 +241,35 @@ class Engine:
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One scheduler step: outputs of every request that produced a token (or ended) in it."""
+        return self.execute(self.schedule())
+
+    def schedule(self) -> ScheduledBatch | None:
+        """The first half of `step`: the batch to run next, or None."""
         batch = self.scheduler.schedule()
         now = time.monotonic_ns()  # timestamps: one clock read per step, none per token
         for req in self.scheduler.newly_reserved:
             if not req.timing.reserved_ns:
                 req.timing.reserved_ns = now
+        if batch is not None:
+            for s in batch.seqs:
+                if not s.request.timing.scheduled_ns:
+                    s.request.timing.scheduled_ns = now
+        return batch
+
+    def can_split(self, batch: ScheduledBatch | None) -> bool:
+        """Whether this batch can run as two micro-batches (an empty one can: two empty halves)."""
+        return batch is None or len(batch.seqs) >= 2
+
+    def execute(self, batch: ScheduledBatch | None, split: bool = False) -> list[RequestOutput]:
+        """The second half of `step`: run `batch` (as two micro-batches if `split`) and post-process.
+
+        In an EP group a rank without a batch still runs the forward, empty, for its peers' collectives.
+        """
         if batch is None:
+            if self.ep is not None:
+                self.runner.run_empty(split)
             return []
-        for s in batch.seqs:
-            if not s.request.timing.scheduled_ns:
-                s.request.timing.scheduled_ns = now
-        result = self.runner.run(batch)
+        result = self.runner.run(batch, split)
         self.scheduler.on_step_done(batch)
         now = time.monotonic_ns()
         outputs = []

@@ -12,7 +12,8 @@ import torch
 from shared.engine.attention import PagedAttention, StepLayout
 from shared.engine.kv_cache import LatentKVCache
 from shared.engine.sampling import Sampler, SampleResult, SamplingRow
-from shared.engine.scheduler import ScheduledBatch
+from shared.engine.scheduler import ScheduledBatch, ScheduledSeq
+from shared.ep.tbo import split_point, two_batch_forward
 from shared.model.deepseek import DeepseekForCausalLM
 
 
@@ -25,8 +26,8 @@ class ModelRunner:
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = next(model.parameters()).device
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, StepLayout, list[int]]:
-        """-> input_ids [T], positions [T], the attention layout, and the batch rows to sample."""
+    def prepare(self, seqs: Sequence[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, StepLayout, list[int]]:
+        """-> input_ids [T] int64, positions [T] int64, the attention layout, and the rows to sample."""
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         slot_parts: list[torch.Tensor] = []
@@ -35,7 +36,7 @@ class ModelRunner:
         decode_seqs: list[tuple[list[int], int]] = []  # (page table, KV length)
         sample_rows: list[int] = []
         row = 0
-        for s in batch.seqs:
+        for s in seqs:
             req, n, end = s.request, s.num_new_tokens, s.start + s.num_new_tokens
             ids.extend(req.all_token_ids[s.start:end])
             positions.append(torch.arange(s.start, end, device=self.device))
@@ -49,7 +50,8 @@ class ModelRunner:
             row += n
             if s.sample:
                 sample_rows.append(row - 1)
-        layout = StepLayout(slot_mapping=torch.cat(slot_parts), prefill=prefill)
+        slot_mapping = torch.cat(slot_parts) if slot_parts else torch.empty(0, dtype=torch.int64, device=self.device)
+        layout = StepLayout(slot_mapping=slot_mapping, prefill=prefill)
         if decode_rows:
             ps = self.cache.page_size
             p_max = max(-(-n // ps) for _, n in decode_seqs)
@@ -60,18 +62,40 @@ class ModelRunner:
             layout.decode_pages = torch.tensor(table, dtype=torch.int64, device=self.device)
             layout.decode_mask = torch.arange(p_max * ps, device=self.device)[None, :] < lens[:, None]
         input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
-        return input_ids, torch.cat(positions), layout, sample_rows
+        pos = torch.cat(positions) if positions else torch.empty(0, dtype=torch.int64, device=self.device)
+        return input_ids, pos, layout, sample_rows
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> SampleResult:
-        """Compute the step's KV and sample one token for every sequence with `sample` set, in order."""
-        input_ids, positions, layout, sample_rows = self.prepare(batch)
-        hidden = self.model(input_ids, positions, PagedAttention(self.cache, layout))
+    def run(self, batch: ScheduledBatch, split: bool = False) -> SampleResult:
+        """Compute the step's KV and sample one token for every sequence with `sample` set, in order.
+
+        `split`: as two micro-batches whose MoE communication overlaps the other's compute (same tokens).
+        """
+        hidden, sample_rows = self._forward(list(batch.seqs), split)
         rows = [self._sampling_row(s.request) for s in batch.seqs if s.sample]
         if not rows:
             return SampleResult([], [], [])
         logits = self.model.compute_logits(hidden[sample_rows])
         return self.sampler(logits, rows)
+
+    @torch.inference_mode()
+    def run_empty(self, split: bool = False) -> None:
+        """A forward over no tokens: an EP rank without work joining its peers' collectives."""
+        self._forward([], split)
+
+    def _forward(self, seqs: list[ScheduledSeq], split: bool) -> tuple[torch.Tensor, list[int]]:
+        """-> final hidden states [T, D] of the batch's tokens, and the rows to sample."""
+        if not split:
+            input_ids, positions, layout, sample_rows = self.prepare(seqs)
+            return self.model(input_ids, positions, PagedAttention(self.cache, layout)), sample_rows
+        k = split_point([s.num_new_tokens for s in seqs]) if len(seqs) >= 2 else len(seqs)
+        parts, sample_rows, offset = [], [], 0
+        for half in (seqs[:k], seqs[k:]):
+            input_ids, positions, layout, rows = self.prepare(half)
+            parts.append((input_ids, positions, PagedAttention(self.cache, layout)))
+            sample_rows += [offset + r for r in rows]
+            offset += input_ids.shape[0]
+        return torch.cat(two_batch_forward(self.model, parts)), sample_rows
 
     def _sampling_row(self, req) -> SamplingRow:
         p = req.params

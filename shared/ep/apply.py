@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.distributed as dist
 from torch import nn
 
@@ -12,7 +14,8 @@ from shared.model.moe import MoE
 
 
 def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup | None, placement: ExpertPlacement,
-                          dispatcher: str = "all_to_all", gemm: str = "torch") -> nn.Module:
+                          dispatcher: str = "all_to_all", gemm: str = "torch",
+                          dispatcher_options: dict[str, Any] | None = None) -> nn.Module:
     """Replace each MoE layer's `mlp.experts` by an `EPExperts` holding this rank's slots; returns `model`.
 
     `group` None is the default process group. Backends are built first, so a missing one fails here.
@@ -20,7 +23,7 @@ def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup | None, pla
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     if len(moes) != placement.num_layers:
         raise ValueError(f"placement has {placement.num_layers} MoE layers, the model has {len(moes)}")
-    disp = make_dispatcher(dispatcher, group, placement)
+    disp = make_dispatcher(dispatcher, group, placement, **(dispatcher_options or {}))
     kernel = make_grouped_gemm(gemm)
     for layer, moe in enumerate(moes):
         moe.experts = EPExperts(moe.experts, layer, placement, disp, kernel)

@@ -1,35 +1,45 @@
 """Expert-parallel routed experts: this rank's slots' weights, dispatch, a grouped GEMM, combine.
 
 Legend: T local tokens, K experts per token, D hidden, I expert intermediate size, S local slots,
-N (token, expert) pairs received by this rank.
+N (token, expert) pairs received by this rank, C rows per slot in the masked layout.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from shared.ep.dispatch import Dispatcher
+from shared.ep.dispatch import Dispatcher, Stages, resolve, run_stages
 from shared.ep.placement import ExpertPlacement
 from shared.model.layers import silu_and_mul
 from shared.model.moe import RoutedExperts
 
 
 class GroupedGemm(ABC):
-    """The SwiGLU expert MLP over tokens grouped by local slot."""
+    """The SwiGLU expert MLP over rows grouped by local slot, in the two layouts dispatchers produce."""
+
+    def prepare(self, w13: torch.Tensor, w2: torch.Tensor) -> Any:
+        """Once per layer at start-up: w13 [S, 2I, D], w2 [S, D, I] -> the weights in this backend's form."""
+        return w13, w2
 
     @abstractmethod
-    def __call__(self, xs: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        """xs [N, D] sorted by slot, counts [S] rows per slot, w13 [S, 2I, D], w2 [S, D, I] -> [N, D]."""
+    def contiguous(self, xs: torch.Tensor, counts: list[int], weights: Any) -> torch.Tensor:
+        """xs [N, D] sorted by slot, counts [S] rows per slot -> [N, D] in xs' dtype."""
+
+    @abstractmethod
+    def masked(self, xs: torch.Tensor, counts: torch.Tensor, weights: Any) -> torch.Tensor:
+        """xs [S, C, D], counts [S] int64 valid rows per slot -> [S, C, D] (rows past a count are garbage)."""
 
 
 class TorchGroupedGemm(GroupedGemm):
-    """One matmul pair per slot that received rows."""
+    """Plain torch: one matmul pair per slot that received rows (contiguous); batched matmuls (masked)."""
 
-    def __call__(self, xs: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    def contiguous(self, xs: torch.Tensor, counts: list[int], weights: Any) -> torch.Tensor:
+        w13, w2 = weights
         out = torch.empty_like(xs)
         start = 0
         for s, n in enumerate(counts):
@@ -39,31 +49,22 @@ class TorchGroupedGemm(GroupedGemm):
                 start += n
         return out
 
-
-class DeepGemmGroupedGemm(GroupedGemm):
-    """DeepGEMM FP8 contiguous (prefill) / masked (decode) layouts. Not wired yet: fails at construction."""
-
-    def __init__(self) -> None:
-        try:
-            import deep_gemm  # noqa: F401
-        except ImportError as e:
-            raise RuntimeError(
-                "grouped GEMM 'deepgemm' needs the `deep_gemm` package, which is not installed; "
-                "use gemm='torch' instead") from e
-        raise NotImplementedError("grouped GEMM 'deepgemm' is not implemented yet; use gemm='torch'")
-
-    def __call__(self, xs: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def masked(self, xs: torch.Tensor, counts: torch.Tensor, weights: Any) -> torch.Tensor:
+        w13, w2 = weights
+        return torch.bmm(silu_and_mul(torch.bmm(xs, w13.transpose(1, 2))), w2.transpose(1, 2))
 
 
-GEMMS: dict[str, Callable[[], GroupedGemm]] = {"torch": TorchGroupedGemm, "deepgemm": DeepGemmGroupedGemm}
+GEMMS: dict[str, Callable[..., GroupedGemm] | str] = {
+    "torch": TorchGroupedGemm,
+    "deepgemm": "shared.ep.deepgemm:DeepGemmGroupedGemm",
+}
 
 
 def make_grouped_gemm(name: str) -> GroupedGemm:
     """The grouped GEMM backend `name`. Fails now if it cannot run."""
     if name not in GEMMS:
         raise ValueError(f"unknown grouped GEMM {name!r} (choose from {', '.join(GEMMS)})")
-    return GEMMS[name]()
+    return resolve(GEMMS[name])()
 
 
 class EPExperts(nn.Module):
@@ -90,17 +91,28 @@ class EPExperts(nn.Module):
         with torch.no_grad():
             self.w13 = nn.Parameter(experts.w13.index_select(0, logical.to(device)).clone(), requires_grad=False)
             self.w2 = nn.Parameter(experts.w2.index_select(0, logical.to(device)).clone(), requires_grad=False)
+        self._weights = self.gemm.prepare(self.w13, self.w2)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, D]; topk_ids [T, K] int64 logical experts; topk_weights [T, K] float32 -> [T, D] in x's dtype."""
+        return run_stages(self.stages(x, topk_ids, topk_weights))
+
+    def stages(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Stages[torch.Tensor]:
+        """`forward` as a stage generator: it yields while its dispatch or combine is in flight."""
         phys = self.placement.physical_ids(self.layer, topk_ids)
-        recv_x, recv_slots, handle = self.dispatcher.dispatch(x, phys, topk_weights)
-        order = torch.argsort(recv_slots, stable=True)
-        counts = torch.bincount(recv_slots, minlength=self.num_local_slots).tolist()
-        out_sorted = self.gemm(recv_x.index_select(0, order), counts, self.w13, self.w2)
-        y = torch.empty_like(recv_x)
+        received, handle = yield from self.dispatcher.dispatch_stages(x, phys, topk_weights)
+        y = self._compute(received)
+        return (yield from self.dispatcher.combine_stages(y, handle))
+
+    def _compute(self, r: Any) -> torch.Tensor:
+        if r.masked:
+            return self.gemm.masked(r.x, r.counts, self._weights)
+        order = torch.argsort(r.slots, stable=True)
+        counts = torch.bincount(r.slots, minlength=self.num_local_slots).tolist()
+        out_sorted = self.gemm.contiguous(r.x.index_select(0, order), counts, self._weights)
+        y = torch.empty_like(r.x)
         y[order] = out_sorted
-        return self.dispatcher.combine(y, handle)
+        return y
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, local_slots={self.num_local_slots}, rank={self.dispatcher.rank}"

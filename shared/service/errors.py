@@ -49,10 +49,13 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(exc, ServiceError):
         return exc.code, str(exc)
     # The engine's and the model's input errors are ValueErrors with messages meant for users.
+    from shared.engine.errors import EngineDead
     from shared.engine.sampling_params import InvalidParameter
     from shared.engine.scheduler import RequestTooLong
     from shared.model.tokenizer import TokenizerError
 
     if isinstance(exc, (InvalidParameter, RequestTooLong, TokenizerError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, EngineDead):  # this worker cannot serve any more; another may
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     return None

@@ -18,6 +18,7 @@ from shared.engine.async_engine import AsyncEngine
 from shared.engine.engine import Engine
 from shared.rpc.moemesh.v1 import common_pb2, gateway_pb2, kvtransfer_pb2_grpc
 from shared.service.engine_args import add_engine_arguments, engine_config
+from shared.service.ep_args import add_ep_arguments, ep_config
 from shared.service.errors import Unavailable
 from shared.service.kv_layout import kv_layout
 from shared.service.registration import GatewayRegistration
@@ -48,6 +49,7 @@ def add_worker_arguments(p: argparse.ArgumentParser, default_port: int, default_
     g.add_argument("--expert-stats-ep-size", type=int, default=1,
                    help="EP ranks the expert-load balancedness metric spreads the experts over (default 1)")
     add_engine_arguments(p)
+    add_ep_arguments(p)
     add_telemetry_arguments(p, default_metrics_port)
 
 
@@ -94,14 +96,32 @@ class Worker:
     @classmethod
     async def load(cls, role: int, args: argparse.Namespace, server: GrpcServer) -> Worker:
         cfg = engine_config(args)
-        engine = await asyncio.to_thread(Engine, cfg)  # loading weights must not block the event loop
+        role_name = common_pb2.WorkerRole.Name(role).removeprefix("WORKER_ROLE_").lower()
+        ep = None
+        epc = ep_config(args)
+        if epc is not None:
+            from shared.ep.group import EPGroup
+
+            ep = await asyncio.to_thread(EPGroup, epc)  # the rendezvous waits for every rank
+        mode = "normal" if role == common_pb2.WORKER_ROLE_PREFILL else "low_latency"
+        # Loading weights must not block the event loop.
+        engine = await asyncio.to_thread(Engine, cfg, None, None, ep, mode)
+        if ep is not None:
+            await asyncio.to_thread(ep.barrier)  # every rank loaded: the first vote will not wait on a load
         dtype = next(engine.model.parameters()).dtype
         layout = kv_layout(engine.model_dir, engine.model.config, dtype, cfg.page_size)
         aengine = AsyncEngine(engine)
         await aengine.start()
-        role_name = common_pb2.WorkerRole.Name(role).removeprefix("WORKER_ROLE_").lower()
-        worker_id = args.worker_id or f"{role_name}-{uuid.uuid4().hex[:8]}"
+        worker_id = args.worker_id or (args.ep_size > 1 and args.instance_id) or f"{role_name}-{uuid.uuid4().hex[:8]}"
+        if args.ep_size > 1:
+            worker_id += f"-dp{ep.rank}"
         return cls(role, args, aengine, layout, server, worker_id)
+
+    @property
+    def dp(self) -> tuple[int, int]:
+        """(rank, size) of this worker among its instance's DP-attention ranks."""
+        ep = self.engine.engine.ep
+        return (ep.rank, ep.size) if ep is not None else (0, 1)
 
     def load_pb(self) -> common_pb2.WorkerLoad:
         ld = self.engine.load
@@ -137,17 +157,25 @@ class Worker:
         req = gateway_pb2.RegisterWorkerRequest(
             protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, role=self.role,
             address=self.advertised_address, instance_id=self.args.instance_id or self.worker_id,
-            dp_rank=0, dp_size=1, model_name=self.engine.engine.model_dir.name, kv_layout=self.layout,
+            dp_rank=self.dp[0], dp_size=self.dp[1], model_name=self.engine.engine.model_dir.name, kv_layout=self.layout,
             max_model_len=self.engine.engine.max_model_len)
         self.registration = GatewayRegistration(self.args.gateway, req, self.load_pb)
         await self.registration.start()
 
     async def drain(self) -> None:
-        """Not serving, leave the gateway; in-flight calls go on until the server stops."""
+        """Not serving, leave the gateway; in-flight calls go on until the server stops. Idempotent."""
         await self.server.set_serving(False)
         if self.registration is not None:
-            self.registration.draining = True
-            await self.registration.stop()
+            registration, self.registration = self.registration, None
+            registration.draining = True
+            await registration.stop()
+
+    async def watch_engine(self) -> None:
+        """If the engine fails (a bug, or a rank of the EP group gone), report NOT_SERVING and leave the
+        gateway; the failed requests already got their error."""
+        await self.engine.failed.wait()
+        log.error("%s: the engine failed (%s); not serving any more", self.worker_id, self.engine.error)
+        await self.drain()
 
 
 def advertised(args: argparse.Namespace, port: int) -> str:
@@ -179,9 +207,11 @@ async def run_worker(role: int, name: str, args: argparse.Namespace, servicer: W
         print(f"{name} listening on {worker.advertised_address}", flush=True)
         metrics.announce_metrics()
         await worker.register()
+        watch = asyncio.create_task(worker.watch_engine(), name="engine-watch")
         if ready is not None:
             ready.set()
         await stop.wait()
+        watch.cancel()
     finally:
         if worker is not None:
             # Health says NOT_SERVING while in-flight requests finish (the port stays open for probes).

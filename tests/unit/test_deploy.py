@@ -64,9 +64,8 @@ PENDING_OPTIONS = {
     "gateway": set(),
     "kvtransfer": set(),
     "eplb": set(),
-    # The EP runtime's group options (deploy/k8s/overlays/ep-multinode).
-    "prefill": {"ep_size", "nnodes", "node_rank", "dist_init_addr"},
-    "decode": {"ep_size", "nnodes", "node_rank", "dist_init_addr"},
+    "prefill": set(),
+    "decode": set(),
 }
 HTTP_PORT = 8000
 # Variables the LeaderWorkerSet controller puts first in every container's env.

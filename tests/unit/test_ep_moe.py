@@ -37,6 +37,18 @@ def logits_of(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
         return model.compute_logits(model(input_ids, positions, NoCacheAttention([len(ids)])))
 
 
+def tbo_logits_of(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """The prompt cut in two independent sequences run as two micro-batches; their logits concatenated."""
+    from shared.ep.tbo import two_batch_forward
+    from shared.model.mla import NoCacheAttention
+
+    cut = len(ids) // 2
+    parts = [(torch.tensor(p, dtype=torch.int64), torch.arange(len(p), dtype=torch.int64), NoCacheAttention([len(p)]))
+             for p in (ids[:cut], ids[cut:])]
+    with torch.no_grad():
+        return torch.cat([model.compute_logits(h) for h in two_batch_forward(model, parts)])
+
+
 def _rank_main(ckpt: str, port: int, rank: int, world: int, redundant: int, empty_rank: int | None,
                out_dir: str) -> None:
     import torch.distributed as dist
@@ -59,8 +71,10 @@ def _rank_main(ckpt: str, port: int, rank: int, world: int, redundant: int, empt
                 assert isinstance(m.experts, EPExperts)
                 assert m.experts.w13.shape[0] == placement.slots_per_rank
                 assert m.experts.w2.shape[0] == placement.slots_per_rank
-        logits = logits_of(model, prompt_of(rank, world, empty_rank))
-        torch.save(logits, Path(out_dir) / f"rank{rank}.pt")
+        ids = prompt_of(rank, world, empty_rank)
+        torch.save(logits_of(model, ids), Path(out_dir) / f"rank{rank}.pt")
+        # Two-batch overlap: the same prompt as two sequences' micro-batches, interleaved with the peers'.
+        torch.save(tbo_logits_of(model, ids), Path(out_dir) / f"rank{rank}-tbo.pt")
     finally:
         dist.destroy_process_group()
 
@@ -118,9 +132,15 @@ def test_ep_matches_single_process(small_dir: Path, tmp_path: Path, world: int, 
         got = torch.load(tmp_path / f"rank{rank}.pt")
         ref = logits_of(ref_model, ids)
         assert got.shape == ref.shape == (len(ids), 512)
+        cut = len(ids) // 2
+        ref_tbo = torch.cat([logits_of(ref_model, ids[:cut]), logits_of(ref_model, ids[cut:])])
+        got_tbo = torch.load(tmp_path / f"rank{rank}-tbo.pt")
+        assert got_tbo.shape == ref_tbo.shape
         if ids:
             diff = (got - ref).abs().max().item()
-            assert diff <= 1e-4, f"rank {rank}: max abs diff {diff}"
+            assert diff <= 1e-5, f"rank {rank}: max abs diff {diff}"
+            diff = (got_tbo - ref_tbo).abs().max().item()
+            assert diff <= 1e-5, f"rank {rank}, two-batch overlap: max abs diff {diff}"
 
 
 def test_missing_backends_fail_naming_package_and_fallback() -> None:

@@ -1,0 +1,135 @@
+"""One rank's membership in an EP group: the process group, the expert placement, and the per-step vote.
+
+All ranks of a group step together: before each step every rank says whether it has a batch, whether
+its batch can be split for two-batch overlap, and whether it is stopping; one all-reduce tells all of
+them whether anyone has work (then everyone runs a forward, empty if need be), whether to split, and
+whether the whole group is stopping. A peer that dies makes the next collective fail on every other
+rank (gloo and NCCL notice the closed connection); a peer that hangs fails it after `timeout_s`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shared.ep.apply import apply_expert_parallel
+from shared.ep.placement import ExpertPlacement
+from shared.model.moe import MoE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EPConfig:
+    """How a process joins its EP group."""
+
+    size: int = 1
+    rank: int = 0
+    init_addr: str = ""              # host:port where rank 0 hosts the rendezvous
+    redundant_experts: int = 0
+    placement_file: str | None = None
+    dispatcher: str = "all_to_all"
+    dispatcher_mode: str = "auto"    # deepep: "normal" (prefill), "low_latency" (decode)
+    gemm: str = "torch"
+    enable_tbo: bool = False
+    timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"ep size must be >= 1, got {self.size}")
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"ep rank must be in [0, {self.size}), got {self.rank}")
+        if self.redundant_experts < 0:
+            raise ValueError(f"redundant experts must be >= 0, got {self.redundant_experts}")
+        if self.size > 1 and not self.init_addr:
+            raise ValueError("an EP group of more than one rank needs the rendezvous address (host:port)")
+
+
+@dataclass(frozen=True)
+class StepVote:
+    any_batch: bool     # some rank has a batch: every rank runs a forward this step
+    split: bool         # run it as two micro-batches (every rank, for the same step)
+    all_stopping: bool  # every rank is stopping: leave the loop together
+
+
+class GroupFailed(RuntimeError):
+    """A collective of the EP group failed: a peer rank died, hung or left."""
+
+
+class EPGroup:
+    """This process's rank of an EP group (torch.distributed's default group: one group per process)."""
+
+    def __init__(self, cfg: EPConfig) -> None:
+        self.cfg = cfg
+        self.placement: ExpertPlacement | None = None
+        # One backend per device type: gloo carries CPU tensors, NCCL CUDA ones.
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{cfg.init_addr}", rank=cfg.rank,
+                                world_size=cfg.size, timeout=datetime.timedelta(seconds=cfg.timeout_s))
+        self._vote = torch.zeros(3, dtype=torch.int64)
+        log.info("joined EP group at %s as rank %d of %d", cfg.init_addr, cfg.rank, cfg.size)
+
+    @property
+    def rank(self) -> int:
+        return self.cfg.rank
+
+    @property
+    def size(self) -> int:
+        return self.cfg.size
+
+    def make_placement(self, model: nn.Module) -> ExpertPlacement:
+        """The placement for `model`: from the file when one was given, else experts in order plus replicas."""
+        num_layers = sum(isinstance(m, MoE) for m in model.modules())
+        num_logical = model.config.n_routed_experts
+        if self.cfg.placement_file:
+            placement = ExpertPlacement.from_file(self.cfg.placement_file, num_logical)
+            if placement.ep_size != self.size:
+                raise ValueError(f"placement file {self.cfg.placement_file} is for ep_size {placement.ep_size}, "
+                                 f"this group has {self.size} ranks")
+            if placement.num_layers != num_layers:
+                raise ValueError(f"placement file {self.cfg.placement_file} has {placement.num_layers} MoE layers, "
+                                 f"the model has {num_layers}")
+            return placement
+        return ExpertPlacement.default(num_layers, num_logical, self.size, self.cfg.redundant_experts)
+
+    def apply(self, model: nn.Module, role_mode: str = "normal") -> nn.Module:
+        """Make `model` this rank's share of the experts; backends that cannot run fail here."""
+        self.placement = self.make_placement(model)
+        options: dict[str, Any] = {}
+        if self.cfg.dispatcher == "deepep":
+            options["mode"] = role_mode if self.cfg.dispatcher_mode == "auto" else self.cfg.dispatcher_mode
+        return apply_expert_parallel(model, None, self.placement, self.cfg.dispatcher, self.cfg.gemm, options)
+
+    def vote(self, has_batch: bool, can_split: bool, stopping: bool) -> StepVote:
+        """The step's collective decision (an all-reduce MAX of [has_batch, cannot split, not stopping])."""
+        v = self._vote
+        v[0], v[1], v[2] = int(has_batch), int(not can_split), int(not stopping)
+        self.collective(dist.all_reduce, v, op=dist.ReduceOp.MAX)
+        any_batch = bool(v[0])
+        return StepVote(any_batch=any_batch, split=self.cfg.enable_tbo and any_batch and not v[1],
+                        all_stopping=not v[2])
+
+    def barrier(self) -> None:
+        self.collective(dist.barrier)
+
+    def collective(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:
+            raise GroupFailed(describe_failure(self.rank, self.size, e)) from e
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def describe_failure(rank: int, size: int, error: BaseException) -> str:
+    """One line for users: which group member saw what (gloo's messages run over several lines)."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"the EP group failed (seen by rank {rank} of {size}): a peer rank died, hung or left ({first[:300]})"
