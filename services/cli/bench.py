@@ -38,6 +38,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     add_mesh_arguments(m)
     m.set_defaults(func=_run_mesh)
+    ep = bsub.add_parser("ep", help="expert parallelism: MoE layer, decode tok/s, dispatch vs bare all-to-all, TBO",
+                         description="At EP 1, 2, 4 (rank processes over gloo): one MoE layer's time, a decode "
+                                     "step's tokens/s, dispatch+combine bytes/s against a bare all_to_all_single "
+                                     "of the same bytes, and two-batch overlap on against off; prints the ratios.")
+    from services.cli.bench_ep import add_arguments as add_ep_arguments
+
+    add_ep_arguments(ep)
+    ep.set_defaults(func=_run_ep)
     from services.cli.bench_serve import add_parsers as add_serve_parsers  # `bench serve`, `bench plot`
 
     add_serve_parsers(bsub)
@@ -57,5 +65,11 @@ def _run_transfer(args: argparse.Namespace) -> int:
 
 def _run_mesh(args: argparse.Namespace) -> int:
     from services.cli.bench_mesh import run
+
+    return run(args)
+
+
+def _run_ep(args: argparse.Namespace) -> int:
+    from services.cli.bench_ep import run
 
     return run(args)

@@ -53,8 +53,9 @@ class EPConfig:
 
 @dataclass(frozen=True)
 class StepVote:
-    any_batch: bool     # some rank has a batch: every rank runs a forward this step
-    split: bool         # run it as two micro-batches (every rank, for the same step)
+    any_batch: bool      # some rank has a batch: every rank runs a forward this step
+    all_can_split: bool  # every rank's batch can run as two micro-batches
+    split: bool          # run it as two micro-batches (two-batch overlap is on and all can split)
     all_stopping: bool  # every rank is stopping: leave the loop together
 
 
@@ -111,9 +112,9 @@ class EPGroup:
         v = self._vote
         v[0], v[1], v[2] = int(has_batch), int(not can_split), int(not stopping)
         self.collective(dist.all_reduce, v, op=dist.ReduceOp.MAX)
-        any_batch = bool(v[0])
-        return StepVote(any_batch=any_batch, split=self.cfg.enable_tbo and any_batch and not v[1],
-                        all_stopping=not v[2])
+        any_batch, all_can_split = bool(v[0]), not v[1]
+        return StepVote(any_batch=any_batch, all_can_split=all_can_split,
+                        split=self.cfg.enable_tbo and any_batch and all_can_split, all_stopping=not v[2])
 
     def barrier(self) -> None:
         self.collective(dist.barrier)

@@ -1,0 +1,27 @@
+"""`moemesh bench ep` runs its EP groups end to end and reports every table (tiny sizes: a smoke run)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_ep_reports_every_comparison(tmp_path: Path) -> None:
+    out = tmp_path / "ep.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "bench", "ep", "--preset", "tiny", "--ep-sizes", "1,2",
+         "--moe-tokens", "0,8", "--batch-sizes", "2", "--decode-steps", "2", "--repeats", "2", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for title in ("one MoE layer", "decode step", "dispatch+combine", "two-batch overlap"):
+        assert title in proc.stdout
+    results = json.loads(out.read_text())
+    assert set(results) == {"1", "2"}
+    assert results["2"]["decode_tok_s"]["2"] > 0 and results["2"]["tbo"]["2"] > 0
+    # Eight tokens per rank over two ranks move hidden states both ways; zero tokens move nothing.
+    assert results["2"]["comm"]["8"]["bytes"] > 0
+    assert results["2"]["comm"]["0"]["bytes"] == 0
