@@ -50,6 +50,7 @@ class EngineConfig:
     seed: int = 0                        # the shared generator of unseeded random sampling
     num_threads: int | None = None       # torch intra-op threads; None leaves torch's default
     record_expert_load: bool = True      # count routed tokens per (MoE layer, expert) for metrics
+    device: str = "cpu"                  # where weights and the KV cache live ("cuda:N" on a GPU)
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -86,7 +87,7 @@ class Engine:
             torch.set_num_threads(cfg.num_threads)
         model_dir = Path(cfg.model) if cfg.model else default_model_dir()
         self.model_dir = model_dir
-        self.model = model if model is not None else load_model(model_dir, cfg.dtype)
+        self.model = model if model is not None else load_model(model_dir, cfg.dtype, cfg.device)
         self.ep = ep
         if ep is not None:
             ep.apply(self.model, role_mode)

@@ -18,6 +18,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch at most")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prompt tokens per prefill step")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the radix prefix cache")
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the model runs (cuda: GPU N for local rank N of an EP group)")
     g.add_argument("--num-threads", type=int, default=None,
                    help="torch threads (default: the cores divided by --procs-per-host)")
     g.add_argument("--procs-per-host", type=int, default=1,
@@ -29,7 +31,16 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model, dtype=args.dtype, page_size=args.page_size, kv_cache_mb=args.kv_cache_mb,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
-        num_threads=args.num_threads or default_threads(args.procs_per_host))
+        num_threads=args.num_threads or default_threads(args.procs_per_host), device=device_of(args))
+
+
+def device_of(args: argparse.Namespace) -> str:
+    """The torch device of this process: an EP rank takes the GPU of its local rank on its host."""
+    if args.device != "cuda":
+        return args.device
+    ep_size, nnodes = getattr(args, "ep_size", 1), getattr(args, "nnodes", 1)
+    rank = getattr(args, "ep_rank", None) or 0
+    return f"cuda:{rank % max(1, ep_size // nnodes)}"
 
 
 def default_threads(procs_per_host: int) -> int:
