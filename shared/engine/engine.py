@@ -90,7 +90,7 @@ class Engine:
         self.model = model if model is not None else load_model(model_dir, cfg.dtype, cfg.device)
         self.ep = ep
         if ep is not None:
-            ep.apply(self.model, role_mode)
+            ep.apply(self.model, role_mode, max(cfg.max_num_batched_tokens, cfg.max_num_seqs))
         self.tokenizer = tokenizer if tokenizer is not None else _maybe_tokenizer(model_dir)
         mc = self.model.config
         dtype = next(self.model.parameters()).dtype

@@ -99,12 +99,19 @@ class EPGroup:
             return placement
         return ExpertPlacement.default(num_layers, num_logical, self.size, self.cfg.redundant_experts)
 
-    def apply(self, model: nn.Module, role_mode: str = "normal") -> nn.Module:
-        """Make `model` this rank's share of the experts; backends that cannot run fail here."""
+    def apply(self, model: nn.Module, role_mode: str = "normal", max_step_tokens: int = 128) -> nn.Module:
+        """Make `model` this rank's share of the experts; backends that cannot run fail here.
+
+        `max_step_tokens`: the most tokens one forward of this rank carries (DeepEP's low-latency mode
+        sizes its fixed per-rank budget by it, so that no step can exceed it).
+        """
         self.placement = self.make_placement(model)
         options: dict[str, Any] = {}
         if self.cfg.dispatcher == "deepep":
             options["mode"] = role_mode if self.cfg.dispatcher_mode == "auto" else self.cfg.dispatcher_mode
+            # Buffers are allocated now, so a rank that cannot get them fails at start-up.
+            options["hidden"] = model.config.hidden_size
+            options["num_max_dispatch_tokens_per_rank"] = max_step_tokens
         return apply_expert_parallel(model, None, self.placement, self.cfg.dispatcher, self.cfg.gemm, options)
 
     def vote(self, has_batch: bool, can_split: bool, stopping: bool) -> StepVote:
