@@ -336,7 +336,7 @@ class MeshProcess:
                 in_table = True
             elif in_table:
                 parts = line.split()
-                if len(parts) == 3 and parts[2].isdigit() and ":" in parts[1]:
+                if len(parts) == 3 and parts[2].isdigit() and ":" in parts[1] and not parts[0].endswith("-metrics"):
                     self.services[parts[0]] = (parts[1], int(parts[2]))
                 elif line.startswith("Ctrl-C"):
                     if "gateway" not in self.services:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from services.cli import bench, complete, generate, make_tiny, serve, up
+from services.cli import bench, complete, eplb_cmd, generate, make_tiny, serve, up
 
 # Errors a user can cause with bad input: printed as one line, never as a traceback.
 EXIT_USAGE = 2
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moemesh", description="Serve DeepSeek-style mixture-of-experts models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (generate, up, complete, serve, make_tiny, bench):
+    for module in (generate, up, complete, serve, make_tiny, bench, eplb_cmd):
         module.add_parser(sub)
     return parser
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 _LISTENING = re.compile(r"^(\w+) listening on (\S+)$")
 _HTTP_LISTENING = re.compile(r"^\w+ http listening on (\S+)$")
+_METRICS = re.compile(r"^\w+ metrics on (\S+)$")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +50,7 @@ class Child:
     proc: subprocess.Popen
     address: str = ""
     http_address: str = ""
+    metrics_address: str = ""
     lines: list[str] = field(default_factory=list)
     # Every stdout line, read by a thread: select() on a buffered pipe misses lines already read ahead,
     # and an unread pipe would block the child once full.
@@ -57,6 +59,9 @@ class Child:
     def pump(self) -> None:
         for line in self.proc.stdout:
             self.lines.append(line.rstrip())
+            m = _METRICS.match(line.strip())
+            if m:  # printed right after the listening line: known by the time the table is printed
+                self.metrics_address = m.group(1)
             self.queue.put(line.strip())
         self.queue.put(None)  # end of output: the child exited
 
@@ -157,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         if args.http_port != -1:
             mesh.wait_http(gateway, deadline)
         common = ["--port", "0", *metrics, "--gateway", gateway.address, "--kvtransfer", kv.address,
+                  "--eplb", eplb.address,
                   "--transfer", args.transfer, *(["--model", args.model] if args.model else []), *extra]
         workers = [w for role, count in (("prefill", args.prefill), ("decode", args.decode)) for i in range(count)
                    for w in _start_instance(mesh, role, i, args.ep_size, common, env)]
@@ -224,6 +230,8 @@ def _table(mesh: Mesh, args: argparse.Namespace) -> str:
         rows.append(f"  {c.name:<14} {c.address:<22} {c.proc.pid}")
         if c.http_address:
             rows.append(f"  {c.name + '-http':<14} {c.http_address:<22} {c.proc.pid}")
+        if c.metrics_address:
+            rows.append(f"  {c.name + '-metrics':<14} {c.metrics_address:<22} {c.proc.pid}")
     gateway = mesh.children[2]
     rows.append(f"first request: python -c \"from shared.sdk import MeshClient; "
                 f"print(MeshClient('{gateway.address}').generate(prompt='Hello', max_tokens=16).text)\"")

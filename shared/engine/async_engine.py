@@ -139,6 +139,12 @@ class AsyncEngine:
         """PD prefill: the held pages go back (into the prefix cache)."""
         await self._call(self.engine.release, request_id)
 
+    async def offer_placement(self, version: int, phy2log: torch.Tensor) -> None:
+        """EP group: the balancer's new placement; the group switches once every rank has it."""
+        if self.engine.ep is None:
+            raise ValueError("this engine is not part of an EP group")
+        await self._call(self.engine.ep.offer, version, phy2log)
+
     async def abort(self, request_id: str) -> bool:
         if not self.alive:
             return False
@@ -231,6 +237,7 @@ class AsyncEngine:
             vote = ep.vote(batch is not None, engine.can_split(batch), self._stop)
             if vote.all_stopping:
                 return
+            ep.advance(vote)  # a placement switch moves one MoE layer's experts per step boundary
             busy = vote.any_batch
             if busy:
                 self._publish(engine.execute(batch, vote.split))

@@ -93,6 +93,17 @@ class EPExperts(nn.Module):
             self.w2 = nn.Parameter(experts.w2.index_select(0, logical.to(device)).clone(), requires_grad=False)
         self._weights = self.gemm.prepare(self.w13, self.w2)
 
+    def set_weights(self, placement: ExpertPlacement, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Serve `placement` from now on, with w13 [S, 2I, D] and w2 [S, D, I] its slots' weights on this rank."""
+        if w13.shape != self.w13.shape or w2.shape != self.w2.shape:
+            raise ValueError(f"weights of shapes {tuple(w13.shape)}, {tuple(w2.shape)} do not fit this layer's "
+                             f"{tuple(self.w13.shape)}, {tuple(self.w2.shape)}")
+        with torch.no_grad():
+            self.w13.data = w13.contiguous()
+            self.w2.data = w2.contiguous()
+        self._weights = self.gemm.prepare(self.w13, self.w2)
+        self.placement = placement
+
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, D]; topk_ids [T, K] int64 logical experts; topk_weights [T, K] float32 -> [T, D] in x's dtype."""
         return run_stages(self.stages(x, topk_ids, topk_weights))

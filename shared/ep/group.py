@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +57,19 @@ class StepVote:
     any_batch: bool      # some rank has a batch: every rank runs a forward this step
     all_can_split: bool  # every rank's batch can run as two micro-batches
     split: bool          # run it as two micro-batches (two-batch overlap is on and all can split)
-    all_stopping: bool  # every rank is stopping: leave the loop together
+    all_stopping: bool   # every rank is stopping: leave the loop together
+    offered: int = 0     # the newest placement version every rank has been offered (0: none agreed)
+
+
+@dataclass
+class Migration:
+    """A switch to a new placement in progress: MoE layers before `next_layer` have moved."""
+
+    version: int
+    placement: ExpertPlacement
+    next_layer: int = 0
+    started: float = 0.0
+    received: int = 0
 
 
 class GroupFailed(RuntimeError):
@@ -69,11 +82,16 @@ class EPGroup:
     def __init__(self, cfg: EPConfig) -> None:
         self.cfg = cfg
         self.placement: ExpertPlacement | None = None
+        self.placement_version = 0   # 0: the start-up placement; then the balancer's versions
+        self.migration: Migration | None = None
+        self.last_switch_s = 0.0     # how long the last switch paused serving, summed over its layers
+        self._offers: dict[int, torch.Tensor] = {}  # version -> phy2log [L, P], offered by the balancer
+        self._experts: list = []
         # One backend per device type: gloo carries CPU tensors, NCCL CUDA ones.
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{cfg.init_addr}", rank=cfg.rank,
                                 world_size=cfg.size, timeout=datetime.timedelta(seconds=cfg.timeout_s))
-        self._vote = torch.zeros(3, dtype=torch.int64)
+        self._vote = torch.zeros(5, dtype=torch.int64)
         log.info("joined EP group at %s as rank %d of %d", cfg.init_addr, cfg.rank, cfg.size)
 
     @property
@@ -112,16 +130,60 @@ class EPGroup:
             # Buffers are allocated now, so a rank that cannot get them fails at start-up.
             options["hidden"] = model.config.hidden_size
             options["num_max_dispatch_tokens_per_rank"] = max_step_tokens
-        return apply_expert_parallel(model, None, self.placement, self.cfg.dispatcher, self.cfg.gemm, options)
+        apply_expert_parallel(model, None, self.placement, self.cfg.dispatcher, self.cfg.gemm, options)
+        from shared.ep.experts import EPExperts
+
+        self._experts = [m for m in model.modules() if isinstance(m, EPExperts)]
+        return model
+
+    # ---- live placement updates --------------------------------------------------------------------------------
+
+    def offer(self, version: int, phy2log: torch.Tensor) -> None:
+        """The balancer's placement `version` (phy2log [L, P]); switched to once every rank has it. Engine thread."""
+        if self.placement is None or version <= self.placement_version:
+            return
+        new = ExpertPlacement(phy2log, self.size, self.placement.num_logical)  # validates
+        if new.phy2log.shape != self.placement.phy2log.shape:
+            raise ValueError(f"placement {version} has shape {tuple(new.phy2log.shape)}, this group serves "
+                             f"{tuple(self.placement.phy2log.shape)}")
+        self._offers[version] = new.phy2log
+
+    def advance(self, vote: StepVote) -> None:
+        """After each vote: start a switch all ranks agreed on, or move its next layer (a collective)."""
+        if self.migration is None:
+            if vote.offered <= self.placement_version or vote.offered not in self._offers:
+                return
+            new = ExpertPlacement(self._offers[vote.offered], self.size, self.placement.num_logical)
+            self.migration = Migration(vote.offered, new, started=0.0)
+            self.last_switch_s = 0.0
+        from shared.ep.migrate import migrate_layer
+
+        m = self.migration
+        t0 = time.perf_counter()
+        m.received += self.collective(migrate_layer, self._experts[m.next_layer], m.placement)
+        self.last_switch_s += time.perf_counter() - t0
+        m.next_layer += 1
+        if m.next_layer == len(self._experts):
+            self.placement, self.placement_version, self.migration = m.placement, m.version, None
+            self._offers = {v: p for v, p in self._offers.items() if v > m.version}
+            log.info("EP rank %d now serves placement %d (%d expert weights received, %.1f ms of pauses)",
+                     self.rank, m.version, m.received, 1e3 * self.last_switch_s)
+
+    # ---- the step -----------------------------------------------------------------------------------------------
 
     def vote(self, has_batch: bool, can_split: bool, stopping: bool) -> StepVote:
-        """The step's collective decision (an all-reduce MAX of [has_batch, cannot split, not stopping])."""
+        """The step's collective decision: one all-reduce MAX of [has_batch, cannot split, not stopping,
+        newest offered placement, minus the newest offered placement] (the last two give the newest and
+        the oldest of the ranks' newest offers: a switch starts only when all ranks hold the same one)."""
         v = self._vote
-        v[0], v[1], v[2] = int(has_batch), int(not can_split), int(not stopping)
+        newest = max(self._offers, default=self.placement_version)
+        v[0], v[1], v[2], v[3], v[4] = int(has_batch), int(not can_split), int(not stopping), newest, -newest
         self.collective(dist.all_reduce, v, op=dist.ReduceOp.MAX)
         any_batch, all_can_split = bool(v[0]), not v[1]
+        offered = int(v[3]) if int(v[3]) == -int(v[4]) else 0
         return StepVote(any_batch=any_batch, all_can_split=all_can_split,
-                        split=self.cfg.enable_tbo and any_batch and all_can_split, all_stopping=not v[2])
+                        split=self.cfg.enable_tbo and any_batch and all_can_split, all_stopping=not v[2],
+                        offered=offered)
 
     def barrier(self) -> None:
         self.collective(dist.barrier)

@@ -46,6 +46,11 @@ def add_worker_arguments(p: argparse.ArgumentParser, default_port: int, default_
     g.add_argument("--transfer", default="relay", choices=["ucx", "relay", "inproc"], help="KV data plane")
     g.add_argument("--worker-id", default=None, help="unique worker id (default: generated)")
     g.add_argument("--instance-id", default=None, help="EP group id (default: the worker id)")
+    g.add_argument("--eplb", default="127.0.0.1:50090",
+                   help="eplb service: expert load goes there, new placements come from there ('' = none)")
+    g.add_argument("--record-expert-load", default=None, metavar="FILE",
+                   help="also append this rank's expert load windows to FILE (JSON Lines; `moemesh eplb simulate`)")
+    g.add_argument("--expert-load-window-s", type=float, default=1.0, help="seconds of expert load per window")
     g.add_argument("--expert-stats-ep-size", type=int, default=1,
                    help="EP ranks the expert-load balancedness metric spreads the experts over (default 1)")
     add_engine_arguments(p)
@@ -170,6 +175,22 @@ class Worker:
             registration.draining = True
             await registration.stop()
 
+    def start_balancing(self) -> list[asyncio.Task]:
+        """Expert load to the eplb service (and the record file); its placements to the EP group."""
+        if self.engine.engine.expert_load is None or not self.engine.engine.expert_load.layers:
+            return []
+        from shared.service.expert_stats import ExpertLoadReporter, GroupIdentity, watch_placements
+
+        a = self.args
+        ident = GroupIdentity(a.instance_id or self.worker_id, self.role, self.dp[0], a.nnodes)
+        tasks = []
+        if a.eplb or a.record_expert_load:
+            reporter = ExpertLoadReporter(self.engine, ident, a.eplb, a.record_expert_load, a.expert_load_window_s)
+            tasks.append(asyncio.create_task(reporter.run(), name="expert-load"))
+        if a.eplb and self.engine.engine.ep is not None:
+            tasks.append(asyncio.create_task(watch_placements(self.engine, ident, a.eplb), name="placements"))
+        return tasks
+
     async def watch_engine(self) -> None:
         """If the engine fails (a bug, or a rank of the EP group gone), report NOT_SERVING and leave the
         gateway; the failed requests already got their error."""
@@ -207,11 +228,12 @@ async def run_worker(role: int, name: str, args: argparse.Namespace, servicer: W
         print(f"{name} listening on {worker.advertised_address}", flush=True)
         metrics.announce_metrics()
         await worker.register()
-        watch = asyncio.create_task(worker.watch_engine(), name="engine-watch")
+        tasks = [asyncio.create_task(worker.watch_engine(), name="engine-watch"), *worker.start_balancing()]
         if ready is not None:
             ready.set()
         await stop.wait()
-        watch.cancel()
+        for task in tasks:
+            task.cancel()
     finally:
         if worker is not None:
             # Health says NOT_SERVING while in-flight requests finish (the port stays open for probes).

@@ -21,6 +21,7 @@ _ROW = re.compile(r"^\s+(\S+)\s+(\S+:\d+)\s+(\d+)$")
 class RunningMesh:
     proc: subprocess.Popen
     services: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> (address, pid)
+    metrics: dict[str, str] = field(default_factory=dict)  # name -> address of its Prometheus /metrics
     output: list[str] = field(default_factory=list)
 
     @property
@@ -78,7 +79,9 @@ def start_mesh(*args: str, timeout_s: float = 240, env: dict[str, str] | None = 
             in_table = True
         elif in_table:
             m = _ROW.match(line)
-            if m:
+            if m and m.group(1).endswith("-metrics"):
+                mesh.metrics[m.group(1).removesuffix("-metrics")] = m.group(2)
+            elif m:
                 mesh.services[m.group(1)] = (m.group(2), int(m.group(3)))
             elif line.startswith("Ctrl-C"):
                 return mesh

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from shared.rpc.moemesh.v1 import common_pb2 as moemesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15moemesh/v1/eplb.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"\x96\x02\n\x10\x45xpertLoadReport\x12\x35\n\x10protocol_version\x18\x01 \x01(\x0e\x32\x1b.moemesh.v1.ProtocolVersion\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12$\n\x04role\x18\x03 \x01(\x0e\x32\x16.moemesh.v1.WorkerRole\x12\x0f\n\x07\x65p_rank\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x1b\n\x13num_logical_experts\x18\x06 \x01(\r\x12\x14\n\x0ctoken_counts\x18\x07 \x03(\x04\x12\x1c\n\x14window_start_unix_ms\x18\x08 \x01(\x04\x12\x1a\n\x12window_end_unix_ms\x18\t \x01(\x04\"/\n\x18ReportExpertLoadResponse\x12\x13\n\x0bnum_reports\x18\x01 \x01(\r\"P\n\x13GetPlacementRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.moemesh.v1.WorkerRole\"p\n\tPlacement\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x1c\n\x14num_physical_experts\x18\x03 \x01(\r\x12\x0f\n\x07phy2log\x18\x04 \x03(\r\x12\x0f\n\x07\x65p_size\x18\x05 \x01(\r2\xf4\x01\n\x04\x45plb\x12X\n\x10ReportExpertLoad\x12\x1c.moemesh.v1.ExpertLoadReport\x1a$.moemesh.v1.ReportExpertLoadResponse(\x01\x12\x46\n\x0cGetPlacement\x12\x1f.moemesh.v1.GetPlacementRequest\x1a\x15.moemesh.v1.Placement\x12J\n\x0eWatchPlacement\x12\x1f.moemesh.v1.GetPlacementRequest\x1a\x15.moemesh.v1.Placement0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15moemesh/v1/eplb.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"\x9f\x03\n\x10\x45xpertLoadReport\x12\x35\n\x10protocol_version\x18\x01 \x01(\x0e\x32\x1b.moemesh.v1.ProtocolVersion\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12$\n\x04role\x18\x03 \x01(\x0e\x32\x16.moemesh.v1.WorkerRole\x12\x0f\n\x07\x65p_rank\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x1b\n\x13num_logical_experts\x18\x06 \x01(\r\x12\x14\n\x0ctoken_counts\x18\x07 \x03(\x04\x12\x1c\n\x14window_start_unix_ms\x18\x08 \x01(\x04\x12\x1a\n\x12window_end_unix_ms\x18\t \x01(\x04\x12\x19\n\x11placement_version\x18\n \x01(\x04\x12\x0f\n\x07phy2log\x18\x0b \x03(\r\x12\x1c\n\x14num_physical_experts\x18\x0c \x01(\r\x12\x0f\n\x07\x65p_size\x18\r \x01(\r\x12\x19\n\x11num_expert_groups\x18\x0e \x01(\r\x12\x11\n\tnum_nodes\x18\x0f \x01(\r\"/\n\x18ReportExpertLoadResponse\x12\x13\n\x0bnum_reports\x18\x01 \x01(\r\"P\n\x13GetPlacementRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.moemesh.v1.WorkerRole\"\xc7\x01\n\tPlacement\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x1c\n\x14num_physical_experts\x18\x03 \x01(\r\x12\x0f\n\x07phy2log\x18\x04 \x03(\r\x12\x0f\n\x07\x65p_size\x18\x05 \x01(\r\x12\x1d\n\x15previous_balancedness\x18\x06 \x01(\x01\x12\x1d\n\x15\x65xpected_balancedness\x18\x07 \x01(\x01\x12\x17\n\x0fnum_moved_slots\x18\x08 \x01(\r2\xf4\x01\n\x04\x45plb\x12X\n\x10ReportExpertLoad\x12\x1c.moemesh.v1.ExpertLoadReport\x1a$.moemesh.v1.ReportExpertLoadResponse(\x01\x12\x46\n\x0cGetPlacement\x12\x1f.moemesh.v1.GetPlacementRequest\x1a\x15.moemesh.v1.Placement\x12J\n\x0eWatchPlacement\x12\x1f.moemesh.v1.GetPlacementRequest\x1a\x15.moemesh.v1.Placement0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moemesh.v1.eplb_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXPERTLOADREPORT']._serialized_start=63
-  _globals['_EXPERTLOADREPORT']._serialized_end=341
-  _globals['_REPORTEXPERTLOADRESPONSE']._serialized_start=343
-  _globals['_REPORTEXPERTLOADRESPONSE']._serialized_end=390
-  _globals['_GETPLACEMENTREQUEST']._serialized_start=392
-  _globals['_GETPLACEMENTREQUEST']._serialized_end=472
-  _globals['_PLACEMENT']._serialized_start=474
-  _globals['_PLACEMENT']._serialized_end=586
-  _globals['_EPLB']._serialized_start=589
-  _globals['_EPLB']._serialized_end=833
+  _globals['_EXPERTLOADREPORT']._serialized_end=478
+  _globals['_REPORTEXPERTLOADRESPONSE']._serialized_start=480
+  _globals['_REPORTEXPERTLOADRESPONSE']._serialized_end=527
+  _globals['_GETPLACEMENTREQUEST']._serialized_start=529
+  _globals['_GETPLACEMENTREQUEST']._serialized_end=609
+  _globals['_PLACEMENT']._serialized_start=612
+  _globals['_PLACEMENT']._serialized_end=811
+  _globals['_EPLB']._serialized_start=814
+  _globals['_EPLB']._serialized_end=1058
 # @@protoc_insertion_point(module_scope)
