@@ -46,6 +46,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     add_ep_arguments(ep)
     ep.set_defaults(func=_run_ep)
+    lb = bsub.add_parser("eplb", help="rebalancing on a skewed workload: balancedness, decode tok/s, switch pause",
+                         description="An EP group under routing skewed towards rank 0's experts decodes, rebalances "
+                                     "live, and decodes again; prints balancedness and tokens/s before and after, "
+                                     "and the pause the switch cost.")
+    from services.cli.bench_eplb import add_arguments as add_eplb_arguments
+
+    add_eplb_arguments(lb)
+    lb.set_defaults(func=_run_eplb)
     from services.cli.bench_serve import add_parsers as add_serve_parsers  # `bench serve`, `bench plot`
 
     add_serve_parsers(bsub)
@@ -71,5 +79,11 @@ def _run_mesh(args: argparse.Namespace) -> int:
 
 def _run_ep(args: argparse.Namespace) -> int:
     from services.cli.bench_ep import run
+
+    return run(args)
+
+
+def _run_eplb(args: argparse.Namespace) -> int:
+    from services.cli.bench_eplb import run
 
     return run(args)
