@@ -177,11 +177,12 @@ def run(args: argparse.Namespace) -> int:
                 if dead.name in reported:
                     continue
                 reported.add(dead.name)
-                if dead.name in ("gateway", "kvtransfer", "eplb"):
+                if dead.name in ("gateway", "kvtransfer"):
                     print(f"moemesh up: {dead.name} exited with code {dead.proc.returncode}; stopping the mesh",
                           file=sys.stderr)
                     return 1
-                # The mesh outlives a worker, as it would in production: the gateway routes around it.
+                # The mesh outlives a worker, as it would in production: the gateway routes around it; and
+                # the balancer, whose absence only freezes placements.
                 print(f"moemesh up: {dead.name} exited with code {dead.proc.returncode}; the others keep serving",
                       file=sys.stderr)
             time.sleep(0.2)

@@ -11,6 +11,7 @@ import torch
 from prometheus_client import Counter, Gauge
 
 from services.eplb.state import Balancer, Key, PlacementVersion, Shape
+from shared.ep.placement import ExpertPlacement, PlacementError
 from shared.rpc.moemesh.v1 import common_pb2, eplb_pb2, eplb_pb2_grpc
 from shared.service.errors import InvalidArgument, NotFound
 from shared.service.version import check_protocol_version
@@ -80,8 +81,10 @@ def parse_report(r: eplb_pb2.ExpertLoadReport) -> tuple[Key, Shape, torch.Tensor
             raise InvalidArgument(f"phy2log: expected num_layers x num_physical_experts = "
                                   f"{shape.num_layers * shape.num_physical} values, got {len(r.phy2log)}")
         phy2log = torch.tensor(list(r.phy2log), dtype=torch.int64).view(shape.num_layers, shape.num_physical)
-        if int(phy2log.max()) >= shape.num_logical:
-            raise InvalidArgument(f"phy2log: expert ids must be below num_logical_experts {shape.num_logical}")
+        try:  # every expert needs a slot: the balancer measures and moves against this placement
+            ExpertPlacement(phy2log, shape.ep_size, shape.num_logical)
+        except PlacementError as e:
+            raise InvalidArgument(f"phy2log: {e}") from None
     return (r.instance_id, r.role), shape, counts, phy2log
 
 

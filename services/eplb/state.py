@@ -99,7 +99,9 @@ class Balancer:
             self.groups[key] = group
             log.info("tracking EP group %s (%d ranks, %d slots per layer) at placement version %d",
                      key[0], shape.ep_size, shape.num_physical, version)
-        elif phy2log is not None and version > group.placement.version:
+        elif phy2log is not None and (version > group.placement.version or (
+                version == group.placement.version and not torch.equal(phy2log, group.placement.phy2log))):
+            # A newer placement, or the real one of a version the balancer could only assume so far.
             group.placement = PlacementVersion(version, phy2log.long())
         if version == group.placement.version:
             group.add(t_end, counts, self.policy.window_s)

@@ -51,8 +51,8 @@ def add_worker_arguments(p: argparse.ArgumentParser, default_port: int, default_
     g.add_argument("--record-expert-load", default=None, metavar="FILE",
                    help="also append this rank's expert load windows to FILE (JSON Lines; `moemesh eplb simulate`)")
     g.add_argument("--expert-load-window-s", type=float, default=1.0, help="seconds of expert load per window")
-    g.add_argument("--expert-stats-ep-size", type=int, default=1,
-                   help="EP ranks the expert-load balancedness metric spreads the experts over (default 1)")
+    g.add_argument("--expert-stats-ep-size", type=int, default=None,
+                   help="EP ranks the expert-load balancedness metric spreads the experts over (default: --ep-size)")
     add_engine_arguments(p)
     add_ep_arguments(p)
     add_telemetry_arguments(p, default_metrics_port)
@@ -149,7 +149,7 @@ class Worker:
         metrics.register_load_source(role, self.engine, lambda e: e.load)
         recorder = self.engine.engine.expert_load
         if recorder is not None and recorder.layers:
-            ep_size = getattr(self.args, "expert_stats_ep_size", 1) or 1
+            ep_size = getattr(self.args, "expert_stats_ep_size", None) or self.dp[1]
             if not 1 <= ep_size <= recorder.num_experts:
                 raise ValueError(f"--expert-stats-ep-size must be in [1, {recorder.num_experts}] "
                                  f"(the model's routed experts), got {ep_size}")
