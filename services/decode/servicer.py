@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from shared.engine.async_engine import AsyncEngine, Reserved
+from shared.engine.engine import Resume
 from shared.engine.request import RequestOutput
 from shared.rpc.moemesh.v1 import decode_pb2, decode_pb2_grpc, kvtransfer_pb2, kvtransfer_pb2_grpc
 from shared.service.convert import finish_to_pb, logprobs_to_pb, sampling_from_pb
@@ -76,17 +77,19 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
     async def _generate(self, request: decode_pb2.DecodeRequest, rid: str, prompt: list[int], params: Any,
                         context: grpc.aio.ServicerContext, telemetry: RequestTelemetry
                         ) -> AsyncIterator[decode_pb2.DecodeResponse]:
+        resume = Resume(list(request.resume_token_ids), request.resume_text_chars)
         if not request.room_id:
-            async for out in self.engine.generate(prompt, params, rid):
+            async for out in self.engine.generate(prompt, params, rid, resume):
                 telemetry.on_output(out)
                 yield _response(out)
             return
-        events = self.engine.reserve(prompt, params, rid)
+        events = self.engine.reserve(prompt, params, rid, resume)
         try:
             async for item in events:
                 if isinstance(item, Reserved):
                     telemetry.on_reserved(item.timing)
-                    await self._receive(request.room_id, rid, len(prompt), context)
+                    # A migrated request receives the KV of its earlier outputs too.
+                    await self._receive(request.room_id, rid, len(prompt) + len(resume.token_ids), context)
                 else:
                     telemetry.on_output(item)
                     yield _response(item)

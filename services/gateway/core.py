@@ -28,13 +28,13 @@ from collections.abc import AsyncIterator
 
 from opentelemetry import trace
 
-from services.gateway.dispatch import AbortSender, Exchange
+from services.gateway.dispatch import AbortSender, Exchange, WorkerStreamBroken
 from services.gateway.inputs import PreparedRequest, check_model, prepare, render_messages
 from services.gateway.model import ServedModel
 from services.gateway.registry import DECODE, PREFILL, WorkerRegistry
 from services.gateway.router import Route, Router
 from shared.rpc.moemesh.v1 import common_pb2, gateway_pb2
-from shared.service.errors import InvalidArgument, ServiceError
+from shared.service.errors import InvalidArgument, ServiceError, Unavailable
 from shared.telemetry import metrics
 from shared.telemetry.logs import request_log_context
 from shared.telemetry.tracing import end_span, tracer
@@ -42,14 +42,21 @@ from shared.telemetry.tracing import end_span, tracer
 log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
+DEFAULT_MAX_MIGRATIONS = 2
+# Failures after which a request continues on other workers: the worker or its stream went away.
+# A worker's verdict on the request itself (invalid, too long, deadline) is final.
+MIGRATABLE = (Unavailable, WorkerStreamBroken)
 
 
 class GatewayCore:
     """Validate, tokenize, route, fan out and stream one request; tokenize; list models."""
 
     def __init__(self, model: ServedModel, registry: WorkerRegistry, router: Router | None = None,
-                 default_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> None:
+                 default_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+                 max_migrations: int = DEFAULT_MAX_MIGRATIONS) -> None:
+        """`max_migrations`: how many times one request may move to other workers after theirs failed."""
         self.model = model
+        self.max_migrations = max_migrations
         self.registry = registry
         self.router = router if router is not None else Router()
         self.default_timeout_s = default_timeout_s
@@ -107,36 +114,75 @@ class GatewayCore:
 
     async def _stream(self, prepared: PreparedRequest, route: Route, timeout_s: float, span: trace.Span,
                       arrival: float) -> AsyncIterator[gateway_pb2.GenerateResponse]:
-        room_id = uuid.uuid4().hex if route.prefill is not None else ""
-        page_size = route.decode.kv_layout.page_size_tokens
-        pages = math.ceil(len(prepared.prompt_token_ids) / page_size) if page_size else 0
-        workers = [route.decode] if route.prefill is None else [route.decode, route.prefill]
-        self.registry.acquire(route.decode, pages)
-        if route.prefill is not None:
-            self.registry.acquire(route.prefill)
+        deadline = time.monotonic() + timeout_s
+        resume = Progress()
         self.num_in_flight += 1
-        if room_id:
-            span.set_attribute("moemesh.room_id", room_id)
         with request_log_context(prepared.request_id, trace_id=_trace_id(span)):
             error: BaseException | None = None
             tokens = _TokenTimes(arrival)
             finish = ""
             try:
-                exchange = Exchange(self.registry, self.aborts, route, prepared, room_id, timeout_s,
-                                    trace.set_span_in_context(span))
-                async for response in exchange.run():
-                    tokens.observe(len(response.token_ids))
-                    if response.finish_reason:
-                        finish = common_pb2.FinishReason.Name(response.finish_reason)
-                    yield response
+                while True:
+                    try:
+                        async for response in self._attempt(prepared, route, deadline, span, resume):
+                            tokens.observe(len(response.token_ids))
+                            resume.add(response)
+                            if response.finish_reason:
+                                finish = common_pb2.FinishReason.Name(response.finish_reason)
+                            yield response
+                        return
+                    except MIGRATABLE as e:
+                        route = self._migration_route(prepared, route, resume, deadline, e)
             except BaseException as e:
                 error = e
                 raise
             finally:
                 self.num_in_flight -= 1
-                for worker in workers:
-                    self.registry.release(worker)
                 self._record(prepared, span, arrival, tokens, error, finish)
+
+    async def _attempt(self, prepared: PreparedRequest, route: Route, deadline: float, span: trace.Span,
+                       resume: Progress) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        """One try on one (prefill, decode) pair, continuing after what the client already has."""
+        room_id = uuid.uuid4().hex if route.prefill is not None else ""
+        page_size = route.decode.kv_layout.page_size_tokens
+        num_tokens = len(prepared.prompt_token_ids) + len(resume.token_ids)
+        pages = math.ceil(num_tokens / page_size) if page_size else 0
+        workers = [route.decode] if route.prefill is None else [route.decode, route.prefill]
+        self.registry.acquire(route.decode, pages)
+        if route.prefill is not None:
+            self.registry.acquire(route.prefill)
+        if room_id:
+            span.set_attribute("moemesh.room_id", room_id)
+        try:
+            exchange = Exchange(self.registry, self.aborts, route, prepared, room_id,
+                                max(deadline - time.monotonic(), 0.0), trace.set_span_in_context(span),
+                                resume_token_ids=resume.token_ids, resume_text_chars=resume.text_chars)
+            async for response in exchange.run():
+                yield response
+        finally:
+            for worker in workers:
+                self.registry.release(worker)
+
+    def _migration_route(self, prepared: PreparedRequest, failed: Route, resume: Progress, deadline: float,
+                         error: BaseException) -> Route:
+        """Where a request whose workers failed continues, or re-raise `error` when it cannot."""
+        resume.migrations += 1
+        resume.failed.add(failed.decode.worker_id)
+        if failed.prefill is not None:
+            resume.failed.add(failed.prefill.worker_id)
+        if resume.migrations > self.max_migrations or time.monotonic() >= deadline:
+            raise error
+        decodes = [w for w in self.registry.workers(DECODE) if w.worker_id not in resume.failed]
+        prefills = [w for w in self.registry.workers(PREFILL) if w.worker_id not in resume.failed]
+        try:
+            route = self.router.route(decodes, prefills, prepared.prompt_token_ids + resume.token_ids)
+        except ServiceError:
+            raise error from None  # nowhere else to go: the original failure is the clearer message
+        metrics.REQUEST_MIGRATIONS.inc()
+        log.warning("request %s migrates to %s%s after %d tokens: %s", prepared.request_id, route.decode.name,
+                    f" (prefill {route.prefill.name})" if route.prefill is not None else "",
+                    len(resume.token_ids), error)
+        return route
 
     def _record(self, prepared: PreparedRequest, span: trace.Span, arrival: float, tokens: _TokenTimes,
                 error: BaseException | None, finish: str) -> None:
@@ -180,6 +226,20 @@ class GatewayCore:
         metrics.unregister_sources(self)
         await self.aborts.drain()
         await self.registry.close()
+
+
+class Progress:
+    """What the client of a request has so far (a migrated request continues after it)."""
+
+    def __init__(self) -> None:
+        self.token_ids: list[int] = []
+        self.text_chars = 0
+        self.migrations = 0
+        self.failed: set[str] = set()  # worker ids that failed this request
+
+    def add(self, response: gateway_pb2.GenerateResponse) -> None:
+        self.token_ids.extend(response.token_ids)
+        self.text_chars += len(response.text)
 
 
 class _TokenTimes:

@@ -40,6 +40,12 @@ class DownstreamError(ServiceError):
         self.code = code
 
 
+class WorkerStreamBroken(ServiceError):
+    """A worker's stream ended without finishing the request (the request may continue elsewhere)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 class AbortSender:
     """Best-effort Abort RPCs, sent in the background so a cancelled request never waits on them."""
 
@@ -71,8 +77,10 @@ class Exchange:
     """The downstream calls of one request; iterate `run()` for the client's responses."""
 
     def __init__(self, registry: WorkerRegistry, aborts: AbortSender, route: Route, request: PreparedRequest,
-                 room_id: str, timeout_s: float, trace_context: Context | None = None) -> None:
-        """`trace_context`: the request's span context, carried to both workers (default: the current one)."""
+                 room_id: str, timeout_s: float, trace_context: Context | None = None,
+                 resume_token_ids: list[int] | None = None, resume_text_chars: int = 0) -> None:
+        """`trace_context`: the request's span context, carried to both workers (default: the current one).
+        `resume_token_ids` / `resume_text_chars`: a migrated request's outputs the client already has."""
         self.registry = registry
         self.aborts = aborts
         self.route = route
@@ -80,7 +88,9 @@ class Exchange:
         self.room_id = room_id
         self.timeout_s = timeout_s
         self.prefill_response: prefill_pb2.PrefillResponse | None = None
-        self.completion_tokens = 0
+        self.resume_token_ids = list(resume_token_ids or ())
+        self.resume_text_chars = resume_text_chars
+        self.completion_tokens = len(self.resume_token_ids)  # usage counts the whole request's outputs
         self.trace_context = trace_context
 
     async def run(self) -> AsyncIterator[gateway_pb2.GenerateResponse]:
@@ -93,11 +103,13 @@ class Exchange:
         with attached(self.trace_context):
             decode_call = decode.stub().Generate(decode_pb2.DecodeRequest(
                 request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, sampling=req.sampling,
-                room_id=self.room_id), timeout=self.timeout_s)
+                room_id=self.room_id, resume_token_ids=self.resume_token_ids,
+                resume_text_chars=self.resume_text_chars), timeout=self.timeout_s)
             if self.route.prefill is not None:
                 prefill_call = self.route.prefill.stub().Prefill(prefill_pb2.PrefillRequest(
                     request_id=req.request_id, room_id=self.room_id, prompt_token_ids=req.prompt_token_ids,
-                    sampling=req.sampling), timeout=self.timeout_s)
+                    sampling=req.sampling, resume_token_ids=self.resume_token_ids,
+                    resume_text_chars=self.resume_text_chars), timeout=self.timeout_s)
                 prefill_task = asyncio.ensure_future(prefill_call)
         read: asyncio.Future[Any] = asyncio.ensure_future(decode_call.read())
         ok = False  # the request finished: nothing to cancel or abort
@@ -112,7 +124,7 @@ class Exchange:
                     continue
                 msg = self._decode_result(read)
                 if msg is grpc.aio.EOF:
-                    raise ServiceError(f"{decode.name} ended the stream without a finish reason")
+                    raise WorkerStreamBroken(f"{decode.name} ended the stream without a finish reason")
                 ok = msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
                 if not ok:
                     read = asyncio.ensure_future(decode_call.read())

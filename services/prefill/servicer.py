@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from shared.engine.async_engine import AsyncEngine, KvRows
+from shared.engine.engine import Resume
 from shared.rpc.moemesh.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from shared.service.convert import logprobs_to_pb, sampling_from_pb
 from shared.service.errors import FailedPrecondition, Unavailable
@@ -90,7 +91,8 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
 
         async def compute() -> None:
             nonlocal cached
-            async for item in self.engine.prefill(list(request.prompt_token_ids), params, rid):
+            resume = Resume(list(request.resume_token_ids), request.resume_text_chars)
+            async for item in self.engine.prefill(list(request.prompt_token_ids), params, rid, resume):
                 if isinstance(item, KvRows):
                     times.setdefault("first_rows", time.perf_counter_ns())
                     blocks.put_nowait(RowBlock(item.token_start, item.rows))

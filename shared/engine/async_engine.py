@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from shared.engine.engine import Engine
+from shared.engine.engine import Engine, Resume
 from shared.engine.errors import EngineDead
 from shared.engine.request import RequestOutput, RequestTiming
 from shared.engine.sampling_params import SamplingParams
@@ -75,12 +75,12 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
     # ---- requests ------------------------------------------------------------------------------
-    async def generate(self, prompt: Sequence[int], params: SamplingParams, request_id: str
-                       ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: Sequence[int], params: SamplingParams, request_id: str,
+                       resume: Resume | None = None) -> AsyncIterator[RequestOutput]:
         """Run a request to the end here (colocated); yields its outputs; abandoning the iterator aborts it."""
         q = self._open(request_id)
         try:
-            await self._call(self.engine.add_request, list(prompt), params, request_id)
+            await self._call(self.engine.add_request, list(prompt), params, request_id, False, resume)
             async for out in self._events(q, request_id):
                 yield out
                 if out.finished:
@@ -88,8 +88,8 @@ class AsyncEngine:
         finally:
             await self._close(request_id)
 
-    async def prefill(self, prompt: Sequence[int], params: SamplingParams, request_id: str
-                      ) -> AsyncIterator[KvRows | RequestOutput]:
+    async def prefill(self, prompt: Sequence[int], params: SamplingParams, request_id: str,
+                      resume: Resume | None = None) -> AsyncIterator[KvRows | RequestOutput]:
         """PD prefill: yields KvRows as chunks complete, then the first token (`prefill_done`).
 
         The pages stay held until `release`, which the caller must await once the KV is sent.
@@ -97,7 +97,7 @@ class AsyncEngine:
         q = self._open(request_id)
         self._prefill_ids.add(request_id)
         try:
-            await self._call(self.engine.add_request, list(prompt), params, request_id, True)
+            await self._call(self.engine.add_request, list(prompt), params, request_id, True, resume)
             async for item in self._events(q, request_id):
                 yield item
                 if isinstance(item, RequestOutput) and item.prefill_done:
@@ -106,12 +106,12 @@ class AsyncEngine:
             self._prefill_ids.discard(request_id)
             self._streams.pop(request_id, None)
 
-    async def reserve(self, prompt: Sequence[int], params: SamplingParams, request_id: str
-                      ) -> AsyncIterator[Reserved | RequestOutput]:
+    async def reserve(self, prompt: Sequence[int], params: SamplingParams, request_id: str,
+                      resume: Resume | None = None) -> AsyncIterator[Reserved | RequestOutput]:
         """PD decode: yields Reserved once pages are reserved, then (after `commit`) the outputs."""
         q = self._open(request_id)
         try:
-            await self._call(self.engine.reserve_request, list(prompt), params, request_id)
+            await self._call(self.engine.reserve_request, list(prompt), params, request_id, resume)
             async for item in self._events(q, request_id):
                 yield item
                 if isinstance(item, RequestOutput) and item.finished:

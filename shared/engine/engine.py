@@ -31,7 +31,7 @@ from shared.model.tokenizer import Tokenizer
 if TYPE_CHECKING:
     from shared.ep.group import EPGroup
 
-__all__ = ["Completion", "Engine", "EngineConfig", "InvalidParameter", "RequestTooLong"]
+__all__ = ["Completion", "Engine", "EngineConfig", "InvalidParameter", "RequestTooLong", "Resume"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,15 @@ class EngineConfig:
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
         if self.kv_cache_mb < 1:
             raise ValueError(f"kv_cache_mb must be >= 1, got {self.kv_cache_mb}")
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A migrated request's outputs so far: their token ids, and how many characters of their text the
+    client already has."""
+
+    token_ids: Sequence[int] = ()
+    text_chars: int = 0
 
 
 @dataclass
@@ -123,32 +132,34 @@ class Engine:
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, prefill_only: bool = False) -> str:
+                    request_id: str | None = None, prefill_only: bool = False, resume: Resume | None = None
+                    ) -> str:
         """Queue a prompt (text, or token ids); returns its id. Raises on an invalid or too long prompt.
 
         `prefill_only` (PD prefill): the request ends after its first token, keeping its pages until
         `release` so that its KV can be sent; `read_kv` reads the rows.
+        `resume`: a migrated request continues after the outputs its previous worker produced.
         """
-        req = self._new_request(prompt, params, request_id)
+        req = self._new_request(prompt, params, request_id, resume)
         req.prefill_only = prefill_only
         self.scheduler.add(req)
         self.requests[req.request_id] = req
         return req.request_id
 
     def reserve_request(self, prompt: Sequence[int], params: SamplingParams | None = None,
-                        request_id: str | None = None) -> str:
+                        request_id: str | None = None, resume: Resume | None = None) -> str:
         """PD decode: queue a request whose prompt KV will arrive from a prefill worker.
 
         A later `step` gives it pages (it then appears in `take_reserved`); `write_kv` fills them and
         `commit_transfer` starts decoding with the prefill's first token.
         """
-        req = self._new_request(prompt, params, request_id)
+        req = self._new_request(prompt, params, request_id, resume)
         self.scheduler.reserve(req)
         self.requests[req.request_id] = req
         return req.request_id
 
     def _new_request(self, prompt: str | Sequence[int], params: SamplingParams | None,
-                     request_id: str | None) -> Request:
+                     request_id: str | None, resume: Resume | None = None) -> Request:
         params = params or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -170,7 +181,28 @@ class Engine:
             req.generator = Sampler.make_generator(params.seed)
         if self.tokenizer is not None:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+        if resume is not None and resume.token_ids:
+            self._resume(req, resume)
         return req
+
+    def _resume(self, req: Request, resume: Resume) -> None:
+        """Make `req` continue after outputs another worker produced: the same state as if it had."""
+        tokens = [int(t) for t in resume.token_ids]
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in tokens):
+            raise InvalidParameter(f"resume_token_ids: token ids must be in [0, {vocab})")
+        if len(tokens) >= req.params.max_tokens:
+            raise InvalidParameter(f"resume_token_ids: {len(tokens)} tokens already reach max_tokens "
+                                   f"{req.params.max_tokens}")
+        req.output_token_ids = tokens
+        if req.detokenizer is not None:
+            for t in tokens:
+                req.output_text += req.detokenizer.add(t)
+            # The client has this much; text held back for a possible stop string is sent again.
+            req.num_sent_chars = min(resume.text_chars, len(req.output_text))
+        if req.generator is not None and not req.params.greedy:
+            for _ in tokens:  # each earlier output drew once from the request's seeded generator
+                self.runner.sampler.advance(req.generator, self.model.config.vocab_size)
 
     # ---- disaggregation: moving a prompt's KV between engines ---------------------------------
     @property
@@ -197,8 +229,8 @@ class Engine:
         if rows.shape[0] != self.cache.data.shape[0] or rows.shape[2] != self.kv_row_width:
             raise ValueError(f"rows of shape {tuple(rows.shape)} do not fit this cache's "
                              f"[{self.cache.data.shape[0]}, N, {self.kv_row_width}] layout")
-        if not (0 <= start and start + n <= len(req.prompt_token_ids)):
-            raise ValueError(f"rows [{start}, {start + n}) fall outside the prompt of {request_id}")
+        if not (0 <= start and start + n <= req.num_tokens):
+            raise ValueError(f"rows [{start}, {start + n}) fall outside the tokens of {request_id}")
         self.cache.data[:, self.cache.slots(req.pages, start, start + n)] = rows.to(self.cache.data.dtype)
 
     def take_reserved(self) -> list[str]:

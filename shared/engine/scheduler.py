@@ -107,7 +107,7 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         """Queue a request; refuses one whose prompt leaves no room for a generated token."""
-        n = len(req.prompt_token_ids)
+        n = req.num_tokens  # a migrated request brings the outputs it already produced
         if n == 0:
             raise RequestTooLong("the prompt is empty")
         if n >= self.cfg.max_model_len:
@@ -129,7 +129,7 @@ class Scheduler:
         if req.status is not RequestStatus.TRANSFERRING:
             raise ValueError(f"request {req.request_id} is {req.status.value}, not transferring")
         self.transferring.remove(req)
-        req.num_computed = len(req.prompt_token_ids)
+        req.num_computed = req.num_tokens
         req.status = RequestStatus.RUNNING
         self.running.append(req)
         self._cache_prefix(req)
@@ -173,7 +173,7 @@ class Scheduler:
         """Give reserving requests their pages, first come first served; `newly_reserved` lists them."""
         while self.reserving:
             req = self.reserving[0]
-            need = self.pages_for(len(req.prompt_token_ids))
+            need = self.pages_for(req.num_tokens)
             reserve = self._watermark_pages if (self.running or self.prefilling) else 0
             if need + reserve > self.num_free_pages:
                 return

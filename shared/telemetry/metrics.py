@@ -58,6 +58,10 @@ REQUEST_QUEUE_TIME = Histogram(
 PROMPT_TOKENS = Counter("moemesh_prompt_tokens_total", "Prompt tokens of requests taken up.", ["role"])
 GENERATION_TOKENS = Counter("moemesh_generation_tokens_total", "Output tokens produced.", ["role"])
 REQUESTS = Counter("moemesh_requests_total", "Requests that ended, by how they ended.", ["role", "outcome"])
+REQUEST_MIGRATIONS = Counter(
+    "moemesh_request_migrations_total",
+    "Requests the gateway moved to other workers after theirs failed mid-request (they continue after the "
+    "tokens already streamed).")
 
 KV_TRANSFER_BYTES = Counter(
     "moemesh_kv_transfer_bytes_total", "KV bytes moved between prefill and decode workers.", ["side", "plane"])
