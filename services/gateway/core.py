@@ -31,6 +31,7 @@ from opentelemetry import trace
 from services.gateway.dispatch import AbortSender, Exchange, WorkerStreamBroken
 from services.gateway.inputs import PreparedRequest, check_model, prepare, render_messages
 from services.gateway.model import ServedModel
+from services.gateway.pd_health import KvTransferHealth
 from services.gateway.registry import DECODE, PREFILL, WorkerRegistry
 from services.gateway.router import Route, Router
 from shared.rpc.moemesh.v1 import common_pb2, gateway_pb2
@@ -53,10 +54,12 @@ class GatewayCore:
 
     def __init__(self, model: ServedModel, registry: WorkerRegistry, router: Router | None = None,
                  default_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
-                 max_migrations: int = DEFAULT_MAX_MIGRATIONS) -> None:
-        """`max_migrations`: how many times one request may move to other workers after theirs failed."""
+                 max_migrations: int = DEFAULT_MAX_MIGRATIONS, pd_health: KvTransferHealth | None = None) -> None:
+        """`max_migrations`: how many times one request may move to other workers after theirs failed.
+        `pd_health`: kvtransfer's availability; while it is away, requests run colocated."""
         self.model = model
         self.max_migrations = max_migrations
+        self.pd_health = pd_health
         self.registry = registry
         self.router = router if router is not None else Router()
         self.default_timeout_s = default_timeout_s
@@ -74,8 +77,13 @@ class GatewayCore:
 
     def route(self, prepared: PreparedRequest) -> Route:
         """Pick the workers of a prepared request (raises Unavailable when there are none)."""
-        return self.router.route(self.registry.workers(DECODE), self.registry.workers(PREFILL),
-                                 prepared.prompt_token_ids)
+        return self.router.route(self.registry.workers(DECODE), self._prefill_workers(), prepared.prompt_token_ids)
+
+    def _prefill_workers(self, exclude: set[str] = frozenset()) -> list:
+        """Prefill workers to route to: none while kvtransfer is away (decode workers prefill then)."""
+        if self.pd_health is not None and not self.pd_health.available:
+            return []
+        return [w for w in self.registry.workers(PREFILL) if w.worker_id not in exclude]
 
     def open(self, req: gateway_pb2.GenerateRequest,
              timeout_s: float | None = None) -> AsyncIterator[gateway_pb2.GenerateResponse]:
@@ -132,7 +140,7 @@ class GatewayCore:
                             yield response
                         return
                     except MIGRATABLE as e:
-                        route = self._migration_route(prepared, route, resume, deadline, e)
+                        route = await self._migration_route(prepared, route, resume, deadline, e)
             except BaseException as e:
                 error = e
                 raise
@@ -163,17 +171,23 @@ class GatewayCore:
             for worker in workers:
                 self.registry.release(worker)
 
-    def _migration_route(self, prepared: PreparedRequest, failed: Route, resume: Progress, deadline: float,
-                         error: BaseException) -> Route:
+    async def _migration_route(self, prepared: PreparedRequest, failed: Route, resume: Progress, deadline: float,
+                               error: BaseException) -> Route:
         """Where a request whose workers failed continues, or re-raise `error` when it cannot."""
         resume.migrations += 1
-        resume.failed.add(failed.decode.worker_id)
-        if failed.prefill is not None:
-            resume.failed.add(failed.prefill.worker_id)
         if resume.migrations > self.max_migrations or time.monotonic() >= deadline:
             raise error
+        # A failed handoff may mean kvtransfer is gone: then the workers are fine, and the request runs
+        # colocated from now on (on the same decode worker if it is the best one).
+        kv_down = failed.prefill is not None and self.pd_health is not None and not await self.pd_health.check()
+        if kv_down:
+            failed.decode.healthy = True  # its error was about kvtransfer, not about itself
+        else:
+            resume.failed.add(failed.decode.worker_id)
+            if failed.prefill is not None:
+                resume.failed.add(failed.prefill.worker_id)
         decodes = [w for w in self.registry.workers(DECODE) if w.worker_id not in resume.failed]
-        prefills = [w for w in self.registry.workers(PREFILL) if w.worker_id not in resume.failed]
+        prefills = self._prefill_workers(resume.failed)
         try:
             route = self.router.route(decodes, prefills, prepared.prompt_token_ids + resume.token_ids)
         except ServiceError:

@@ -10,6 +10,7 @@ copied as raw rows.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from services.gateway.registry import WorkerEntry
 from shared.rpc.moemesh.v1 import common_pb2
 from shared.service.errors import Unavailable
+
+log = logging.getLogger(__name__)
 
 # Prefix blocks of this many tokens are hashed for affinity (a multiple of every usual page size).
 AFFINITY_BLOCK_TOKENS = 64
@@ -105,7 +108,8 @@ class Router:
               prompt: Sequence[int]) -> Route:
         """The route of a request with token ids `prompt`; raises Unavailable saying why there is none.
 
-        With no prefill worker registered at all, the route is colocated.
+        With no prefill worker registered, or none that can take the request now (all dead, draining or
+        unable to fit it), the route is colocated: the decode worker prefills, as it does alone.
         """
         if not decode_workers:
             raise Unavailable("no decode workers registered")
@@ -116,8 +120,9 @@ class Router:
             return Route(decodes[0], None)
         prefills = [p for p in prefill_workers if p.routable and fits(p, len(prompt))]
         if not prefills:
-            raise Unavailable(
-                f"no prefill worker can take a request now: {_why_not(prefill_workers, len(prompt))}")
+            log.info("no prefill worker can take a request now (%s): colocated on %s",
+                     _why_not(prefill_workers, len(prompt)), decodes[0].name)
+            return Route(decodes[0], None)
         for decode in decodes:
             compatible = [p for p in prefills if kv_compatible(p.kv_layout, decode.kv_layout)]
             if compatible:

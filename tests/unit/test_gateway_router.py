@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.gateway.registry import DECODE, PREFILL, WorkerEntry
-from services.gateway.router import PrefixAffinity, Router
+from services.gateway.router import PrefixAffinity, Route, Router
 from shared.rpc.moemesh.v1 import common_pb2
 from shared.service.errors import Unavailable
 
@@ -58,11 +58,11 @@ def test_no_decode_workers() -> None:
         Router().route([], [prefill("p")], PROMPT)
 
 
-def test_colocated_only_without_any_prefill_worker() -> None:
+def test_colocated_without_a_prefill_worker_that_can_take_the_request() -> None:
     d = worker("d")
     assert Router().route([d], [], PROMPT).prefill is None
-    with pytest.raises(Unavailable, match="no prefill worker can take"):
-        Router().route([d], [prefill("p", draining=True)], PROMPT)
+    # All prefill workers gone or draining: the decode worker prefills rather than the request failing.
+    assert Router().route([d], [prefill("p", draining=True)], PROMPT) == Route(d, None)
 
 
 def test_prefill_shortest_queue_counts_waiting_running_and_in_flight() -> None:

@@ -1,0 +1,178 @@
+"""Soak: steady load on a real mesh while workers are killed (SIGKILL) and replaced, for minutes.
+
+    python scripts/soak.py --duration 300 --kill-every 20 --clients 4
+
+Starts `moemesh up` (1 prefill + 2 decode workers by default), sends greedy requests from `--clients`
+threads without pause, and every `--kill-every` seconds kills a random prefill or decode worker and
+starts a replacement (`moemesh serve ROLE` registering with the same gateway). At the end it prints:
+requests sent, completed (and whether each completion equals the in-process engine's greedy output),
+migrated (the gateway's counter), failed with a clear error, lost (no answer within the deadline, or
+an error without a message), and the mesh processes' resident memory at start and end.
+Not run in CI (minutes long); `docs/benchmarks.md` records a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPTS = [f"Request {i}: the mesh serves " + "and keeps serving " * (i % 7) for i in range(16)]
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    m = re.search(r"^VmRSS:\s+(\d+) kB", text, re.M)
+    return int(m.group(1)) / 1024 if m else 0.0
+
+
+def mesh_pids(root_pid: int) -> list[int]:
+    """The `moemesh up` process and every descendant."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        pid, ppid = map(int, line.split())
+        children.setdefault(ppid, []).append(pid)
+    todo, seen = [root_pid], []
+    while todo:
+        pid = todo.pop()
+        seen.append(pid)
+        todo += children.get(pid, [])
+    return seen
+
+
+def migrations(metrics_addr: str) -> float:
+    body = urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=5).read().decode()
+    m = re.search(r"^moemesh_request_migrations_total (\S+)$", body, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--duration", type=float, default=300)
+    p.add_argument("--kill-every", type=float, default=20)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--timeout", type=float, default=60, help="each request's deadline")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    from shared.engine.engine import Engine, EngineConfig
+    from shared.engine.sampling_params import SamplingParams
+    from shared.model.default import default_model_dir
+    from shared.sdk import MeshClient, MeshError
+    from tests.integration.mesh import start_mesh
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    engine = Engine(EngineConfig(model=str(default_model_dir()), kv_cache_mb=64))
+    reference = [c.token_ids for c in engine.generate(PROMPTS, params)]
+    del engine
+    mesh = start_mesh("--prefill", "1", "--decode", "2", "--transfer", "relay")
+    rng = random.Random(args.seed)
+    counts: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    lock = threading.Lock()
+    stop = threading.Event()
+    replacements: list[subprocess.Popen] = []
+    role_of: dict[int, str] = {}  # replacement pid -> its role
+    kv_addr = mesh.services["kvtransfer"][0]
+    kills, rss_start, rss_end, migrated = 0, 0.0, 0.0, 0.0
+    try:
+        time.sleep(2)
+        pids = mesh_pids(mesh.proc.pid)
+        rss_start = sum(rss_mb(pid) for pid in pids)
+        migrations_start = migrations(mesh.metrics["gateway"])
+
+        def client(k: int) -> None:
+            with MeshClient(mesh.gateway, timeout_s=args.timeout, retries=0) as c:
+                i = k
+                while not stop.is_set():
+                    idx = i % len(PROMPTS)
+                    i += args.clients
+                    with lock:
+                        counts["sent"] += 1
+                    try:
+                        out = c.generate(prompt=PROMPTS[idx], max_tokens=args.max_tokens, temperature=0,
+                                         ignore_eos=True)
+                        kind = "completed" if out.token_ids == reference[idx] else "wrong"
+                    except MeshError as e:
+                        clear = bool(str(e).strip()) and e.code.name != "DEADLINE_EXCEEDED"
+                        kind = "failed" if clear else "lost"
+                        with lock:
+                            errors[f"{e.code.name}: {str(e)[:90]}"] += 1
+                    with lock:
+                        counts[kind] += 1
+
+        threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(args.clients)]
+        for t in threads:
+            t.start()
+        end = time.monotonic() + args.duration
+        while time.monotonic() < end:
+            time.sleep(min(args.kill_every, max(end - time.monotonic(), 0)))
+            if time.monotonic() >= end:
+                break
+            roles = {pid: n.split("-")[0] for n, (_, pid) in mesh.services.items()
+                     if n.startswith(("prefill", "decode"))}
+            roles.update({r.pid: role_of[r.pid] for r in replacements if r.poll() is None})
+            pid = rng.choice(sorted(roles))
+            role = roles[pid]
+            name = next((n for n, (_, p) in mesh.services.items() if p == pid), f"replacement {role} {pid}")
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            kills += 1
+            mesh.services = {n: v for n, v in mesh.services.items() if v[1] != pid}
+            proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "serve", role, "--port", "0",
+                                     "--metrics-port", "-1", "--gateway", mesh.gateway, "--kvtransfer", kv_addr,
+                                     "--eplb", "", "--procs-per-host", "3"], cwd=ROOT,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            role_of[proc.pid] = role
+            replacements.append(proc)
+            print(f"t={args.duration - (end - time.monotonic()):6.1f}s killed {name} ({role}); "
+                  f"started a replacement; so far {dict(counts)}", flush=True)
+        stop.set()
+        for t in threads:
+            t.join(args.timeout + 10)
+        pids = mesh_pids(mesh.proc.pid) + [r.pid for r in replacements if r.poll() is None]
+        rss_end = sum(rss_mb(pid) for pid in pids)
+        migrated = migrations(mesh.metrics["gateway"]) - migrations_start
+    finally:
+        stop.set()
+        for r in replacements:
+            if r.poll() is None:
+                r.send_signal(signal.SIGTERM)
+        mesh.stop()
+        for r in replacements:
+            try:
+                r.wait(10)
+            except subprocess.TimeoutExpired:
+                r.kill()
+    print(f"\nsoak: {args.duration:.0f} s, {args.clients} clients, a worker killed every {args.kill_every:.0f} s "
+          f"({kills} kills)")
+    print(f"  sent {counts['sent']}, completed {counts['completed']} (all equal to the engine's greedy output: "
+          f"{counts['wrong'] == 0}), migrated {migrated:.0f}, failed with a clear error {counts['failed']}, "
+          f"lost {counts['lost']}, wrong {counts['wrong']}")
+    for msg, n in errors.most_common(5):
+        print(f"    {n} x {msg}")
+    print(f"  resident memory of the mesh: {rss_start:.0f} MB at start, {rss_end:.0f} MB at end")
+    return 0 if counts["lost"] == 0 and counts["wrong"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
