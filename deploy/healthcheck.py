@@ -11,6 +11,10 @@ process found in /proc, else that service's default port.
 
     moemesh-healthcheck                       # the service running in this container
     moemesh-healthcheck --addr decode:50070 --service moemesh.v1.Decode
+
+With mutual TLS on (MOEMESH_TLS_CERT, MOEMESH_TLS_KEY, MOEMESH_TLS_CA all set, as the service itself reads
+them) it presents the service's own certificate; the certificate must name 127.0.0.1 (or the --addr host),
+or MOEMESH_TLS_SERVER_NAME must give the name it holds.
 """
 
 from __future__ import annotations
@@ -78,12 +82,29 @@ def find_address(environ: Mapping[str, str], proc_root: Path = Path("/proc")) ->
     return f"{host}:{port}"
 
 
-def check(address: str, service: str = "", timeout_s: float = 3.0) -> tuple[bool, str]:
-    """(serving, what was seen) for one Health/Check call."""
+def _channel(address: str, environ: Mapping[str, str]):  # -> grpc.Channel (grpc is imported lazily)
+    import grpc
+
+    files = [environ.get(name) for name in ("MOEMESH_TLS_CA", "MOEMESH_TLS_KEY", "MOEMESH_TLS_CERT")]
+    if not all(files):
+        return grpc.insecure_channel(address)
+    ca, key, cert = (Path(f).read_bytes() for f in files)
+    name = environ.get("MOEMESH_TLS_SERVER_NAME")
+    options = [("grpc.ssl_target_name_override", name)] if name else []
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(ca, key, cert), options=options)
+
+
+def check(address: str, service: str = "", timeout_s: float = 3.0,
+          environ: Mapping[str, str] | None = None) -> tuple[bool, str]:
+    """(serving, what was seen) for one Health/Check call (over mutual TLS when `environ` says so)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    try:
+        channel = _channel(address, os.environ if environ is None else environ)
+    except OSError as e:
+        return False, f"cannot read a TLS file: {e}"
+    with channel:
         try:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)

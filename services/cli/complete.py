@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -18,15 +19,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="keep trying this long while the mesh is starting (no gateway or no workers yet)")
+    g = p.add_argument_group("security")
+    g.add_argument("--api-key", default=None, metavar="KEY",
+                   help="the gateway's API key (default: $MOEMESH_API_KEY; the variable keeps it out of the "
+                        "process list)")
+    for name, what in (("ca", "CA bundle that signs the gateway's certificate (any --tls-* makes the channel TLS)"),
+                       ("cert", "this client's certificate (mutual TLS)"), ("key", "its private key")):
+        var = f"MOEMESH_TLS_{name.upper()}"
+        g.add_argument(f"--tls-{name}", default=os.environ.get(var) or None, metavar="FILE",
+                       help=f"{what}, PEM (default: ${var})")
+    g.add_argument("--tls-server-name", default=os.environ.get("MOEMESH_TLS_SERVER_NAME") or None, metavar="NAME",
+                   help="name to verify in the gateway's certificate (default: the target's host)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from shared.sdk import MeshClient, UnavailableError
+    from shared.sdk import MeshClient, MeshError, UnavailableError
 
     deadline = time.monotonic() + args.wait
     kw = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
-    with MeshClient(args.target, timeout_s=120) as client:
+    try:
+        client = MeshClient(args.target, timeout_s=120, api_key=args.api_key, tls_ca=args.tls_ca,
+                            tls_cert=args.tls_cert, tls_key=args.tls_key, tls_server_name=args.tls_server_name)
+    except ValueError as e:  # a certificate file missing, or a cert without its key
+        print(f"moemesh: error: {e}", file=sys.stderr)
+        return 2
+    with client:
         while True:
             try:
                 if args.chat:
@@ -46,3 +64,6 @@ def run(args: argparse.Namespace) -> int:
                     print(f"moemesh: error: {e}", file=sys.stderr)
                     return 1
                 time.sleep(1.0)
+            except MeshError as e:  # a refused key, a bad parameter: one line, no traceback
+                print(f"moemesh: error: {e}", file=sys.stderr)
+                return 1

@@ -3,6 +3,10 @@
 Starts kvtransfer, eplb, the gateway, then the prefill and decode workers, each its own process
 running `moemesh serve NAME`; prints where each listens once all are ready; on Ctrl-C or SIGTERM
 stops them all, leaving no process behind (children also die with this process: PR_SET_PDEATHSIG).
+
+Locked down: `--api-key` / `--api-key-file` go to the gateway (the key through its environment, not
+its command line); `--tls-dir DIR` (ca.crt, tls.crt, tls.key: a Kubernetes TLS secret's names) makes
+every service speak mutual TLS, through the MOEMESH_TLS_* variables every child reads.
 """
 
 from __future__ import annotations
@@ -18,10 +22,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 _LISTENING = re.compile(r"^(\w+) listening on (\S+)$")
 _HTTP_LISTENING = re.compile(r"^\w+ http listening on (\S+)$")
 _METRICS = re.compile(r"^\w+ metrics on (\S+)$")
+# --tls-dir's files (cert-manager's and `kubectl create secret tls`'s names) and the variable of each.
+TLS_FILES = {"ca": "ca.crt", "cert": "tls.crt", "key": "tls.key"}
+TLS_ENV = {"ca": "MOEMESH_TLS_CA", "cert": "MOEMESH_TLS_CERT", "key": "MOEMESH_TLS_KEY"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +47,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--transfer", default="relay", choices=["ucx", "relay"], help="KV data plane")
     p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
     p.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for every service")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="API key the gateway requires on every gRPC and /v1 REST call (repeatable, or "
+                        "comma-separated; default: $MOEMESH_API_KEY if set, else none)")
+    p.add_argument("--api-key-file", default=None, metavar="FILE", help="file of API keys, one per line")
+    p.add_argument("--tls-dir", default=None, metavar="DIR",
+                   help="mutual TLS between all services (and for clients of the gateway's gRPC API) with "
+                        f"DIR/{TLS_FILES['ca']}, DIR/{TLS_FILES['cert']}, DIR/{TLS_FILES['key']}; the "
+                        "certificate must name --host (default: $MOEMESH_TLS_* if set, else plain text)")
     p.add_argument("worker_args", nargs=argparse.REMAINDER,
                    help="after `--`: extra options for every prefill and decode worker (e.g. --kv-cache-mb 256)")
     p.set_defaults(func=run)
@@ -140,6 +156,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     env["MOEMESH_PROCS_PER_HOST"] = str(max(1, (args.prefill + args.decode) * args.ep_size))
     env.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        client = _security(args, env)
+    except ValueError as e:
+        print(f"moemesh up: {e}", file=sys.stderr)
+        return 2
     mesh = Mesh(args.host)
     stopping = False
 
@@ -155,9 +176,9 @@ def run(args: argparse.Namespace) -> int:
         kv = mesh.start("kvtransfer", "kvtransfer", ["--port", "0", *metrics], env)
         eplb = mesh.start("eplb", "eplb", ["--port", "0", *metrics], env)
         mesh.wait_ready([kv], deadline)
-        gw_args = ["--port", str(args.grpc_port), "--http-port", str(args.http_port), *metrics] + \
-            (["--model", args.model] if args.model else [])
-        gateway = mesh.start("gateway", "gateway", gw_args, env)
+        gw_args = ["--port", str(args.grpc_port), "--http-port", str(args.http_port), "--kvtransfer", kv.address,
+                   *metrics] + (["--model", args.model] if args.model else [])
+        gateway = mesh.start("gateway", "gateway", gw_args, {**env, **client.gateway_env})
         mesh.wait_ready([gateway, eplb], deadline)
         if args.http_port != -1:
             mesh.wait_http(gateway, deadline)
@@ -169,20 +190,21 @@ def run(args: argparse.Namespace) -> int:
         mesh.wait_ready(workers, deadline)
         # Workers register in the background once they listen; until they have, a first request would
         # find no prefill worker and run colocated. Every rank of an EP group is a worker.
-        _wait_registered(gateway.address, args.prefill * args.ep_size, args.decode * args.ep_size, deadline)
-        print(_table(mesh, args), flush=True)
+        _wait_registered(gateway.address, args.prefill * args.ep_size, args.decode * args.ep_size, deadline,
+                         client)
+        print(_table(mesh, args, client), flush=True)
         reported: set[str] = set()
         while not stopping:
             for dead in mesh.exited():
                 if dead.name in reported:
                     continue
                 reported.add(dead.name)
-                if dead.name in ("gateway", "kvtransfer"):
+                if dead.name == "gateway":
                     print(f"moemesh up: {dead.name} exited with code {dead.proc.returncode}; stopping the mesh",
                           file=sys.stderr)
                     return 1
                 # The mesh outlives a worker, as it would in production: the gateway routes around it; and
-                # the balancer, whose absence only freezes placements.
+                # kvtransfer (requests run colocated meanwhile) and the balancer (placements freeze).
                 print(f"moemesh up: {dead.name} exited with code {dead.proc.returncode}; the others keep serving",
                       file=sys.stderr)
             time.sleep(0.2)
@@ -206,15 +228,58 @@ def _start_instance(mesh: Mesh, role: str, index: int, ep_size: int, common: lis
     return [mesh.start(f"{name}-dp{r}", role, [*common, *group, "--ep-rank", str(r)], env) for r in range(ep_size)]
 
 
-def _wait_registered(gateway: str, prefill: int, decode: int, deadline: float) -> None:
-    from shared.sdk import MeshClient, MeshError
+@dataclass
+class ClientSecurity:
+    """How a client (this launcher's own, and the one the table suggests) reaches the gateway."""
 
-    with MeshClient(gateway, timeout_s=5, retries=0) as client:
+    api_key: str | None = None
+    tls: dict[str, str] = field(default_factory=dict)  # "ca"/"cert"/"key" -> file
+    gateway_env: dict[str, str] = field(default_factory=dict)  # what only the gateway's process gets
+
+    def client_kwargs(self) -> dict[str, str]:
+        kw = {f"tls_{name}": path for name, path in self.tls.items()}
+        return {**kw, "api_key": self.api_key} if self.api_key else kw
+
+
+def _security(args: argparse.Namespace, env: dict[str, str]) -> ClientSecurity:
+    """Apply --api-key/--api-key-file (to the gateway) and --tls-dir (to `env`, so to every child);
+    returns what a client needs. ValueError for a missing certificate file or an empty key list."""
+    from shared.service.auth import parse_api_keys
+
+    sec = ClientSecurity()
+    if args.tls_dir:
+        for name, file in TLS_FILES.items():
+            path = Path(args.tls_dir, file).resolve()
+            if not path.is_file():
+                raise ValueError(f"--tls-dir {args.tls_dir}: no {file} (expected {', '.join(TLS_FILES.values())})")
+            env[TLS_ENV[name]] = str(path)
+    sec.tls = {name: env[var] for name, var in TLS_ENV.items() if env.get(var)}
+    if args.api_key or args.api_key_file:
+        keys = parse_api_keys(args.api_key, args.api_key_file)
+        if not keys:
+            raise ValueError("--api-key / --api-key-file given, but no key in them")
+        # Through the environment: a command line is readable by every user of the host.
+        sec.gateway_env["MOEMESH_API_KEY"] = ",".join(keys)
+        sec.api_key = keys[0]
+    else:
+        inherited = parse_api_keys(env.get("MOEMESH_API_KEY"))
+        sec.api_key = inherited[0] if inherited else None
+    return sec
+
+
+def _wait_registered(gateway: str, prefill: int, decode: int, deadline: float,
+                     security: ClientSecurity | None = None) -> None:
+    from shared.sdk import MeshClient, MeshError, UnauthenticatedError
+
+    kw = security.client_kwargs() if security is not None else {}
+    with MeshClient(gateway, timeout_s=5, retries=0, **kw) as client:
         while True:
             try:
                 models = client.list_models()
                 if models and models[0].num_prefill_workers >= prefill and models[0].num_decode_workers >= decode:
                     return
+            except UnauthenticatedError as e:  # never right later
+                raise RuntimeError(f"the gateway refused this launcher's API key: {e.message}") from None
             except MeshError:
                 pass  # the gateway may still be starting
             if time.monotonic() > deadline:
@@ -222,10 +287,15 @@ def _wait_registered(gateway: str, prefill: int, decode: int, deadline: float) -
             time.sleep(0.1)
 
 
-def _table(mesh: Mesh, args: argparse.Namespace) -> str:
+def _table(mesh: Mesh, args: argparse.Namespace, security: ClientSecurity | None = None) -> str:
+    security = security or ClientSecurity()
     mode = "colocated (decode prefills)" if args.prefill == 0 else f"disaggregated, KV over {args.transfer}"
     if args.ep_size > 1:
         mode += f"; EP groups of {args.ep_size} ranks"
+    if security.tls:
+        mode += "; mutual TLS"
+    if security.api_key:
+        mode += "; API key required"
     rows = [f"moemesh is up: {mode}", f"  {'service':<14} {'address':<22} pid"]
     for c in mesh.children:
         rows.append(f"  {c.name:<14} {c.address:<22} {c.proc.pid}")
@@ -234,10 +304,14 @@ def _table(mesh: Mesh, args: argparse.Namespace) -> str:
         if c.metrics_address:
             rows.append(f"  {c.name + '-metrics':<14} {c.metrics_address:<22} {c.proc.pid}")
     gateway = mesh.children[2]
-    rows.append(f"first request: python -c \"from shared.sdk import MeshClient; "
-                f"print(MeshClient('{gateway.address}').generate(prompt='Hello', max_tokens=16).text)\"")
+    # Never the key itself in the hint: the table ends up in terminals and logs.
+    tls = "".join(f", tls_{name}='{path}'" for name, path in security.tls.items())
+    key_note = " (with MOEMESH_API_KEY set)" if security.api_key else ""
+    rows.append(f"first request{key_note}: python -c \"from shared.sdk import MeshClient; "
+                f"print(MeshClient('{gateway.address}'{tls}).generate(prompt='Hello', max_tokens=16).text)\"")
     if gateway.http_address:
-        rows.append(f"or over REST: curl http://{gateway.http_address}/v1/completions "
+        auth = " -H \"Authorization: Bearer $MOEMESH_API_KEY\"" if security.api_key else ""
+        rows.append(f"or over REST: curl http://{gateway.http_address}/v1/completions{auth} "
                     "-H 'Content-Type: application/json' -d '{\"prompt\": \"Hello\", \"max_tokens\": 16}'")
     rows.append("Ctrl-C stops everything.")
     return "\n".join(rows)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from shared.rpc.moemesh.v1 import eplb_pb2_grpc
 from shared.service.config import apply_env_defaults
 from shared.service.server import GrpcServer, install_signal_handlers, run_service
+from shared.service.tls import add_tls_arguments
 from shared.telemetry.metrics import announce_metrics
 from shared.telemetry.setup import add_telemetry_arguments
 
@@ -25,7 +26,7 @@ DEFAULT_METRICS_PORT = 9103
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moemesh serve eplb", description="Run the expert-parallel load balancer.")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (internal service: loopback)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (0 picks a free one)")
     p.add_argument("--balance-window-s", type=float, default=60.0, help="expert load older than this is forgotten")
     p.add_argument("--rebalance-period-s", type=float, default=30.0,
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="routed (token, expert) pairs a group's window needs before a decision")
     p.add_argument("--policy", default="auto", choices=["auto", "hierarchical", "global"],
                    help="placement algorithm (auto: hierarchical when expert groups divide over the nodes)")
+    add_tls_arguments(p)  # applied by run_service
     add_telemetry_arguments(p, DEFAULT_METRICS_PORT)
     apply_env_defaults(p)
     return p

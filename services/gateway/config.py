@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.gateway.admission import AdmissionConfig
+
 # The embedded tiny model has no folder name worth showing to clients.
 DEFAULT_MODEL_NAME = "moemesh-tiny"
 
@@ -31,6 +33,9 @@ class GatewayConfig:
     max_model_len: int | None = None
     http_port: int | None = None
     api_key: str | None = field(default=None, repr=False)  # a secret: kept out of logs
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    kvtransfer: str | None = None  # watched: while it is away, requests run colocated (None: not watched)
+    max_migrations: int = 2        # times one request may move on after the workers serving it failed
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -49,6 +54,8 @@ class GatewayConfig:
                 f"({self.heartbeat_interval_ms}), or every worker is dropped between two heartbeats")
         if not self.default_request_timeout_s > 0:
             raise ValueError(f"default_request_timeout_s must be > 0, got {self.default_request_timeout_s}")
+        if self.max_migrations < 0:
+            raise ValueError(f"max_migrations must be >= 0, got {self.max_migrations}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be > 0, got {self.max_model_len}")
         if self.model_name is not None and not self.model_name.strip():

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 
 from opentelemetry import trace
 
+from services.gateway.admission import Admission
 from services.gateway.dispatch import AbortSender, Exchange, WorkerStreamBroken
 from services.gateway.inputs import PreparedRequest, check_model, prepare, render_messages
 from services.gateway.model import ServedModel
@@ -54,11 +55,14 @@ class GatewayCore:
 
     def __init__(self, model: ServedModel, registry: WorkerRegistry, router: Router | None = None,
                  default_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
-                 max_migrations: int = DEFAULT_MAX_MIGRATIONS, pd_health: KvTransferHealth | None = None) -> None:
+                 max_migrations: int = DEFAULT_MAX_MIGRATIONS,
+                 admission: Admission | None = None, pd_health: KvTransferHealth | None = None) -> None:
         """`max_migrations`: how many times one request may move to other workers after theirs failed.
         `pd_health`: kvtransfer's availability; while it is away, requests run colocated."""
         self.model = model
         self.max_migrations = max_migrations
+        self.admission = admission if admission is not None else Admission(
+            decode_workers=lambda: registry.workers(DECODE))
         self.pd_health = pd_health
         self.registry = registry
         self.router = router if router is not None else Router()
@@ -129,7 +133,11 @@ class GatewayCore:
             error: BaseException | None = None
             tokens = _TokenTimes(arrival)
             finish = ""
+            permit = None
             try:
+                permit = await self.admission.acquire(len(prepared.prompt_token_ids))
+                if permit.waited:  # the route predates the wait: choose again with the load as it is now
+                    route = self.route(prepared)
                 while True:
                     try:
                         async for response in self._attempt(prepared, route, deadline, span, resume):
@@ -145,6 +153,8 @@ class GatewayCore:
                 error = e
                 raise
             finally:
+                if permit is not None:
+                    permit.release()
                 self.num_in_flight -= 1
                 self._record(prepared, span, arrival, tokens, error, finish)
 
@@ -182,10 +192,10 @@ class GatewayCore:
         kv_down = failed.prefill is not None and self.pd_health is not None and not await self.pd_health.check()
         if kv_down:
             failed.decode.healthy = True  # its error was about kvtransfer, not about itself
+        elif getattr(error, "worker_id", None):
+            resume.failed.add(error.worker_id)  # the worker that failed; its partner is fine
         else:
-            resume.failed.add(failed.decode.worker_id)
-            if failed.prefill is not None:
-                resume.failed.add(failed.prefill.worker_id)
+            resume.failed.update(w.worker_id for w in (failed.decode, failed.prefill) if w is not None)
         decodes = [w for w in self.registry.workers(DECODE) if w.worker_id not in resume.failed]
         prefills = self._prefill_workers(resume.failed)
         try:
@@ -238,6 +248,8 @@ class GatewayCore:
     async def close(self) -> None:
         """Let pending aborts go out, then close the registry's channels."""
         metrics.unregister_sources(self)
+        if self.pd_health is not None:
+            await self.pd_health.close()
         await self.aborts.drain()
         await self.registry.close()
 

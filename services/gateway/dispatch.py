@@ -124,7 +124,9 @@ class Exchange:
                     continue
                 msg = self._decode_result(read)
                 if msg is grpc.aio.EOF:
-                    raise WorkerStreamBroken(f"{decode.name} ended the stream without a finish reason")
+                    broken = WorkerStreamBroken(f"{decode.name} ended the stream without a finish reason")
+                    broken.worker_id = decode.worker_id
+                    raise broken
                 ok = msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
                 if not ok:
                     read = asyncio.ensure_future(decode_call.read())
@@ -160,6 +162,13 @@ class Exchange:
         raise self._mapped(self.route.decode, exc)
 
     def _mapped(self, worker: WorkerEntry, exc: BaseException) -> BaseException:
+        """The ServiceError for `worker`'s failure, with `worker_id` naming it (a migration avoids it)."""
+        mapped = self._map(worker, exc)
+        if isinstance(mapped, ServiceError):
+            mapped.worker_id = worker.worker_id
+        return mapped
+
+    def _map(self, worker: WorkerEntry, exc: BaseException) -> BaseException:
         if not isinstance(exc, grpc.aio.AioRpcError):
             return exc
         code, details = exc.code(), exc.details() or ""

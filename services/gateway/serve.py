@@ -8,16 +8,20 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from services.gateway.admission import Admission, add_admission_arguments, admission_config
 from services.gateway.config import GatewayConfig
 from services.gateway.core import GatewayCore
 from services.gateway.model import ServedModel, load_served_model
-from services.gateway.registry import WorkerRegistry
+from services.gateway.pd_health import KvTransferHealth
+from services.gateway.registry import DECODE, WorkerRegistry
 from services.gateway.rest import HttpServer, rest_server
 from services.gateway.servicer import GatewayServicer, WorkerRegistryServicer
 from shared.model.tokenizer import TokenizerError
 from shared.rpc.moemesh.v1 import gateway_pb2, gateway_pb2_grpc
+from shared.service.auth import ApiKeyInterceptor, ApiKeys, parse_api_keys
 from shared.service.config import apply_env_defaults
 from shared.service.server import GrpcServer, install_signal_handlers
+from shared.service.tls import add_tls_arguments, configure_tls_from_args
 from shared.telemetry import add_telemetry_arguments, announce_metrics, setup_telemetry
 
 log = logging.getLogger(__name__)
@@ -66,20 +70,34 @@ class GatewayApp:
 
 
 async def start_gateway(cfg: GatewayConfig) -> GatewayApp:
-    """Load the tokenizer, bind, start the sweeper and report SERVING; returns the running gateway."""
+    """Load the tokenizer, bind, start the sweeper and report SERVING; returns the running gateway.
+
+    With `cfg.api_key` (one key, or several comma-separated), every call to the `Gateway` service
+    and every `/v1` REST call needs one of them as a bearer token. `WorkerRegistry` is not behind
+    the key: workers are not clients (they hold no key), and with mutual TLS only holders of a
+    certificate of the mesh's CA reach it at all; health and reflection stay open for probes.
+    The gRPC server speaks mutual TLS when the process has a TLS config (`configure_tls`).
+    """
     model = await asyncio.to_thread(load_served_model, cfg)
     # Workers name the model after its folder; the gateway may serve it under another name.
     registry = WorkerRegistry(model.name, cfg.heartbeat_interval_ms, cfg.heartbeat_timeout_ms,
                               model_aliases=[model.path.name])
-    core = GatewayCore(model, registry, default_timeout_s=cfg.default_request_timeout_s)
-    server = GrpcServer(cfg.host, cfg.port)
+    pd_health = KvTransferHealth(cfg.kvtransfer) if cfg.kvtransfer else None
+    if pd_health is not None:
+        await pd_health.start()
+    core = GatewayCore(model, registry, default_timeout_s=cfg.default_request_timeout_s,
+                       admission=Admission(cfg.admission, lambda: registry.workers(DECODE)), pd_health=pd_health,
+                       max_migrations=cfg.max_migrations)
+    keys = parse_api_keys(cfg.api_key)
+    auth = [ApiKeyInterceptor(ApiKeys(keys), [GATEWAY_SERVICE])] if keys else []
+    server = GrpcServer(cfg.host, cfg.port, interceptors=auth)
     server.add(gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(core), GATEWAY_SERVICE)
     server.add(gateway_pb2_grpc.add_WorkerRegistryServicer_to_server, WorkerRegistryServicer(registry),
                REGISTRY_SERVICE)
     await server.start()
     http = None
     if cfg.http_port is not None:
-        http = rest_server(core, cfg.host, cfg.http_port, api_key=cfg.api_key)
+        http = rest_server(core, cfg.host, cfg.http_port, api_key=",".join(keys) or None)
         try:
             await http.start()
         except BaseException:
@@ -137,30 +155,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="deadline of a request whose client set none (default: %(default)s)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="context limit in tokens (default: the model's)")
+    parser.add_argument("--max-migrations", type=int, default=d.max_migrations,
+                        help="times one request may continue on other workers after the ones serving it "
+                             "failed (default: %(default)s)")
+    parser.add_argument("--kvtransfer", default="127.0.0.1:50060",
+                        help="kvtransfer address, watched: while it is unreachable requests run colocated "
+                             "('' = not watched)")
     parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
                         help="port of the OpenAI-compatible REST API, 0 picks one, -1 serves none "
                              "(default: %(default)s)")
-    parser.add_argument("--api-key", default=None,
-                        help="bearer key every /v1 REST call must send (default: none); prefer setting "
-                             "MOEMESH_API_KEY, which other users cannot read from the process list")
+    parser.add_argument("--api-key", action=_KeysAction, default=None, metavar="KEY",
+                        help="bearer key every Gateway gRPC call and /v1 REST call must send (metadata or header "
+                             "'authorization: Bearer KEY'); repeat it or separate keys by commas for several "
+                             "(default: none, no key needed); prefer MOEMESH_API_KEY or --api-key-file, which "
+                             "other users cannot read from the process list")
+    parser.add_argument("--api-key-file", default=None, metavar="FILE",
+                        help="file of accepted keys, one per line ('#' comments), added to --api-key's "
+                             "(env MOEMESH_API_KEY_FILE)")
+    add_tls_arguments(parser)
+    add_admission_arguments(parser)
     add_telemetry_arguments(parser, default_metrics_port=9101)
     apply_env_defaults(parser)
 
 
+class _KeysAction(argparse.Action):
+    """--api-key, repeatable: the first one on the command line replaces MOEMESH_API_KEY's keys (a flag
+    wins over the variable, as for every option), later ones add to it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        current = getattr(namespace, self.dest, None)
+        keys = [] if current is self.default or current is None else list(current)
+        setattr(namespace, self.dest, [*keys, str(values)])
+
+
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
-    """The GatewayConfig of parsed `add_arguments` options (raises ValueError for bad values)."""
+    """The GatewayConfig of parsed `add_arguments` options (raises ValueError for bad values); several
+    keys (--api-key repeated or comma-separated, --api-key-file) travel comma-joined in `api_key`."""
+    keys = parse_api_keys(args.api_key, getattr(args, "api_key_file", None))
+    if (args.api_key or getattr(args, "api_key_file", None)) and not keys:
+        raise ValueError("--api-key / --api-key-file / MOEMESH_API_KEY given, but no key in them")
     return GatewayConfig(
         host=args.host, port=args.port, model_dir=args.model, model_name=args.served_model_name,
         heartbeat_interval_ms=args.heartbeat_interval_ms, heartbeat_timeout_ms=args.heartbeat_timeout_ms,
         default_request_timeout_s=args.request_timeout_s, max_model_len=args.max_model_len,
-        http_port=None if args.http_port == -1 else args.http_port, api_key=args.api_key or None)
+        http_port=None if args.http_port == -1 else args.http_port, api_key=",".join(keys) or None,
+        admission=admission_config(args), kvtransfer=args.kvtransfer or None, max_migrations=args.max_migrations)
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve with parsed options until SIGINT/SIGTERM; bad options or model files exit with 2."""
     try:
-        setup_telemetry("gateway", args)  # logs, tracing, /metrics on --host:--metrics-port
         cfg = config_from_args(args)
+        configure_tls_from_args(args)  # every gRPC server and channel of the process: mTLS or none
+        setup_telemetry("gateway", args)  # logs, tracing, /metrics on --host:--metrics-port
         asyncio.run(serve(cfg))
     except (ValueError, TokenizerError, OSError, RuntimeError) as exc:  # RuntimeError: a missing OTLP exporter
         print(f"moemesh serve gateway: error: {exc}", file=sys.stderr)

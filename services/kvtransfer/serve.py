@@ -19,6 +19,7 @@ from services.kvtransfer.config import KvTransferConfig
 from services.kvtransfer.service import KvTransferService
 from shared.service.config import apply_env_defaults, env_name
 from shared.service.server import install_signal_handlers, remove_signal_handlers
+from shared.service.tls import add_tls_arguments, configure_tls_from_args
 from shared.telemetry.metrics import announce_metrics
 from shared.telemetry.setup import add_telemetry_arguments
 
@@ -45,8 +46,8 @@ _HELP = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add an option per `KvTransferConfig` field (plus the telemetry options: --log-level, --log-format,
-    --metrics-port); each also reads `MOEMESH_<DEST>`.
+    """Add an option per `KvTransferConfig` field (plus mutual TLS: --tls-cert/--tls-key/--tls-ca, and the
+    telemetry options: --log-level, --log-format, --metrics-port); each also reads `MOEMESH_<DEST>`.
 
     Applies the environment to every option the parser has so far, so call it after adding others.
     """
@@ -56,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"{_HELP[field.name]} (default {default}; env {env_name(field.name)})")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help=f"logging level (env {env_name('log_level')})")
+    add_tls_arguments(parser)
     add_telemetry_arguments(parser, DEFAULT_METRICS_PORT)
     apply_env_defaults(parser)
 
@@ -95,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = config_from_args(args)
+        configure_tls_from_args(args)  # the server (and any channel) of this process: mTLS or none
     except ValueError as e:
         print(f"moemesh: error: {e}", file=sys.stderr)
         return 2

@@ -47,6 +47,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048   # chunked prefill: prompt tokens per step
     enable_prefix_caching: bool = True
+    max_waiting_requests: int | None = None  # queued requests at most (None: unbounded); past it QueueFull
     seed: int = 0                        # the shared generator of unseeded random sampling
     num_threads: int | None = None       # torch intra-op threads; None leaves torch's default
     record_expert_load: bool = True      # count routed tokens per (MoE layer, expert) for metrics
@@ -114,7 +115,7 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig(
             num_pages=num_pages, page_size=cfg.page_size, max_model_len=self.max_model_len,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            enable_prefix_caching=cfg.enable_prefix_caching))
+            enable_prefix_caching=cfg.enable_prefix_caching, max_waiting_requests=cfg.max_waiting_requests))
         eos = set(mc.eos_token_ids)
         if self.tokenizer is not None:
             eos.update(self.tokenizer.eos_token_ids)

@@ -9,6 +9,10 @@ Pure Python, no tensors. Policy (SGLang's, prefill first):
 - A decode step that needs a page when none is free preempts the most recently admitted request:
   its pages are released (into the prefix cache) and it goes back to the front of the queue, to be
   recomputed from its prompt and the tokens generated so far.
+- The queue is bounded (`max_waiting_requests`; None, for in-process use, leaves it unbounded): past
+  it, `add` and `reserve` raise `QueueFull` at once rather than let requests (and memory) pile up. A
+  prompt that needs more pages than the whole cache has is refused at once (`KvCacheTooSmall`): it
+  could only wait for ever. Preempted requests go back whatever the queue's length: they were admitted.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from shared.engine.errors import QUEUE_FULL_RETRY_AFTER_S, KvCacheTooSmall, QueueFull, RequestTooLong
 from shared.engine.page_pool import PagePool
 from shared.engine.radix_cache import RadixCache
 from shared.engine.request import FinishReason, Request, RequestStatus
 
-
-class RequestTooLong(ValueError):
-    """The prompt does not fit the context (or the KV cache)."""
+# The errors `add` raises live in shared.engine.errors (torch-free); they are importable from here too.
+__all__ = ["KvCacheTooSmall", "QueueFull", "RequestTooLong", "ScheduledBatch", "ScheduledSeq", "Scheduler",
+           "SchedulerConfig"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
+    # Requests queued for admission (waiting, or reserving on a PD decode worker) at most; None: no bound.
+    max_waiting_requests: int | None = None
     # Pages kept free at admission while others run, so that running requests can grow a while
     # before anything has to be preempted.
     watermark: float = 0.01
@@ -42,6 +49,8 @@ class SchedulerConfig:
         for name in ("num_pages", "page_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
+            raise ValueError(f"max_waiting_requests must be >= 1 (None: unbounded), got {self.max_waiting_requests}")
         if self.num_pages * self.page_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache ({self.num_pages} pages x {self.page_size} tokens) cannot hold one sequence "
@@ -105,24 +114,46 @@ class Scheduler:
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.cfg.page_size)
 
+    @property
+    def num_queued(self) -> int:
+        """Requests waiting for admission (pages, a batch slot): what `max_waiting_requests` bounds."""
+        return len(self.waiting) + len(self.reserving)
+
     def add(self, req: Request) -> None:
-        """Queue a request; refuses one whose prompt leaves no room for a generated token."""
-        n = req.num_tokens  # a migrated request brings the outputs it already produced
-        if n == 0:
-            raise RequestTooLong("the prompt is empty")
-        if n >= self.cfg.max_model_len:
-            raise RequestTooLong(
-                f"the prompt has {n} tokens; the context limit is {self.cfg.max_model_len} tokens, "
-                f"prompt and output together")
+        """Queue a request; raises (queueing nothing) as `check_admissible` says."""
+        self.check_admissible(req)
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
 
     def reserve(self, req: Request) -> None:
         """Decode side of PD: queue a request that will receive its prompt's KV instead of computing it."""
-        self.add(req)
-        self.waiting.remove(req)
+        self.check_admissible(req)
         req.status = RequestStatus.RESERVING
         self.reserving.append(req)
+
+    def check_admissible(self, req: Request) -> None:
+        """Refuse now what could only fail or wait for ever: RequestTooLong when the tokens leave no room
+        for a generated one in the context; KvCacheTooSmall when they and that token need more pages than
+        the whole cache has; QueueFull when `max_waiting_requests` already wait."""
+        n = req.num_tokens  # a migrated request brings the outputs it already produced
+        if n == 0:
+            raise RequestTooLong("the prompt is empty")
+        # The cache first: where it caps the context, "more KV than this worker has" is the real cause.
+        need, total = self.pages_for(n + 1), self.cfg.num_pages
+        if need > total:
+            raise KvCacheTooSmall(
+                f"the prompt has {n} tokens; with one generated token they need {need} KV pages of "
+                f"{self.cfg.page_size} tokens, more than this worker's whole KV cache ({total} pages)")
+        if n >= self.cfg.max_model_len:
+            raise RequestTooLong(
+                f"the prompt has {n} tokens; the context limit is {self.cfg.max_model_len} tokens, "
+                f"prompt and output together")
+        bound = self.cfg.max_waiting_requests
+        if bound is not None and self.num_queued >= bound:
+            raise QueueFull(
+                f"this worker's queue is full: {self.num_queued} requests already wait for KV pages or a "
+                f"batch slot (max_waiting_requests={bound}; {len(self.running)} running); retry in about "
+                f"{QUEUE_FULL_RETRY_AFTER_S:g} s")
 
     def commit_transfer(self, req: Request) -> None:
         """The prompt's KV arrived in the reserved pages: the request joins the running batch."""

@@ -5,6 +5,9 @@
     with MeshClient("127.0.0.1:50051", timeout_s=60) as mesh:
         done = mesh.chat([{"role": "user", "content": "Hi!"}], max_tokens=32, temperature=0)
         print(done.text, done.finish_reason, done.usage)
+
+A locked-down mesh: `MeshClient(target, api_key="KEY", tls_ca="ca.crt", tls_cert="client.crt",
+tls_key="client.key")` (the key also from $MOEMESH_API_KEY).
 """
 
 from shared.sdk.aio import AsyncMeshClient
@@ -16,8 +19,10 @@ from shared.sdk.errors import (
     InvalidArgumentError,
     MeshError,
     NotFoundError,
+    PermissionDeniedError,
     RequestCancelledError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from shared.sdk.results import Chunk, Completion, ModelInfo, Usage
@@ -35,9 +40,11 @@ __all__ = [
     "MeshError",
     "ModelInfo",
     "NotFoundError",
+    "PermissionDeniedError",
     "RequestCancelledError",
     "ResourceExhaustedError",
     "RetryPolicy",
+    "UnauthenticatedError",
     "UnavailableError",
     "Usage",
 ]

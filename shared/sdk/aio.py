@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import grpc
 
 from shared.rpc.moemesh.v1 import gateway_pb2, gateway_pb2_grpc
-from shared.sdk.channel import aio_channel
+from shared.sdk.channel import PathOrPem, aio_channel, api_key_metadata, client_tls
 from shared.sdk.errors import from_rpc_error
 from shared.sdk.messages import CompletionBuilder, chunk_from, generate_request, model_infos, tokenize_request
 from shared.sdk.results import Chunk, Completion, ModelInfo
@@ -27,15 +27,20 @@ class AsyncMeshClient:
             async for chunk in mesh.stream("Once upon a time", max_tokens=32):
                 print(chunk.text, end="")
 
-    The channel opens on first use, inside the running event loop. To cancel a stream left early, close
-    it (`contextlib.aclosing(mesh.stream(...))`) or cancel the task iterating it.
+    `api_key` and `tls_*` as for `MeshClient`. The channel opens on first use, inside the running event
+    loop. To cancel a stream left early, close it (`contextlib.aclosing(mesh.stream(...))`) or cancel the
+    task iterating it.
     """
 
     def __init__(self, target: str, timeout_s: float | None = None, retries: int = 3, *,
-                 retry_policy: RetryPolicy | None = None) -> None:
+                 retry_policy: RetryPolicy | None = None, api_key: str | None = None,
+                 tls_ca: PathOrPem | None = None, tls_cert: PathOrPem | None = None,
+                 tls_key: PathOrPem | None = None, tls_server_name: str | None = None) -> None:
         self.target = target
         self.timeout_s = timeout_s
         self.retry_policy = retry_policy if retry_policy is not None else RetryPolicy(retries=retries)
+        self._metadata = api_key_metadata(api_key)
+        self._tls = client_tls(tls_ca, tls_cert, tls_key, tls_server_name)
         self._channel: grpc.aio.Channel | None = None
         self._stub: gateway_pb2_grpc.GatewayStub | None = None
 
@@ -53,7 +58,7 @@ class AsyncMeshClient:
 
     def _gateway(self) -> gateway_pb2_grpc.GatewayStub:
         if self._stub is None:
-            self._channel = aio_channel(self.target)
+            self._channel = aio_channel(self.target, self._tls)
             self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         return self._stub
 
@@ -96,12 +101,12 @@ class AsyncMeshClient:
                        timeout_s: float | None = None, model: str | None = None) -> list[int]:
         """Token ids of `text` (BOS first when add_special_tokens) or of chat `messages`."""
         req = tokenize_request(text, messages, add_special_tokens, add_generation_prompt, model)
-        resp = await self._unary(lambda r, timeout: self._gateway().Tokenize(r, timeout=timeout), req, timeout_s)
+        resp = await self._unary(lambda r, **kw: self._gateway().Tokenize(r, **kw), req, timeout_s)
         return list(resp.token_ids)
 
     async def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
         """The models the mesh serves."""
-        resp = await self._unary(lambda r, timeout: self._gateway().ListModels(r, timeout=timeout),
+        resp = await self._unary(lambda r, **kw: self._gateway().ListModels(r, **kw),
                                  gateway_pb2.ListModelsRequest(), timeout_s)
         return model_infos(resp)
 
@@ -111,7 +116,7 @@ class AsyncMeshClient:
         deadline = Deadline(self.timeout_s if timeout_s is None else timeout_s)
         attempt = 0
         while True:
-            call = self._gateway().Generate(req, timeout=deadline.remaining_s())
+            call = self._gateway().Generate(req, timeout=deadline.remaining_s(), metadata=self._metadata)
             received = False
             try:
                 async for resp in call:
@@ -134,7 +139,7 @@ class AsyncMeshClient:
         attempt = 0
         while True:
             try:
-                return await method(req, timeout=deadline.remaining_s())
+                return await method(req, timeout=deadline.remaining_s(), metadata=self._metadata)
             except grpc.aio.AioRpcError as err:
                 delay = self.retry_policy.delay_s(err.code(), attempt, False, deadline)
                 if delay is None:

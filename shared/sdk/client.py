@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import grpc
 
 from shared.rpc.moemesh.v1 import gateway_pb2, gateway_pb2_grpc
-from shared.sdk.channel import sync_channel
+from shared.sdk.channel import PathOrPem, api_key_metadata, client_tls, sync_channel
 from shared.sdk.errors import from_rpc_error
 from shared.sdk.messages import CompletionBuilder, chunk_from, generate_request, model_infos, tokenize_request
 from shared.sdk.results import Chunk, Completion, ModelInfo
@@ -30,6 +30,12 @@ class MeshClient:
     failing with UNAVAILABLE before any token arrived are retried up to `retries` times with
     exponential backoff and jitter. Errors are `shared.sdk.MeshError` subclasses.
 
+    Security: `api_key` is sent as `authorization: Bearer KEY` on every call (default: the first key of
+    $MOEMESH_API_KEY, if set); a wrong or missing one fails with `UnauthenticatedError`. `tls_ca` (the
+    CA that signs the gateway's certificate), `tls_cert` and `tls_key` (this client's certificate, for a
+    mesh running mutual TLS) are PEM file paths or bytes; any of them makes the channel TLS.
+    `tls_server_name` is the name to verify in the gateway's certificate when it differs from the host.
+
     Sampling options of generate/stream/chat/chat_stream (vLLM's names and defaults): max_tokens=16,
     temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0, frequency_penalty=0.0, presence_penalty=0.0,
     repetition_penalty=1.0, seed=None, stop=None, stop_token_ids=None, ignore_eos=False, min_tokens=0,
@@ -37,11 +43,15 @@ class MeshClient:
     """
 
     def __init__(self, target: str, timeout_s: float | None = None, retries: int = 3, *,
-                 retry_policy: RetryPolicy | None = None) -> None:
+                 retry_policy: RetryPolicy | None = None, api_key: str | None = None,
+                 tls_ca: PathOrPem | None = None, tls_cert: PathOrPem | None = None,
+                 tls_key: PathOrPem | None = None, tls_server_name: str | None = None) -> None:
         self.target = target
         self.timeout_s = timeout_s
         self.retry_policy = retry_policy if retry_policy is not None else RetryPolicy(retries=retries)
-        self._channel = sync_channel(target)
+        self._metadata = api_key_metadata(api_key)
+        self._tls = client_tls(tls_ca, tls_cert, tls_key, tls_server_name)
+        self._channel = sync_channel(target, self._tls)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     def __enter__(self) -> MeshClient:
@@ -104,7 +114,7 @@ class MeshClient:
         deadline = Deadline(self.timeout_s if timeout_s is None else timeout_s)
         attempt = 0
         while True:
-            call = self._stub.Generate(req, timeout=deadline.remaining_s())
+            call = self._stub.Generate(req, timeout=deadline.remaining_s(), metadata=self._metadata)
             received = False
             try:
                 for resp in call:
@@ -127,7 +137,7 @@ class MeshClient:
         attempt = 0
         while True:
             try:
-                return method(req, timeout=deadline.remaining_s())
+                return method(req, timeout=deadline.remaining_s(), metadata=self._metadata)
             except grpc.RpcError as err:
                 delay = self.retry_policy.delay_s(err.code(), attempt, False, deadline)
                 if delay is None:

@@ -46,6 +46,14 @@ class InternalError(MeshError):
     """A bug on the server side."""
 
 
+class UnauthenticatedError(MeshError):
+    """The gateway wants an API key (`api_key=`, $MOEMESH_API_KEY) and got none or a wrong one."""
+
+
+class PermissionDeniedError(MeshError):
+    """The caller is known but may not do this."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
@@ -56,6 +64,8 @@ _BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.CANCELLED: RequestCancelledError,
     grpc.StatusCode.INTERNAL: InternalError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 

@@ -7,6 +7,11 @@ import os
 
 from shared.engine.engine import EngineConfig
 
+# A worker queues at most this many requests beyond its running batch (SGLang's --max-queued-requests):
+# a few batches' worth (--max-num-seqs defaults to 64), so that a flood is refused in milliseconds
+# instead of waiting, and holding memory, for minutes.
+DEFAULT_MAX_WAITING_REQUESTS = 256
+
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
@@ -17,6 +22,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch at most")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prompt tokens per prefill step")
+    g.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS,
+                   help="requests queued for KV pages or a batch slot at most; more are refused at once with "
+                        "RESOURCE_EXHAUSTED and a retry hint (default: %(default)s)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the radix prefix cache")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where the model runs (cuda: GPU N for local rank N of an EP group)")
@@ -31,7 +39,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model, dtype=args.dtype, page_size=args.page_size, kv_cache_mb=args.kv_cache_mb,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
-        num_threads=args.num_threads or default_threads(args.procs_per_host), device=device_of(args))
+        num_threads=args.num_threads or default_threads(args.procs_per_host), device=device_of(args),
+        max_waiting_requests=args.max_waiting_requests)
 
 
 def device_of(args: argparse.Namespace) -> str:

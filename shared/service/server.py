@@ -1,7 +1,8 @@
 """The gRPC server shell every service runs in: grpc.aio, the standard health service (NOT_SERVING
 until the service says it is ready, and again while draining), server reflection, one interceptor that
-maps exceptions to status codes, and tracing (the caller's W3C trace context from the metadata, one
-SERVER span per call)."""
+maps exceptions to status codes, tracing (the caller's W3C trace context from the metadata, one
+SERVER span per call), explicit message size limits, and mutual TLS when the process has a TLS config
+(`shared.service.tls`)."""
 
 from __future__ import annotations
 
@@ -10,25 +11,35 @@ import inspect
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shared.service.errors import status_of
+from shared.service.errors import status_of, trailing_metadata_of
+from shared.service.tls import TlsConfig, configure_tls_from_args, process_tls
 from shared.telemetry.grpc_tracing import TracingServerInterceptor
 from shared.telemetry.tracing import configure_tracing
 
 log = logging.getLogger(__name__)
 
-# KV chunks and long prompts exceed gRPC's 4 MB default.
-MAX_MESSAGE_BYTES = 256 * 2**20
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
+# The largest message any service sends or accepts, on every server and channel of the mesh; bigger
+# ones are refused with RESOURCE_EXHAUSTED before they are buffered whole. KV chunks are the largest
+# messages: senders cut them at shared.transfer.chunk.DEFAULT_CHUNK_BYTES (4 MiB of rows), so 64 MiB
+# leaves room for a raised chunk size and for prompts of millions of tokens (a token id is <= 5 bytes),
+# while bounding what one call can make a server allocate (gRPC's own default: 4 MiB received, no limit
+# sent). The SDK keeps the same number (shared/sdk/channel.py; a test checks they agree).
+MAX_MESSAGE_BYTES = 64 * 2**20
+
+
+def message_size_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """gRPC options limiting sent and received messages to `max_bytes`."""
+    return [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
+
+
+CHANNEL_OPTIONS = message_size_options()
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -59,7 +70,7 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> N
     if mapped is None:
         log.exception("unhandled error in a handler", exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-    await context.abort(*mapped)
+    await context.abort(*mapped, trailing_metadata=trailing_metadata_of(exc))
 
 
 def _wrap_unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -94,13 +105,20 @@ class GrpcServer:
     flips readiness for every registered service and the overall ("") health status.
     Tracing is configured for the process at `start` unless it already was (`setup_telemetry`), named
     after the first service added ("moemesh.v1.Decode" -> "decode").
+
+    `tls`: serve mutual TLS with it (None: with the process's config, `configure_tls`, if any; else
+    plain text). `interceptors` run before tracing and error mapping (e.g. the API key check, so that a
+    refused call runs nothing). `max_message_bytes` bounds every message sent and received.
     """
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, *, tls: TlsConfig | None = None,
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently split the traffic.
-        # Tracing first: its span sees the status the error mapping sets.
-        self.server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
-                                      interceptors=[TracingServerInterceptor(), ErrorInterceptor()])
+        # Tracing before the error mapping: its span sees the status the mapping sets.
+        self.server = grpc.aio.server(options=[*message_size_options(max_message_bytes), ("grpc.so_reuseport", 0)],
+                                      interceptors=[*interceptors, TracingServerInterceptor(), ErrorInterceptor()])
+        self.tls = tls
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names: list[str] = []
@@ -116,7 +134,13 @@ class GrpcServer:
         configure_tracing(_service_of(self.service_names))
         names: Iterable[str] = (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(tuple(names), self.server)
-        self.port = self.server.add_insecure_port(f"{self.host}:{self.requested_port}")
+        address = f"{self.host}:{self.requested_port}"
+        tls = self.tls if self.tls is not None else process_tls()
+        if tls is not None:
+            self.port = self.server.add_secure_port(address, tls.server_credentials())
+        else:
+            self.port = self.server.add_insecure_port(address)
+        self.tls = tls
         if self.port == 0:
             raise OSError(f"cannot listen on {self.host}:{self.requested_port}")
         await self.set_serving(False)
@@ -168,11 +192,13 @@ def _service_of(service_names: list[str]) -> str:
 
 
 def run_service(serve: Callable[[Any], Awaitable[None]], args: Any, name: str) -> int:
-    """The body of a service's `main`: telemetry (logs, tracing, the /metrics server; the options of
-    `add_telemetry_arguments`), then `serve(args)` until it returns (SIGTERM, Ctrl-C)."""
+    """The body of a service's `main`: mutual TLS (the options of `add_tls_arguments`, if any), telemetry
+    (logs, tracing, the /metrics server; the options of `add_telemetry_arguments`), then `serve(args)`
+    until it returns (SIGTERM, Ctrl-C)."""
     from shared.telemetry.setup import setup_telemetry
 
     try:
+        configure_tls_from_args(args)
         setup_telemetry(name, args)
     except (OSError, RuntimeError, ValueError) as e:
         print(f"moemesh serve {name}: error: {e}", file=sys.stderr)

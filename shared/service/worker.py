@@ -23,6 +23,7 @@ from shared.service.errors import Unavailable
 from shared.service.kv_layout import kv_layout
 from shared.service.registration import GatewayRegistration
 from shared.service.server import CHANNEL_OPTIONS, GrpcServer, install_signal_handlers
+from shared.service.tls import add_tls_arguments
 from shared.service.version import PROTOCOL_VERSION
 from shared.telemetry import metrics
 from shared.telemetry.grpc_tracing import insecure_channel
@@ -35,7 +36,8 @@ DRAIN_GRACE_S = 5.0
 
 
 def add_worker_arguments(p: argparse.ArgumentParser, default_port: int, default_metrics_port: int) -> None:
-    """Options every engine worker takes (each also read from MOEMESH_<DEST>)."""
+    """Options every engine worker takes (each also read from MOEMESH_<DEST>); the mutual TLS ones are
+    applied by `run_service`."""
     g = p.add_argument_group("worker")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (internal services: loopback)")
     g.add_argument("--port", type=int, default=default_port, help="gRPC port (0 picks a free one)")
@@ -55,6 +57,7 @@ def add_worker_arguments(p: argparse.ArgumentParser, default_port: int, default_
                    help="EP ranks the expert-load balancedness metric spreads the experts over (default: --ep-size)")
     add_engine_arguments(p)
     add_ep_arguments(p)
+    add_tls_arguments(p)
     add_telemetry_arguments(p, default_metrics_port)
 
 

@@ -1,7 +1,8 @@
 """W3C trace context over gRPC (grpc.aio): a client interceptor that writes `traceparent` into the call's
 metadata, and a server interceptor that reads it and runs the handler in a SERVER span.
 
-    channel = insecure_channel("kvtransfer:50060", options=CHANNEL_OPTIONS)   # the mesh's channels
+    channel = insecure_channel("kvtransfer:50060", options=CHANNEL_OPTIONS)   # the mesh's channels (mTLS
+                                                                              # when the process has TLS)
     server = grpc.aio.server(interceptors=[TracingServerInterceptor(), ...])  # GrpcServer does this
 
 The client side opens no span of its own: the caller's current span (say the gateway's request span)
@@ -20,6 +21,7 @@ import grpc
 from opentelemetry import propagate
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from shared.service.tls import TlsConfig, process_tls
 from shared.telemetry.tracing import tracer
 
 TRACEPARENT = "traceparent"
@@ -82,9 +84,29 @@ def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     return list(_CLIENT_INTERCEPTORS)
 
 
-def insecure_channel(target: str, options: Sequence[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
-    """A grpc.aio channel that carries the caller's trace context on every call (the mesh's internal calls)."""
-    return grpc.aio.insecure_channel(target, options=list(options or ()), interceptors=client_interceptors())
+def mesh_channel(target: str, options: Sequence[tuple[str, Any]] | None = None,
+                 tls: TlsConfig | None = None) -> grpc.aio.Channel:
+    """A grpc.aio channel for the mesh's internal calls: it carries the caller's trace context on every
+    call, limits message sizes (`shared.service.server.CHANNEL_OPTIONS` unless `options` set their own),
+    and speaks mutual TLS with `tls`, or with the process's config (`shared.service.tls.configure_tls`)
+    when there is one, else plain text. The config is looked up here, at each channel's creation, so
+    that every call site stays the same whether the mesh runs with TLS or not.
+    """
+    # Imported here: shared.service.server imports this module.
+    from shared.service.server import CHANNEL_OPTIONS
+
+    merged = dict(CHANNEL_OPTIONS)
+    merged.update(options or ())
+    tls = tls if tls is not None else process_tls()
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=list(merged.items()), interceptors=client_interceptors())
+    merged.update(tls.channel_options())
+    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=list(merged.items()),
+                                   interceptors=client_interceptors())
+
+
+# The name every call site knows; plain text only when the process has no TLS config.
+insecure_channel = mesh_channel
 
 
 # ---- server --------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -122,6 +123,22 @@ def test_prefill_killed_mid_prompt_the_request_is_served(reference: dict[str, tu
         assert victim is not None
         assert (tokens, text) == reference[LONG_PROMPT]
         _assert_idle(mesh, {victim})
+    finally:
+        mesh.stop()
+
+
+def test_kvtransfer_killed_requests_run_colocated(reference: dict[str, tuple[list[int], str]]) -> None:
+    mesh = start_mesh("--prefill", "1", "--decode", "1", "--transfer", "relay")
+    try:
+        os.kill(mesh.services["kvtransfer"][1], signal.SIGKILL)
+        with MeshClient(mesh.gateway, timeout_s=60) as client:
+            for _ in range(2):
+                out = client.generate(prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+                assert (out.token_ids, out.text) == reference[PROMPT]
+        assert mesh.proc.poll() is None, "moemesh up stopped when kvtransfer died"
+        body = urllib.request.urlopen(f"http://{mesh.metrics['gateway']}/metrics", timeout=5).read().decode()
+        assert "moemesh_gateway_pd_fallback 1.0" in body
+        _assert_idle(mesh, set())
     finally:
         mesh.stop()
 

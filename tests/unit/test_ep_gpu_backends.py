@@ -12,10 +12,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -44,6 +42,7 @@ from shared.ep.deepgemm import (  # noqa: E402
 from shared.ep.dispatch import make_dispatcher  # noqa: E402
 from shared.ep.experts import TorchGroupedGemm, make_grouped_gemm  # noqa: E402
 from shared.ep.placement import ExpertPlacement  # noqa: E402
+from tests.unit.ep_ranks import free_port, run_ranks  # noqa: E402
 
 BENCH = ROOT / "bench" / "ep_hopper_moe.py"
 TIMEOUT_S = 60.0
@@ -55,12 +54,6 @@ def _importable(name: str) -> bool:
     except Exception:
         return False
     return True
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- missing packages, wrong machines ------------------------------------------------------------------------------
@@ -104,7 +97,7 @@ def test_broken_builds_fail_like_missing_ones(tmp_path: Path, monkeypatch: pytes
 @pytest.fixture
 def gloo_world() -> Iterator[None]:
     """A one-rank gloo group in this process (a dispatcher needs an initialized group to exist)."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         yield
     finally:
@@ -637,31 +630,9 @@ def _reference(experts: Any, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor
 
 
 def _run_group(world: int, mode: str, backend: str, out: Path) -> None:
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    procs, logs = [], []
-    for rank in range(world):
-        log = open(out / f"rank{rank}.log", "w")
-        logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, __file__, str(port), str(rank), str(world), mode, backend,
-                                       str(out)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for p in procs:
-            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
-    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
-    if failed:
-        tails = "\n".join(f"--- rank {r} (rc {rc})\n" + (out / f"rank{r}.log").read_text()[-3000:] for r, rc in failed)
-        pytest.fail(f"EP ranks failed or timed out after {TIMEOUT_S}s:\n{tails}")
+    port = free_port()
+    run_ranks(__file__, world, lambda rank: [str(port), str(rank), str(world), mode, backend, str(out)], out,
+              TIMEOUT_S)
     for rank in range(world):
         got, ref = torch.load(out / f"rank{rank}.pt")
         for g, r in zip(got, ref, strict=True):

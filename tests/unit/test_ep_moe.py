@@ -6,15 +6,13 @@ The file doubles as the rank script: `python test_ep_moe.py CKPT PORT RANK WORLD
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.unit.ep_ranks import free_port, run_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 NUM_EXPERTS = 8  # tests/conftest.py SMALL
@@ -79,41 +77,11 @@ def _rank_main(ckpt: str, port: int, rank: int, world: int, redundant: int, empt
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_group(ckpt: Path, world: int, redundant: int, empty_rank: int | None, out: Path) -> None:
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    procs, logs = [], []
-    for rank in range(world):
-        log = open(out / f"rank{rank}.log", "w")
-        logs.append(log)
-        args = [str(ckpt), str(port), str(rank), str(world), str(redundant),
-                "-1" if empty_rank is None else str(empty_rank), str(out)]
-        procs.append(subprocess.Popen([sys.executable, __file__, *args], cwd=ROOT, env=env,
-                                      stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for p in procs:
-            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
-    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
-    if failed:
-        tails = "\n".join(f"--- rank {r} (rc {rc})\n" + (out / f"rank{r}.log").read_text()[-3000:] for r, rc in failed)
-        pytest.fail(f"EP ranks failed or timed out after {TIMEOUT_S}s:\n{tails}")
+    port = free_port()
+    empty = "-1" if empty_rank is None else str(empty_rank)
+    run_ranks(__file__, world, lambda rank: [str(ckpt), str(port), str(rank), str(world), str(redundant), empty,
+                                             str(out)], out, TIMEOUT_S)
 
 
 @pytest.mark.parametrize(("world", "redundant", "empty_rank"), [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
@@ -13,26 +14,30 @@ from services.gateway.rest.auth import PROTECTED_PREFIX, ApiKeyMiddleware, beare
 from services.gateway.rest.metrics import Exposition, no_metrics
 from services.gateway.rest.schemas import ChatCompletionChunk, CompletionChunk
 from services.gateway.rest.state import RestState
+from shared.service.auth import ApiKeys, parse_api_keys
 
 # Streamed as events, so no route names them: added to the document's components by hand.
 _CHUNKS = (CompletionChunk, ChatCompletionChunk)
 
 
-def create_app(core: GatewayCore, api_key: str | None = None, metrics: Exposition | None = None) -> FastAPI:
-    """The app serving `core`; with `api_key`, /v1 calls need it as a bearer token; `metrics` renders
-    GET /metrics (e.g. `shared.telemetry.metrics_exposition`; default: an empty body)."""
+def create_app(core: GatewayCore, api_key: str | Sequence[str] | None = None,
+               metrics: Exposition | None = None) -> FastAPI:
+    """The app serving `core`; with `api_key` (a key, several comma-separated, or a list of them), /v1
+    calls need one as a bearer token; `metrics` renders GET /metrics (e.g.
+    `shared.telemetry.metrics_exposition`; default: an empty body)."""
+    keys = parse_api_keys(api_key)
     app = FastAPI(title="moemesh gateway", version=_version(),
                   description="OpenAI-compatible completions and chat completions over a moemesh mesh.")
     app.state.rest = RestState(core, metrics if metrics is not None else no_metrics)
     errors.install(app)
     # The key is enforced by the middleware (before the body is read); the dependency only documents it.
-    v1_deps = [Security(bearer)] if api_key else []
+    v1_deps = [Security(bearer)] if keys else []
     for router in (completions.router, chat.router, info.models):
         app.include_router(router, dependencies=v1_deps)
     app.include_router(info.probes)
-    if api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
-    _fix_openapi(app, documents_key=bool(api_key))
+    if keys:
+        app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(keys))
+    _fix_openapi(app, documents_key=bool(keys))
     return app
 
 

@@ -1,27 +1,29 @@
-"""The API key: with one configured, every `/v1/...` call needs `Authorization: Bearer KEY` (else 401).
+"""API keys: with any configured, every `/v1/...` call needs `Authorization: Bearer KEY` (else 401).
 
 Checked in an ASGI middleware, before FastAPI reads the body, so an unauthenticated caller learns
 nothing about its request (not even that its JSON is malformed). /health and /metrics stay open, as
 in vLLM, for probes and scrapers. `bearer` is the matching security scheme for the OpenAPI document.
+The keys are compared as the gRPC side compares them (`shared.service.auth.ApiKeys`, constant time).
 """
 
 from __future__ import annotations
-
-import hmac
 
 from fastapi.security import HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.gateway.rest.errors import error_response
+from shared.service.auth import ApiKeys, bearer_token
 
 PROTECTED_PREFIX = "/v1/"
 bearer = HTTPBearer(auto_error=False, description="The gateway's API key (--api-key / MOEMESH_API_KEY).")
 
 
 class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    """Answers 401 (OpenAI's error body, code `invalid_api_key`) to a /v1 call without one of `keys`."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
         self.app = app
-        self._key = api_key.encode()
+        self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX) or self._authorized(scope):
@@ -34,6 +36,5 @@ class ApiKeyMiddleware:
     def _authorized(self, scope: Scope) -> bool:
         for name, value in scope["headers"]:
             if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key)
+                return self.keys.accepts(bearer_token(value))
         return False

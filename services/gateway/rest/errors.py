@@ -2,12 +2,14 @@
 
 The core raises `ServiceError`s carrying gRPC status codes; they map to HTTP here, once, as
 grpc-gateway maps them. Request validation (malformed JSON included) is a 400, never FastAPI's 422;
-anything unexpected is a logged 500 that shows no traceback.
+anything unexpected is a logged 500 that shows no traceback. A 429 (RESOURCE_EXHAUSTED: queues full, no
+free KV pages, too many requests in flight) carries `Retry-After` in whole seconds, at least 1.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import grpc
@@ -17,10 +19,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from services.gateway.rest.schemas import ErrorDetail, ErrorResponse
+from shared.engine.errors import QueueFull, RequestTooLong
 from shared.engine.sampling_params import InvalidParameter
-from shared.engine.scheduler import RequestTooLong
 from shared.model.tokenizer import TokenizerError
-from shared.service.errors import ServiceError, status_of
+from shared.service.errors import ServiceError, retry_hint_s, status_of
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,8 @@ _ERROR_TYPE = {
 DOCUMENTED = {
     400: "Bad parameters, malformed JSON, or a prompt that does not fit the context.",
     404: "The model is not served here.",
-    429: "The workers' queues are full; retry later.",
+    429: "The mesh is at capacity (queues full, no free KV pages, or too many requests in flight); retry "
+         "after the `Retry-After` header's seconds.",
     503: "No worker can take the request now.",
     504: "The request passed its deadline (the gateway's request timeout).",
 }
@@ -92,6 +95,12 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def retry_after_headers(exc: BaseException) -> dict[str, str] | None:
+    """`Retry-After` (whole seconds, >= 1: HTTP has no finer unit) for an error that carries a retry hint."""
+    hint = retry_hint_s(exc)
+    return None if hint is None else {"Retry-After": str(max(1, math.ceil(hint)))}
 
 
 def describe(exc: BaseException) -> tuple[int, str, str | None, str | None]:
@@ -135,9 +144,10 @@ def install(app: FastAPI) -> None:
 
     async def _known(request: Request, exc: Exception) -> JSONResponse:
         status, message, param, code = describe(exc)
-        return error_response(status, message, param, code)
+        return error_response(status, message, param, code, headers=retry_after_headers(exc))
 
     # Expected errors get their own handlers; `Exception`'s is Starlette's last resort, which also
     # lets the server log the traceback of what is a bug.
-    for cls in (ApiError, ServiceError, InvalidParameter, RequestTooLong, TokenizerError, Exception):
+    # QueueFull is no ValueError: without its own handler it would reach `Exception`'s, logged as a bug.
+    for cls in (ApiError, ServiceError, InvalidParameter, RequestTooLong, QueueFull, TokenizerError, Exception):
         app.add_exception_handler(cls, _known)
