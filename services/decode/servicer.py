@@ -21,7 +21,7 @@ from shared.engine.engine import Resume
 from shared.engine.request import RequestOutput
 from shared.rpc.moemesh.v1 import decode_pb2, decode_pb2_grpc, kvtransfer_pb2, kvtransfer_pb2_grpc
 from shared.service.convert import finish_to_pb, logprobs_to_pb, sampling_from_pb
-from shared.service.errors import DeadlineExceeded, Unavailable
+from shared.service.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from shared.service.rooms import report_room_failed
 from shared.service.version import PROTOCOL_VERSION
 from shared.service.worker import Worker, WorkerServicer
@@ -132,7 +132,9 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
                 raise DeadlineExceeded(f"KV for room {room} did not arrive in time: {e}") from None
             raise Unavailable(f"KV transfer for room {room} failed: {e}") from None
         except grpc.aio.AioRpcError as e:
-            raise Unavailable(f"kvtransfer is unreachable or refused room {room}: {e.details()}") from None
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:  # the request's room, not kvtransfer, is at fault
+                raise InvalidArgument(f"kvtransfer refused room {room[:256]}: {e.details()}") from None
+            raise Unavailable(f"kvtransfer is unreachable or refused room {room[:256]}: {e.details()}") from None
         finally:
             if not ok:
                 metrics.KV_TRANSFER_FAILURES.labels("receiver", plane).inc()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -88,6 +89,9 @@ class Exchange:
         self.room_id = room_id
         self.timeout_s = timeout_s
         self.prefill_response: prefill_pb2.PrefillResponse | None = None
+        # The workers' key for this attempt: the client's id (for their logs) made unique, so that clients
+        # reusing an id, or an abort of a failed attempt, never touch another request or attempt.
+        self.worker_request_id = f"{request.request_id}@{uuid.uuid4().hex[:12]}"
         self.resume_token_ids = list(resume_token_ids or ())
         self.resume_text_chars = resume_text_chars
         self.completion_tokens = len(self.resume_token_ids)  # usage counts the whole request's outputs
@@ -102,12 +106,12 @@ class Exchange:
         # The calls' interceptors (which write `traceparent`) run in tasks that copy the context now.
         with attached(self.trace_context):
             decode_call = decode.stub().Generate(decode_pb2.DecodeRequest(
-                request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, sampling=req.sampling,
+                request_id=self.worker_request_id, prompt_token_ids=req.prompt_token_ids, sampling=req.sampling,
                 room_id=self.room_id, resume_token_ids=self.resume_token_ids,
                 resume_text_chars=self.resume_text_chars), timeout=self.timeout_s)
             if self.route.prefill is not None:
                 prefill_call = self.route.prefill.stub().Prefill(prefill_pb2.PrefillRequest(
-                    request_id=req.request_id, room_id=self.room_id, prompt_token_ids=req.prompt_token_ids,
+                    request_id=self.worker_request_id, room_id=self.room_id, prompt_token_ids=req.prompt_token_ids,
                     sampling=req.sampling, resume_token_ids=self.resume_token_ids,
                     resume_text_chars=self.resume_text_chars), timeout=self.timeout_s)
                 prefill_task = asyncio.ensure_future(prefill_call)
@@ -138,11 +142,11 @@ class Exchange:
             _settle(read)
             decode_call.cancel()  # a no-op on a finished call
             if not ok:
-                self.aborts.send(decode, req.request_id)
+                self.aborts.send(decode, self.worker_request_id)
             if prefill_task is not None:
                 if not prefill_task.done() or not ok:
                     prefill_call.cancel()
-                    self.aborts.send(self.route.prefill, req.request_id)
+                    self.aborts.send(self.route.prefill, self.worker_request_id)
                 _settle(prefill_task)
 
     def _prefill_result(self, task: asyncio.Future[Any]) -> prefill_pb2.PrefillResponse:

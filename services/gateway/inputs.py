@@ -16,6 +16,12 @@ from shared.rpc.moemesh.v1 import common_pb2, gateway_pb2
 from shared.service.convert import sampling_from_pb
 from shared.service.errors import InvalidArgument, NotFound
 
+# Client-chosen ids travel to every worker and into logs and errors: bounded, so no status message
+# that echoes one becomes too long for a gRPC client to read (past 8 KiB it sees RESOURCE_EXHAUSTED).
+MAX_REQUEST_ID_CHARS = 256
+# Chat roles are short words (system, user, assistant, tool); templates echo unknown ones in errors.
+MAX_ROLE_CHARS = 64
+
 
 @dataclass(frozen=True)
 class PreparedRequest:
@@ -35,16 +41,34 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         raise InvalidArgument(str(exc)) from None
 
 
+def shown(text: str, max_chars: int = 64) -> str:
+    """`text` quoted for an error message, cut when long (the client sent it; it need not read it back whole)."""
+    if len(text) <= max_chars:
+        return repr(text)
+    return f"{text[:max_chars]!r}... ({len(text)} characters)"
+
+
 def check_model(requested: str, served: str) -> None:
     """NOT_FOUND unless `requested` is empty or the served model's name."""
     if requested and requested != served:
-        raise NotFound(f"model {requested!r} is not served here; this mesh serves {served!r}")
+        raise NotFound(f"model {shown(requested)} is not served here; this mesh serves {served!r}")
+
+
+def check_request_id(request_id: str) -> None:
+    """INVALID_ARGUMENT for a client's request id too long to carry around."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument(f"request_id is {len(request_id)} characters long; at most {MAX_REQUEST_ID_CHARS} "
+                              "are allowed")
 
 
 def render_messages(tokenizer: Tokenizer, chat: gateway_pb2.ChatMessages) -> list[int]:
     """Token ids of chat messages rendered with the chat template (which writes its own BOS)."""
     if not chat.messages:
         raise InvalidArgument("messages must not be empty")
+    for i, m in enumerate(chat.messages):
+        if len(m.role) > MAX_ROLE_CHARS:
+            raise InvalidArgument(f"messages[{i}].role is {len(m.role)} characters long; at most {MAX_ROLE_CHARS} "
+                                  f"are allowed (roles are words like system, user, assistant)")
     turns = [{"role": m.role, "content": m.content} for m in chat.messages]
     try:
         text = tokenizer.apply_chat_template(turns, add_generation_prompt=chat.add_generation_prompt)
@@ -82,6 +106,7 @@ def prepare(req: gateway_pb2.GenerateRequest, tokenizer: Tokenizer, model_name: 
             max_model_len: int) -> PreparedRequest:
     """Validate `req`, tokenize its prompt and give it an id (the client's, or a new one)."""
     check_model(req.model, model_name)
+    check_request_id(req.request_id)
     params = sampling_from_proto(req.sampling)
     ids = prompt_token_ids(req, tokenizer)
     if not ids:

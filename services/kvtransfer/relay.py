@@ -19,6 +19,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from typing import Protocol
 
 from services.kvtransfer.errors import KvTransferError, Reason
+from services.kvtransfer.limits import check_id
 from services.kvtransfer.rooms import RoomRegistry, RoomState, RoomStatus
 from services.kvtransfer.waits import Notifier
 
@@ -94,6 +95,7 @@ class Relay:
         room_id = first.room_id
         if not room_id:
             raise KvTransferError(Reason.INVALID, "a KvChunk without room_id")
+        check_id("room_id", room_id)
         self.rooms.check_state(room_id, _PUSHABLE, "push chunks to")
         ch = self._channel(room_id)
         if ch.pushing:

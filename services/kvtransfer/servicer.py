@@ -14,11 +14,13 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from opentelemetry import context as otel_context
 
 from services.kvtransfer.errors import KvTransferError, Reason
+from services.kvtransfer.limits import check_id, clip
 from services.kvtransfer.relay import Relay
 from services.kvtransfer.rooms import Layout, Receiver, RoomRegistry, RoomState, RoomStatus, Side
 from shared.rpc.moemesh.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc
@@ -54,17 +56,41 @@ def _mapped() -> Iterator[None]:
 
 def layout_from_proto(msg: common_pb2.KvLayout) -> Layout:
     """The registry's layout from the proto's, with the dtype by name (for readable mismatch messages)."""
-    dtype = (common_pb2.KvDtype.Name(msg.dtype) if msg.dtype in common_pb2.KvDtype.values()
-             else str(msg.dtype))
+    dtype = _enum_name(common_pb2.KvDtype, msg.dtype)
     return Layout(model_fingerprint=msg.model_fingerprint, num_layers=msg.num_layers,
                   page_size_tokens=msg.page_size_tokens, kv_lora_rank=msg.kv_lora_rank,
                   qk_rope_head_dim=msg.qk_rope_head_dim, dtype=dtype)
 
 
+def _enum_name(enum: Any, value: int) -> str:
+    return enum.Name(value) if value in enum.values() else str(value)
+
+
+# What a layout and a receiver's registration may name (UNSPECIFIED is a field left unset, not a choice).
+_KV_DTYPES = tuple(v for v in common_pb2.KvDtype.values() if v != common_pb2.KV_DTYPE_UNSPECIFIED)
+_DATA_PLANES = tuple(v for v in kvtransfer_pb2.DataPlane.values() if v != kvtransfer_pb2.DATA_PLANE_UNSPECIFIED)
+
+
 def _require(room_id: str) -> str:
-    if not room_id:
-        raise errors.InvalidArgument("room_id is required")
-    return room_id
+    with _mapped():
+        return check_id("room_id", room_id)
+
+
+def _layout(request: kvtransfer_pb2.RegisterReceiverRequest | kvtransfer_pb2.ResolveReceiverRequest) -> Layout:
+    """The request's layout, refused (INVALID_ARGUMENT) when missing or not a layout any worker has."""
+    if not request.HasField("layout"):
+        raise errors.InvalidArgument("layout is required")
+    msg = request.layout
+    with _mapped():
+        check_id("layout.model_fingerprint", msg.model_fingerprint, required=False)
+    if msg.dtype not in _KV_DTYPES:
+        names = ", ".join(map(common_pb2.KvDtype.Name, _KV_DTYPES))
+        raise errors.InvalidArgument(f"layout.dtype must be one of {names}, "
+                                     f"not {_enum_name(common_pb2.KvDtype, msg.dtype)}")
+    for name in ("num_layers", "page_size_tokens", "kv_lora_rank"):
+        if getattr(msg, name) < 1:
+            raise errors.InvalidArgument(f"layout.{name} must be at least 1")
+    return layout_from_proto(msg)
 
 
 def _side_of(context: grpc.aio.ServicerContext) -> Side | None:
@@ -133,11 +159,17 @@ class KvTransferServicer(kvtransfer_pb2_grpc.KvTransferServicer):
                                context: grpc.aio.ServicerContext) -> kvtransfer_pb2.RegisterReceiverResponse:
         check_protocol_version(request.protocol_version, "the KV receiver")
         room_id = _require(request.room_id)
-        if not request.HasField("layout"):
-            raise errors.InvalidArgument("layout is required")
-        receiver = Receiver(layout=layout_from_proto(request.layout), data_plane=request.data_plane,
-                            address=request.data_plane_address, num_tokens=request.num_tokens,
-                            request_id=request.request_id)
+        layout = _layout(request)
+        if request.data_plane not in _DATA_PLANES:
+            # The sender would be told to use a plane it cannot know; refuse it here, where the cause is.
+            raise errors.InvalidArgument(
+                f"data_plane must be one of {', '.join(map(kvtransfer_pb2.DataPlane.Name, _DATA_PLANES))}, "
+                f"not {_enum_name(kvtransfer_pb2.DataPlane, request.data_plane)}")
+        with _mapped():
+            check_id("data_plane_address", request.data_plane_address, required=False)
+            check_id("request_id", request.request_id, required=False)
+        receiver = Receiver(layout=layout, data_plane=request.data_plane, address=request.data_plane_address,
+                            num_tokens=request.num_tokens, request_id=request.request_id)
         with _mapped():
             state = self.rooms.register_receiver(room_id, receiver, lease_ms=request.lease_ms)
         if not state.terminal:
@@ -148,13 +180,12 @@ class KvTransferServicer(kvtransfer_pb2_grpc.KvTransferServicer):
                               context: grpc.aio.ServicerContext) -> kvtransfer_pb2.ResolveReceiverResponse:
         check_protocol_version(request.protocol_version, "the KV sender")
         room_id = _require(request.room_id)
-        if not request.HasField("layout"):
-            raise errors.InvalidArgument("layout is required")
+        layout = _layout(request)
         sender_context = otel_context.get_current()
         with _mapped(), tracer.start_as_current_span("kvtransfer.rendezvous",
                                                      attributes={"moemesh.room_id": room_id}):
             state, receiver = await self.rooms.resolve_receiver(
-                room_id, layout_from_proto(request.layout), wait_ms=request.wait_ms, lease_ms=request.lease_ms)
+                room_id, layout, wait_ms=request.wait_ms, lease_ms=request.lease_ms)
         if not state.terminal:
             info = self._room(room_id)
             info.plane = plane_name(receiver.data_plane)
@@ -176,7 +207,8 @@ class KvTransferServicer(kvtransfer_pb2_grpc.KvTransferServicer):
         if info is not None and request.state == RoomState.SUCCESS:
             info.bytes = request.bytes  # read when the report ends the room
         with _mapped():
-            state = self.rooms.report(room_id, RoomState(request.state), error=request.error,
+            # A failing side's reason is kept and shown to every watcher: cut, not refused (the report matters).
+            state = self.rooms.report(room_id, RoomState(request.state), error=clip(request.error),
                                       bytes_moved=request.bytes, side=side)
         return kvtransfer_pb2.ReportTransferResponse(state=int(state))
 

@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 
 # Below this temperature a request is decoded greedily, as vLLM and SGLang do.
 GREEDY_EPSILON = 1e-5
+# Stop rules are checked at every step (and a stop string holds back that much streamed text), so their
+# number and length are bounded: far above what anyone asks for, far below what would slow every step.
+MAX_STOP_STRINGS = 128
+MAX_STOP_STRING_CHARS = 4096
+MAX_STOP_TOKEN_IDS = 4096
 
 
 class InvalidParameter(ValueError):
@@ -61,7 +66,14 @@ class SamplingParams:
         _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs",
                f"must be between 0 and 20, got {self.logprobs}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        _check(len(self.stop) <= MAX_STOP_STRINGS, "stop",
+               f"must hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
+        longest = max(map(len, self.stop), default=0)
+        _check(longest <= MAX_STOP_STRING_CHARS, "stop",
+               f"strings must be at most {MAX_STOP_STRING_CHARS} characters long, got one of {longest}")
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative token ids")
+        _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+               f"must hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
 
     @property
     def greedy(self) -> bool:

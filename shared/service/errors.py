@@ -76,6 +76,10 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, (InvalidParameter, RequestTooLong, TokenizerError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    from google.protobuf.message import DecodeError
+
+    if isinstance(exc, DecodeError):  # a streamed request message that does not parse
+        return grpc.StatusCode.INVALID_ARGUMENT, f"a request message is not valid protobuf: {exc}"
     if isinstance(exc, EngineDead):  # this worker cannot serve any more; another may
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     return None

@@ -49,6 +49,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
+        if handler.request_deserializer is not None and not (handler.stream_unary or handler.stream_stream):
+            # A unary request that does not parse fails in grpc's deserializer, before any handler runs
+            # (UNKNOWN); a sentinel lets the wrapper answer INVALID_ARGUMENT. Streamed requests parse in
+            # the handler's loop, where the exception reaches the wrapper as it is.
+            handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
         if handler.unary_unary:
             return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
         if handler.unary_stream:
@@ -65,16 +70,50 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+# Status details travel in HTTP/2 trailers, which peers cap (8-16 KiB): a message echoing a huge field
+# would turn the real error into a metadata-size failure. Past this, details are cut.
+MAX_DETAILS_CHARS = 2000
+
+
+class _Undecodable:
+    """What a unary request that did not parse becomes (see ErrorInterceptor)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # protobuf's DecodeError, or a message whose fields do not parse
+            return _Undecodable(e)
+
+    return parse
+
+
+def _short(details: str) -> str:
+    return details if len(details) <= MAX_DETAILS_CHARS else details[:MAX_DETAILS_CHARS] + "... (cut)"
+
+
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
     mapped = status_of(exc)
     if mapped is None:
         log.exception("unhandled error in a handler", exc_info=exc)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-    await context.abort(*mapped, trailing_metadata=trailing_metadata_of(exc))
+        await context.abort(grpc.StatusCode.INTERNAL, _short(f"internal error: {type(exc).__name__}: {exc}"))
+    code, details = mapped
+    await context.abort(code, _short(details), trailing_metadata=trailing_metadata_of(exc))
+
+
+async def _abort_undecodable(request: _Undecodable, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        _short(f"the request is not a valid protobuf message of this method: {request.error}"))
 
 
 def _wrap_unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            await _abort_undecodable(request, context)
         try:
             return await fn(request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -87,6 +126,8 @@ def _wrap_unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[An
 
 def _wrap_stream(fn: Callable[..., Any]) -> Callable[..., Any]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            await _abort_undecodable(request, context)
         try:
             async for item in fn(request, context):
                 yield item

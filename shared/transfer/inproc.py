@@ -15,6 +15,7 @@ from shared.rpc.moemesh.v1 import kvtransfer_pb2
 from shared.transfer.assembler import RoomTable
 from shared.transfer.base import FirstToken, KvReceiver, KvSender, RowBlock, RowWriter, TransferError
 from shared.transfer.chunk import DEFAULT_CHUNK_BYTES, decode_chunk, discard, iter_chunks
+from shared.transfer.faults import FaultInjector, KvFaults
 
 # address ("inproc://<uuid>") -> the started receiver listening there.
 _RECEIVERS: dict[str, InprocReceiver] = {}
@@ -63,8 +64,9 @@ class InprocSender(KvSender):
 
     plane = "inproc"
 
-    def __init__(self, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    def __init__(self, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, faults: KvFaults | None = None) -> None:
         self.max_chunk_bytes = max_chunk_bytes
+        self.faults = FaultInjector.for_sender(faults)  # MOEMESH_FAULT_KV; None when off
 
     async def send(self, room_id: str, address: str, blocks: AsyncIterator[RowBlock],
                    first: Awaitable[FirstToken]) -> int:
@@ -72,7 +74,8 @@ class InprocSender(KvSender):
             discard(first)
             raise TransferError(f"room {room_id!r}: no in-process KV receiver at {address!r}")
         sent = 0
-        async with contextlib.aclosing(iter_chunks(room_id, blocks, first, self.max_chunk_bytes)) as chunks:
+        stream = iter_chunks(room_id, blocks, first, self.max_chunk_bytes)
+        async with contextlib.aclosing(self.faults.wrap(stream) if self.faults else stream) as chunks:
             async for chunk in chunks:
                 # Looked up per chunk: a receiver closed mid-room is a peer gone, as on a network.
                 receiver = _RECEIVERS.get(address)

@@ -12,7 +12,12 @@ import importlib
 from typing import Any
 
 from shared.rpc.moemesh.v1 import kvtransfer_pb2
+from shared.transfer import faults
 from shared.transfer.base import KvReceiver, KvSender
+
+# Parsed here, at a worker's start-up (its serve imports this module first): a malformed
+# MOEMESH_FAULT_KV fails the start, not the first transfer (senders are made on first use).
+faults.configured()
 
 # plane -> (module, receiver class, sender class)
 _BACKENDS: dict[str, tuple[str, str, str]] = {

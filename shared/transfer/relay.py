@@ -19,6 +19,7 @@ from shared.telemetry.grpc_tracing import insecure_channel
 from shared.transfer.assembler import RoomTable
 from shared.transfer.base import FirstToken, KvReceiver, KvSender, RowBlock, RowWriter, TransferError
 from shared.transfer.chunk import DEFAULT_CHUNK_BYTES, decode_chunk, iter_chunks
+from shared.transfer.faults import FaultInjector, KvFaults
 
 # How long one chunk may wait for the relay to take it before the send fails.
 DEFAULT_WRITE_TIMEOUT_S = 30.0
@@ -57,6 +58,24 @@ async def _rpc_error(call: Any, e: BaseException) -> str:
         return f"{type(e).__name__}: {e}"
 
 
+# grpc's Python client reports this itself when a write races the server ending the call (grpc/grpc#36066):
+# the relay's own status (why it ended the push) is lost, so the sender asks kvtransfer for the room's.
+_LOST_STATUS = "Internal error from Core"
+
+
+async def _room_failure(stub: kvtransfer_pb2_grpc.KvTransferStub, room_id: str) -> str | None:
+    """The room's failure as kvtransfer tells it; None when it did not fail or cannot be asked."""
+    try:
+        call = stub.WatchRoom(kvtransfer_pb2.WatchRoomRequest(room_id=room_id), timeout=2)
+        status = await call.read()
+        call.cancel()
+    except Exception:  # best effort: the caller still has grpc's own error to report
+        return None
+    if status is grpc.aio.EOF or status.state != kvtransfer_pb2.ROOM_STATE_FAILED:
+        return None
+    return status.error or "the room failed"
+
+
 class RelaySender(KvSender):
     """Pushes rooms to the relay at `target`, in chunks of at most max_chunk_bytes (under gRPC's limit).
 
@@ -66,17 +85,19 @@ class RelaySender(KvSender):
     plane = "relay"
 
     def __init__(self, target: str, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 write_timeout_s: float = DEFAULT_WRITE_TIMEOUT_S) -> None:
+                 write_timeout_s: float = DEFAULT_WRITE_TIMEOUT_S, faults: KvFaults | None = None) -> None:
         self._relay = _Relay(target)
         self.max_chunk_bytes = max_chunk_bytes
         self.write_timeout_s = write_timeout_s
+        self.faults = FaultInjector.for_sender(faults)  # MOEMESH_FAULT_KV; None when off
 
     async def send(self, room_id: str, address: str, blocks: AsyncIterator[RowBlock],
                    first: Awaitable[FirstToken]) -> int:
         call = self._relay.stub().PushChunks()
         sent = chunks = 0
         try:
-            async with contextlib.aclosing(iter_chunks(room_id, blocks, first, self.max_chunk_bytes)) as stream:
+            chunks_in = iter_chunks(room_id, blocks, first, self.max_chunk_bytes)
+            async with contextlib.aclosing(self.faults.wrap(chunks_in) if self.faults else chunks_in) as stream:
                 async for chunk in stream:
                     await asyncio.wait_for(call.write(chunk.to_message()), self.write_timeout_s)
                     sent += chunk.nbytes
@@ -88,8 +109,11 @@ class RelaySender(KvSender):
             raise TransferError(f"room {room_id!r}: the relay at {self._relay.target} took no chunk for "
                                 f"{self.write_timeout_s:g} s") from None
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
-            raise TransferError(f"room {room_id!r}: relay push to {self._relay.target} failed: "
-                                f"{await _rpc_error(call, e)}") from e
+            why = await _rpc_error(call, e)
+            if why.endswith(_LOST_STATUS):
+                failure = await _room_failure(self._relay.stub(), room_id)
+                why = f"ABORTED: the relay ended the push: {failure}" if failure else why
+            raise TransferError(f"room {room_id!r}: relay push to {self._relay.target} failed: {why}") from e
         except BaseException:
             call.cancel()
             raise

@@ -30,6 +30,7 @@ from shared.rpc.moemesh.v1 import kvtransfer_pb2
 from shared.transfer.assembler import RoomTable
 from shared.transfer.base import FirstToken, KvReceiver, KvSender, PlaneUnavailable, RowBlock, RowWriter, TransferError
 from shared.transfer.chunk import EncodedChunk, decode_chunk, discard, iter_chunks
+from shared.transfer.faults import FaultInjector, KvFaults
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +230,9 @@ class UcxSender(KvSender):
 
     def __init__(self, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-                 send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S) -> None:
+                 send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S, faults: KvFaults | None = None) -> None:
         self._ucxx = load_ucxx()
+        self.faults = FaultInjector.for_sender(faults)  # MOEMESH_FAULT_KV; None when off
         self.max_chunk_bytes = max_chunk_bytes
         self.connect_timeout_s = connect_timeout_s
         self.send_timeout_s = send_timeout_s
@@ -248,7 +250,8 @@ class UcxSender(KvSender):
             discard(first)
             raise
         sent = 0
-        async with contextlib.aclosing(iter_chunks(room_id, blocks, first, self.max_chunk_bytes)) as chunks:
+        stream = iter_chunks(room_id, blocks, first, self.max_chunk_bytes)
+        async with contextlib.aclosing(self.faults.wrap(stream) if self.faults else stream) as chunks:
             async for chunk in chunks:
                 await self._send_chunk(room_id, address, peer, chunk)
                 sent += chunk.nbytes

@@ -152,6 +152,7 @@ def test_eplb_killed_serving_goes_on() -> None:
         with MeshClient(mesh.gateway, timeout_s=60) as client:
             for _ in range(3):
                 assert len(client.generate(prompt=PROMPT, max_tokens=8, temperature=0).token_ids) == 8
+        _assert_idle(mesh, set())
     finally:
         mesh.stop()
 
@@ -194,7 +195,7 @@ def test_gateway_restart_workers_register_again() -> None:
         worker = _serve("decode", "--port", "0", "--metrics-port", "-1", "--gateway", gateway, "--kvtransfer",
                         kv_addr, "--eplb", "")
         procs.append(worker)
-        _listening(worker)
+        worker_addr = _listening(worker)
         with MeshClient(gateway, timeout_s=60, retries=0) as client:
             _until(lambda: client.list_models()[0].num_decode_workers == 1)
             assert len(client.generate(prompt=PROMPT, max_tokens=4, temperature=0).token_ids) == 4
@@ -207,6 +208,8 @@ def test_gateway_restart_workers_register_again() -> None:
             # The worker notices (its heartbeat is refused, then unknown) and registers by itself.
             _until(lambda: client.list_models()[0].num_decode_workers == 1)
             assert len(client.generate(prompt=PROMPT, max_tokens=4, temperature=0).token_ids) == 4
+        load = _load(worker_addr, prefill=False)
+        assert load.num_running_requests == 0 and load.num_free_pages == load.num_total_pages
     finally:
         for p in reversed(procs):
             if p.poll() is None:

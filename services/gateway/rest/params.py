@@ -12,27 +12,34 @@ from services.gateway.rest.schemas import ChatCompletionRequest, ChatMessage, Co
 from shared.rpc.moemesh.v1 import common_pb2, gateway_pb2
 
 _SEED_MOD = 2**64  # the wire's seed is a uint64: negative (int64) seeds wrap around
+_FLOAT32_TINY = 1.401298464324817e-45  # the smallest positive float32 (a subnormal)
 MAX_CHOICES = 1024  # prompts times n, per call
 
 
 def sampling(body: _Sampling, max_tokens: int | None, logprobs: int | None, choice: int) -> common_pb2.SamplingParams:
     """The sampling params of choice `choice` of `body`; unset optional fields stay unset (defaults apply)."""
     pb = common_pb2.SamplingParams(
-        max_tokens=max_tokens or 0, top_k=max(body.top_k or 0, 0), min_p=body.min_p or 0.0,
+        max_tokens=max_tokens or 0, top_k=max(body.top_k or 0, 0), min_p=_float32(body.min_p or 0.0),
         frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
         stop=stop_strings(body.stop), stop_token_ids=body.stop_token_ids or [], ignore_eos=body.ignore_eos,
         min_tokens=body.min_tokens, include_stop_str_in_output=body.include_stop_str_in_output)
     if body.temperature is not None:
-        pb.temperature = body.temperature
+        pb.temperature = _float32(body.temperature)
     if body.top_p is not None:
-        pb.top_p = body.top_p
+        pb.top_p = _float32(body.top_p)
     if body.repetition_penalty is not None:
-        pb.repetition_penalty = body.repetition_penalty
+        pb.repetition_penalty = _float32(body.repetition_penalty)
     if body.seed is not None:
         pb.seed = (body.seed + choice) % _SEED_MOD
     if logprobs is not None:
         pb.logprobs = logprobs
     return pb
+
+
+def _float32(x: float) -> float:
+    """`x` as the wire's float32 keeps its meaning: a positive value too small for float32 stays positive
+    (top_p=1e-300 is a nucleus of one token, not an invalid 0)."""
+    return _FLOAT32_TINY if 0 < x < _FLOAT32_TINY else x
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:

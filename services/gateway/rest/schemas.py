@@ -10,17 +10,34 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+
+from services.gateway.inputs import MAX_ROLE_CHARS
+from shared.engine.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
 Bool = Annotated[bool, Strict()]
 TokenId = Annotated[int, Strict(), Field(ge=0, le=2**32 - 1)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+# A prompt is never empty: a text has a character, token ids an id, a batch a prompt.
+PromptText = Annotated[str, Field(min_length=1)]
+PromptIds = Annotated[list[TokenId], Field(min_length=1)]
 
 MAX_N = 128  # choices per prompt
 MAX_LOGPROBS = 20  # top alternatives per token, as the workers allow
 UINT32_MAX = 2**32 - 1
 INT32_MAX = 2**31 - 1
+# Sampling floats travel as float32: larger values would arrive as infinity.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class _Request(BaseModel):
@@ -42,7 +59,7 @@ class _Sampling(_Request):
                                                   "samples with seed + i, so choices differ reproducibly.")
     stream: Bool = Field(False, description="Stream chunks as Server-Sent Events, ending with `data: [DONE]`.")
     stream_options: StreamOptions | None = Field(None, description="Only with `stream: true`.")
-    temperature: Float | None = Field(None, ge=0, description="0 is greedy; default 1.0.")
+    temperature: Float | None = Field(None, ge=0, le=FLOAT32_MAX, description="0 is greedy; default 1.0.")
     top_p: Float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass; default 1.0.")
     top_k: Int | None = Field(None, ge=-1, le=INT32_MAX,
                               description="vLLM extra: keep the k most likely tokens; -1 or 0 disables.")
@@ -52,11 +69,14 @@ class _Sampling(_Request):
                                             description="Subtracted once per occurrence of a token in the output.")
     presence_penalty: Float | None = Field(None, ge=-2, le=2,
                                            description="Subtracted once if a token occurred in the output.")
-    repetition_penalty: Float | None = Field(None, gt=0, description="vLLM extra: multiplicative penalty on "
-                                                                     "tokens seen in prompt or output; 1 is none.")
+    repetition_penalty: Float | None = Field(None, gt=0, le=FLOAT32_MAX,
+                                             description="vLLM extra: multiplicative penalty on tokens seen in "
+                                                         "prompt or output; 1 is none.")
     seed: Int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="Makes sampling reproducible.")
-    stop: str | list[str] | None = Field(None, description="Strings that end generation (cut from the text).")
-    stop_token_ids: list[TokenId] | None = Field(None, description="vLLM extra: token ids that end generation.")
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
+        None, description="Strings that end generation (cut from the text).")
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = Field(
+        None, description="vLLM extra: token ids that end generation.")
     ignore_eos: Bool = Field(False, description="vLLM extra: keep generating past EOS.")
     min_tokens: Int = Field(0, ge=0, le=UINT32_MAX, description="vLLM extra: tokens to generate before EOS or a "
                                                                 "stop token id may end the choice.")
@@ -68,7 +88,14 @@ class _Sampling(_Request):
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
-    prompt: str | list[TokenId] | list[str] | list[list[TokenId]] = Field(
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "The mesh is", "max_tokens": 16, "temperature": 0},
+        {"prompt": ["Once upon a time", [1, 2, 3]], "n": 2, "seed": 7, "max_tokens": 8, "logprobs": 2, "stream": True,
+         "stream_options": {"include_usage": True}, "stop": ["\n"]},
+    ]})
+
+    prompt: (PromptText | PromptIds | Annotated[list[PromptText], Field(min_length=1)]
+             | Annotated[list[PromptIds], Field(min_length=1)]) = Field(
         description="A text, a list of token ids, or a batch of either (one set of choices per prompt).")
     max_tokens: Int | None = Field(16, ge=1, le=UINT32_MAX, description="Tokens to generate at most (default 16).")
     logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Return each token's logprob and this "
@@ -77,6 +104,16 @@ class CompletionRequest(_Sampling):
     best_of: Int | None = Field(None, ge=1, le=MAX_N, description="Only null or equal to n is supported.")
     suffix: str | None = Field(None, description="Not supported: must be null.")
     logit_bias: dict[str, float] | None = Field(None, description="Not supported: must be null or empty.")
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _one_of_the_prompt_forms(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # The union's own error lists every form it tried, element by element; one sentence says what fits.
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError("must be a non-empty text, a non-empty list of token ids (integers in [0, 2**32)), "
+                             "or a non-empty list of either") from None
 
 
 class TextPart(BaseModel):
@@ -88,7 +125,8 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(_Request):
-    role: str = Field(min_length=1, description="system, user, assistant (or whatever the chat template knows).")
+    role: str = Field(min_length=1, max_length=MAX_ROLE_CHARS,
+                      description="system, user, assistant (or whatever the chat template knows).")
     content: str | list[TextPart] | None = Field(None, description="A text or a list of text parts (joined "
                                                                    "with newlines); null only for assistant turns.")
     name: str | None = Field(None, description="Accepted for compatibility; unused.")
@@ -96,6 +134,13 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"messages": [{"role": "user", "content": "Hi!"}], "max_completion_tokens": 16},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}],
+         "max_tokens": 8, "temperature": 0.7, "top_p": 0.9, "seed": 1, "logprobs": True, "top_logprobs": 2,
+         "stream": True},
+    ]})
 
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation, oldest turn first.")
     max_completion_tokens: Int | None = Field(None, ge=1, le=UINT32_MAX,

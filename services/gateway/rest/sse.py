@@ -66,12 +66,28 @@ def event_stream(events: AsyncIterator[bytes], on_close: Callable[[], None]) -> 
 def documented(model: type[BaseModel]) -> dict[str, Any]:
     """The OpenAPI `content` entry of a stream of `model` chunks (for the 200 response).
 
-    `x-itemSchema` (OpenAPI 3.2's `itemSchema`, as an extension: the document is 3.1) points at the
-    chunk's schema, which the app adds to the document's components.
+    Before OpenAPI 3.2 (the document is 3.1), an event stream's `schema` describes one event, as tools
+    (schemathesis, code generators) read it: an object whose `data` is the chunk as JSON text, or `[DONE]`
+    last (or an ErrorResponse when the stream fails after it began). `x-itemSchema` (3.2's `itemSchema` as an
+    extension) points at the chunk's schema, which the app adds to the document's components.
     """
     name = model.__name__
-    return {MEDIA_TYPE: {
-        "schema": {"type": "string", "description": f"With `stream: true`: Server-Sent Events, `data: <{name}>` "
-                                                    "per chunk, ending with `data: [DONE]`."},
-        "x-itemSchema": {"$ref": f"#/components/schemas/{name}"},
-        "example": f"data: {{...{name}...}}\n\ndata: [DONE]\n\n"}}
+    ref = f"#/components/schemas/{name}"
+    event_schema = {
+        "type": "object", "required": ["data"],
+        "description": f"With `stream: true`: Server-Sent Events, `data: <{name}>` per chunk, ending with "
+                       "`data: [DONE]`.",
+        "properties": {
+            "data": {"type": "string", "anyOf": [
+                {"const": "[DONE]"},
+                {"contentMediaType": "application/json", "contentSchema": {"anyOf": [
+                    {"$ref": ref}, {"$ref": "#/components/schemas/ErrorResponse"}]}}],
+                     "description": f"A {name} as JSON; `[DONE]` on the last event; an ErrorResponse when the "
+                                    "request fails after the stream began."},
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer", "minimum": 0},
+        },
+    }
+    return {MEDIA_TYPE: {"schema": event_schema, "x-itemSchema": {"$ref": ref},
+                         "example": f"data: {{...{name}...}}\n\ndata: [DONE]\n\n"}}
