@@ -36,10 +36,11 @@ def test_bad_group_options_are_usage_errors(argv: list[str], message: str, capsy
     assert message in capsys.readouterr().err
 
 
-def test_launcher_starts_the_ranks_and_stops_them(small_dir: Path) -> None:
+def test_launcher_starts_the_ranks_and_stops_them(small_dir: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "services.cli.main", "serve", "decode", "--ep-size", "2", "--port", "0",
            "--metrics-port", "0", "--gateway", "", "--model", str(small_dir), "--kv-cache-mb", "16"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    stderr = open(tmp_path / "stderr.log", "w")  # the ranks' logs, shown if they do not come up
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -51,10 +52,14 @@ def test_launcher_starts_the_ranks_and_stops_them(small_dir: Path) -> None:
     threading.Thread(target=pump, daemon=True).start()
     addresses: list[str] = []
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180  # two model loads on a loaded 2-core CI machine
         while len(addresses) < 2:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            assert line is not None, "the launcher exited before both ranks were listening"
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail("the ranks did not come up in time:\n" + (tmp_path / "stderr.log").read_text()[-4000:])
+            assert line is not None, "the launcher exited before both ranks were listening:\n" + \
+                (tmp_path / "stderr.log").read_text()[-4000:]
             m = re.match(r"^decode listening on (\S+)$", line)
             if m:
                 addresses.append(m.group(1))
@@ -69,3 +74,4 @@ def test_launcher_starts_the_ranks_and_stops_them(small_dir: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        stderr.close()
