@@ -68,7 +68,6 @@ class Migration:
     version: int
     placement: ExpertPlacement
     next_layer: int = 0
-    started: float = 0.0
     received: int = 0
 
 
@@ -154,7 +153,7 @@ class EPGroup:
             if vote.offered <= self.placement_version or vote.offered not in self._offers:
                 return
             new = ExpertPlacement(self._offers[vote.offered], self.size, self.placement.num_logical)
-            self.migration = Migration(vote.offered, new, started=0.0)
+            self.migration = Migration(vote.offered, new)
             self.last_switch_s = 0.0
         from shared.ep.migrate import migrate_layer
 
