@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from shared.telemetry.grpc_tracing import mesh_channel
 from shared.transfer.base import FirstToken, KvReceiver, KvSender, RowBlock
 from shared.transfer.registry import make_receiver, make_sender
 
@@ -122,7 +123,6 @@ async def bench(rows: torch.Tensor, planes: Sequence[str] = ("inproc", "ucx"), r
 
 def _relay_rooms(target: str, rows: torch.Tensor) -> RoomOpener:
     """Opens rooms at a real kvtransfer service: receiver registered, sender resolved, as the workers do."""
-    import grpc
 
     from shared.rpc.moemesh.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc
     from shared.transfer.chunk import dtype_to_proto
@@ -133,7 +133,7 @@ def _relay_rooms(target: str, rows: torch.Tensor) -> RoomOpener:
 
     async def open_room(room: str, num_tokens: int) -> None:
         if not stub:  # the channel must be made inside the running event loop
-            stub.append(kvtransfer_pb2_grpc.KvTransferStub(grpc.aio.insecure_channel(target)))
+            stub.append(kvtransfer_pb2_grpc.KvTransferStub(mesh_channel(target)))
         v1 = common_pb2.PROTOCOL_VERSION_V1
         await stub[0].RegisterReceiver(kvtransfer_pb2.RegisterReceiverRequest(
             protocol_version=v1, room_id=room, layout=layout, data_plane=kvtransfer_pb2.DATA_PLANE_RELAY,
