@@ -179,9 +179,9 @@ def _comm(model: Any, group: Any, tokens: int, rank: int, repeats: int) -> dict[
     phys = experts.placement.physical_ids(experts.layer, topk.long())
     weights = torch.full(topk.shape, 1.0 / cfg.num_experts_per_tok)
     _, handle = disp.dispatch(x, phys, weights)
-    send, recv = handle.send_counts, handle.recv_counts
+    send, recv = handle.send_rows, handle.recv_rows
     # Hidden-state bytes crossing between ranks, there and back, over the whole group (rows a rank
-    # sends itself are a local copy, not counted; slot ids and counts are the dispatcher's overhead).
+    # sends itself are a local copy, not counted; the pair records and counts are the dispatcher's overhead).
     moved = torch.tensor([(sum(send) - send[rank]) * cfg.hidden_size * x.element_size() * 2], dtype=torch.float64)
     dist.all_reduce(moved)
     send_x, recv_x = x.new_empty(sum(send), x.shape[1]), x.new_empty(sum(recv), x.shape[1])

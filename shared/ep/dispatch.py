@@ -85,10 +85,12 @@ class Dispatcher(ABC):
 
 @dataclass
 class _A2AHandle:
-    token_of_pair: torch.Tensor  # [M] local token of each sent pair, in send order (M <= T*K)
-    weight_of_pair: torch.Tensor  # [M] float32 routing weight of each sent pair, in send order
-    send_counts: list[int]  # pairs sent to each rank
-    recv_counts: list[int]  # pairs received from each rank
+    row_token: torch.Tensor  # [R] local token of each row sent, in send order (one row per token and rank)
+    row_of_pair: torch.Tensor  # [N] received row each received pair computes on
+    weight_of_pair: torch.Tensor  # [N] float32 routing weight of each received pair
+    num_recv_rows: int
+    send_rows: list[int]  # rows sent to each rank
+    recv_rows: list[int]  # rows received from each rank
     num_tokens: int
     dtype: torch.dtype
 
@@ -96,9 +98,11 @@ class _A2AHandle:
 class AllToAllDispatcher(Dispatcher):
     """`torch.distributed.all_to_all_single` with uneven splits (gloo on CPU, NCCL on GPU), asynchronous.
 
-    One pair per (token, expert): a token whose K experts share a rank is sent that many times.
-    Routing weights stay on the sending rank and are applied in `combine`. Three rounds: the counts
-    (they size the buffers), then rows and slots together, then the outputs back.
+    A token goes once to each rank holding any of its experts (as DeepEP sends it), with one small
+    record per (token, expert) pair: the row it came in, the local slot, the routing weight. The
+    receiving rank computes every pair, sums a row's pairs with their weights, and sends one row back
+    per token; the sender adds up the rows of each token. Rounds: the counts (they size the buffers),
+    then rows and records together, then the rows back.
     """
 
     def __init__(self, group: dist.ProcessGroup | None, placement: ExpertPlacement) -> None:
@@ -108,44 +112,58 @@ class AllToAllDispatcher(Dispatcher):
 
     def dispatch_stages(self, x: torch.Tensor, phys_ids: torch.Tensor, weights: torch.Tensor
                         ) -> Stages[tuple[Received, _A2AHandle]]:
+        dev, n_tok, ep = x.device, x.shape[0], self.ep_size
         k = max(phys_ids.shape[1], 1) if phys_ids.dim() == 2 else 1
-        slots = phys_ids.reshape(-1).to(device=x.device, dtype=torch.int64)
-        pair = torch.arange(slots.numel(), device=x.device)
+        slots = phys_ids.reshape(-1).to(device=dev, dtype=torch.int64)
+        pair = torch.arange(slots.numel(), device=dev)
         valid = slots >= 0  # -1: a padding entry, sent nowhere
         pair, slots = pair[valid], slots[valid]
-        dest = torch.as_tensor(self.placement.rank_of_slot(slots), device=x.device).to(torch.int64)
-        order = torch.argsort(dest, stable=True)
+        dest = torch.as_tensor(self.placement.rank_of_slot(slots), device=dev).to(torch.int64)
+        order = torch.argsort(dest, stable=True)  # by rank, then by token: a (rank, token) row is one run
         pair, dest, slots = pair[order], dest[order], slots[order]
-        token_of_pair = pair // k
-        send_counts_t = torch.bincount(dest, minlength=self.ep_size)
+        rows, row_of_pair = torch.unique_consecutive(dest * max(n_tok, 1) + pair // k, return_inverse=True)
+        row_dest, row_token = rows // max(n_tok, 1), rows % max(n_tok, 1)
+        send_rows_t = torch.bincount(row_dest, minlength=ep)
+        send_counts_t = torch.stack([send_rows_t, torch.bincount(dest, minlength=ep)], dim=1)  # [ep, 2]
         recv_counts_t = torch.empty_like(send_counts_t)
         work = dist.all_to_all_single(recv_counts_t, send_counts_t, group=self.group, async_op=True)
-        send_x = x.index_select(0, token_of_pair).contiguous()
-        local_slots = (slots - self._slot_start.to(x.device)[dest]).contiguous()
-        weight_of_pair = weights.reshape(-1).to(device=x.device, dtype=torch.float32)[pair]
+        send_x = x.index_select(0, row_token).contiguous()
+        row_start = torch.cumsum(send_rows_t, 0) - send_rows_t
+        weight_bits = weights.reshape(-1).to(device=dev, dtype=torch.float32)[pair].view(torch.int32)
+        # One int64 record per pair: (row within the block sent to its rank, local slot, weight's bits).
+        records = torch.stack([row_of_pair - row_start[dest], slots - self._slot_start.to(dev)[dest],
+                               weight_bits.to(torch.int64)], dim=1).contiguous()
         yield
         work.wait()
-        send_counts, recv_counts = send_counts_t.tolist(), recv_counts_t.tolist()
-        n = sum(recv_counts)
-        recv_x = x.new_empty(n, x.shape[1])
-        recv_slots = torch.empty(n, dtype=torch.int64, device=x.device)
-        works = [dist.all_to_all_single(recv_x, send_x, recv_counts, send_counts, group=self.group, async_op=True),
-                 dist.all_to_all_single(recv_slots, local_slots, recv_counts, send_counts, group=self.group,
+        send_rows, send_pairs = send_counts_t[:, 0].tolist(), send_counts_t[:, 1].tolist()
+        recv_rows, recv_pairs = recv_counts_t[:, 0].tolist(), recv_counts_t[:, 1].tolist()
+        recv_x = x.new_empty(sum(recv_rows), x.shape[1])
+        recv_records = torch.empty(sum(recv_pairs), 3, dtype=torch.int64, device=dev)
+        works = [dist.all_to_all_single(recv_x, send_x, recv_rows, send_rows, group=self.group, async_op=True),
+                 dist.all_to_all_single(recv_records, records, recv_pairs, send_pairs, group=self.group,
                                         async_op=True)]
         yield
         for w in works:
             w.wait()
-        handle = _A2AHandle(token_of_pair, weight_of_pair, send_counts, recv_counts, x.shape[0], x.dtype)
-        return Received(recv_x, slots=recv_slots), handle
+        src = torch.repeat_interleave(torch.arange(ep, device=dev), torch.tensor(recv_pairs, device=dev))
+        recv_start = torch.tensor([sum(recv_rows[:r]) for r in range(ep)], dtype=torch.int64, device=dev)
+        row = recv_records[:, 0] + recv_start[src]
+        weight = recv_records[:, 2].to(torch.int32).view(torch.float32)
+        handle = _A2AHandle(row_token, row, weight, recv_x.shape[0], send_rows, recv_rows, n_tok, x.dtype)
+        return Received(recv_x.index_select(0, row), slots=recv_records[:, 1].contiguous()), handle
 
     def combine_stages(self, y: torch.Tensor, handle: _A2AHandle) -> Stages[torch.Tensor]:
-        back = y.new_empty(sum(handle.send_counts), y.shape[1])
-        work = dist.all_to_all_single(back, y.contiguous(), handle.send_counts, handle.recv_counts,
-                                      group=self.group, async_op=True)
+        # Each received row's pairs summed here (float32), so one row per token and rank goes back.
+        partial = torch.zeros(handle.num_recv_rows, y.shape[1], dtype=torch.float32, device=y.device)
+        partial.index_add_(0, handle.row_of_pair, y.float() * handle.weight_of_pair[:, None])
+        send = partial.to(handle.dtype)
+        back = send.new_empty(sum(handle.send_rows), y.shape[1])
+        work = dist.all_to_all_single(back, send, handle.send_rows, handle.recv_rows, group=self.group,
+                                      async_op=True)
         yield
         work.wait()
         out = torch.zeros(handle.num_tokens, y.shape[1], dtype=torch.float32, device=y.device)
-        out.index_add_(0, handle.token_of_pair, back.float() * handle.weight_of_pair[:, None])
+        out.index_add_(0, handle.row_token, back.float())
         return out.to(handle.dtype)
 
 
