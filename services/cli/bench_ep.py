@@ -36,7 +36,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from services.cli.bench_ep_report import report
     from shared.model.tiny import tiny_config, write_checkpoint
-    from shared.service.ep_args import free_local_addr
 
     sizes = [int(s) for s in args.ep_sizes.split(",")]
     options = {"moe_tokens": [int(t) for t in args.moe_tokens.split(",")],
@@ -46,21 +45,31 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_checkpoint(Path(tmp) / "model", tiny_config(args.preset), seed=0)
         for size in sizes:
-            out = Path(tmp) / f"ep{size}.json"
-            addr = free_local_addr()
-            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // size))}
-            procs = [subprocess.Popen([sys.executable, "-m", "services.cli.bench_ep", str(r), str(size), addr,
-                                       str(ckpt), str(out), json.dumps(options)], env=env) for r in range(size)]
-            codes = [p.wait() for p in procs]
-            if any(codes):
-                print(f"bench ep: EP {size} ranks exited with {codes}", file=sys.stderr)
+            result = run_group("services.cli.bench_ep", size, ckpt, Path(tmp) / f"ep{size}.json", options)
+            if result is None:
                 return 1
-            results[size] = json.loads(out.read_text())
+            results[size] = result
             print(f"EP {size}: done", file=sys.stderr)
     print(report(results, args.preset))
     if args.json:
         Path(args.json).write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
     return 0
+
+
+def run_group(module: str, size: int, ckpt: Path, out: Path, options: dict[str, Any]) -> dict[str, Any] | None:
+    """Run `python -m MODULE RANK SIZE ADDR CKPT OUT OPTIONS_JSON` for every rank of a new group, the cores
+    split between them; rank 0's JSON, or None (after saying so) when a rank failed."""
+    from shared.service.ep_args import free_local_addr
+
+    addr = free_local_addr()
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // size))}
+    procs = [subprocess.Popen([sys.executable, "-m", module, str(r), str(size), addr, str(ckpt), str(out),
+                               json.dumps(options)], env=env) for r in range(size)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        print(f"{module}: EP {size} ranks exited with {codes}", file=sys.stderr)
+        return None
+    return json.loads(out.read_text())
 
 
 # ---- one rank ----------------------------------------------------------------------------------------------------

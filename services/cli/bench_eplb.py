@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,22 +47,17 @@ def skewed_checkpoint(out: Path, preset: str, favoured: int, bias: float) -> Pat
 
 
 def run(args: argparse.Namespace) -> int:
-    from shared.service.ep_args import free_local_addr
+    from services.cli.bench_ep import run_group
 
     options = {"batch_sizes": [int(b) for b in args.batch_sizes.split(",")], "decode_steps": args.decode_steps}
     results: dict[int, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = skewed_checkpoint(Path(tmp) / "model", args.preset, args.favoured, args.bias)
         for size in (int(s) for s in args.ep_sizes.split(",")):
-            out = Path(tmp) / f"ep{size}.json"
-            addr = free_local_addr()
-            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // size))}
-            procs = [subprocess.Popen([sys.executable, "-m", "services.cli.bench_eplb", str(r), str(size), addr,
-                                       str(ckpt), str(out), json.dumps(options)], env=env) for r in range(size)]
-            if any(p.wait() for p in procs):
-                print(f"bench eplb: EP {size} failed", file=sys.stderr)
+            result = run_group("services.cli.bench_eplb", size, ckpt, Path(tmp) / f"ep{size}.json", options)
+            if result is None:
                 return 1
-            results[size] = json.loads(out.read_text())
+            results[size] = result
     print(_report(results, args))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -121,8 +121,9 @@ class AllToAllDispatcher(Dispatcher):
         dest = torch.as_tensor(self.placement.rank_of_slot(slots), device=dev).to(torch.int64)
         order = torch.argsort(dest, stable=True)  # by rank, then by token: a (rank, token) row is one run
         pair, dest, slots = pair[order], dest[order], slots[order]
-        rows, row_of_pair = torch.unique_consecutive(dest * max(n_tok, 1) + pair // k, return_inverse=True)
-        row_dest, row_token = rows // max(n_tok, 1), rows % max(n_tok, 1)
+        stride = max(n_tok, 1)  # row key = rank * T + token
+        rows, row_of_pair = torch.unique_consecutive(dest * stride + pair // k, return_inverse=True)
+        row_dest, row_token = rows // stride, rows % stride
         send_rows_t = torch.bincount(row_dest, minlength=ep)
         send_counts_t = torch.stack([send_rows_t, torch.bincount(dest, minlength=ep)], dim=1)  # [ep, 2]
         recv_counts_t = torch.empty_like(send_counts_t)

@@ -200,5 +200,7 @@ class EPGroup:
 
 def describe_failure(rank: int, size: int, error: BaseException) -> str:
     """One line for users: which group member saw what (gloo's messages run over several lines)."""
+    if isinstance(error, GroupFailed):  # described already, where the collective failed
+        return str(error)
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return f"the EP group failed (seen by rank {rank} of {size}): a peer rank died, hung or left ({first[:300]})"
