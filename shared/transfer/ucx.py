@@ -9,6 +9,11 @@ Wire format, per chunk, two UCX tag messages on the endpoint's default tag (UCX 
   2. data: the D raw row bytes (see chunk.py), sent straight from the rows' buffer; omitted when D == 0.
 A sender holds a per-endpoint lock around each pair so chunks of rooms sent concurrently never interleave.
 
+Closing: a completed UCX send only means the buffer was handed to the transport, and ucxx closes an
+endpoint by force, dropping what is still in flight. So a sender that closes first sends a frame with
+flags FLAG_BYE (H = D = 0) and waits for the receiver's FLAG_BYE_ACK frame: the receiver answers only
+after reading everything before the bye (UCX keeps the order), so every chunk sent has arrived.
+
 `ucxx` is imported when a backend is created, never at import time of this module, after setting
 UCX_TLS=tcp,sm,self and UCX_WARN_UNUSED_ENV_VARS=n unless the user set them (set UCX_TLS to use RDMA).
 """
@@ -38,6 +43,8 @@ FRAME = struct.Struct("<4sHHIQ")
 MAGIC = b"MMKV"
 VERSION = 1
 MAX_FRAME_BYTES = 64 * 2**10
+FLAG_BYE = 1  # sender -> receiver: no more chunks on this endpoint; answer when all before it arrived
+FLAG_BYE_ACK = 2  # receiver -> sender: everything before the bye was read
 # UCX moves big buffers without protobuf's copies, so chunks can be larger than the relay's.
 DEFAULT_CHUNK_BYTES = 16 * 2**20
 # The receiver refuses to allocate more than this for one chunk (a corrupt frame, not a real chunk).
@@ -46,15 +53,18 @@ MAX_CHUNK_BYTES = 2**30
 _MAX_OPEN_ROOMS = 1024
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_SEND_TIMEOUT_S = 30.0
+# How long closing a sender waits for each receiver to confirm it read everything.
+DEFAULT_BYE_TIMEOUT_S = 5.0
 
 
 def load_ucxx() -> ModuleType:
     """Import ucxx (with this plane's UCX defaults); PlaneUnavailable naming the package when it is missing."""
     os.environ.setdefault("UCX_TLS", "tcp,sm,self")
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-    # Known cost: ucxx's default progress thread busy-polls a core even when idle. Its "blocking" mode
-    # does not, but lost the tail of a room when the sender closed right after sending (a flaky
-    # two-process test), so the default stays until closing flushes; set UCXPY_PROGRESS_MODE to choose.
+    # ucxx's default progress thread costs an idle receiver about 5% of a core (ucxx 0.52, measured);
+    # its "blocking" mode, driven by the event loop, costs under 1% but progresses nothing while the
+    # loop is busy or gone. Both are correct since closing waits for the receiver's FLAG_BYE_ACK; the
+    # default stays ucxx's; set UCXPY_PROGRESS_MODE to choose.
     try:
         import ucxx
     except Exception as e:  # ImportError, or OSError when libucx itself cannot load
@@ -83,14 +93,29 @@ def _frame(chunk: EncodedChunk) -> bytearray:
     return frame
 
 
+def _control_frame(flags: int) -> bytearray:
+    """A frame with no header and no data: FLAG_BYE or FLAG_BYE_ACK."""
+    frame = bytearray(FRAME.size)
+    FRAME.pack_into(frame, 0, MAGIC, VERSION, flags, 0, 0)
+    return frame
+
+
 class _CorruptFrame(Exception):
     pass
 
 
-def _parse_frame(frame: bytearray) -> tuple[kvtransfer_pb2.KvChunk, int]:
-    magic, version, _flags, header_len, data_len = FRAME.unpack_from(frame)
+def _frame_flags(frame: bytearray) -> int:
+    """The frame's flags after checking magic and version; _CorruptFrame when it is no moemesh frame."""
+    magic, version, flags, _header_len, _data_len = FRAME.unpack_from(frame)
     if magic != MAGIC or version != VERSION:
         raise _CorruptFrame(f"not a moemesh KV frame (magic {magic!r}, version {version})")
+    return flags
+
+
+def _parse_frame(frame: bytearray) -> tuple[kvtransfer_pb2.KvChunk, int]:
+    _magic, _version, flags, header_len, data_len = FRAME.unpack_from(frame)
+    if flags:
+        raise _CorruptFrame(f"a chunk frame with flags {flags:#x}")
     if header_len > MAX_FRAME_BYTES - FRAME.size or data_len > MAX_CHUNK_BYTES:
         raise _CorruptFrame(f"frame announces a {header_len}-byte header and {data_len} data bytes")
     try:
@@ -141,6 +166,12 @@ class UcxReceiver(KvReceiver):
         try:
             while True:
                 await ep.recv(frame)
+                if _frame_flags(frame) == FLAG_BYE:
+                    # Keep reading after the answer: closing here could drop the answer itself; the
+                    # sender closes the endpoint once it has it, which ends this loop.
+                    await ep.send(_control_frame(FLAG_BYE_ACK))
+                    why = "the sender closed the connection"
+                    continue
                 header, data_len = _parse_frame(frame)
                 data = np.empty(data_len, dtype=np.uint8)
                 if data_len:
@@ -217,6 +248,24 @@ class _Peer:
                 self.abort()
                 raise
 
+    async def bye(self, timeout_s: float) -> bool:
+        """Tell the receiver no more chunks come and wait until it has read all sent; False when it
+        did not answer in time or the endpoint failed (what was in flight may then be lost)."""
+        async with self.lock:
+            if not self.usable:
+                return False
+            answer = bytearray(FRAME.size)
+            try:
+                await asyncio.wait_for(self._bye_exchange(answer), timeout_s)
+                return _frame_flags(answer) == FLAG_BYE_ACK
+            except Exception as e:  # TimeoutError, a UCX error, a corrupt answer
+                log.debug("UCX bye got no answer: %s: %s", type(e).__name__, e)
+                return False
+
+    async def _bye_exchange(self, answer: bytearray) -> None:
+        await self.ep.send(_control_frame(FLAG_BYE))
+        await self.ep.recv(answer)
+
     def abort(self) -> None:
         self.broken = True
         with contextlib.suppress(Exception):
@@ -230,12 +279,14 @@ class UcxSender(KvSender):
 
     def __init__(self, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-                 send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S, faults: KvFaults | None = None) -> None:
+                 send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S, faults: KvFaults | None = None,
+                 bye_timeout_s: float = DEFAULT_BYE_TIMEOUT_S) -> None:
         self._ucxx = load_ucxx()
         self.faults = FaultInjector.for_sender(faults)  # MOEMESH_FAULT_KV; None when off
         self.max_chunk_bytes = max_chunk_bytes
         self.connect_timeout_s = connect_timeout_s
         self.send_timeout_s = send_timeout_s
+        self.bye_timeout_s = bye_timeout_s
         self._peers: dict[str, _Peer] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
         self._pending: set[asyncio.Task[None]] = set()
@@ -308,9 +359,14 @@ class UcxSender(KvSender):
             del self._peers[address]
 
     async def close(self) -> None:
+        """Finish the chunks on the wire, make sure every receiver has read them, then close."""
         if self._pending:
             await asyncio.wait(list(self._pending), timeout=self.send_timeout_s)
-        for peer in self._peers.values():
-            with contextlib.suppress(Exception):
-                await peer.ep.close()
+        peers = dict(self._peers)
         self._peers.clear()
+        answered = await asyncio.gather(*(p.bye(self.bye_timeout_s) for p in peers.values()))
+        for (address, peer), ok in zip(peers.items(), answered, strict=True):
+            if not ok and peer.usable:
+                log.warning("the UCX receiver at %s did not confirm the last chunks within %g s; closing anyway",
+                            address, self.bye_timeout_s)
+            peer.abort()
