@@ -21,7 +21,7 @@ from shared.engine.engine import Resume
 from shared.engine.request import RequestOutput
 from shared.rpc.moemesh.v1 import decode_pb2, decode_pb2_grpc, kvtransfer_pb2, kvtransfer_pb2_grpc
 from shared.service.convert import finish_to_pb, logprobs_to_pb, sampling_from_pb
-from shared.service.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from shared.service.errors import DeadlineExceeded, InvalidArgument, PeerUnavailable
 from shared.service.rooms import report_room_failed
 from shared.service.version import PROTOCOL_VERSION
 from shared.service.worker import Worker, WorkerServicer
@@ -116,7 +116,7 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
             if recv not in done:
                 await self.receiver.cancel(room)
                 recv.cancel()
-                raise Unavailable(f"KV transfer for room {room} failed: {watch.result()}")
+                raise PeerUnavailable(f"KV transfer for room {room} failed: {watch.result()}")
             watch.cancel()
             first, nbytes = recv.result()
             metrics.KV_TRANSFER_BYTES.labels("receiver", plane).inc(nbytes)
@@ -130,11 +130,11 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
         except TransferError as e:
             if "timed out" in str(e) or "timeout" in str(e):
                 raise DeadlineExceeded(f"KV for room {room} did not arrive in time: {e}") from None
-            raise Unavailable(f"KV transfer for room {room} failed: {e}") from None
+            raise PeerUnavailable(f"KV transfer for room {room} failed: {e}") from None
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:  # the request's room, not kvtransfer, is at fault
                 raise InvalidArgument(f"kvtransfer refused room {room[:256]}: {e.details()}") from None
-            raise Unavailable(f"kvtransfer is unreachable or refused room {room[:256]}: {e.details()}") from None
+            raise PeerUnavailable(f"kvtransfer is unreachable or refused room {room[:256]}: {e.details()}") from None
         finally:
             if not ok:
                 metrics.KV_TRANSFER_FAILURES.labels("receiver", plane).inc()

@@ -187,15 +187,15 @@ class GatewayCore:
         resume.migrations += 1
         if resume.migrations > self.max_migrations or time.monotonic() >= deadline:
             raise error
-        # A failed handoff may mean kvtransfer is gone: then the workers are fine, and the request runs
-        # colocated from now on (on the same decode worker if it is the best one).
+        # A failed handoff may mean kvtransfer is gone: then the workers are fine (their errors said a
+        # peer failed, so neither was marked unhealthy), and the request runs colocated from now on (on
+        # the same decode worker if it is the best one).
         kv_down = failed.prefill is not None and self.pd_health is not None and not await self.pd_health.check()
-        if kv_down:
-            failed.decode.healthy = True  # its error was about kvtransfer, not about itself
-        elif getattr(error, "worker_id", None):
-            resume.failed.add(error.worker_id)  # the worker that failed; its partner is fine
-        else:
-            resume.failed.update(w.worker_id for w in (failed.decode, failed.prefill) if w is not None)
+        if not kv_down:
+            if getattr(error, "worker_id", None):
+                resume.failed.add(error.worker_id)  # the worker that failed; its partner is fine
+            else:
+                resume.failed.update(w.worker_id for w in (failed.decode, failed.prefill) if w is not None)
         decodes = [w for w in self.registry.workers(DECODE) if w.worker_id not in resume.failed]
         prefills = self._prefill_workers(resume.failed)
         try:

@@ -22,7 +22,7 @@ from services.gateway.inputs import PreparedRequest
 from services.gateway.registry import WorkerEntry, WorkerRegistry
 from services.gateway.router import Route
 from shared.rpc.moemesh.v1 import common_pb2, decode_pb2, gateway_pb2, prefill_pb2
-from shared.service.errors import DeadlineExceeded, ServiceError, Unavailable
+from shared.service.errors import DeadlineExceeded, ServiceError, Unavailable, is_peer_failure
 from shared.telemetry.tracing import attached
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,10 @@ class Exchange:
             return exc
         code, details = exc.code(), exc.details() or ""
         if code == grpc.StatusCode.UNAVAILABLE:
+            if is_peer_failure(exc.trailing_metadata()):
+                # The worker answered and is fine; what failed was its side of the handoff. It stays
+                # routable for other requests (this one still moves away from it).
+                return Unavailable(f"{worker.name} could not complete the request: {details}")
             self.registry.mark_unhealthy(worker, details)
             return Unavailable(f"{worker.name} is unavailable: {details}")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -19,7 +19,7 @@ from shared.engine.async_engine import AsyncEngine, KvRows
 from shared.engine.engine import Resume
 from shared.rpc.moemesh.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from shared.service.convert import logprobs_to_pb, sampling_from_pb
-from shared.service.errors import FailedPrecondition, InvalidArgument, Unavailable
+from shared.service.errors import FailedPrecondition, InvalidArgument, PeerUnavailable
 from shared.service.rooms import report_room_failed
 from shared.service.version import PROTOCOL_VERSION
 from shared.service.worker import Worker, WorkerServicer
@@ -140,10 +140,11 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
                 raise FailedPrecondition(e.details()) from None
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:  # the request's room, not kvtransfer, is at fault
                 raise InvalidArgument(f"kvtransfer refused room {room[:256]}: {e.details()}") from None
-            raise Unavailable(f"kvtransfer could not pair room {room[:256]}: {e.code().name}: {e.details()}") from None
+            raise PeerUnavailable(
+                f"kvtransfer could not pair room {room[:256]}: {e.code().name}: {e.details()}") from None
         except TransferError as e:
             metrics.KV_TRANSFER_FAILURES.labels("sender", plane).inc()
-            raise Unavailable(f"sending KV for room {room} failed: {e}") from None
+            raise PeerUnavailable(f"sending KV for room {room} failed: {e}") from None
         finally:
             computing.cancel()
             await asyncio.gather(computing, return_exceptions=True)

@@ -7,6 +7,12 @@ traceback, and no servicer repeats the mapping.
 RESOURCE_EXHAUSTED (a full queue, no free KV pages, too many requests in flight) carries a retry hint:
 `retry_hint_s(exc)` seconds, sent as the trailing metadata `retry-after-ms` (`trailing_metadata_of`)
 on gRPC and as `Retry-After` on REST. A refusal without a hint of its own gets `DEFAULT_RETRY_AFTER_S`.
+
+UNAVAILABLE has two causes a router must tell apart: the service itself cannot serve (it is loading,
+draining, its EP group died, or the call never reached it), or it is fine but a peer it needed for
+this request failed (the KV handoff's other side, kvtransfer). The second is `PeerUnavailable`, sent
+with the trailing metadata `moemesh-unavailable-cause: peer` (`is_peer_failure` reads it), so the
+gateway keeps routing other requests to the worker that only reported the failure.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ import grpc
 RETRY_AFTER_KEY = "retry-after-ms"
 # About how long a full queue takes to make room on a busy mesh (requests finish in seconds).
 DEFAULT_RETRY_AFTER_S = 1.0
+# Trailing metadata key (and value) marking an UNAVAILABLE as a peer's failure, not the service's own.
+UNAVAILABLE_CAUSE_KEY = "moemesh-unavailable-cause"
+PEER_CAUSE = "peer"
 
 
 class ServiceError(Exception):
@@ -52,6 +61,11 @@ class ResourceExhausted(ServiceError):
 
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class PeerUnavailable(Unavailable):
+    """This service is fine, but a peer it needed for the request failed (the KV handoff's other side,
+    kvtransfer); it can take other requests."""
 
 
 class DeadlineExceeded(ServiceError):
@@ -97,9 +111,17 @@ def retry_hint_s(exc: BaseException) -> float | None:
 
 
 def trailing_metadata_of(exc: BaseException) -> tuple[tuple[str, str], ...]:
-    """The trailing metadata of the status `exc` maps to: `retry-after-ms` for RESOURCE_EXHAUSTED."""
+    """The trailing metadata of the status `exc` maps to: `retry-after-ms` for RESOURCE_EXHAUSTED, the
+    peer-failure marker for PeerUnavailable."""
+    if isinstance(exc, PeerUnavailable):
+        return ((UNAVAILABLE_CAUSE_KEY, PEER_CAUSE),)
     seconds = retry_hint_s(exc)
     return () if seconds is None else ((RETRY_AFTER_KEY, str(math.ceil(seconds * 1000))),)
+
+
+def is_peer_failure(metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
+    """Whether a call's trailing metadata marks its UNAVAILABLE as a peer's failure (PeerUnavailable)."""
+    return any(key == UNAVAILABLE_CAUSE_KEY and value == PEER_CAUSE for key, value in metadata or ())
 
 
 def retry_after_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> float | None:

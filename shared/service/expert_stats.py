@@ -86,18 +86,33 @@ class ExpertLoadReporter:
             phy2log=phy2log.reshape(-1).tolist())
 
     async def _send_forever(self) -> None:
-        """One client stream at a time; each report carries the rank's placement (a restarted balancer
-        learns it from the next one)."""
+        """One client stream at a time. A report carries the rank's placement (L x P slots) only when the
+        stream has not carried that version yet: a new stream's first report (so a restarted balancer
+        learns what the group runs) and the first after a switch."""
         backoff = 0.5
+        pending: eplb_pb2.ExpertLoadReport | None = None  # taken from the queue, not yet written
         while True:
             channel = insecure_channel(self.eplb, options=CHANNEL_OPTIONS)
             try:
                 call = eplb_pb2_grpc.EplbStub(channel).ReportExpertLoad()
+                sent_version: int | None = None
                 while True:
-                    await call.write(await self._queue.get())
+                    if pending is None:
+                        pending = await self._queue.get()
+                    out = pending
+                    if pending.placement_version == sent_version:
+                        out = eplb_pb2.ExpertLoadReport()
+                        out.CopyFrom(pending)
+                        del out.phy2log[:]
+                    await call.write(out)
+                    sent_version, pending = pending.placement_version, None
                     backoff = 0.5
             except grpc.aio.AioRpcError as e:
                 log.info("expert load to eplb %s: %s; retrying", self.eplb, e.code().name)
+            except asyncio.InvalidStateError:
+                # How grpc.aio (with client interceptors) reports a write to a stream that already ended,
+                # e.g. after the balancer restarted: a new stream, not the end of reporting.
+                log.info("expert load to eplb %s: the stream ended; retrying", self.eplb)
             except asyncio.CancelledError:
                 raise
             finally:

@@ -249,6 +249,27 @@ def test_failed_prefill_cancels_decode_and_the_request_moves_on(model_dir: Path)
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("peer_failure", [True, False])
+def test_a_worker_reporting_a_peer_failure_stays_routable(model_dir: Path, peer_failure: bool) -> None:
+    # UNAVAILABLE marked as a peer's failure (a failed KV handoff) says nothing against the worker that
+    # answered; a plain UNAVAILABLE takes it out of routing until its next heartbeat.
+    async def main() -> None:
+        async with Mesh(model_dir, heartbeat_timeout_ms=5000) as mesh:
+            decode = FakeDecode(token_delay_s=0.05)
+            await mesh.add(decode, "d1")
+            p = await mesh.add(FakePrefill(fail_code=grpc.StatusCode.UNAVAILABLE, peer_failure=peer_failure), "p1")
+            p.heartbeats = False  # no heartbeat may set it routable again during the test
+            responses = await mesh.generate(prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=5),
+                                            timeout=10)
+            # The request left the failed handoff and ran colocated on the decode worker, whole.
+            assert sum(len(r.token_ids) for r in responses) == 5
+            assert [r.room_id != "" for r in decode.requests] == [True, False]
+            assert mesh.app.registry.get("p1").routable is peer_failure
+            assert mesh.app.registry.get("d1").routable
+
+    asyncio.run(main())
+
+
 def test_prefill_worker_gone_the_decode_worker_prefills(model_dir: Path) -> None:
     async def main() -> None:
         async with Mesh(model_dir, heartbeat_timeout_ms=5000) as mesh:

@@ -34,6 +34,7 @@ from shared.rpc.moemesh.v1 import (
     prefill_pb2,
     prefill_pb2_grpc,
 )
+from shared.service.errors import PEER_CAUSE, UNAVAILABLE_CAUSE_KEY
 from shared.service.version import PROTOCOL_VERSION
 
 VOCAB = 1024
@@ -118,11 +119,14 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
 
 
 class FakePrefill(prefill_pb2_grpc.PrefillServicer):
-    """Answers after `delay_s`, or fails with `fail_code`."""
+    """Answers after `delay_s`, or fails with `fail_code` (`peer_failure`: marked as a peer's failure, as the
+    prefill service marks a failed KV handoff)."""
 
-    def __init__(self, delay_s: float = 0.0, fail_code: grpc.StatusCode | None = None) -> None:
+    def __init__(self, delay_s: float = 0.0, fail_code: grpc.StatusCode | None = None,
+                 peer_failure: bool = False) -> None:
         self.delay_s = delay_s
         self.fail_code = fail_code
+        self.peer_failure = peer_failure
         self.requests: list[prefill_pb2.PrefillRequest] = []
         self.aborts: list[str] = []
         self.cancelled = asyncio.Event()
@@ -137,7 +141,8 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
             self.cancelled.set()
             raise
         if self.fail_code is not None:
-            await context.abort(self.fail_code, "fake prefill failure")
+            marker = ((UNAVAILABLE_CAUSE_KEY, PEER_CAUSE),) if self.peer_failure else ()
+            await context.abort(self.fail_code, "fake prefill failure", trailing_metadata=marker)
         return prefill_pb2.PrefillResponse(first_token_id=fake_token(list(request.prompt_token_ids), 0),
                                            num_cached_tokens=3)
 
