@@ -21,6 +21,7 @@ from shared.model.default import default_model_dir
 from shared.rpc.moemesh.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from shared.sdk import MeshClient
 from tests.integration.mesh import ROOT, RunningMesh, start_mesh
+from tests.net import free_port
 
 PROMPT = "The mesh keeps every request it takes, even when the worker serving it dies: "
 LONG_PROMPT = " ".join(str(i) for i in range(400))
@@ -174,16 +175,8 @@ def _listening(proc: subprocess.Popen, timeout_s: float = 120) -> str:
     raise AssertionError("not listening in time")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_gateway_restart_workers_register_again() -> None:
-    port = _free_port()
+    port = free_port()
     procs = []
     try:
         kv = _serve("kvtransfer", "--port", "0", "--metrics-port", "-1")

@@ -42,7 +42,8 @@ from shared.ep.deepgemm import (  # noqa: E402
 from shared.ep.dispatch import make_dispatcher  # noqa: E402
 from shared.ep.experts import TorchGroupedGemm, make_grouped_gemm  # noqa: E402
 from shared.ep.placement import ExpertPlacement  # noqa: E402
-from tests.unit.ep_ranks import free_port, run_ranks  # noqa: E402
+from tests.net import free_port  # noqa: E402
+from tests.unit.ep_ranks import run_ranks  # noqa: E402
 
 BENCH = ROOT / "bench" / "ep_hopper_moe.py"
 TIMEOUT_S = 60.0

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.unit.ep_ranks import free_port, run_ranks
+from tests.net import free_port
+from tests.unit.ep_ranks import run_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 NUM_EXPERTS = 8  # tests/conftest.py SMALL

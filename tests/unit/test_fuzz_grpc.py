@@ -30,7 +30,6 @@ import math
 import os
 import pkgutil
 import random
-import socket
 import threading
 import time
 import zlib
@@ -50,6 +49,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import shared.rpc.moemesh.v1 as rpc_package
 from shared.rpc.moemesh.v1 import common_pb2, decode_pb2, eplb_pb2, gateway_pb2, kvtransfer_pb2, prefill_pb2
 from shared.service.server import CHANNEL_OPTIONS
+from tests.net import free_port
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -427,12 +427,6 @@ def undecodable(method: Method, rng: random.Random) -> bytes:
 
 
 # -- the mesh, in this process --------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from shared.sdk import (
     RetryPolicy,
     UnavailableError,
 )
+from tests.net import free_port
 from tests.unit.test_gateway_doubles import FakeDecode, FakePrefill, Mesh, fake_token, make_tokenizer_dir
 
 pytestmark = pytest.mark.timeout(30)
@@ -37,12 +37,6 @@ FAST_RETRY = RetryPolicy(retries=8, initial_backoff_s=0.05, max_backoff_s=0.3)
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tokenizer_dir(tmp_path_factory.mktemp("sdk") / "tok")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sdk_imports_without_torch_or_server_code() -> None:
@@ -119,7 +113,7 @@ def test_errors_carry_code_and_message(model_dir: Path) -> None:
 
 def test_retries_unavailable_until_the_gateway_starts(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
-        port = _free_port()
+        port = free_port()
         client = AsyncMeshClient(f"127.0.0.1:{port}", timeout_s=15, retry_policy=FAST_RETRY)
         task = asyncio.ensure_future(client.generate("hi", max_tokens=2))
         await asyncio.sleep(0.2)  # the first attempts find nothing listening
@@ -137,7 +131,7 @@ def test_retries_unavailable_until_the_gateway_starts(model_dir: Path, caplog: p
 
 
 def test_gives_up_after_the_retries() -> None:
-    client = MeshClient(f"127.0.0.1:{_free_port()}", retry_policy=RetryPolicy(retries=2, initial_backoff_s=0.01))
+    client = MeshClient(f"127.0.0.1:{free_port()}", retry_policy=RetryPolicy(retries=2, initial_backoff_s=0.01))
     with client, pytest.raises(UnavailableError) as excinfo:
         client.list_models()
     assert excinfo.value.code == grpc.StatusCode.UNAVAILABLE

@@ -5,7 +5,6 @@ the trace context it sends to the workers (from gRPC, and from an HTTP `tracepar
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from shared.rpc.moemesh.v1 import kvtransfer_pb2_grpc as kv_grpc
 from shared.service.version import PROTOCOL_VERSION
 from shared.telemetry.grpc_tracing import insecure_channel
 from shared.telemetry.tracing import configure_tracing, http_trace_context, tracer
+from tests.net import free_port
 from tests.unit.test_gateway_doubles import FakeDecode, FakePrefill, Mesh, make_tokenizer_dir
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -62,15 +62,9 @@ def _in_trace(exporter: InMemorySpanExporter, trace_id: int) -> dict[str, Any]:
     return {s.name: s for s in exporter.get_finished_spans() if s.context.trace_id == trace_id}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_decode_worker_metrics_move_and_engine_times_become_spans(small_dir: Path,
                                                                    spans: InMemorySpanExporter) -> None:
-    port = _free_port()
+    port = free_port()
     args = decode_serve.build_parser().parse_args(
         ["--port", str(port), "--gateway", "", "--transfer", "inproc", "--model", str(small_dir), "--kv-cache-mb", "8"])
     hist = ("moemesh_time_to_first_token_seconds_count", "moemesh_e2e_request_latency_seconds_count",

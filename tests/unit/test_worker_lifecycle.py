@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 
 import grpc
@@ -13,17 +12,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.decode import serve as decode_serve
 from shared.rpc.moemesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from shared.service import worker as worker_mod
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.net import free_port
 
 
 def test_not_serving_while_loading_then_serving_then_draining(small_dir: Path, monkeypatch: pytest.MonkeyPatch
                                                               ) -> None:
-    port = _free_port()
+    port = free_port()
     args = decode_serve.build_parser().parse_args(
         ["--port", str(port), "--gateway", "", "--transfer", "inproc", "--model", str(small_dir), "--kv-cache-mb", "8"])
     real_load = worker_mod.Worker.load
