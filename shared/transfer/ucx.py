@@ -251,20 +251,21 @@ class _Peer:
     async def bye(self, timeout_s: float) -> bool:
         """Tell the receiver no more chunks come and wait until it has read all sent; False when it
         did not answer in time or the endpoint failed (what was in flight may then be lost)."""
+        answer = bytearray(FRAME.size)
+        try:
+            # The bound covers the lock too: a pair stuck on a receiver that stopped reading holds it.
+            return await asyncio.wait_for(self._bye_exchange(answer), timeout_s)
+        except Exception as e:  # TimeoutError, a UCX error, a corrupt answer
+            log.debug("UCX bye got no answer: %s: %s", type(e).__name__, e)
+            return False
+
+    async def _bye_exchange(self, answer: bytearray) -> bool:
         async with self.lock:
             if not self.usable:
                 return False
-            answer = bytearray(FRAME.size)
-            try:
-                await asyncio.wait_for(self._bye_exchange(answer), timeout_s)
-                return _frame_flags(answer) == FLAG_BYE_ACK
-            except Exception as e:  # TimeoutError, a UCX error, a corrupt answer
-                log.debug("UCX bye got no answer: %s: %s", type(e).__name__, e)
-                return False
-
-    async def _bye_exchange(self, answer: bytearray) -> None:
-        await self.ep.send(_control_frame(FLAG_BYE))
-        await self.ep.recv(answer)
+            await self.ep.send(_control_frame(FLAG_BYE))
+            await self.ep.recv(answer)
+            return _frame_flags(answer) == FLAG_BYE_ACK
 
     def abort(self) -> None:
         self.broken = True

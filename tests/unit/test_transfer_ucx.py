@@ -106,6 +106,21 @@ def test_sender_gone_mid_room_fails_the_receive_at_once(how: str, why: str) -> N
     assert asyncio.run(main()) < 3.0
 
 
+def test_close_is_bounded_when_a_chunk_is_stuck() -> None:
+    # A pair that never finishes (a receiver that stopped reading) holds the endpoint's lock; closing
+    # must still end within its goodbye bound rather than wait for the lock forever.
+    async def main():
+        async with plane_pair("ucx") as (sender, receiver):
+            await move(sender, receiver, "r", random_rows((2, 30, 64), seed=4), FirstToken(1))
+            await sender._peers[receiver.address].lock.acquire()
+            sender.bye_timeout_s = 0.5
+            t0 = time.monotonic()
+            await sender.close()
+            return time.monotonic() - t0
+
+    assert asyncio.run(main()) < 3.0
+
+
 def test_corrupt_chunk_fails_its_room_only() -> None:
     from shared.transfer import ucx
 
