@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from shared.rpc.moemesh.v1 import eplb_pb2_grpc
 from shared.service.config import apply_env_defaults
-from shared.service.server import GrpcServer, install_signal_handlers, run_service
+from shared.service.server import GrpcServer, announce, install_signal_handlers, run_service
 from shared.service.tls import add_tls_arguments
 from shared.telemetry.metrics import announce_metrics
 from shared.telemetry.setup import add_telemetry_arguments
@@ -58,7 +58,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
     await server.start()
     await server.set_serving(True)
     decisions = asyncio.create_task(servicer.run(min(1.0, args.rebalance_period_s)), name="eplb-decisions")
-    print(f"eplb listening on {server.address}", flush=True)
+    announce(f"eplb listening on {server.address}")
     announce_metrics()
     if ready is not None:
         ready.set()

@@ -20,7 +20,7 @@ from shared.model.tokenizer import TokenizerError
 from shared.rpc.moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 from shared.service.auth import ApiKeyInterceptor, ApiKeys, parse_api_keys
 from shared.service.config import apply_env_defaults
-from shared.service.server import GrpcServer, install_signal_handlers
+from shared.service.server import GrpcServer, announce, install_signal_handlers
 from shared.service.tls import add_tls_arguments, configure_tls_from_args
 from shared.telemetry import add_telemetry_arguments, announce_metrics, setup_telemetry
 
@@ -123,9 +123,9 @@ async def serve(cfg: GatewayConfig, ready: asyncio.Event | Callable[[GatewayApp]
         install_signal_handlers(stop)
     app = await start_gateway(cfg)
     try:
-        print(f"gateway listening on {app.address}", flush=True)
+        announce(f"gateway listening on {app.address}")
         if app.http_address is not None:
-            print(f"gateway http listening on {app.http_address}", flush=True)
+            announce(f"gateway http listening on {app.http_address}")
         announce_metrics()
         log.info("serving model %s (context %d tokens) from %s", app.model.name, app.model.max_model_len,
                  app.model.path)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from services.kvtransfer.config import KvTransferConfig
 from services.kvtransfer.service import KvTransferService
 from shared.service.config import apply_env_defaults, env_name
-from shared.service.server import install_signal_handlers, remove_signal_handlers
+from shared.service.server import announce, install_signal_handlers, remove_signal_handlers
 from shared.service.tls import add_tls_arguments, configure_tls_from_args
 from shared.telemetry.metrics import announce_metrics
 from shared.telemetry.setup import add_telemetry_arguments
@@ -79,7 +79,7 @@ async def serve(cfg: KvTransferConfig, ready: asyncio.Event | None = None,
         svc = KvTransferService(cfg)
         await svc.start()
         try:
-            print(f"kvtransfer listening on {svc.address}", flush=True)
+            announce(f"kvtransfer listening on {svc.address}")
             announce_metrics()
             if ready is not None:
                 ready.set()

@@ -232,6 +232,17 @@ def _service_of(service_names: list[str]) -> str:
     return service_names[0].rsplit(".", 1)[-1].lower() if service_names else "moemesh"
 
 
+def announce(line: str) -> None:
+    """Print a line launchers wait for ("NAME listening on ADDR") in one write(2).
+
+    `print` writes the text and its newline separately when stdout is unbuffered (PYTHONUNBUFFERED, -u),
+    so two EP ranks sharing their launcher's stdout could interleave into one unparseable line; a single
+    write of at most PIPE_BUF bytes to a pipe is atomic.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def run_service(serve: Callable[[Any], Awaitable[None]], args: Any, name: str) -> int:
     """The body of a service's `main`: mutual TLS (the options of `add_tls_arguments`, if any), telemetry
     (logs, tracing, the /metrics server; the options of `add_telemetry_arguments`), then `serve(args)`

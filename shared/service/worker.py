@@ -22,7 +22,7 @@ from shared.service.ep_args import add_ep_arguments, ep_config
 from shared.service.errors import Unavailable
 from shared.service.kv_layout import kv_layout
 from shared.service.registration import GatewayRegistration
-from shared.service.server import CHANNEL_OPTIONS, GrpcServer, install_signal_handlers
+from shared.service.server import CHANNEL_OPTIONS, GrpcServer, announce, install_signal_handlers
 from shared.service.tls import add_tls_arguments
 from shared.service.version import PROTOCOL_VERSION
 from shared.telemetry import metrics
@@ -228,7 +228,7 @@ async def run_worker(role: int, name: str, args: argparse.Namespace, servicer: W
         worker.publish_metrics()
         await servicer.bind(worker, kvtransfer_pb2_grpc.KvTransferStub(channel))
         await server.set_serving(True)
-        print(f"{name} listening on {worker.advertised_address}", flush=True)
+        announce(f"{name} listening on {worker.advertised_address}")
         metrics.announce_metrics()
         await worker.register()
         tasks = [asyncio.create_task(worker.watch_engine(), name="engine-watch"), *worker.start_balancing()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -40,8 +41,9 @@ def test_launcher_starts_the_ranks_and_stops_them(small_dir: Path, tmp_path: Pat
     cmd = [sys.executable, "-m", "services.cli.main", "serve", "decode", "--ep-size", "2", "--port", "0",
            "--metrics-port", "0", "--gateway", "", "--model", str(small_dir), "--kv-cache-mb", "16"]
     stderr = open(tmp_path / "stderr.log", "w")  # the ranks' logs, shown if they do not come up
+    # Its own process group, so that a failure kills the ranks too (killing the launcher alone orphans them).
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     lines: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:
@@ -71,7 +73,7 @@ def test_launcher_starts_the_ranks_and_stops_them(small_dir: Path, tmp_path: Pat
         proc.send_signal(signal.SIGTERM)  # passed on to both ranks, which leave the group together
         assert proc.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank still running
+        proc.wait()
         stderr.close()

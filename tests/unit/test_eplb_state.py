@@ -8,6 +8,7 @@ experts 5, 6, 7, 0, 1).
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -144,7 +145,9 @@ def test_too_little_load_decides_nothing_until_there_is_enough() -> None:
 def test_at_most_one_decision_per_period() -> None:
     b = balancer(period_s=30.0)
     report_both(b, counts(), phy2log=default())
-    now = time.monotonic()
+    # A whole second, so that now + 30 and now + 60 are exact: (now + 60.0) - (now + 30.0) could otherwise
+    # round below the 30 s period.
+    now = float(math.ceil(time.monotonic()))
     assert b.decide(KEY, now=now) is None  # the group was met just now
     assert len(b.groups[KEY].windows) == 2
     first = b.decide(KEY, now=now + 30.0)
