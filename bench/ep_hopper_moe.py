@@ -24,14 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from shared.ep.deepgemm import (  # noqa: E402
+from moemesh.ep.deepgemm import (  # noqa: E402
     DeepGemmGroupedGemm,
     DeepGemmWeights,
     contiguous_layout,
     quantize_rows,
 )
-from shared.ep.experts import GroupedGemm, TorchGroupedGemm  # noqa: E402
-from shared.model.layers import silu_and_mul  # noqa: E402
+from moemesh.ep.experts import GroupedGemm, TorchGroupedGemm  # noqa: E402
+from moemesh.model.layers import silu_and_mul  # noqa: E402
 
 # Normwise relative errors. Against the FP8 reference only accumulation order differs (and the few activations
 # that then round to a neighbouring e4m3 value); a wrong layout or scale gives errors of order 1. Against bf16, one

@@ -42,7 +42,7 @@ READY_TIMEOUT="${READY_TIMEOUT:-600}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-1800}"
 
 log() { echo "bench_vs_vllm: $*" >&2; }
-moemesh() { (cd "$ROOT" && "$PYTHON" -m services.cli.main "$@"); }
+moemesh() { (cd "$ROOT" && "$PYTHON" -m moemesh.services.cli.main "$@"); }
 
 SERVER_PID=""
 stop_server() {
@@ -88,7 +88,7 @@ PY
 bench() {  # URL LABEL: the same benchmark for every server
     local url="$1" label="$2"
     log "benchmarking $label at $url: $INPUT_LEN in / $OUTPUT_LEN out, $NUM_PROMPTS prompts, concurrency $CONCURRENCY"
-    timeout --kill-after=10 "$BENCH_TIMEOUT" "$PYTHON" -m services.cli.main bench serve --url "$url" \
+    timeout --kill-after=10 "$BENCH_TIMEOUT" "$PYTHON" -m moemesh.services.cli.main bench serve --url "$url" \
         --tokenizer "$MODEL" --dataset random --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" \
         --num-prompts "$NUM_PROMPTS" --max-concurrency "$CONCURRENCY" --request-rate "$REQUEST_RATE" \
         --warmup "$WARMUP" --ignore-eos --seed 0 --request-timeout 600 --timeout "$BENCH_TIMEOUT" \
@@ -106,7 +106,7 @@ STATUS=0
 if [[ "$RUN_MOEMESH" == 1 ]]; then
     log "starting moemesh up (REST on 127.0.0.1:$MOEMESH_HTTP_PORT), log: $OUT/moemesh.log"
     # shellcheck disable=SC2086
-    (cd "$ROOT" && exec setsid "$PYTHON" -m services.cli.main up --model "$MODEL" \
+    (cd "$ROOT" && exec setsid "$PYTHON" -m moemesh.services.cli.main up --model "$MODEL" \
         --grpc-port "$MOEMESH_GRPC_PORT" --http-port "$MOEMESH_HTTP_PORT" ${MOEMESH_UP_ARGS:-} \
         -- --dtype "$DTYPE") > "$OUT/moemesh.log" 2>&1 &
     SERVER_PID=$!

@@ -3,14 +3,14 @@
     python scripts/gen_protos.py            # rewrite shared/rpc/
     python scripts/gen_protos.py --out DIR  # write elsewhere (the drift test compares the two)
 
-protoc writes `from moemesh.v1 import x_pb2`; the stubs live under the `shared` import root, so those
-imports are rewritten to `from shared.rpc.moemesh.v1 import x_pb2`.
+The stubs land in shared/rpc/moemesh/v1/, installed as the import package `moemesh.v1` (the proto package's
+own name), so protoc's `from moemesh.v1 import x_pb2` lines work as written and the files are its output
+verbatim, plus a docstring package marker.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import sys
 import tempfile
@@ -19,7 +19,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROTOS = ROOT / "protos"
 DEFAULT_OUT = ROOT / "shared" / "rpc"
-_IMPORT = re.compile(r"^from moemesh\.v1 import ", re.M)
 _HEADER = '"""Generated from protos/ by scripts/gen_protos.py; do not edit."""\n'
 
 
@@ -41,10 +40,11 @@ def generate(out: Path) -> list[Path]:
                 continue
             dst = out / f.relative_to(tmp)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_text(_IMPORT.sub("from shared.rpc.moemesh.v1 import ", f.read_text()))
+            dst.write_text(f.read_text())
             written.append(dst)
-    for d in [out, *(p for p in out.rglob("*") if p.is_dir())]:
-        (d / "__init__.py").write_text(_HEADER)
+    # Only the proto package is a Python package: shared/rpc/ and shared/rpc/moemesh/ are just folders,
+    # so that nothing installs a second `moemesh` package inside the first.
+    (out / "moemesh" / "v1" / "__init__.py").write_text(_HEADER)
     return written
 
 

@@ -72,11 +72,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
-    from shared.engine.engine import Engine, EngineConfig
-    from shared.engine.sampling_params import SamplingParams
-    from shared.model.default import default_model_dir
-    from shared.sdk import MeshClient, MeshError
-    from tests.integration.mesh import start_mesh
+    from moemesh.engine.engine import Engine, EngineConfig
+    from moemesh.engine.sampling_params import SamplingParams
+    from moemesh.model.default import default_model_dir
+    from moemesh.sdk import MeshClient, MeshError
+    from tests.processes.mesh.launch import start_mesh
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     engine = Engine(EngineConfig(model=str(default_model_dir()), kv_cache_mb=64))
@@ -138,7 +138,7 @@ def main() -> int:
                 continue
             kills += 1
             mesh.services = {n: v for n, v in mesh.services.items() if v[1] != pid}
-            proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "serve", role, "--port", "0",
+            proc = subprocess.Popen([sys.executable, "-m", "moemesh.services.cli.main", "serve", role, "--port", "0",
                                      "--metrics-port", "-1", "--gateway", mesh.gateway, "--kvtransfer", kv_addr,
                                      "--eplb", "", "--procs-per-host", "3"], cwd=ROOT,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

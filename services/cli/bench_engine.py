@@ -32,8 +32,8 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def _engine_runner(model_dir: Path, max_len: int):
-    from shared.engine.engine import Engine, EngineConfig
-    from shared.engine.sampling_params import SamplingParams
+    from moemesh.engine.engine import Engine, EngineConfig
+    from moemesh.engine.sampling_params import SamplingParams
 
     # Prefix caching off: repeated timed runs of the same prompts must not get cheaper.
     engine = Engine(EngineConfig(model=str(model_dir), dtype="float32", enable_prefix_caching=False,
@@ -65,7 +65,7 @@ def _hf_runner(model_dir: Path):
 
 
 def bench_model(model_dir: Path, args: argparse.Namespace) -> list[dict]:
-    from shared.model.config import ModelConfig
+    from moemesh.model.config import ModelConfig
 
     cfg = ModelConfig.from_dir(model_dir)
     runners = {"moemesh": _engine_runner(model_dir, args.prefill_len + args.output_len)}
@@ -103,7 +103,7 @@ def _ints(s: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shared.model.default import default_model_dir
+    from moemesh.model.default import default_model_dir
 
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, greedy, "

@@ -251,9 +251,9 @@ def bench_engine(model_dir: Path, wl: Workload, args: argparse.Namespace
                  ) -> tuple[list[dict], dict[int, list[list[int]]]]:
     import torch
 
-    from shared.engine.async_engine import AsyncEngine
-    from shared.engine.engine import Engine, EngineConfig
-    from shared.engine.sampling_params import SamplingParams
+    from moemesh.engine.async_engine import AsyncEngine
+    from moemesh.engine.engine import Engine, EngineConfig
+    from moemesh.engine.sampling_params import SamplingParams
 
     # The workers' defaults (kv-cache-mb 512, max-num-seqs 64, 2048 batched tokens, prefix caching on),
     # but torch's own thread count: the whole machine, where each mesh engine gets a share of it.
@@ -305,11 +305,11 @@ class MeshProcess:
 
     def start(self, timeout_s: float) -> None:
         """Start `moemesh up` and wait for its table; raises RuntimeError or TimeoutError (with its log's tail)."""
-        from services.cli.up import _die_with_parent
+        from moemesh.services.cli.up import _die_with_parent
 
         # Free ports only (gRPC and REST): other meshes may run on this host at the same time.
         # `up` gets the timeout too, to say which service was late; this side waits a little longer.
-        cmd = [sys.executable, "-m", "services.cli.main", "up", "--grpc-port", "0", "--http-port", "0",
+        cmd = [sys.executable, "-m", "moemesh.services.cli.main", "up", "--grpc-port", "0", "--http-port", "0",
                "--ready-timeout", f"{timeout_s:g}", *self.up_args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         # stdout: the table (read here); stderr: every service's logs, into a file (shown on failure).
@@ -425,7 +425,7 @@ async def wait_registered(client: object, prefill: int, decode: int, timeout_s: 
 
 def bench_mesh(setup: str, wl: Workload, args: argparse.Namespace
                ) -> tuple[list[dict], dict[int, list[list[int]]], dict | None]:
-    from shared.sdk import AsyncMeshClient
+    from moemesh.sdk import AsyncMeshClient
 
     up_args = [*MESH_SETUPS[setup], *(["--model", args.model] if args.model else [])]
     prefill = int(up_args[up_args.index("--prefill") + 1])
@@ -495,9 +495,9 @@ async def probe_workers(mesh: MeshProcess, wl: Workload, pd: bool, timeout_s: fl
     """
     import grpc
 
-    from shared.rpc.moemesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-    from shared.sdk.channel import aio_channel
-    from shared.sdk.messages import sampling_message
+    from moemesh.sdk.channel import aio_channel
+    from moemesh.sdk.messages import sampling_message
+    from moemesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
     decode_addr = next(a for n, (a, _) in mesh.services.items() if n.startswith("decode"))
     prefill_addr = next((a for n, (a, _) in mesh.services.items() if n.startswith("prefill")), None)
@@ -557,8 +557,8 @@ async def probe_workers(mesh: MeshProcess, wl: Workload, pd: bool, timeout_s: fl
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from shared.model.config import ModelConfig
-    from shared.model.default import default_model_dir
+    from moemesh.model.config import ModelConfig
+    from moemesh.model.default import default_model_dir
 
     setups = [s.strip() for s in args.setups.split(",") if s.strip()]
     unknown = [s for s in setups if s not in SETUPS]

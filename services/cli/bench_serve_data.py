@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.model.tokenizer import Tokenizer
+from moemesh.model.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

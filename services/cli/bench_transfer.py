@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from shared.model.config import ModelConfig
+from moemesh.model.config import ModelConfig
 
 
 def _start_kvtransfer() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "serve", "kvtransfer", "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "moemesh.services.cli.main", "serve", "kvtransfer", "--port", "0"],
                             stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("kvtransfer listening on "):
@@ -28,8 +28,8 @@ def _start_kvtransfer() -> tuple[subprocess.Popen, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shared.model.default import default_model_dir
-    from shared.transfer.bench import bench
+    from moemesh.model.default import default_model_dir
+    from moemesh.transfer.bench import bench
 
     cfg = ModelConfig.from_dir(args.model or default_model_dir())
     layers, width = cfg.num_hidden_layers, cfg.kv_cache_dim

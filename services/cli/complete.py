@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shared.sdk import MeshClient, MeshError, UnavailableError
+    from moemesh.sdk import MeshClient, MeshError, UnavailableError
 
     deadline = time.monotonic() + args.wait
     kw = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}

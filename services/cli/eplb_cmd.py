@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import torch
 
 EXIT_USAGE = 2
-# services.eplb.rebalance.POLICIES, spelled out: importing it would import torch for every `moemesh --help`.
+# moemesh.services.eplb.rebalance.POLICIES, spelled out: importing it would import torch for every `moemesh --help`.
 POLICIES = ("auto", "hierarchical", "global")
 
 
@@ -74,9 +74,9 @@ def _add_topology(p: argparse.ArgumentParser) -> None:
 
 
 def run_rebalance(args: argparse.Namespace) -> int:
-    from services.eplb.balance import balancedness
-    from services.eplb.rebalance import minimize_moves, rebalance, resolve_policy
-    from shared.ep.placement import ExpertPlacement
+    from moemesh.ep.placement import ExpertPlacement
+    from moemesh.services.eplb.balance import balancedness
+    from moemesh.services.eplb.rebalance import minimize_moves, rebalance, resolve_policy
 
     try:
         weight = read_weights(args.weights)
@@ -150,8 +150,8 @@ def _rebalance_text(doc: dict) -> str:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    from services.eplb.simulate import format_table, plot, simulate
-    from services.eplb.stats_file import read_windows
+    from moemesh.services.eplb.simulate import format_table, plot, simulate
+    from moemesh.services.eplb.stats_file import read_windows
 
     try:
         redundant = parse_counts(args.redundant)
@@ -217,7 +217,7 @@ def _fail(error: BaseException) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m services.cli.eplb_cmd eplb ...`: the command group on its own, as `moemesh` runs it."""
+    """`python -m moemesh.services.cli.eplb_cmd eplb ...`: the command group on its own, as `moemesh` runs it."""
     parser = argparse.ArgumentParser(prog="moemesh")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_parser(sub)

@@ -35,8 +35,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shared.engine.engine import Engine, EngineConfig
-    from shared.engine.sampling_params import SamplingParams
+    from moemesh.engine.engine import Engine, EngineConfig
+    from moemesh.engine.sampling_params import SamplingParams
 
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,

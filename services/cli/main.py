@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from services.cli import bench, complete, eplb_cmd, generate, make_tiny, serve, up
+from moemesh.services.cli import bench, complete, eplb_cmd, generate, make_tiny, serve, up
 
 # Errors a user can cause with bad input: printed as one line, never as a traceback.
 EXIT_USAGE = 2
@@ -35,12 +35,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that describe bad input rather than a bug in moemesh."""
-    from shared.engine.sampling_params import InvalidParameter
-    from shared.engine.scheduler import RequestTooLong
-    from shared.model.config import ModelConfigError
-    from shared.model.loader import CheckpointError
-    from shared.model.tokenizer import TokenizerError
-    from shared.transfer.base import PlaneUnavailable
+    from moemesh.engine.sampling_params import InvalidParameter
+    from moemesh.engine.scheduler import RequestTooLong
+    from moemesh.model.config import ModelConfigError
+    from moemesh.model.loader import CheckpointError
+    from moemesh.model.tokenizer import TokenizerError
+    from moemesh.transfer.base import PlaneUnavailable
 
     return (InvalidParameter, RequestTooLong, ModelConfigError, CheckpointError, TokenizerError, PlaneUnavailable,
             FileNotFoundError, NotADirectoryError, PermissionError)

@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shared.model.tiny import make_tiny
+    from moemesh.model.tiny import make_tiny
 
     out = make_tiny(args.dir, seed=args.seed, preset=args.preset)
     print(f"wrote a {args.preset} DeepSeek-V3 checkpoint to {out}")

@@ -19,5 +19,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported only when chosen: a gateway container never loads torch.
-    module = importlib.import_module(f"services.{args.service}.serve")
+    module = importlib.import_module(f"moemesh.services.{args.service}.serve")
     return int(module.main(args.args) or 0)

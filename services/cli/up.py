@@ -112,7 +112,7 @@ class Mesh:
         self.children: list[Child] = []
 
     def start(self, name: str, service: str, args: list[str], env: dict[str, str]) -> Child:
-        cmd = [sys.executable, "-m", "services.cli.main", "serve", service, "--host", self.host, *args]
+        cmd = [sys.executable, "-m", "moemesh.services.cli.main", "serve", service, "--host", self.host, *args]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env,
                                 preexec_fn=_die_with_parent)
         child = Child(name, proc)
@@ -222,7 +222,7 @@ def _start_instance(mesh: Mesh, role: str, index: int, ep_size: int, common: lis
     name = f"{role}-{index}"
     if ep_size == 1:
         return [mesh.start(name, role, common, env)]
-    from shared.service.ep_args import free_local_addr
+    from moemesh.service.ep_args import free_local_addr
 
     group = ["--ep-size", str(ep_size), "--dist-init-addr", free_local_addr(), "--instance-id", name]
     return [mesh.start(f"{name}-dp{r}", role, [*common, *group, "--ep-rank", str(r)], env) for r in range(ep_size)]
@@ -244,7 +244,7 @@ class ClientSecurity:
 def _security(args: argparse.Namespace, env: dict[str, str]) -> ClientSecurity:
     """Apply --api-key/--api-key-file (to the gateway) and --tls-dir (to `env`, so to every child);
     returns what a client needs. ValueError for a missing certificate file or an empty key list."""
-    from shared.service.auth import parse_api_keys
+    from moemesh.service.auth import parse_api_keys
 
     sec = ClientSecurity()
     if args.tls_dir:
@@ -269,7 +269,7 @@ def _security(args: argparse.Namespace, env: dict[str, str]) -> ClientSecurity:
 
 def _wait_registered(gateway: str, prefill: int, decode: int, deadline: float,
                      security: ClientSecurity | None = None) -> None:
-    from shared.sdk import MeshClient, MeshError, UnauthenticatedError
+    from moemesh.sdk import MeshClient, MeshError, UnauthenticatedError
 
     kw = security.client_kwargs() if security is not None else {}
     with MeshClient(gateway, timeout_s=5, retries=0, **kw) as client:
@@ -307,7 +307,7 @@ def _table(mesh: Mesh, args: argparse.Namespace, security: ClientSecurity | None
     # Never the key itself in the hint: the table ends up in terminals and logs.
     tls = "".join(f", tls_{name}='{path}'" for name, path in security.tls.items())
     key_note = " (with MOEMESH_API_KEY set)" if security.api_key else ""
-    rows.append(f"first request{key_note}: python -c \"from shared.sdk import MeshClient; "
+    rows.append(f"first request{key_note}: python -c \"from moemesh.sdk import MeshClient; "
                 f"print(MeshClient('{gateway.address}'{tls}).generate(prompt='Hello', max_tokens=16).text)\"")
     if gateway.http_address:
         auth = " -H \"Authorization: Bearer $MOEMESH_API_KEY\"" if security.api_key else ""

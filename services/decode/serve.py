@@ -7,11 +7,11 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from shared.rpc.moemesh.v1 import common_pb2, decode_pb2_grpc
-from shared.service.config import apply_env_defaults
-from shared.service.ep_args import main_of_worker
-from shared.service.worker import add_worker_arguments, advertised, run_worker
-from shared.transfer.base import KvReceiver
+from moemesh.service.config import apply_env_defaults
+from moemesh.service.ep_args import main_of_worker
+from moemesh.service.worker import add_worker_arguments, advertised, run_worker
+from moemesh.transfer.base import KvReceiver
+from moemesh.v1 import common_pb2, decode_pb2_grpc
 
 DEFAULT_PORT = 50070
 DEFAULT_METRICS_PORT = 9105
@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
                 stop: asyncio.Event | None = None) -> None:
-    from services.decode.servicer import DecodeServicer
-    from shared.transfer.registry import make_receiver
+    from moemesh.services.decode.servicer import DecodeServicer
+    from moemesh.transfer.registry import make_receiver
 
     def receiver() -> KvReceiver:
         if args.transfer == "ucx":

@@ -1,7 +1,7 @@
 """The Decode gRPC servicer: reserve pages, rendezvous at kvtransfer, receive KV, stream tokens.
 
 Telemetry: each request's log lines carry its request_id and trace_id; at its end its engine
-timestamps become the `decode.*` spans and the latency histograms (`shared.telemetry.requests`); the
+timestamps become the `decode.*` spans and the latency histograms (`moemesh.telemetry.requests`); the
 KV receive feeds the `moemesh_kv_transfer_*` families (side "receiver").
 """
 
@@ -16,20 +16,20 @@ from typing import Any
 
 import grpc
 
-from shared.engine.async_engine import AsyncEngine, Reserved
-from shared.engine.engine import Resume
-from shared.engine.request import RequestOutput
-from shared.rpc.moemesh.v1 import decode_pb2, decode_pb2_grpc, kvtransfer_pb2, kvtransfer_pb2_grpc
-from shared.service.convert import finish_to_pb, logprobs_to_pb, sampling_from_pb
-from shared.service.errors import DeadlineExceeded, InvalidArgument, PeerUnavailable
-from shared.service.rooms import report_room_failed
-from shared.service.version import PROTOCOL_VERSION
-from shared.service.worker import Worker, WorkerServicer
-from shared.telemetry import metrics
-from shared.telemetry.logs import request_log_context
-from shared.telemetry.requests import RequestTelemetry
-from shared.transfer.base import KvReceiver, TransferError
-from shared.transfer.registry import plane_to_proto
+from moemesh.engine.async_engine import AsyncEngine, Reserved
+from moemesh.engine.engine import Resume
+from moemesh.engine.request import RequestOutput
+from moemesh.service.convert import finish_to_pb, logprobs_to_pb, sampling_from_pb
+from moemesh.service.errors import DeadlineExceeded, InvalidArgument, PeerUnavailable
+from moemesh.service.rooms import report_room_failed
+from moemesh.service.version import PROTOCOL_VERSION
+from moemesh.service.worker import Worker, WorkerServicer
+from moemesh.telemetry import metrics
+from moemesh.telemetry.logs import request_log_context
+from moemesh.telemetry.requests import RequestTelemetry
+from moemesh.transfer.base import KvReceiver, TransferError
+from moemesh.transfer.registry import plane_to_proto
+from moemesh.v1 import decode_pb2, decode_pb2_grpc, kvtransfer_pb2, kvtransfer_pb2_grpc
 
 log = logging.getLogger(__name__)
 

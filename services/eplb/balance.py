@@ -1,7 +1,7 @@
 """How well a placement balances a load, and how many expert weights a change of placement moves.
 
 Legend: L MoE layers, E logical experts, P physical slots, R EP ranks (rank r holds slots
-[r * P/R, (r+1) * P/R), as in `shared.ep.placement`).
+[r * P/R, (r+1) * P/R), as in `moemesh.ep.placement`).
 
 The dispatcher spreads an expert's tokens evenly over its replicas, so an expert's load is split evenly
 over its slots here too.
@@ -37,7 +37,7 @@ def balancedness(weight: torch.Tensor, phy2log: torch.Tensor, num_ranks: int) ->
     """weight [L, E], phy2log [L, P] int64 -> [L] float64: mean over max of the per-rank load; 1.0 is perfect.
 
     A layer without load counts as balanced (1.0). For the contiguous placement with P == E this equals
-    `shared.telemetry.expert_load.balancedness(weight, num_ranks)`.
+    `moemesh.telemetry.expert_load.balancedness(weight, num_ranks)`.
     """
     loads = rank_loads(weight, phy2log, num_ranks)
     top = loads.amax(-1)

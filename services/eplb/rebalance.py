@@ -2,7 +2,7 @@
 
 Legend: L MoE layers, E logical experts, G expert groups, N nodes, R EP ranks, P physical slots
 (E plus redundant replicas), S = P/R slots per rank. Rank r holds slots [r*S, (r+1)*S), node n holds
-ranks [n*R/N, (n+1)*R/N), as in `shared.ep.placement`.
+ranks [n*R/N, (n+1)*R/N), as in `moemesh.ep.placement`.
 
 Follows DeepSeek's EPLB (github.com/deepseek-ai/EPLB), with the same choices wherever it makes one, so that its
 published example comes out slot for slot:
@@ -27,8 +27,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from services.eplb.balance import balancedness, moved_slots
-from shared.ep.placement import ExpertPlacement, PlacementError
+from moemesh.ep.placement import ExpertPlacement, PlacementError
+from moemesh.services.eplb.balance import balancedness, moved_slots
 
 POLICIES = ("auto", "hierarchical", "global")
 

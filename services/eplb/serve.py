@@ -13,12 +13,12 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from shared.rpc.moemesh.v1 import eplb_pb2_grpc
-from shared.service.config import apply_env_defaults
-from shared.service.server import GrpcServer, announce, install_signal_handlers, run_service
-from shared.service.tls import add_tls_arguments
-from shared.telemetry.metrics import announce_metrics
-from shared.telemetry.setup import add_telemetry_arguments
+from moemesh.service.config import apply_env_defaults
+from moemesh.service.server import GrpcServer, announce, install_signal_handlers, run_service
+from moemesh.service.tls import add_tls_arguments
+from moemesh.telemetry.metrics import announce_metrics
+from moemesh.telemetry.setup import add_telemetry_arguments
+from moemesh.v1 import eplb_pb2_grpc
 
 DEFAULT_PORT = 50090
 DEFAULT_METRICS_PORT = 9103
@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
                 stop: asyncio.Event | None = None) -> None:
-    from services.eplb.servicer import EplbServicer
-    from services.eplb.state import Balancer, Policy
+    from moemesh.services.eplb.servicer import EplbServicer
+    from moemesh.services.eplb.state import Balancer, Policy
 
     stop = stop or asyncio.Event()
     install_signal_handlers(stop)

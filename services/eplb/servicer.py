@@ -10,11 +10,11 @@ import grpc
 import torch
 from prometheus_client import Counter, Gauge
 
-from services.eplb.state import Balancer, Key, PlacementVersion, Shape
-from shared.ep.placement import ExpertPlacement, PlacementError
-from shared.rpc.moemesh.v1 import common_pb2, eplb_pb2, eplb_pb2_grpc
-from shared.service.errors import InvalidArgument, NotFound
-from shared.service.version import check_protocol_version
+from moemesh.ep.placement import ExpertPlacement, PlacementError
+from moemesh.service.errors import InvalidArgument, NotFound
+from moemesh.service.version import check_protocol_version
+from moemesh.services.eplb.state import Balancer, Key, PlacementVersion, Shape
+from moemesh.v1 import common_pb2, eplb_pb2, eplb_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.eplb.balance import balancedness, moved_slots
-from services.eplb.rebalance import rebalance
-from shared.ep.placement import ExpertPlacement
+from moemesh.ep.placement import ExpertPlacement
+from moemesh.services.eplb.balance import balancedness, moved_slots
+from moemesh.services.eplb.rebalance import rebalance
 
 log = logging.getLogger(__name__)
 

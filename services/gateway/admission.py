@@ -30,9 +30,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-from services.gateway.registry import WorkerEntry
-from services.gateway.router import fits
-from shared.service.errors import DEFAULT_RETRY_AFTER_S, ResourceExhausted
+from moemesh.service.errors import DEFAULT_RETRY_AFTER_S, ResourceExhausted
+from moemesh.services.gateway.registry import WorkerEntry
+from moemesh.services.gateway.router import fits
 
 DEFAULT_MAX_CONCURRENT_REQUESTS = 1024
 # Free pages change with heartbeats, which nobody announces: a waiter for pages looks again this often.

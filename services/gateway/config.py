@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.gateway.admission import AdmissionConfig
+from moemesh.services.gateway.admission import AdmissionConfig
 
 # The embedded tiny model has no folder name worth showing to clients.
 DEFAULT_MODEL_NAME = "moemesh-tiny"

@@ -5,13 +5,13 @@
     async for response in stream:                # GenerateResponse messages
         ...
 
-Errors are `shared.service.errors.ServiceError`s (INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE,
+Errors are `moemesh.service.errors.ServiceError`s (INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE,
 DEADLINE_EXCEEDED, or a worker's own code): the gRPC interceptor maps them to status codes, a REST
 facade maps `exc.code` to HTTP. Closing or cancelling the iteration (the client went away) cancels the
 request on both workers.
 
 Telemetry: a request is one `gateway.generate` span (child of the caller's span: the gRPC call's, or
-the HTTP `traceparent` a REST handler made current with `shared.telemetry.http_trace_context`), with
+the HTTP `traceparent` a REST handler made current with `moemesh.telemetry.http_trace_context`), with
 `gateway.tokenize` and `gateway.route` inside; its downstream calls carry the span's context. Its log
 lines carry `request_id` and `trace_id`. Metrics (role "gateway"): time to first token, inter-token
 latency, end-to-end latency, tokens, outcomes, and requests in flight.
@@ -28,18 +28,18 @@ from collections.abc import AsyncIterator
 
 from opentelemetry import trace
 
-from services.gateway.admission import Admission
-from services.gateway.dispatch import AbortSender, Exchange, WorkerStreamBroken
-from services.gateway.inputs import PreparedRequest, check_model, prepare, render_messages
-from services.gateway.model import ServedModel
-from services.gateway.pd_health import KvTransferHealth
-from services.gateway.registry import DECODE, PREFILL, WorkerRegistry
-from services.gateway.router import Route, Router
-from shared.rpc.moemesh.v1 import common_pb2, gateway_pb2
-from shared.service.errors import InvalidArgument, ServiceError, Unavailable
-from shared.telemetry import metrics
-from shared.telemetry.logs import request_log_context
-from shared.telemetry.tracing import end_span, tracer
+from moemesh.service.errors import InvalidArgument, ServiceError, Unavailable
+from moemesh.services.gateway.admission import Admission
+from moemesh.services.gateway.dispatch import AbortSender, Exchange, WorkerStreamBroken
+from moemesh.services.gateway.inputs import PreparedRequest, check_model, prepare, render_messages
+from moemesh.services.gateway.model import ServedModel
+from moemesh.services.gateway.pd_health import KvTransferHealth
+from moemesh.services.gateway.registry import DECODE, PREFILL, WorkerRegistry
+from moemesh.services.gateway.router import Route, Router
+from moemesh.telemetry import metrics
+from moemesh.telemetry.logs import request_log_context
+from moemesh.telemetry.tracing import end_span, tracer
+from moemesh.v1 import common_pb2, gateway_pb2
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from typing import Any
 import grpc
 from opentelemetry.context import Context
 
-from services.gateway.inputs import PreparedRequest
-from services.gateway.registry import WorkerEntry, WorkerRegistry
-from services.gateway.router import Route
-from shared.rpc.moemesh.v1 import common_pb2, decode_pb2, gateway_pb2, prefill_pb2
-from shared.service.errors import DeadlineExceeded, ServiceError, Unavailable, is_peer_failure
-from shared.telemetry.tracing import attached
+from moemesh.service.errors import DeadlineExceeded, ServiceError, Unavailable, is_peer_failure
+from moemesh.services.gateway.inputs import PreparedRequest
+from moemesh.services.gateway.registry import WorkerEntry, WorkerRegistry
+from moemesh.services.gateway.router import Route
+from moemesh.telemetry.tracing import attached
+from moemesh.v1 import common_pb2, decode_pb2, gateway_pb2, prefill_pb2
 
 log = logging.getLogger(__name__)
 

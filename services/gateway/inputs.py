@@ -10,11 +10,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from shared.engine.sampling_params import InvalidParameter, SamplingParams
-from shared.model.tokenizer import Tokenizer, TokenizerError
-from shared.rpc.moemesh.v1 import common_pb2, gateway_pb2
-from shared.service.convert import sampling_from_pb
-from shared.service.errors import InvalidArgument, NotFound
+from moemesh.engine.sampling_params import InvalidParameter, SamplingParams
+from moemesh.model.tokenizer import Tokenizer, TokenizerError
+from moemesh.service.convert import sampling_from_pb
+from moemesh.service.errors import InvalidArgument, NotFound
+from moemesh.v1 import common_pb2, gateway_pb2
 
 # Client-chosen ids travel to every worker and into logs and errors: bounded, so no status message
 # that echoes one becomes too long for a gRPC client to read (past 8 KiB it sees RESOURCE_EXHAUSTED).

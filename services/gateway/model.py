@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.gateway.config import GatewayConfig
-from shared.model.tokenizer import Tokenizer
+from moemesh.model.tokenizer import Tokenizer
+from moemesh.services.gateway.config import GatewayConfig
 
 
 class ModelSetupError(ValueError):
@@ -42,7 +42,7 @@ def load_served_model(cfg: GatewayConfig) -> ServedModel:
 
 def _embedded_model_dir() -> Path:
     # Imported here: writing the tiny checkpoint needs torch, which a gateway given --model never loads.
-    from shared.model.default import default_model_dir
+    from moemesh.model.default import default_model_dir
 
     return default_model_dir()
 

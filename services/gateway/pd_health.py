@@ -10,8 +10,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import Gauge
 
-from shared.service.server import CHANNEL_OPTIONS
-from shared.telemetry.grpc_tracing import insecure_channel
+from moemesh.service.server import CHANNEL_OPTIONS
+from moemesh.telemetry.grpc_tracing import insecure_channel
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from typing import Any
 
 import grpc
 
-from shared.rpc.moemesh.v1 import common_pb2, decode_pb2_grpc, gateway_pb2, prefill_pb2_grpc
-from shared.service.errors import FailedPrecondition, InvalidArgument
-from shared.service.server import CHANNEL_OPTIONS
-from shared.service.version import PROTOCOL_VERSION, check_protocol_version
-from shared.telemetry.grpc_tracing import insecure_channel
+from moemesh.service.errors import FailedPrecondition, InvalidArgument
+from moemesh.service.server import CHANNEL_OPTIONS
+from moemesh.service.version import PROTOCOL_VERSION, check_protocol_version
+from moemesh.telemetry.grpc_tracing import insecure_channel
+from moemesh.v1 import common_pb2, decode_pb2_grpc, gateway_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
 

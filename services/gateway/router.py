@@ -15,9 +15,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.gateway.registry import WorkerEntry
-from shared.rpc.moemesh.v1 import common_pb2
-from shared.service.errors import Unavailable
+from moemesh.service.errors import Unavailable
+from moemesh.services.gateway.registry import WorkerEntry
+from moemesh.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 

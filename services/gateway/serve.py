@@ -8,21 +8,21 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from services.gateway.admission import Admission, add_admission_arguments, admission_config
-from services.gateway.config import GatewayConfig
-from services.gateway.core import GatewayCore
-from services.gateway.model import ServedModel, load_served_model
-from services.gateway.pd_health import KvTransferHealth
-from services.gateway.registry import DECODE, WorkerRegistry
-from services.gateway.rest import HttpServer, rest_server
-from services.gateway.servicer import GatewayServicer, WorkerRegistryServicer
-from shared.model.tokenizer import TokenizerError
-from shared.rpc.moemesh.v1 import gateway_pb2, gateway_pb2_grpc
-from shared.service.auth import ApiKeyInterceptor, ApiKeys, parse_api_keys
-from shared.service.config import apply_env_defaults
-from shared.service.server import GrpcServer, announce, install_signal_handlers
-from shared.service.tls import add_tls_arguments, configure_tls_from_args
-from shared.telemetry import add_telemetry_arguments, announce_metrics, setup_telemetry
+from moemesh.model.tokenizer import TokenizerError
+from moemesh.service.auth import ApiKeyInterceptor, ApiKeys, parse_api_keys
+from moemesh.service.config import apply_env_defaults
+from moemesh.service.server import GrpcServer, announce, install_signal_handlers
+from moemesh.service.tls import add_tls_arguments, configure_tls_from_args
+from moemesh.services.gateway.admission import Admission, add_admission_arguments, admission_config
+from moemesh.services.gateway.config import GatewayConfig
+from moemesh.services.gateway.core import GatewayCore
+from moemesh.services.gateway.model import ServedModel, load_served_model
+from moemesh.services.gateway.pd_health import KvTransferHealth
+from moemesh.services.gateway.registry import DECODE, WorkerRegistry
+from moemesh.services.gateway.rest import HttpServer, rest_server
+from moemesh.services.gateway.servicer import GatewayServicer, WorkerRegistryServicer
+from moemesh.telemetry import add_telemetry_arguments, announce_metrics, setup_telemetry
+from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m services.gateway.serve [options]`."""
+    """`python -m moemesh.services.gateway.serve [options]`."""
     parser = argparse.ArgumentParser(prog="moemesh serve gateway", description="Run the mesh's gateway.")
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.gateway.core import GatewayCore
-from services.gateway.registry import WorkerRegistry
-from shared.rpc.moemesh.v1 import gateway_pb2, gateway_pb2_grpc
+from moemesh.services.gateway.core import GatewayCore
+from moemesh.services.gateway.registry import WorkerRegistry
+from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 
 # grpc reports "no deadline" as None or as an effectively infinite number, depending on the version.
 _NO_DEADLINE_S = 10**8

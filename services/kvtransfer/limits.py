@@ -7,7 +7,7 @@ RESOURCE_EXHAUSTED or INTERNAL instead of the reason) and let one caller grow th
 
 from __future__ import annotations
 
-from services.kvtransfer.errors import KvTransferError, Reason
+from moemesh.services.kvtransfer.errors import KvTransferError, Reason
 
 # Room ids, request ids, addresses and model fingerprints: far above what the workers send (uuids,
 # host:port, hex digests), far below what would make a status message unreadable.

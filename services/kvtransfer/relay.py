@@ -18,10 +18,10 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Protocol
 
-from services.kvtransfer.errors import KvTransferError, Reason
-from services.kvtransfer.limits import check_id
-from services.kvtransfer.rooms import RoomRegistry, RoomState, RoomStatus
-from services.kvtransfer.waits import Notifier
+from moemesh.services.kvtransfer.errors import KvTransferError, Reason
+from moemesh.services.kvtransfer.limits import check_id
+from moemesh.services.kvtransfer.rooms import RoomRegistry, RoomState, RoomStatus
+from moemesh.services.kvtransfer.waits import Notifier
 
 log = logging.getLogger(__name__)
 

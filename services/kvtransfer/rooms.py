@@ -32,8 +32,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 
-from services.kvtransfer.errors import KvTransferError, Reason
-from services.kvtransfer.waits import Notifier
+from moemesh.services.kvtransfer.errors import KvTransferError, Reason
+from moemesh.services.kvtransfer.waits import Notifier
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """`moemesh serve kvtransfer`: flags (and `MOEMESH_*` variables) to a config, then serve until stopped.
 
 Programmatic use: `await serve(KvTransferConfig(port=0), ready=ready_event, stop=stop_event)`;
-command line: `main(["--port", "0"])` or `python -m services.kvtransfer.serve --port 0`.
+command line: `main(["--port", "0"])` or `python -m moemesh.services.kvtransfer.serve --port 0`.
 When ready it prints `kvtransfer listening on HOST:PORT` to stdout (launchers read it); run from the
 command line, then `kvtransfer metrics on HOST:PORT` (its Prometheus `/metrics`).
 """
@@ -15,13 +15,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from services.kvtransfer.config import KvTransferConfig
-from services.kvtransfer.service import KvTransferService
-from shared.service.config import apply_env_defaults, env_name
-from shared.service.server import announce, install_signal_handlers, remove_signal_handlers
-from shared.service.tls import add_tls_arguments, configure_tls_from_args
-from shared.telemetry.metrics import announce_metrics
-from shared.telemetry.setup import add_telemetry_arguments
+from moemesh.service.config import apply_env_defaults, env_name
+from moemesh.service.server import announce, install_signal_handlers, remove_signal_handlers
+from moemesh.service.tls import add_tls_arguments, configure_tls_from_args
+from moemesh.services.kvtransfer.config import KvTransferConfig
+from moemesh.services.kvtransfer.service import KvTransferService
+from moemesh.telemetry.metrics import announce_metrics
+from moemesh.telemetry.setup import add_telemetry_arguments
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ async def serve(cfg: KvTransferConfig, ready: asyncio.Event | None = None,
 
 def run(args: argparse.Namespace) -> int:
     """Serve with parsed options (what the `moemesh serve kvtransfer` subcommand calls); exit code."""
-    from shared.telemetry.setup import setup_telemetry
+    from moemesh.telemetry.setup import setup_telemetry
 
     try:
         cfg = config_from_args(args)

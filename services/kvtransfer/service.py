@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 import logging
 
-from services.kvtransfer.config import KvTransferConfig
-from services.kvtransfer.relay import Relay
-from services.kvtransfer.rooms import RoomRegistry
-from services.kvtransfer.servicer import KvTransferServicer
-from shared.rpc.moemesh.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
-from shared.service.server import GrpcServer
+from moemesh.service.server import GrpcServer
+from moemesh.services.kvtransfer.config import KvTransferConfig
+from moemesh.services.kvtransfer.relay import Relay
+from moemesh.services.kvtransfer.rooms import RoomRegistry
+from moemesh.services.kvtransfer.servicer import KvTransferServicer
+from moemesh.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
 
 log = logging.getLogger(__name__)
 

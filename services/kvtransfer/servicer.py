@@ -1,6 +1,6 @@
 """The KvTransfer gRPC servicer: protobuf in and out, the rooms and the relay do the work.
 
-Refusals from rooms/relay (`KvTransferError`) become `shared.service.errors` exceptions here, which
+Refusals from rooms/relay (`KvTransferError`) become `moemesh.service.errors` exceptions here, which
 the server's interceptor turns into status codes.
 
 Telemetry: the sender's wait for its receiver is a `kvtransfer.rendezvous` span; a room's transfer,
@@ -19,15 +19,15 @@ from typing import Any
 import grpc
 from opentelemetry import context as otel_context
 
-from services.kvtransfer.errors import KvTransferError, Reason
-from services.kvtransfer.limits import check_id, clip
-from services.kvtransfer.relay import Relay
-from services.kvtransfer.rooms import Layout, Receiver, RoomRegistry, RoomState, RoomStatus, Side
-from shared.rpc.moemesh.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc
-from shared.service import errors
-from shared.service.version import check_protocol_version
-from shared.telemetry import metrics
-from shared.telemetry.tracing import record_span, tracer
+from moemesh.service import errors
+from moemesh.service.version import check_protocol_version
+from moemesh.services.kvtransfer.errors import KvTransferError, Reason
+from moemesh.services.kvtransfer.limits import check_id, clip
+from moemesh.services.kvtransfer.relay import Relay
+from moemesh.services.kvtransfer.rooms import Layout, Receiver, RoomRegistry, RoomState, RoomStatus, Side
+from moemesh.telemetry import metrics
+from moemesh.telemetry.tracing import record_span, tracer
+from moemesh.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc
 
 # One status code per refusal reason.
 STATUS_OF: dict[Reason, type[errors.ServiceError]] = {

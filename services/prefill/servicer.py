@@ -15,20 +15,20 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from shared.engine.async_engine import AsyncEngine, KvRows
-from shared.engine.engine import Resume
-from shared.rpc.moemesh.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from shared.service.convert import logprobs_to_pb, sampling_from_pb
-from shared.service.errors import FailedPrecondition, InvalidArgument, PeerUnavailable
-from shared.service.rooms import report_room_failed
-from shared.service.version import PROTOCOL_VERSION
-from shared.service.worker import Worker, WorkerServicer
-from shared.telemetry import metrics
-from shared.telemetry.logs import request_log_context
-from shared.telemetry.requests import RequestTelemetry
-from shared.telemetry.tracing import tracer
-from shared.transfer.base import FirstToken, KvSender, RowBlock, TransferError
-from shared.transfer.registry import plane_from_proto
+from moemesh.engine.async_engine import AsyncEngine, KvRows
+from moemesh.engine.engine import Resume
+from moemesh.service.convert import logprobs_to_pb, sampling_from_pb
+from moemesh.service.errors import FailedPrecondition, InvalidArgument, PeerUnavailable
+from moemesh.service.rooms import report_room_failed
+from moemesh.service.version import PROTOCOL_VERSION
+from moemesh.service.worker import Worker, WorkerServicer
+from moemesh.telemetry import metrics
+from moemesh.telemetry.logs import request_log_context
+from moemesh.telemetry.requests import RequestTelemetry
+from moemesh.telemetry.tracing import tracer
+from moemesh.transfer.base import FirstToken, KvSender, RowBlock, TransferError
+from moemesh.transfer.registry import plane_from_proto
+from moemesh.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from shared.engine.engine import Engine, Resume
-from shared.engine.errors import EngineDead
-from shared.engine.request import RequestOutput, RequestTiming
-from shared.engine.sampling_params import SamplingParams
-from shared.ep.group import describe_failure
+from moemesh.engine.engine import Engine, Resume
+from moemesh.engine.errors import EngineDead
+from moemesh.engine.request import RequestOutput, RequestTiming
+from moemesh.engine.sampling_params import SamplingParams
+from moemesh.ep.group import describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class AsyncEngine:
         if not self.alive:
             raise EngineDead(f"the engine is not running: {self.error!r}")
         if request_id in self._streams:
-            from shared.engine.sampling_params import InvalidParameter
+            from moemesh.engine.sampling_params import InvalidParameter
 
             raise InvalidParameter(f"request_id {request_id!r} is already in use")
         q: asyncio.Queue = asyncio.Queue()

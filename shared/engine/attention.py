@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.engine.kv_cache import LatentKVCache
-from shared.model.mla import MLAttention, causal_attention
+from moemesh.engine.kv_cache import LatentKVCache
+from moemesh.model.mla import MLAttention, causal_attention
 
 
 @dataclass

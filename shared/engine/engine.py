@@ -15,21 +15,21 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from shared.engine.kv_cache import LatentKVCache
-from shared.engine.request import FinishReason, Request, RequestOutput, RequestStatus
-from shared.engine.runner import ModelRunner
-from shared.engine.sampling import Sampler
-from shared.engine.sampling_params import InvalidParameter, SamplingParams
-from shared.engine.scheduler import RequestTooLong, ScheduledBatch, Scheduler, SchedulerConfig
-from shared.engine.stop import check_stop, streamable_len
-from shared.model.deepseek import DeepseekForCausalLM
-from shared.model.default import default_model_dir
-from shared.model.detokenizer import IncrementalDetokenizer
-from shared.model.loader import load_model
-from shared.model.tokenizer import Tokenizer
+from moemesh.engine.kv_cache import LatentKVCache
+from moemesh.engine.request import FinishReason, Request, RequestOutput, RequestStatus
+from moemesh.engine.runner import ModelRunner
+from moemesh.engine.sampling import Sampler
+from moemesh.engine.sampling_params import InvalidParameter, SamplingParams
+from moemesh.engine.scheduler import RequestTooLong, ScheduledBatch, Scheduler, SchedulerConfig
+from moemesh.engine.stop import check_stop, streamable_len
+from moemesh.model.deepseek import DeepseekForCausalLM
+from moemesh.model.default import default_model_dir
+from moemesh.model.detokenizer import IncrementalDetokenizer
+from moemesh.model.loader import load_model
+from moemesh.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from shared.ep.group import EPGroup
+    from moemesh.ep.group import EPGroup
 
 __all__ = ["Completion", "Engine", "EngineConfig", "InvalidParameter", "RequestTooLong", "Resume"]
 
@@ -127,7 +127,7 @@ class Engine:
         self._ids = itertools.count()
         self.expert_load = None
         if cfg.record_expert_load and mc.n_routed_experts:
-            from shared.telemetry.expert_load import ExpertLoadRecorder
+            from moemesh.telemetry.expert_load import ExpertLoadRecorder
 
             self.expert_load = ExpertLoadRecorder(self.model)
 

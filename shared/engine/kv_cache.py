@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from shared.model.config import ModelConfig
+from moemesh.model.config import ModelConfig
 
 
 class LatentKVCache:

@@ -35,7 +35,7 @@ import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from shared.engine.page_pool import PagePool
+from moemesh.engine.page_pool import PagePool
 
 
 class RadixNode:

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from shared.engine.sampling_params import SamplingParams
+from moemesh.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # the gateway uses these types without torch installed
     import torch

@@ -9,12 +9,12 @@ from collections.abc import Sequence
 
 import torch
 
-from shared.engine.attention import PagedAttention, StepLayout
-from shared.engine.kv_cache import LatentKVCache
-from shared.engine.sampling import Sampler, SampleResult, SamplingRow
-from shared.engine.scheduler import ScheduledBatch, ScheduledSeq
-from shared.ep.tbo import split_point, two_batch_forward
-from shared.model.deepseek import DeepseekForCausalLM
+from moemesh.engine.attention import PagedAttention, StepLayout
+from moemesh.engine.kv_cache import LatentKVCache
+from moemesh.engine.sampling import Sampler, SampleResult, SamplingRow
+from moemesh.engine.scheduler import ScheduledBatch, ScheduledSeq
+from moemesh.ep.tbo import split_point, two_batch_forward
+from moemesh.model.deepseek import DeepseekForCausalLM
 
 
 class ModelRunner:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.engine.sampling_params import SamplingParams
+from moemesh.engine.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
 

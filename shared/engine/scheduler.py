@@ -21,12 +21,12 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from shared.engine.errors import QUEUE_FULL_RETRY_AFTER_S, KvCacheTooSmall, QueueFull, RequestTooLong
-from shared.engine.page_pool import PagePool
-from shared.engine.radix_cache import RadixCache
-from shared.engine.request import FinishReason, Request, RequestStatus
+from moemesh.engine.errors import QUEUE_FULL_RETRY_AFTER_S, KvCacheTooSmall, QueueFull, RequestTooLong
+from moemesh.engine.page_pool import PagePool
+from moemesh.engine.radix_cache import RadixCache
+from moemesh.engine.request import FinishReason, Request, RequestStatus
 
-# The errors `add` raises live in shared.engine.errors (torch-free); they are importable from here too.
+# The errors `add` raises live in moemesh.engine.errors (torch-free); they are importable from here too.
 __all__ = ["KvCacheTooSmall", "QueueFull", "RequestTooLong", "ScheduledBatch", "ScheduledSeq", "Scheduler",
            "SchedulerConfig"]
 

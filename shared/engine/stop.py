@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from shared.engine.request import FinishReason, Request
+from moemesh.engine.request import FinishReason, Request
 
 
 def check_stop(req: Request, token: int, eos_token_ids: Sequence[int], max_model_len: int

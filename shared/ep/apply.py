@@ -7,10 +7,10 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from shared.ep.dispatch import make_dispatcher
-from shared.ep.experts import EPExperts, make_grouped_gemm
-from shared.ep.placement import ExpertPlacement
-from shared.model.moe import MoE
+from moemesh.ep.dispatch import make_dispatcher
+from moemesh.ep.experts import EPExperts, make_grouped_gemm
+from moemesh.ep.placement import ExpertPlacement
+from moemesh.model.moe import MoE
 
 
 def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup | None, placement: ExpertPlacement,

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from shared.ep.dispatch import Dispatcher, Received, Stages
-from shared.ep.placement import ExpertPlacement
+from moemesh.ep.dispatch import Dispatcher, Received, Stages
+from moemesh.ep.placement import ExpertPlacement
 
 MODES = ("auto", "normal", "low_latency")
 

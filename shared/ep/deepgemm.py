@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from shared.ep.experts import GroupedGemm
-from shared.model.layers import silu_and_mul
+from moemesh.ep.experts import GroupedGemm
+from moemesh.model.layers import silu_and_mul
 
 BLOCK = 128  # the quantization granularity DeepGEMM's FP8 kernels are built for (1x128 and 128x128)
 FP8 = torch.float8_e4m3fn

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from shared.ep.placement import ExpertPlacement
+from moemesh.ep.placement import ExpertPlacement
 
 R = TypeVar("R")
 Stages = Generator[None, None, R]
@@ -171,7 +171,7 @@ class AllToAllDispatcher(Dispatcher):
 # Backends by name: a class, or "module:Class" imported only when chosen (GPU packages stay optional).
 DISPATCHERS: dict[str, Callable[..., Dispatcher] | str] = {
     "all_to_all": AllToAllDispatcher,
-    "deepep": "shared.ep.deepep:DeepEPDispatcher",
+    "deepep": "moemesh.ep.deepep:DeepEPDispatcher",
 }
 
 

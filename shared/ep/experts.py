@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from shared.ep.dispatch import Dispatcher, Stages, resolve, run_stages
-from shared.ep.placement import ExpertPlacement
-from shared.model.layers import silu_and_mul
-from shared.model.moe import RoutedExperts
+from moemesh.ep.dispatch import Dispatcher, Stages, resolve, run_stages
+from moemesh.ep.placement import ExpertPlacement
+from moemesh.model.layers import silu_and_mul
+from moemesh.model.moe import RoutedExperts
 
 
 class GroupedGemm(ABC):
@@ -56,7 +56,7 @@ class TorchGroupedGemm(GroupedGemm):
 
 GEMMS: dict[str, Callable[..., GroupedGemm] | str] = {
     "torch": TorchGroupedGemm,
-    "deepgemm": "shared.ep.deepgemm:DeepGemmGroupedGemm",
+    "deepgemm": "moemesh.ep.deepgemm:DeepGemmGroupedGemm",
 }
 
 

@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shared.ep.apply import apply_expert_parallel
-from shared.ep.placement import ExpertPlacement
-from shared.model.moe import MoE
+from moemesh.ep.apply import apply_expert_parallel
+from moemesh.ep.placement import ExpertPlacement
+from moemesh.model.moe import MoE
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class EPGroup:
             options["hidden"] = model.config.hidden_size
             options["num_max_dispatch_tokens_per_rank"] = max_step_tokens
         apply_expert_parallel(model, None, self.placement, self.cfg.dispatcher, self.cfg.gemm, options)
-        from shared.ep.experts import EPExperts
+        from moemesh.ep.experts import EPExperts
 
         self._experts = [m for m in model.modules() if isinstance(m, EPExperts)]
         return model
@@ -155,7 +155,7 @@ class EPGroup:
             new = ExpertPlacement(self._offers[vote.offered], self.size, self.placement.num_logical)
             self.migration = Migration(vote.offered, new)
             self.last_switch_s = 0.0
-        from shared.ep.migrate import migrate_layer
+        from moemesh.ep.migrate import migrate_layer
 
         m = self.migration
         t0 = time.perf_counter()

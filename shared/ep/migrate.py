@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from shared.ep.experts import EPExperts
-from shared.ep.placement import ExpertPlacement
+from moemesh.ep.experts import EPExperts
+from moemesh.ep.placement import ExpertPlacement
 
 
 def migrate_layer(experts: EPExperts, new: ExpertPlacement, group: dist.ProcessGroup | None = None) -> int:

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from shared.ep.dispatch import Stages
-from shared.ep.experts import EPExperts
-from shared.model.mla import AttentionBackend
-from shared.model.moe import MoE
+from moemesh.ep.dispatch import Stages
+from moemesh.ep.experts import EPExperts
+from moemesh.model.mla import AttentionBackend
+from moemesh.model.moe import MoE
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor, AttentionBackend]  # input_ids [T] int64, positions [T], backend
 

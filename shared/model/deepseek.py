@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shared.model.config import ModelConfig
-from shared.model.layers import GatedMLP, RMSNorm
-from shared.model.mla import AttentionBackend, MLAttention
-from shared.model.moe import MoE
-from shared.model.rope import RotaryEmbedding
+from moemesh.model.config import ModelConfig
+from moemesh.model.layers import GatedMLP, RMSNorm
+from moemesh.model.mla import AttentionBackend, MLAttention
+from moemesh.model.moe import MoE
+from moemesh.model.rope import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):

@@ -22,7 +22,7 @@ def default_model_dir(seed: int = 0, preset: str = "tiny") -> Path:
     target = root / f"{preset}-v{TINY_VERSION}-seed{seed}"
     if (target / "config.json").is_file():
         return target
-    from shared.model.tiny import make_tiny
+    from moemesh.model.tiny import make_tiny
 
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))

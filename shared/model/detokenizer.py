@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from shared.model.tokenizer import Tokenizer
+from moemesh.model.tokenizer import Tokenizer
 
 # How many prompt tokens give the first output token its context (vLLM uses 5 as well).
 PROMPT_CONTEXT_TOKENS = 5

@@ -15,10 +15,10 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from shared.model.config import ModelConfig, ModelConfigError
-from shared.model.deepseek import DeepseekForCausalLM
-from shared.model.rope import RotaryEmbedding
-from shared.model.weights import checkpoint_shapes, layer_of, target_of
+from moemesh.model.config import ModelConfig, ModelConfigError
+from moemesh.model.deepseek import DeepseekForCausalLM
+from moemesh.model.rope import RotaryEmbedding
+from moemesh.model.weights import checkpoint_shapes, layer_of, target_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.model.config import ModelConfig
-from shared.model.layers import RMSNorm
-from shared.model.rope import RotaryEmbedding
+from moemesh.model.config import ModelConfig
+from moemesh.model.layers import RMSNorm
+from moemesh.model.rope import RotaryEmbedding
 
 
 class AttentionBackend(Protocol):

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.model.config import ModelConfig
-from shared.model.layers import GatedMLP, silu_and_mul
+from moemesh.model.config import ModelConfig
+from moemesh.model.layers import GatedMLP, silu_and_mul
 
 
 class Router(nn.Module):

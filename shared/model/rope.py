@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from shared.model.config import RopeConfig
+from moemesh.model.config import RopeConfig
 
 
 def rope_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from shared.model.config import ModelConfig
-from shared.model.tiny_tokenizer import build_tiny_tokenizer
-from shared.model.weights import checkpoint_shapes
+from moemesh.model.config import ModelConfig
+from moemesh.model.tiny_tokenizer import build_tiny_tokenizer
+from moemesh.model.weights import checkpoint_shapes
 
 INIT_STD = 0.1
 

@@ -1,7 +1,7 @@
 """The tokenizer of the embedded tiny random DeepSeek-V3 model, built in code, in Hugging Face format.
 
 `build_tiny_tokenizer(out_dir)` writes `tokenizer.json` and `tokenizer_config.json`, which both
-`shared.model.tokenizer.Tokenizer.from_dir` and `transformers.AutoTokenizer.from_pretrained` load.
+`moemesh.model.tokenizer.Tokenizer.from_dir` and `transformers.AutoTokenizer.from_pretrained` load.
 
 Vocabulary: the DeepSeek-V3 special tokens first (BOS is id 0, EOS id 1, as in DeepSeek-V3), then
 one token per character of a fixed alphabet, then BPE merges. The merges are not trained: they are

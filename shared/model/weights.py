@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from shared.model.config import ModelConfig
+from moemesh.model.config import ModelConfig
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _GATED = re.compile(r"^(.*\.mlp(?:\.shared_experts)?)\.(gate_proj|up_proj|down_proj)\.weight$")

@@ -1,6 +1,6 @@
 """The Python client SDK of a moemesh gateway (imports grpc and protobuf only, never torch).
 
-    from shared.sdk import MeshClient
+    from moemesh.sdk import MeshClient
 
     with MeshClient("127.0.0.1:50051", timeout_s=60) as mesh:
         done = mesh.chat([{"role": "user", "content": "Hi!"}], max_tokens=32, temperature=0)
@@ -10,9 +10,9 @@ A locked-down mesh: `MeshClient(target, api_key="KEY", tls_ca="ca.crt", tls_cert
 tls_key="client.key")` (the key also from $MOEMESH_API_KEY).
 """
 
-from shared.sdk.aio import AsyncMeshClient
-from shared.sdk.client import MeshClient
-from shared.sdk.errors import (
+from moemesh.sdk.aio import AsyncMeshClient
+from moemesh.sdk.client import MeshClient
+from moemesh.sdk.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
     InternalError,
@@ -25,8 +25,8 @@ from shared.sdk.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from shared.sdk.results import Chunk, Completion, ModelInfo, Usage
-from shared.sdk.retry import RetryPolicy
+from moemesh.sdk.results import Chunk, Completion, ModelInfo, Usage
+from moemesh.sdk.retry import RetryPolicy
 
 __all__ = [
     "AsyncMeshClient",

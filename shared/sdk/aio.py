@@ -9,12 +9,12 @@ from typing import Any, TypeVar
 
 import grpc
 
-from shared.rpc.moemesh.v1 import gateway_pb2, gateway_pb2_grpc
-from shared.sdk.channel import PathOrPem, aio_channel, api_key_metadata, client_tls
-from shared.sdk.errors import from_rpc_error
-from shared.sdk.messages import CompletionBuilder, chunk_from, generate_request, model_infos, tokenize_request
-from shared.sdk.results import Chunk, Completion, ModelInfo
-from shared.sdk.retry import Deadline, RetryPolicy
+from moemesh.sdk.channel import PathOrPem, aio_channel, api_key_metadata, client_tls
+from moemesh.sdk.errors import from_rpc_error
+from moemesh.sdk.messages import CompletionBuilder, chunk_from, generate_request, model_infos, tokenize_request
+from moemesh.sdk.results import Chunk, Completion, ModelInfo
+from moemesh.sdk.retry import Deadline, RetryPolicy
+from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -9,12 +9,12 @@ from typing import Any, TypeVar
 
 import grpc
 
-from shared.rpc.moemesh.v1 import gateway_pb2, gateway_pb2_grpc
-from shared.sdk.channel import PathOrPem, api_key_metadata, client_tls, sync_channel
-from shared.sdk.errors import from_rpc_error
-from shared.sdk.messages import CompletionBuilder, chunk_from, generate_request, model_infos, tokenize_request
-from shared.sdk.results import Chunk, Completion, ModelInfo
-from shared.sdk.retry import Deadline, RetryPolicy
+from moemesh.sdk.channel import PathOrPem, api_key_metadata, client_tls, sync_channel
+from moemesh.sdk.errors import from_rpc_error
+from moemesh.sdk.messages import CompletionBuilder, chunk_from, generate_request, model_infos, tokenize_request
+from moemesh.sdk.results import Chunk, Completion, ModelInfo
+from moemesh.sdk.retry import Deadline, RetryPolicy
+from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -28,7 +28,7 @@ class MeshClient:
 
     `timeout_s` is the default deadline of each call (all its retries included; None: none). Calls
     failing with UNAVAILABLE before any token arrived are retried up to `retries` times with
-    exponential backoff and jitter. Errors are `shared.sdk.MeshError` subclasses.
+    exponential backoff and jitter. Errors are `moemesh.sdk.MeshError` subclasses.
 
     Security: `api_key` is sent as `authorization: Bearer KEY` on every call (default: the first key of
     $MOEMESH_API_KEY, if set); a wrong or missing one fails with `UnauthenticatedError`. `tls_ca` (the

@@ -7,9 +7,9 @@ from typing import Any
 
 import grpc
 
-from shared.rpc.moemesh.v1 import common_pb2, gateway_pb2
-from shared.sdk.errors import InvalidArgumentError, error_for
-from shared.sdk.results import Chunk, Completion, ModelInfo, Usage
+from moemesh.sdk.errors import InvalidArgumentError, error_for
+from moemesh.sdk.results import Chunk, Completion, ModelInfo, Usage
+from moemesh.v1 import common_pb2, gateway_pb2
 
 _FINISH = {
     common_pb2.FINISH_REASON_STOP: "stop",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from shared.engine.request import FinishReason
-from shared.engine.sampling_params import SamplingParams
-from shared.rpc.moemesh.v1 import common_pb2
+from moemesh.engine.request import FinishReason
+from moemesh.engine.sampling_params import SamplingParams
+from moemesh.v1 import common_pb2
 
 _FINISH_TO_PB = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,

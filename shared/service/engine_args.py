@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from shared.engine.engine import EngineConfig
+from moemesh.engine.engine import EngineConfig
 
 # A worker queues at most this many requests beyond its running batch (SGLang's --max-queued-requests):
 # a few batches' worth (--max-num-seqs defaults to 64), so that a flood is refused in milliseconds

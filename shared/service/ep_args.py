@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from shared.ep.group import EPConfig
+    from moemesh.ep.group import EPConfig
 
 
 def add_ep_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,7 +48,7 @@ def ep_config(args: argparse.Namespace) -> EPConfig | None:
     """This process's EP group membership, or None for a plain single-rank worker."""
     if args.ep_size == 1 and not args.enable_tbo and not args.expert_placement:
         return None
-    from shared.ep.group import EPConfig
+    from moemesh.ep.group import EPConfig
 
     return EPConfig(
         size=args.ep_size, rank=args.ep_rank if args.ep_rank is not None else args.node_rank,
@@ -82,7 +82,7 @@ def main_of_worker(service: str, parser: argparse.ArgumentParser, argv: Sequence
     validate_ep_arguments(parser, args)
     if needs_launcher(args):
         return launch_ranks(service, argv, args)
-    from shared.service.server import run_service
+    from moemesh.service.server import run_service
 
     return run_service(serve, args, service)
 
@@ -111,7 +111,7 @@ def launch_ranks(service: str, argv: Sequence[str], args: argparse.Namespace) ->
             base = getattr(args, dest, None)
             if base:  # 0 (pick a free one) and absent options stay as they are
                 extra += [opt, str(base + i)]
-        cmd = [sys.executable, "-m", "services.cli.main", "serve", service, *argv, *extra]
+        cmd = [sys.executable, "-m", "moemesh.services.cli.main", "serve", service, *argv, *extra]
         procs.append(subprocess.Popen(cmd))
 
     def forward(signum: int, frame: object) -> None:

@@ -81,9 +81,9 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(exc, ServiceError):
         return exc.code, str(exc)
     # The engine's and the model's input errors are ValueErrors with messages meant for users.
-    from shared.engine.errors import EngineDead, KvCacheTooSmall, QueueFull, RequestTooLong
-    from shared.engine.sampling_params import InvalidParameter
-    from shared.model.tokenizer import TokenizerError
+    from moemesh.engine.errors import EngineDead, KvCacheTooSmall, QueueFull, RequestTooLong
+    from moemesh.engine.sampling_params import InvalidParameter
+    from moemesh.model.tokenizer import TokenizerError
 
     # Capacity, not input: another worker (or this one, later) can take the request.
     if isinstance(exc, (QueueFull, KvCacheTooSmall)):

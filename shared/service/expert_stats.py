@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from shared.engine.async_engine import AsyncEngine
-from shared.rpc.moemesh.v1 import common_pb2, eplb_pb2, eplb_pb2_grpc
-from shared.service.server import CHANNEL_OPTIONS
-from shared.service.version import PROTOCOL_VERSION
-from shared.telemetry.grpc_tracing import insecure_channel
+from moemesh.engine.async_engine import AsyncEngine
+from moemesh.service.server import CHANNEL_OPTIONS
+from moemesh.service.version import PROTOCOL_VERSION
+from moemesh.telemetry.grpc_tracing import insecure_channel
+from moemesh.v1 import common_pb2, eplb_pb2, eplb_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class ExpertLoadReporter:
                 if not int(delta.sum()):
                     continue
                 if self.record_file:
-                    from services.eplb.stats_file import append_window
+                    from moemesh.services.eplb.stats_file import append_window
 
                     role = common_pb2.WorkerRole.Name(self.ident.role).removeprefix("WORKER_ROLE_").lower()
                     await asyncio.to_thread(append_window, self.record_file, delta, role, self.ident.instance_id,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from shared.model.config import ModelConfig
-from shared.rpc.moemesh.v1 import common_pb2
+from moemesh.model.config import ModelConfig
+from moemesh.v1 import common_pb2
 
 KV_DTYPES = {
     torch.float32: common_pb2.KV_DTYPE_FLOAT32,

@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import grpc
 
-from shared.rpc.moemesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from shared.service.server import CHANNEL_OPTIONS
-from shared.telemetry.grpc_tracing import insecure_channel
+from moemesh.service.server import CHANNEL_OPTIONS
+from moemesh.telemetry.grpc_tracing import insecure_channel
+from moemesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from shared.rpc.moemesh.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
+from moemesh.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
 
 
 async def report_room_failed(kv: kvtransfer_pb2_grpc.KvTransferStub, room: str, error: str) -> None:

@@ -2,7 +2,7 @@
 until the service says it is ready, and again while draining), server reflection, one interceptor that
 maps exceptions to status codes, tracing (the caller's W3C trace context from the metadata, one
 SERVER span per call), explicit message size limits, and mutual TLS when the process has a TLS config
-(`shared.service.tls`)."""
+(`moemesh.service.tls`)."""
 
 from __future__ import annotations
 
@@ -18,16 +18,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shared.service.errors import status_of, trailing_metadata_of
-from shared.service.tls import TlsConfig, configure_tls_from_args, process_tls
-from shared.telemetry.grpc_tracing import TracingServerInterceptor
-from shared.telemetry.tracing import configure_tracing
+from moemesh.service.errors import status_of, trailing_metadata_of
+from moemesh.service.tls import TlsConfig, configure_tls_from_args, process_tls
+from moemesh.telemetry.grpc_tracing import TracingServerInterceptor
+from moemesh.telemetry.tracing import configure_tracing
 
 log = logging.getLogger(__name__)
 
 # The largest message any service sends or accepts, on every server and channel of the mesh; bigger
 # ones are refused with RESOURCE_EXHAUSTED before they are buffered whole. KV chunks are the largest
-# messages: senders cut them at shared.transfer.chunk.DEFAULT_CHUNK_BYTES (4 MiB of rows), so 64 MiB
+# messages: senders cut them at moemesh.transfer.chunk.DEFAULT_CHUNK_BYTES (4 MiB of rows), so 64 MiB
 # leaves room for a raised chunk size and for prompts of millions of tokens (a token id is <= 5 bytes),
 # while bounding what one call can make a server allocate (gRPC's own default: 4 MiB received, no limit
 # sent). The SDK keeps the same number (shared/sdk/channel.py; a test checks they agree).
@@ -247,7 +247,7 @@ def run_service(serve: Callable[[Any], Awaitable[None]], args: Any, name: str) -
     """The body of a service's `main`: mutual TLS (the options of `add_tls_arguments`, if any), telemetry
     (logs, tracing, the /metrics server; the options of `add_telemetry_arguments`), then `serve(args)`
     until it returns (SIGTERM, Ctrl-C)."""
-    from shared.telemetry.setup import setup_telemetry
+    from moemesh.telemetry.setup import setup_telemetry
 
     try:
         configure_tls_from_args(args)

@@ -4,7 +4,7 @@
     configure_tls(tls_from_args(args))   # once, at start-up (run_service and the services' `run` do it)
 
 With a config set, every `GrpcServer` of the process serves TLS and requires a client certificate
-signed by the CA, and every channel made by `shared.telemetry.grpc_tracing.insecure_channel` presents
+signed by the CA, and every channel made by `moemesh.telemetry.grpc_tracing.insecure_channel` presents
 the process's certificate and checks the server's against the same CA. The config is process-wide
 so that no call site has to carry it: a service is either all mTLS or all plain text.
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from shared.rpc.moemesh.v1 import common_pb2
-from shared.service.errors import FailedPrecondition
+from moemesh.service.errors import FailedPrecondition
+from moemesh.v1 import common_pb2
 
 PROTOCOL_VERSION = common_pb2.PROTOCOL_VERSION_V1
 

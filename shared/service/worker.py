@@ -14,20 +14,20 @@ from typing import Any
 
 import grpc
 
-from shared.engine.async_engine import AsyncEngine
-from shared.engine.engine import Engine
-from shared.rpc.moemesh.v1 import common_pb2, gateway_pb2, kvtransfer_pb2_grpc
-from shared.service.engine_args import add_engine_arguments, engine_config
-from shared.service.ep_args import add_ep_arguments, ep_config
-from shared.service.errors import Unavailable
-from shared.service.kv_layout import kv_layout
-from shared.service.registration import GatewayRegistration
-from shared.service.server import CHANNEL_OPTIONS, GrpcServer, announce, install_signal_handlers
-from shared.service.tls import add_tls_arguments
-from shared.service.version import PROTOCOL_VERSION
-from shared.telemetry import metrics
-from shared.telemetry.grpc_tracing import insecure_channel
-from shared.telemetry.setup import add_telemetry_arguments
+from moemesh.engine.async_engine import AsyncEngine
+from moemesh.engine.engine import Engine
+from moemesh.service.engine_args import add_engine_arguments, engine_config
+from moemesh.service.ep_args import add_ep_arguments, ep_config
+from moemesh.service.errors import Unavailable
+from moemesh.service.kv_layout import kv_layout
+from moemesh.service.registration import GatewayRegistration
+from moemesh.service.server import CHANNEL_OPTIONS, GrpcServer, announce, install_signal_handlers
+from moemesh.service.tls import add_tls_arguments
+from moemesh.service.version import PROTOCOL_VERSION
+from moemesh.telemetry import metrics
+from moemesh.telemetry.grpc_tracing import insecure_channel
+from moemesh.telemetry.setup import add_telemetry_arguments
+from moemesh.v1 import common_pb2, gateway_pb2, kvtransfer_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Worker:
         ep = None
         epc = ep_config(args)
         if epc is not None:
-            from shared.ep.group import EPGroup
+            from moemesh.ep.group import EPGroup
 
             ep = await asyncio.to_thread(EPGroup, epc)  # the rendezvous waits for every rank
         mode = "normal" if role == common_pb2.WORKER_ROLE_PREFILL else "low_latency"
@@ -182,7 +182,7 @@ class Worker:
         """Expert load to the eplb service (and the record file); its placements to the EP group."""
         if self.engine.engine.expert_load is None or not self.engine.engine.expert_load.layers:
             return []
-        from shared.service.expert_stats import ExpertLoadReporter, GroupIdentity, watch_placements
+        from moemesh.service.expert_stats import ExpertLoadReporter, GroupIdentity, watch_placements
 
         a = self.args
         ident = GroupIdentity(a.instance_id or self.worker_id, self.role, self.dp[0], a.nnodes)

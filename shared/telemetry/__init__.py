@@ -1,11 +1,11 @@
 """Telemetry for every moemesh service: OpenTelemetry tracing, structlog logging, Prometheus metrics.
 
-    from shared.telemetry import add_telemetry_arguments, setup_telemetry
+    from moemesh.telemetry import add_telemetry_arguments, setup_telemetry
     add_telemetry_arguments(parser, default_metrics_port=9105)   # before apply_env_defaults(parser)
     setup_telemetry("decode", args)                              # once per process, before serving
     ...; print("decode listening on ..."); announce_metrics()    # stdout: "decode metrics on HOST:PORT"
 
-Modules, imported on first use so that a bare `import shared.telemetry` costs nothing:
+Modules, imported on first use so that a bare `import moemesh.telemetry` costs nothing:
 - `tracing`: the tracer provider (OTLP export only when OTEL_EXPORTER_OTLP_ENDPOINT is set), spans with
   explicit times, W3C context from HTTP headers.
 - `grpc_tracing`: the grpc.aio client interceptor (injects `traceparent`) and server interceptor
@@ -24,13 +24,13 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "add_telemetry_arguments": "shared.telemetry.setup",
-    "setup_telemetry": "shared.telemetry.setup",
-    "metrics_exposition": "shared.telemetry.metrics",
-    "announce_metrics": "shared.telemetry.metrics",
-    "http_trace_context": "shared.telemetry.tracing",
-    "bind_request": "shared.telemetry.logs",
-    "request_log_context": "shared.telemetry.logs",
+    "add_telemetry_arguments": "moemesh.telemetry.setup",
+    "setup_telemetry": "moemesh.telemetry.setup",
+    "metrics_exposition": "moemesh.telemetry.metrics",
+    "announce_metrics": "moemesh.telemetry.metrics",
+    "http_trace_context": "moemesh.telemetry.tracing",
+    "bind_request": "moemesh.telemetry.logs",
+    "request_log_context": "moemesh.telemetry.logs",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -39,5 +39,5 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'shared.telemetry' has no attribute {name!r}")
+        raise AttributeError(f"module 'moemesh.telemetry' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)

@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from shared.model.moe import Router
+from moemesh.model.moe import Router
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 

@@ -21,8 +21,8 @@ import grpc
 from opentelemetry import propagate
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from shared.service.tls import TlsConfig, process_tls
-from shared.telemetry.tracing import tracer
+from moemesh.service.tls import TlsConfig, process_tls
+from moemesh.telemetry.tracing import tracer
 
 TRACEPARENT = "traceparent"
 
@@ -87,13 +87,13 @@ def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
 def mesh_channel(target: str, options: Sequence[tuple[str, Any]] | None = None,
                  tls: TlsConfig | None = None) -> grpc.aio.Channel:
     """A grpc.aio channel for the mesh's internal calls: it carries the caller's trace context on every
-    call, limits message sizes (`shared.service.server.CHANNEL_OPTIONS` unless `options` set their own),
-    and speaks mutual TLS with `tls`, or with the process's config (`shared.service.tls.configure_tls`)
+    call, limits message sizes (`moemesh.service.server.CHANNEL_OPTIONS` unless `options` set their own),
+    and speaks mutual TLS with `tls`, or with the process's config (`moemesh.service.tls.configure_tls`)
     when there is one, else plain text. The config is looked up here, at each channel's creation, so
     that every call site stays the same whether the mesh runs with TLS or not.
     """
-    # Imported here: shared.service.server imports this module.
-    from shared.service.server import CHANNEL_OPTIONS
+    # Imported here: moemesh.service.server imports this module.
+    from moemesh.service.server import CHANNEL_OPTIONS
 
     merged = dict(CHANNEL_OPTIONS)
     merged.update(options or ())

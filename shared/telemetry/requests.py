@@ -26,8 +26,8 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from shared.telemetry import metrics
-from shared.telemetry.tracing import record_span
+from moemesh.telemetry import metrics
+from moemesh.telemetry.tracing import record_span
 
 _NS = 1e-9
 

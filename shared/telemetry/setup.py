@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from shared.telemetry import metrics
-from shared.telemetry.logs import LOG_FORMATS, configure_logging
-from shared.telemetry.tracing import configure_tracing
+from moemesh.telemetry import metrics
+from moemesh.telemetry.logs import LOG_FORMATS, configure_logging
+from moemesh.telemetry.tracing import configure_tracing
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

@@ -15,8 +15,8 @@ import logging
 import time
 from collections import OrderedDict
 
-from shared.transfer.base import FirstToken, RowWriter, TransferError
-from shared.transfer.chunk import DecodedChunk
+from moemesh.transfer.base import FirstToken, RowWriter, TransferError
+from moemesh.transfer.chunk import DecodedChunk
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from shared.telemetry.grpc_tracing import mesh_channel
-from shared.transfer.base import FirstToken, KvReceiver, KvSender, RowBlock
-from shared.transfer.registry import make_receiver, make_sender
+from moemesh.telemetry.grpc_tracing import mesh_channel
+from moemesh.transfer.base import FirstToken, KvReceiver, KvSender, RowBlock
+from moemesh.transfer.registry import make_receiver, make_sender
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,8 @@ async def bench(rows: torch.Tensor, planes: Sequence[str] = ("inproc", "ucx"), r
 def _relay_rooms(target: str, rows: torch.Tensor) -> RoomOpener:
     """Opens rooms at a real kvtransfer service: receiver registered, sender resolved, as the workers do."""
 
-    from shared.rpc.moemesh.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc
-    from shared.transfer.chunk import dtype_to_proto
+    from moemesh.transfer.chunk import dtype_to_proto
+    from moemesh.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc
 
     layout = common_pb2.KvLayout(model_fingerprint="bench", num_layers=rows.shape[0], page_size_tokens=1,
                                  kv_lora_rank=rows.shape[2], qk_rope_head_dim=0, dtype=dtype_to_proto(rows.dtype))

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shared.rpc.moemesh.v1 import common_pb2, kvtransfer_pb2
-from shared.transfer.base import FirstToken, RowBlock, TransferError
+from moemesh.transfer.base import FirstToken, RowBlock, TransferError
+from moemesh.v1 import common_pb2, kvtransfer_pb2
 
 # Chunks a sender cuts rows into by default: big enough to amortise per-message costs, small enough
 # that gRPC, the receiver's buffers and a retry stay cheap.

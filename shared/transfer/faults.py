@@ -12,7 +12,7 @@ worker) to turn it on, for chaos tests and soak runs:
     seed      seeds the sender's draws (an integer, default 0), so a run's faults repeat
 
 Unset keys are 0; drop + corrupt must not exceed 1. The variable is read once per process, when
-`shared.transfer.registry` is first imported (a worker's start-up): a malformed value raises ValueError
+`moemesh.transfer.registry` is first imported (a worker's start-up): a malformed value raises ValueError
 there, naming the variable, never on the first transfer. Every plane's sender (inproc, relay, ucx) passes
 its chunks through `FaultInjector.wrap`, so the faults hit every plane alike.
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.transfer.chunk import EncodedChunk
+from moemesh.transfer.chunk import EncodedChunk
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
-from shared.rpc.moemesh.v1 import kvtransfer_pb2
-from shared.transfer.assembler import RoomTable
-from shared.transfer.base import FirstToken, KvReceiver, KvSender, RowBlock, RowWriter, TransferError
-from shared.transfer.chunk import DEFAULT_CHUNK_BYTES, decode_chunk, discard, iter_chunks
-from shared.transfer.faults import FaultInjector, KvFaults
+from moemesh.transfer.assembler import RoomTable
+from moemesh.transfer.base import FirstToken, KvReceiver, KvSender, RowBlock, RowWriter, TransferError
+from moemesh.transfer.chunk import DEFAULT_CHUNK_BYTES, decode_chunk, discard, iter_chunks
+from moemesh.transfer.faults import FaultInjector, KvFaults
+from moemesh.v1 import kvtransfer_pb2
 
 # address ("inproc://<uuid>") -> the started receiver listening there.
 _RECEIVERS: dict[str, InprocReceiver] = {}

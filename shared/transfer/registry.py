@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from shared.rpc.moemesh.v1 import kvtransfer_pb2
-from shared.transfer import faults
-from shared.transfer.base import KvReceiver, KvSender
+from moemesh.transfer import faults
+from moemesh.transfer.base import KvReceiver, KvSender
+from moemesh.v1 import kvtransfer_pb2
 
 # Parsed here, at a worker's start-up (its serve imports this module first): a malformed
 # MOEMESH_FAULT_KV fails the start, not the first transfer (senders are made on first use).
@@ -21,9 +21,9 @@ faults.configured()
 
 # plane -> (module, receiver class, sender class)
 _BACKENDS: dict[str, tuple[str, str, str]] = {
-    "ucx": ("shared.transfer.ucx", "UcxReceiver", "UcxSender"),
-    "relay": ("shared.transfer.relay", "RelayReceiver", "RelaySender"),
-    "inproc": ("shared.transfer.inproc", "InprocReceiver", "InprocSender"),
+    "ucx": ("moemesh.transfer.ucx", "UcxReceiver", "UcxSender"),
+    "relay": ("moemesh.transfer.relay", "RelayReceiver", "RelaySender"),
+    "inproc": ("moemesh.transfer.inproc", "InprocReceiver", "InprocSender"),
 }
 PLANES: tuple[str, ...] = tuple(_BACKENDS)
 

@@ -13,13 +13,13 @@ from typing import Any
 
 import grpc
 
-from shared.rpc.moemesh.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
-from shared.service.server import CHANNEL_OPTIONS
-from shared.telemetry.grpc_tracing import insecure_channel
-from shared.transfer.assembler import RoomTable
-from shared.transfer.base import FirstToken, KvReceiver, KvSender, RowBlock, RowWriter, TransferError
-from shared.transfer.chunk import DEFAULT_CHUNK_BYTES, decode_chunk, iter_chunks
-from shared.transfer.faults import FaultInjector, KvFaults
+from moemesh.service.server import CHANNEL_OPTIONS
+from moemesh.telemetry.grpc_tracing import insecure_channel
+from moemesh.transfer.assembler import RoomTable
+from moemesh.transfer.base import FirstToken, KvReceiver, KvSender, RowBlock, RowWriter, TransferError
+from moemesh.transfer.chunk import DEFAULT_CHUNK_BYTES, decode_chunk, iter_chunks
+from moemesh.transfer.faults import FaultInjector, KvFaults
+from moemesh.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
 
 # How long one chunk may wait for the relay to take it before the send fails.
 DEFAULT_WRITE_TIMEOUT_S = 30.0

@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from shared.rpc.moemesh.v1 import kvtransfer_pb2
-from shared.transfer.assembler import RoomTable
-from shared.transfer.base import FirstToken, KvReceiver, KvSender, PlaneUnavailable, RowBlock, RowWriter, TransferError
-from shared.transfer.chunk import EncodedChunk, decode_chunk, discard, iter_chunks
-from shared.transfer.faults import FaultInjector, KvFaults
+from moemesh.transfer.assembler import RoomTable
+from moemesh.transfer.base import FirstToken, KvReceiver, KvSender, PlaneUnavailable, RowBlock, RowWriter, TransferError
+from moemesh.transfer.chunk import EncodedChunk, decode_chunk, discard, iter_chunks
+from moemesh.transfer.faults import FaultInjector, KvFaults
+from moemesh.v1 import kvtransfer_pb2
 
 log = logging.getLogger(__name__)
 

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.paths import ROOT, load_script
 
 
 def test_stubs_match_protos(tmp_path: Path) -> None:
     out = tmp_path / "rpc"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(out)], check=True,
-                   capture_output=True)
+    load_script("gen_protos", ROOT / "scripts" / "gen_protos.py").generate(out)
     committed = ROOT / "shared" / "rpc"
     fresh = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     current = {p.relative_to(committed): p.read_bytes() for p in committed.rglob("*")

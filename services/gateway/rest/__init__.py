@@ -5,7 +5,7 @@ on the gateway's event loop, next to the gRPC server; `rest_server(core, host, p
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics.
 """
 
-from services.gateway.rest.app import create_app
-from services.gateway.rest.server import HttpServer, rest_server
+from moemesh.services.gateway.rest.app import create_app
+from moemesh.services.gateway.rest.server import HttpServer, rest_server
 
 __all__ = ["HttpServer", "create_app", "rest_server"]

@@ -8,13 +8,13 @@ from typing import Any
 
 from fastapi import FastAPI, Security
 
-from services.gateway.core import GatewayCore
-from services.gateway.rest import chat, completions, errors, info
-from services.gateway.rest.auth import PROTECTED_PREFIX, ApiKeyMiddleware, bearer
-from services.gateway.rest.metrics import Exposition, no_metrics
-from services.gateway.rest.schemas import ChatCompletionChunk, CompletionChunk
-from services.gateway.rest.state import RestState
-from shared.service.auth import ApiKeys, parse_api_keys
+from moemesh.service.auth import ApiKeys, parse_api_keys
+from moemesh.services.gateway.core import GatewayCore
+from moemesh.services.gateway.rest import chat, completions, errors, info
+from moemesh.services.gateway.rest.auth import PROTECTED_PREFIX, ApiKeyMiddleware, bearer
+from moemesh.services.gateway.rest.metrics import Exposition, no_metrics
+from moemesh.services.gateway.rest.schemas import ChatCompletionChunk, CompletionChunk
+from moemesh.services.gateway.rest.state import RestState
 
 # Streamed as events, so no route names them: added to the document's components by hand.
 _CHUNKS = (CompletionChunk, ChatCompletionChunk)
@@ -24,7 +24,7 @@ def create_app(core: GatewayCore, api_key: str | Sequence[str] | None = None,
                metrics: Exposition | None = None) -> FastAPI:
     """The app serving `core`; with `api_key` (a key, several comma-separated, or a list of them), /v1
     calls need one as a bearer token; `metrics` renders GET /metrics (e.g.
-    `shared.telemetry.metrics_exposition`; default: an empty body)."""
+    `moemesh.telemetry.metrics_exposition`; default: an empty body)."""
     keys = parse_api_keys(api_key)
     app = FastAPI(title="moemesh gateway", version=_version(),
                   description="OpenAI-compatible completions and chat completions over a moemesh mesh.")

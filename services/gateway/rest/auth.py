@@ -3,7 +3,7 @@
 Checked in an ASGI middleware, before FastAPI reads the body, so an unauthenticated caller learns
 nothing about its request (not even that its JSON is malformed). /health and /metrics stay open, as
 in vLLM, for probes and scrapers. `bearer` is the matching security scheme for the OpenAPI document.
-The keys are compared as the gRPC side compares them (`shared.service.auth.ApiKeys`, constant time).
+The keys are compared as the gRPC side compares them (`moemesh.service.auth.ApiKeys`, constant time).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 from fastapi.security import HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from services.gateway.rest.errors import error_response
-from shared.service.auth import ApiKeys, bearer_token
+from moemesh.service.auth import ApiKeys, bearer_token
+from moemesh.services.gateway.rest.errors import error_response
 
 PROTECTED_PREFIX = "/v1/"
 bearer = HTTPBearer(auto_error=False, description="The gateway's API key (--api-key / MOEMESH_API_KEY).")

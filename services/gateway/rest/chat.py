@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator, Sequence
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from services.gateway.rest import sse
-from services.gateway.rest.errors import DOCUMENTED
-from services.gateway.rest.generation import Choice, Generation
-from services.gateway.rest.logprobs import chat_logprobs
-from services.gateway.rest.params import chat_requests
-from services.gateway.rest.schemas import (
+from moemesh.services.gateway.rest import sse
+from moemesh.services.gateway.rest.errors import DOCUMENTED
+from moemesh.services.gateway.rest.generation import Choice, Generation
+from moemesh.services.gateway.rest.logprobs import chat_logprobs
+from moemesh.services.gateway.rest.params import chat_requests
+from moemesh.services.gateway.rest.schemas import (
     ChatChoice,
     ChatChoiceLogprobs,
     ChatCompletionChunk,
@@ -25,9 +25,9 @@ from services.gateway.rest.schemas import (
     ErrorResponse,
     Usage,
 )
-from services.gateway.rest.state import RestState, new_id, rest_state
-from shared.rpc.moemesh.v1 import common_pb2
-from shared.telemetry import http_trace_context
+from moemesh.services.gateway.rest.state import RestState, new_id, rest_state
+from moemesh.telemetry import http_trace_context
+from moemesh.v1 import common_pb2
 
 router = APIRouter()
 

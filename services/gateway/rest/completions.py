@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from services.gateway.rest import sse
-from services.gateway.rest.errors import DOCUMENTED
-from services.gateway.rest.generation import Choice, Generation
-from services.gateway.rest.logprobs import completion_logprobs
-from services.gateway.rest.params import completion_prompts, completion_requests
-from services.gateway.rest.schemas import (
+from moemesh.services.gateway.rest import sse
+from moemesh.services.gateway.rest.errors import DOCUMENTED
+from moemesh.services.gateway.rest.generation import Choice, Generation
+from moemesh.services.gateway.rest.logprobs import completion_logprobs
+from moemesh.services.gateway.rest.params import completion_prompts, completion_requests
+from moemesh.services.gateway.rest.schemas import (
     CompletionChoice,
     CompletionChunk,
     CompletionRequest,
@@ -21,8 +21,8 @@ from services.gateway.rest.schemas import (
     ErrorResponse,
     Usage,
 )
-from services.gateway.rest.state import RestState, new_id, rest_state
-from shared.telemetry import http_trace_context
+from moemesh.services.gateway.rest.state import RestState, new_id, rest_state
+from moemesh.telemetry import http_trace_context
 
 router = APIRouter()
 

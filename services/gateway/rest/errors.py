@@ -18,11 +18,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from services.gateway.rest.schemas import ErrorDetail, ErrorResponse
-from shared.engine.errors import QueueFull, RequestTooLong
-from shared.engine.sampling_params import InvalidParameter
-from shared.model.tokenizer import TokenizerError
-from shared.service.errors import ServiceError, retry_hint_s, status_of
+from moemesh.engine.errors import QueueFull, RequestTooLong
+from moemesh.engine.sampling_params import InvalidParameter
+from moemesh.model.tokenizer import TokenizerError
+from moemesh.service.errors import ServiceError, retry_hint_s, status_of
+from moemesh.services.gateway.rest.schemas import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
 

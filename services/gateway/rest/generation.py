@@ -22,10 +22,10 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from services.gateway.core import GatewayCore
-from services.gateway.rest.errors import ApiError
-from services.gateway.rest.schemas import PromptTokensDetails, Usage
-from shared.rpc.moemesh.v1 import common_pb2, gateway_pb2
+from moemesh.services.gateway.core import GatewayCore
+from moemesh.services.gateway.rest.errors import ApiError
+from moemesh.services.gateway.rest.schemas import PromptTokensDetails, Usage
+from moemesh.v1 import common_pb2, gateway_pb2
 
 T = TypeVar("T")
 

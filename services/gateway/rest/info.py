@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from services.gateway.registry import DECODE, PREFILL
-from services.gateway.rest.errors import ApiError
-from services.gateway.rest.metrics import CONTENT_TYPE
-from services.gateway.rest.schemas import ErrorResponse, Health, ModelCard, ModelList
-from services.gateway.rest.state import RestState, rest_state
+from moemesh.services.gateway.registry import DECODE, PREFILL
+from moemesh.services.gateway.rest.errors import ApiError
+from moemesh.services.gateway.rest.metrics import CONTENT_TYPE
+from moemesh.services.gateway.rest.schemas import ErrorResponse, Health, ModelCard, ModelList
+from moemesh.services.gateway.rest.state import RestState, rest_state
 
 models = APIRouter()
 probes = APIRouter()

@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from services.gateway.rest.schemas import ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs
-from shared.model.tokenizer import Tokenizer
-from shared.rpc.moemesh.v1 import common_pb2
+from moemesh.model.tokenizer import Tokenizer
+from moemesh.services.gateway.rest.schemas import ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs
+from moemesh.v1 import common_pb2
 
 NEG_INF_LOGPROB = -9999.0
 

@@ -1,7 +1,7 @@
 """GET /metrics: Prometheus text exposition, from whatever `Exposition` the app is given.
 
 An exposition is a function of the request's Accept header returning (body, content type), so
-`shared.telemetry.metrics_exposition` plugs in as it is, and so does `registry_exposition(registry)`
+`moemesh.telemetry.metrics_exposition` plugs in as it is, and so does `registry_exposition(registry)`
 for a `prometheus_client` registry. Until one is plugged in, the body is empty.
 """
 

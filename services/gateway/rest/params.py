@@ -7,9 +7,9 @@ what only the REST API has (echo, best_of, tools...) is checked here.
 
 from __future__ import annotations
 
-from services.gateway.rest.errors import ApiError
-from services.gateway.rest.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, _Sampling
-from shared.rpc.moemesh.v1 import common_pb2, gateway_pb2
+from moemesh.services.gateway.rest.errors import ApiError
+from moemesh.services.gateway.rest.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, _Sampling
+from moemesh.v1 import common_pb2, gateway_pb2
 
 _SEED_MOD = 2**64  # the wire's seed is a uint64: negative (int64) seeds wrap around
 _FLOAT32_TINY = 1.401298464324817e-45  # the smallest positive float32 (a subnormal)

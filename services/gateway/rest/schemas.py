@@ -20,8 +20,8 @@ from pydantic import (
     field_validator,
 )
 
-from services.gateway.inputs import MAX_ROLE_CHARS
-from shared.engine.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+from moemesh.engine.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+from moemesh.services.gateway.inputs import MAX_ROLE_CHARS
 
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]

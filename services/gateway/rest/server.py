@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator
 import uvicorn
 from fastapi import FastAPI
 
-from services.gateway.core import GatewayCore
-from services.gateway.rest.app import create_app
-from services.gateway.rest.state import RestState
-from shared.telemetry import metrics_exposition
+from moemesh.services.gateway.core import GatewayCore
+from moemesh.services.gateway.rest.app import create_app
+from moemesh.services.gateway.rest.state import RestState
+from moemesh.telemetry import metrics_exposition
 
 # After the grace period, open calls are ended with an error; uvicorn cancels what is left this much later.
 CANCEL_AFTER_ABORT_S = 1.0

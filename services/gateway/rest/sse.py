@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
-from services.gateway.rest.errors import describe, error_body
+from moemesh.services.gateway.rest.errors import describe, error_body
 
 MEDIA_TYPE = "text/event-stream"
 DONE = b"data: [DONE]\n\n"

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from services.gateway.core import GatewayCore
-from services.gateway.rest.generation import Generation
-from services.gateway.rest.logprobs import TokenTexts
-from services.gateway.rest.metrics import Exposition
-from shared.service.errors import Unavailable
+from moemesh.service.errors import Unavailable
+from moemesh.services.gateway.core import GatewayCore
+from moemesh.services.gateway.rest.generation import Generation
+from moemesh.services.gateway.rest.logprobs import TokenTexts
+from moemesh.services.gateway.rest.metrics import Exposition
 
 
 @dataclass

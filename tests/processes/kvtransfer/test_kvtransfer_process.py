@@ -1,0 +1,49 @@
+"""`moemesh serve kvtransfer`: config checks, flags and MOEMESH_ variables, serve() and a real process."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.paths import ROOT
+from tests.service.kvtransfer.test_kvtransfer_serve import LISTENING
+
+METRICS = re.compile(r"^kvtransfer metrics on (\S+:\d+)$")
+
+
+def test_process_starts_answers_health_and_exits_on_sigterm():
+    code = ("import sys; from moemesh.services.kvtransfer.serve import main; "
+            "sys.exit(main(['--port', '0', '--metrics-port', '0']))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        assert ready, "no listening line within 20 s"
+        line = proc.stdout.readline().strip()
+        m = LISTENING.match(line)
+        assert m, f"unexpected first line {line!r}"
+        line = proc.stdout.readline().strip()
+        assert METRICS.match(line), f"unexpected second line {line!r}"
+        with grpc.insecure_channel(m.group(1)) as channel:
+            r = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert r.status == health_pb2.HealthCheckResponse.SERVING
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+        assert time.monotonic() - t0 < 5
+        assert proc.stdout.read() == ""  # the metrics and listening lines are the only stdout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()

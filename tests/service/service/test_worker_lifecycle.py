@@ -1,0 +1,65 @@
+"""A worker's readiness: its port answers NOT_SERVING while the model loads and again while draining."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from moemesh.service import worker as worker_mod
+from moemesh.services.decode import serve as decode_serve
+from moemesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from tests.net import free_port
+
+
+def test_not_serving_while_loading_then_serving_then_draining(small_dir: Path, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    port = free_port()
+    args = decode_serve.build_parser().parse_args(
+        ["--port", str(port), "--gateway", "", "--transfer", "inproc", "--model", str(small_dir), "--kv-cache-mb", "8"])
+    real_load = worker_mod.Worker.load
+
+    async def run() -> None:
+        loading = asyncio.Event()
+        release = asyncio.Event()
+
+        async def slow_load(*a, **kw):
+            loading.set()
+            await release.wait()
+            return await real_load(*a, **kw)
+
+        monkeypatch.setattr(worker_mod.Worker, "load", slow_load)
+        ready, stop = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(decode_serve.serve(args, ready, stop))
+        await asyncio.wait_for(loading.wait(), 30)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            resp = await health.Check(health_pb2.HealthCheckRequest(service="moemesh.v1.Decode"), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await decode_pb2_grpc.DecodeStub(ch).GetLoad(common_pb2.GetLoadRequest(), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in err.value.details()
+            release.set()
+            await asyncio.wait_for(ready.wait(), 60)
+            resp = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            req = decode_pb2.DecodeRequest(prompt_token_ids=[0, 5, 6, 7], sampling=common_pb2.SamplingParams(
+                max_tokens=3, temperature=0, ignore_eos=True))
+            tokens = [t async for r in decode_pb2_grpc.DecodeStub(ch).Generate(req, timeout=30) for t in r.token_ids]
+            assert len(tokens) == 3
+            # Draining: with a request in flight the port stays open and health says NOT_SERVING.
+            long = decode_pb2.DecodeRequest(prompt_token_ids=[0, 5], sampling=common_pb2.SamplingParams(
+                max_tokens=3000, temperature=0, ignore_eos=True))
+            call = decode_pb2_grpc.DecodeStub(ch).Generate(long, timeout=60)
+            await call.read()
+            stop.set()
+            await asyncio.sleep(0.3)
+            resp = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            call.cancel()
+        await asyncio.wait_for(task, 30)
+
+    asyncio.run(run())
