@@ -151,7 +151,7 @@ def _rebalance_text(doc: dict) -> str:
 
 def run_simulate(args: argparse.Namespace) -> int:
     from moemesh.services.eplb.simulate import format_table, plot, simulate
-    from moemesh.services.eplb.stats_file import read_windows
+    from moemesh.telemetry.expert_load_file import read_windows
 
     try:
         redundant = parse_counts(args.redundant)

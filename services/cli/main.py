@@ -6,7 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from moemesh.services.cli import bench, complete, eplb_cmd, generate, make_tiny, serve, up
+from moemesh.bench import cli as bench
+from moemesh.services.cli import complete, eplb_cmd, generate, make_tiny, serve, up
 
 # Errors a user can cause with bad input: printed as one line, never as a traceback.
 EXIT_USAGE = 2

@@ -12,7 +12,6 @@ every service speak mutual TLS, through the MOEMESH_TLS_* variables every child 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import queue
 import re
@@ -23,6 +22,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from moemesh.service.launch import die_with_parent
 
 _LISTENING = re.compile(r"^(\w+) listening on (\S+)$")
 _HTTP_LISTENING = re.compile(r"^\w+ http listening on (\S+)$")
@@ -98,13 +99,6 @@ class Child:
                 return m
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the launcher dies, however it dies."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    except OSError:
-        pass
-
 
 class Mesh:
     def __init__(self, host: str) -> None:
@@ -114,7 +108,7 @@ class Mesh:
     def start(self, name: str, service: str, args: list[str], env: dict[str, str]) -> Child:
         cmd = [sys.executable, "-m", "moemesh.services.cli.main", "serve", service, "--host", self.host, *args]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent)
         child = Child(name, proc)
         threading.Thread(target=child.pump, name=f"stdout-{name}", daemon=True).start()
         self.children.append(child)
@@ -222,7 +216,7 @@ def _start_instance(mesh: Mesh, role: str, index: int, ep_size: int, common: lis
     name = f"{role}-{index}"
     if ep_size == 1:
         return [mesh.start(name, role, common, env)]
-    from moemesh.service.ep_args import free_local_addr
+    from moemesh.worker.ep_args import free_local_addr
 
     group = ["--ep-size", str(ep_size), "--dist-init-addr", free_local_addr(), "--instance-id", name]
     return [mesh.start(f"{name}-dp{r}", role, [*common, *group, "--ep-rank", str(r)], env) for r in range(ep_size)]

@@ -8,10 +8,10 @@ import sys
 from collections.abc import Sequence
 
 from moemesh.service.config import apply_env_defaults
-from moemesh.service.ep_args import main_of_worker
-from moemesh.service.worker import add_worker_arguments, advertised, run_worker
 from moemesh.transfer.base import KvReceiver
 from moemesh.v1 import common_pb2, decode_pb2_grpc
+from moemesh.worker.ep_args import main_of_worker
+from moemesh.worker.runtime import add_worker_arguments, advertised, run_worker
 
 DEFAULT_PORT = 50070
 DEFAULT_METRICS_PORT = 9105

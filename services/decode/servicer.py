@@ -21,15 +21,15 @@ from moemesh.engine.engine import Resume
 from moemesh.engine.request import RequestOutput
 from moemesh.service.convert import finish_to_pb, logprobs_to_pb, sampling_from_pb
 from moemesh.service.errors import DeadlineExceeded, InvalidArgument, PeerUnavailable
-from moemesh.service.rooms import report_room_failed
 from moemesh.service.version import PROTOCOL_VERSION
-from moemesh.service.worker import Worker, WorkerServicer
 from moemesh.telemetry import metrics
 from moemesh.telemetry.logs import request_log_context
 from moemesh.telemetry.requests import RequestTelemetry
 from moemesh.transfer.base import KvReceiver, TransferError
 from moemesh.transfer.registry import plane_to_proto
 from moemesh.v1 import decode_pb2, decode_pb2_grpc, kvtransfer_pb2, kvtransfer_pb2_grpc
+from moemesh.worker.kvtransfer_client import report_room_failed
+from moemesh.worker.runtime import Worker, WorkerServicer
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Offline replay of recorded expert loads: how balanced would a deployment be, with how many redundant slots.
 
-The windows of a stats file (`moemesh.services.eplb.stats_file`) are split in time: the first half is the history a
+The windows of a stats file (`moemesh.telemetry.expert_load_file`) are split in time: the first half is the history a
 balancer would have seen, the second half the future it has to serve. For each redundant count the future load
 is evaluated on three placements: the trivial one, one rebalanced from the history (what EPLB would deploy),
 and one rebalanced from the future itself (an oracle: what the policy does knowing the future; the balancer is
@@ -21,7 +21,7 @@ import torch
 from moemesh.ep.placement import ExpertPlacement
 from moemesh.services.eplb.balance import balancedness
 from moemesh.services.eplb.rebalance import RebalanceError, rebalance, resolve_policy
-from moemesh.services.eplb.stats_file import Window
+from moemesh.telemetry.expert_load_file import Window
 
 
 class SimulationError(ValueError):

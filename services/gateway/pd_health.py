@@ -10,8 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import Gauge
 
-from moemesh.service.server import CHANNEL_OPTIONS
-from moemesh.telemetry.grpc_tracing import insecure_channel
+from moemesh.service.channel import CHANNEL_OPTIONS, mesh_channel
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +26,7 @@ class KvTransferHealth:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.available = True  # optimistic until a check says otherwise: the first requests try PD
-        self._channel = insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = mesh_channel(address, options=CHANNEL_OPTIONS)
         self._stub = health_pb2_grpc.HealthStub(self._channel)
         self._task: asyncio.Task | None = None
 

@@ -20,10 +20,9 @@ from typing import Any
 
 import grpc
 
+from moemesh.service.channel import CHANNEL_OPTIONS, mesh_channel
 from moemesh.service.errors import FailedPrecondition, InvalidArgument
-from moemesh.service.server import CHANNEL_OPTIONS
 from moemesh.service.version import PROTOCOL_VERSION, check_protocol_version
-from moemesh.telemetry.grpc_tracing import insecure_channel
 from moemesh.v1 import common_pb2, decode_pb2_grpc, gateway_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -100,7 +99,7 @@ class WorkerEntry:
     def stub(self) -> Any:
         """Its Decode or Prefill stub, over a channel opened on first use (inside the event loop)."""
         if self._stub is None:
-            self._channel = insecure_channel(self.address, options=WORKER_CHANNEL_OPTIONS)
+            self._channel = mesh_channel(self.address, options=WORKER_CHANNEL_OPTIONS)
             stub_class = decode_pb2_grpc.DecodeStub if self.role == DECODE else prefill_pb2_grpc.PrefillStub
             self._stub = stub_class(self._channel)
         return self._stub

@@ -8,10 +8,10 @@ import sys
 from collections.abc import Sequence
 
 from moemesh.service.config import apply_env_defaults
-from moemesh.service.ep_args import main_of_worker
-from moemesh.service.worker import add_worker_arguments, run_worker
 from moemesh.transfer.base import KvSender
 from moemesh.v1 import common_pb2, prefill_pb2_grpc
+from moemesh.worker.ep_args import main_of_worker
+from moemesh.worker.runtime import add_worker_arguments, run_worker
 
 DEFAULT_PORT = 50080
 DEFAULT_METRICS_PORT = 9104

@@ -19,9 +19,7 @@ from moemesh.engine.async_engine import AsyncEngine, KvRows
 from moemesh.engine.engine import Resume
 from moemesh.service.convert import logprobs_to_pb, sampling_from_pb
 from moemesh.service.errors import FailedPrecondition, InvalidArgument, PeerUnavailable
-from moemesh.service.rooms import report_room_failed
 from moemesh.service.version import PROTOCOL_VERSION
-from moemesh.service.worker import Worker, WorkerServicer
 from moemesh.telemetry import metrics
 from moemesh.telemetry.logs import request_log_context
 from moemesh.telemetry.requests import RequestTelemetry
@@ -29,6 +27,8 @@ from moemesh.telemetry.tracing import tracer
 from moemesh.transfer.base import FirstToken, KvSender, RowBlock, TransferError
 from moemesh.transfer.registry import plane_from_proto
 from moemesh.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from moemesh.worker.kvtransfer_client import report_room_failed
+from moemesh.worker.runtime import Worker, WorkerServicer
 
 log = logging.getLogger(__name__)
 

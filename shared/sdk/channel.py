@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-# The mesh's message size limit (shared/service/server.py MAX_MESSAGE_BYTES; a test checks they agree):
+# The mesh's message size limit (shared/service/channel.py MAX_MESSAGE_BYTES; a test checks they agree):
 # the gateway refuses bigger messages anyway, and a client should not accept unbounded answers.
 _MAX_MESSAGE_BYTES = 64 * 2**20
 # gRPC's own reconnect backoff starts at 1 s and grows to 2 minutes; while it waits, every call fails at

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from moemesh.service.channel import MAX_MESSAGE_BYTES, message_size_options
 from moemesh.service.errors import status_of, trailing_metadata_of
 from moemesh.service.tls import TlsConfig, configure_tls_from_args, process_tls
 from moemesh.telemetry.grpc_tracing import TracingServerInterceptor
@@ -25,21 +26,6 @@ from moemesh.telemetry.tracing import configure_tracing
 
 log = logging.getLogger(__name__)
 
-# The largest message any service sends or accepts, on every server and channel of the mesh; bigger
-# ones are refused with RESOURCE_EXHAUSTED before they are buffered whole. KV chunks are the largest
-# messages: senders cut them at moemesh.transfer.chunk.DEFAULT_CHUNK_BYTES (4 MiB of rows), so 64 MiB
-# leaves room for a raised chunk size and for prompts of millions of tokens (a token id is <= 5 bytes),
-# while bounding what one call can make a server allocate (gRPC's own default: 4 MiB received, no limit
-# sent). The SDK keeps the same number (shared/sdk/channel.py; a test checks they agree).
-MAX_MESSAGE_BYTES = 64 * 2**20
-
-
-def message_size_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """gRPC options limiting sent and received messages to `max_bytes`."""
-    return [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
-
-
-CHANNEL_OPTIONS = message_size_options()
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

@@ -9,7 +9,7 @@ Modules, imported on first use so that a bare `import moemesh.telemetry` costs n
 - `tracing`: the tracer provider (OTLP export only when OTEL_EXPORTER_OTLP_ENDPOINT is set), spans with
   explicit times, W3C context from HTTP headers.
 - `grpc_tracing`: the grpc.aio client interceptor (injects `traceparent`) and server interceptor
-  (extracts it, one SERVER span per RPC); `insecure_channel` for the mesh's internal channels.
+  (extracts it, one SERVER span per RPC); `moemesh.service.channel.mesh_channel` puts the first on every channel.
 - `logs`: structlog JSON lines (or a readable console), stdlib logging routed through it, per-request
   `request_id`/`trace_id` context.
 - `metrics`: the `moemesh_*` Prometheus families, the `/metrics` server, the exposition text.

@@ -1,8 +1,7 @@
 """W3C trace context over gRPC (grpc.aio): a client interceptor that writes `traceparent` into the call's
 metadata, and a server interceptor that reads it and runs the handler in a SERVER span.
 
-    channel = insecure_channel("kvtransfer:50060", options=CHANNEL_OPTIONS)   # the mesh's channels (mTLS
-                                                                              # when the process has TLS)
+    channel = grpc.aio.insecure_channel(target, interceptors=client_interceptors())  # moemesh.service.channel
     server = grpc.aio.server(interceptors=[TracingServerInterceptor(), ...])  # GrpcServer does this
 
 The client side opens no span of its own: the caller's current span (say the gateway's request span)
@@ -14,14 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
 import grpc
 from opentelemetry import propagate
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from moemesh.service.tls import TlsConfig, process_tls
 from moemesh.telemetry.tracing import tracer
 
 TRACEPARENT = "traceparent"
@@ -82,31 +80,6 @@ def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     metadata, one per call type. grpc.aio runs them in a task made when the call is created, so the
     context current at the stub call is the one sent."""
     return list(_CLIENT_INTERCEPTORS)
-
-
-def mesh_channel(target: str, options: Sequence[tuple[str, Any]] | None = None,
-                 tls: TlsConfig | None = None) -> grpc.aio.Channel:
-    """A grpc.aio channel for the mesh's internal calls: it carries the caller's trace context on every
-    call, limits message sizes (`moemesh.service.server.CHANNEL_OPTIONS` unless `options` set their own),
-    and speaks mutual TLS with `tls`, or with the process's config (`moemesh.service.tls.configure_tls`)
-    when there is one, else plain text. The config is looked up here, at each channel's creation, so
-    that every call site stays the same whether the mesh runs with TLS or not.
-    """
-    # Imported here: moemesh.service.server imports this module.
-    from moemesh.service.server import CHANNEL_OPTIONS
-
-    merged = dict(CHANNEL_OPTIONS)
-    merged.update(options or ())
-    tls = tls if tls is not None else process_tls()
-    if tls is None:
-        return grpc.aio.insecure_channel(target, options=list(merged.items()), interceptors=client_interceptors())
-    merged.update(tls.channel_options())
-    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=list(merged.items()),
-                                   interceptors=client_interceptors())
-
-
-# The name every call site knows; plain text only when the process has no TLS config.
-insecure_channel = mesh_channel
 
 
 # ---- server --------------------------------------------------------------------------------------

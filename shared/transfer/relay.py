@@ -13,8 +13,7 @@ from typing import Any
 
 import grpc
 
-from moemesh.service.server import CHANNEL_OPTIONS
-from moemesh.telemetry.grpc_tracing import insecure_channel
+from moemesh.service.channel import CHANNEL_OPTIONS, mesh_channel
 from moemesh.transfer.assembler import RoomTable
 from moemesh.transfer.base import FirstToken, KvReceiver, KvSender, RowBlock, RowWriter, TransferError
 from moemesh.transfer.chunk import DEFAULT_CHUNK_BYTES, decode_chunk, iter_chunks
@@ -38,7 +37,7 @@ class _Relay:
     def stub(self) -> kvtransfer_pb2_grpc.KvTransferStub:
         if self._stub is None:
             # Traced: the relay's calls join the trace of the request whose KV they carry.
-            self._channel = insecure_channel(self.target, options=CHANNEL_OPTIONS)
+            self._channel = mesh_channel(self.target, options=CHANNEL_OPTIONS)
             self._stub = kvtransfer_pb2_grpc.KvTransferStub(self._channel)
         return self._stub
 

@@ -9,6 +9,7 @@ the stubs from a folder outside the checkout, so nothing is found by accident th
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -41,7 +42,7 @@ print(MeshClient.__module__, gateway_pb2.DESCRIPTOR.package)
 def _package_folders() -> set[str]:
     """Every package folder of the checkout, as its import name under `moemesh`."""
     names = set()
-    for top, prefix in (("shared", "moemesh"), ("services", "moemesh.services")):
+    for top, prefix in (("shared", "moemesh"), ("services", "moemesh.services"), ("bench", "moemesh.bench")):
         for init in (ROOT / top).rglob("__init__.py"):
             rel = init.parent.relative_to(ROOT / top)
             if rel.parts[:1] == ("rpc",):
@@ -58,9 +59,14 @@ def test_every_package_folder_is_listed_in_pyproject() -> None:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools writes build/ and *.egg-info/ beside the sources it builds.
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("shared", "services", "bench"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(src)], check=True, capture_output=True, timeout=300)
     (built,) = out.glob("moemesh-*.whl")
     return built
 

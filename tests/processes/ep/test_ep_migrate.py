@@ -76,7 +76,7 @@ def _rank_main(ckpt: str, addr: str, rank: int, out_dir: str) -> None:
 
 
 def test_switch_moves_exactly_the_new_weights_and_keeps_outputs(small_dir: Path, tmp_path: Path) -> None:
-    from moemesh.service.ep_args import free_local_addr
+    from moemesh.worker.ep_args import free_local_addr
 
     addr = free_local_addr()
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),

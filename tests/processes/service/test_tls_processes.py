@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from moemesh.telemetry.grpc_tracing import mesh_channel
+from moemesh.service.channel import mesh_channel
 from tests.paths import ROOT
 from tests.pki import Pki
 from tests.service.service.test_tls import (

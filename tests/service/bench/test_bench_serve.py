@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
+from moemesh.bench.serve_client import SSEParser, build_payload, chunk_text
+from moemesh.bench.serve_data import PromptMaker
+from moemesh.bench.serve_metrics import SLO, RequestResult, per_request, stats_ms, summarize
+from moemesh.bench.serve_plot import compare_table, load_runs
 from moemesh.model.tiny_tokenizer import build_tiny_tokenizer
 from moemesh.model.tokenizer import Tokenizer
-from moemesh.services.cli.bench_serve_client import SSEParser, build_payload, chunk_text
-from moemesh.services.cli.bench_serve_data import PromptMaker
-from moemesh.services.cli.bench_serve_metrics import SLO, RequestResult, per_request, stats_ms, summarize
-from moemesh.services.cli.bench_serve_plot import compare_table, load_runs
 from moemesh.services.cli.main import main
 
 # ---- SSE parsing -------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from typing import Any
 import grpc
 import torch
 
-from moemesh.service.expert_stats import ExpertLoadReporter, GroupIdentity
 from moemesh.v1 import eplb_pb2, eplb_pb2_grpc
+from moemesh.worker.expert_stats import ExpertLoadReporter, GroupIdentity
 
 L, P = 2, 6
 WAIT_S = 10.0

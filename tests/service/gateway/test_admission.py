@@ -19,7 +19,6 @@ from moemesh.engine.sampling_params import SamplingParams
 from moemesh.engine.scheduler import Scheduler, SchedulerConfig
 from moemesh.service import server as grpc_server
 from moemesh.service.config import apply_env_defaults
-from moemesh.service.engine_args import DEFAULT_MAX_WAITING_REQUESTS, add_engine_arguments, engine_config
 from moemesh.service.errors import (
     DEFAULT_RETRY_AFTER_S,
     RETRY_AFTER_KEY,
@@ -34,6 +33,7 @@ from moemesh.services.gateway.admission import Admission, AdmissionConfig, add_a
 from moemesh.services.gateway.registry import DECODE, WorkerEntry
 from moemesh.services.gateway.rest import errors as rest_errors
 from moemesh.v1 import common_pb2
+from moemesh.worker.engine_args import DEFAULT_MAX_WAITING_REQUESTS, add_engine_arguments, engine_config
 
 pytestmark = pytest.mark.timeout(60)
 PAGE = 16

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from moemesh.service.server import CHANNEL_OPTIONS
+from moemesh.service.channel import CHANNEL_OPTIONS
 from moemesh.services.kvtransfer.config import KvTransferConfig
 from moemesh.services.kvtransfer.service import KvTransferService
 from moemesh.services.kvtransfer.servicer import SIDE_METADATA_KEY

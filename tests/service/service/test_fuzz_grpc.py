@@ -47,7 +47,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import moemesh.v1 as rpc_package
-from moemesh.service.server import CHANNEL_OPTIONS
+from moemesh.service.channel import CHANNEL_OPTIONS
 from moemesh.v1 import common_pb2, decode_pb2, eplb_pb2, gateway_pb2, kvtransfer_pb2, prefill_pb2
 from tests.net import free_port
 

@@ -17,10 +17,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from moemesh.service.channel import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, mesh_channel
 from moemesh.service.config import apply_env_defaults
-from moemesh.service.server import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, GrpcServer
+from moemesh.service.server import GrpcServer
 from moemesh.service.tls import TlsConfig, add_tls_arguments, configure_tls, process_tls, tls_from_args
-from moemesh.telemetry.grpc_tracing import insecure_channel, mesh_channel
 from tests.pki import Pki, issue, make_ca, pem_key
 
 pytestmark = pytest.mark.timeout(60)
@@ -141,7 +141,7 @@ def test_process_config_makes_every_server_and_channel_tls(pki: Pki) -> None:
             assert process_tls() is not None
             async with _server() as server:  # no tls= : the process's
                 assert server.tls is not None
-                async with insecure_channel(server.address, options=CHANNEL_OPTIONS) as ch:
+                async with mesh_channel(server.address, options=CHANNEL_OPTIONS) as ch:
                     assert await _check(ch) == health_pb2.HealthCheckResponse.SERVING
                 err = await _refused(grpc.aio.insecure_channel(server.address))
                 assert err.code() == grpc.StatusCode.UNAVAILABLE
@@ -179,7 +179,7 @@ def test_oversized_message_is_refused_with_resource_exhausted() -> None:
                 # Refused, not crashed: the same server and channel keep working.
                 assert await _check(ch) == health_pb2.HealthCheckResponse.SERVING
             # The mesh's own channels refuse to send one in the first place.
-            async with insecure_channel(server.address) as ch:
+            async with mesh_channel(server.address) as ch:
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await health_pb2_grpc.HealthStub(ch).Check(huge, timeout=30)
                 assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

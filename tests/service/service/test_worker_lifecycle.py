@@ -9,9 +9,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from moemesh.service import worker as worker_mod
 from moemesh.services.decode import serve as decode_serve
 from moemesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from moemesh.worker import runtime as worker_mod
 from tests.net import free_port
 
 

@@ -22,12 +22,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from moemesh.service.channel import mesh_channel
 from moemesh.service.config import apply_env_defaults
 from moemesh.service.errors import InvalidArgument
 from moemesh.service.server import GrpcServer
 from moemesh.telemetry import metrics
 from moemesh.telemetry.expert_load import balancedness
-from moemesh.telemetry.grpc_tracing import insecure_channel
 from moemesh.telemetry.logs import configure_logging, get_logger, request_log_context, resolve_format
 from moemesh.telemetry.setup import add_telemetry_arguments
 from moemesh.telemetry.tracing import configure_tracing, http_trace_context, record_span, tracer
@@ -64,7 +64,7 @@ def _echo(server: GrpcServer, hop_to: str | None = None) -> None:
         return request
 
     async def hop(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        async with insecure_channel(hop_to) as channel:
+        async with mesh_channel(hop_to) as channel:
             return await channel.unary_unary(f"/{SERVICE}/Echo")(request, timeout=5)
 
     async def stream(request: bytes, context: grpc.aio.ServicerContext):
@@ -88,7 +88,7 @@ def test_trace_context_crosses_two_hops_and_streams(spans: InMemorySpanExporter)
         _echo(front, hop_to=back.address)
         await front.start()
         try:
-            async with insecure_channel(front.address) as channel:
+            async with mesh_channel(front.address) as channel:
                 with tracer.start_as_current_span("client") as root:
                     assert await channel.unary_unary(f"/{SERVICE}/Hop")(b"hi", timeout=5) == b"hi"
                     got = [m async for m in channel.unary_stream(f"/{SERVICE}/Stream")(b"s", timeout=5)]

@@ -19,11 +19,11 @@ from prometheus_client import REGISTRY
 
 from moemesh.engine.engine import Engine, EngineConfig
 from moemesh.engine.sampling_params import SamplingParams
+from moemesh.service.channel import mesh_channel
 from moemesh.service.version import PROTOCOL_VERSION
 from moemesh.services.decode import serve as decode_serve
 from moemesh.services.kvtransfer.config import KvTransferConfig
 from moemesh.services.kvtransfer.service import KvTransferService
-from moemesh.telemetry.grpc_tracing import insecure_channel
 from moemesh.telemetry.tracing import configure_tracing, http_trace_context, tracer
 from moemesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, kvtransfer_pb2
 from moemesh.v1 import kvtransfer_pb2_grpc as kv_grpc
@@ -78,7 +78,7 @@ def test_decode_worker_metrics_move_and_engine_times_become_spans(small_dir: Pat
         task = asyncio.create_task(decode_serve.serve(args, ready, stop))
         await asyncio.wait_for(ready.wait(), 60)
         try:
-            async with insecure_channel(f"127.0.0.1:{port}") as ch:
+            async with mesh_channel(f"127.0.0.1:{port}") as ch:
                 req = decode_pb2.DecodeRequest(request_id="telemetry-1", prompt_token_ids=[0, 5, 6, 7, 8, 9],
                                                sampling=common_pb2.SamplingParams(max_tokens=5, temperature=0,
                                                                                   ignore_eos=True))
@@ -145,7 +145,7 @@ def test_kvtransfer_rendezvous_and_transfer_spans_and_metrics(spans: InMemorySpa
         svc = KvTransferService(KvTransferConfig(port=0, drain_s=0.0, shutdown_grace_s=0.5))
         await svc.start()
         try:
-            async with insecure_channel(svc.address) as ch:
+            async with mesh_channel(svc.address) as ch:
                 stub = kv_grpc.KvTransferStub(ch)
                 with tracer.start_as_current_span("prefill side") as root:
                     for room in ("room-ok", "room-bad"):

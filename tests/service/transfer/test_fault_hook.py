@@ -22,7 +22,7 @@ import grpc
 import pytest
 import torch
 
-from moemesh.service.server import CHANNEL_OPTIONS
+from moemesh.service.channel import CHANNEL_OPTIONS
 from moemesh.services.kvtransfer.config import KvTransferConfig
 from moemesh.services.kvtransfer.service import KvTransferService
 from moemesh.transfer import faults

@@ -17,7 +17,7 @@ import grpc
 import pytest
 import torch
 
-from moemesh.service.server import CHANNEL_OPTIONS
+from moemesh.service.channel import CHANNEL_OPTIONS
 from moemesh.transfer.base import FirstToken, KvReceiver, KvSender, RowBlock, TransferError
 from moemesh.transfer.registry import PLANES, make_receiver, make_sender, plane_from_proto, plane_to_proto
 from moemesh.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc
@@ -273,7 +273,7 @@ def test_inproc_corrupted_chunk_fails_the_room() -> None:
 
 
 def test_bench_runs() -> None:
-    from moemesh.transfer.bench import bench
+    from moemesh.bench.transfer_planes import bench
 
     results = asyncio.run(bench(random_rows((2, 16, 8)), planes=("inproc", "relay"), repeats=1))
     assert [r.plane for r in results] == ["memcpy", "inproc"]  # no relay target: relay skipped

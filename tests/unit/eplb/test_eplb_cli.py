@@ -10,7 +10,7 @@ import torch
 
 from moemesh.ep.placement import ExpertPlacement
 from moemesh.services.cli.eplb_cmd import main
-from moemesh.services.eplb.stats_file import append_window
+from moemesh.telemetry.expert_load_file import append_window
 
 EXAMPLE_WEIGHT = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
                   [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]

@@ -18,8 +18,8 @@ from moemesh.services.eplb.rebalance import (
     resolve_policy,
 )
 from moemesh.services.eplb.simulate import SimulationError, simulate
-from moemesh.services.eplb.stats_file import StatsFileError, append_window, read_windows
 from moemesh.telemetry import expert_load
+from moemesh.telemetry.expert_load_file import StatsFileError, append_window, read_windows
 
 # DeepSeek's published example (github.com/deepseek-ai/EPLB): 2 layers x 12 experts, 16 slots, 4 groups,
 # 2 nodes, 8 ranks.

@@ -16,9 +16,9 @@ import grpc
 import torch
 
 from moemesh.engine.async_engine import AsyncEngine
-from moemesh.service.server import CHANNEL_OPTIONS
+from moemesh.service.channel import CHANNEL_OPTIONS, mesh_channel
 from moemesh.service.version import PROTOCOL_VERSION
-from moemesh.telemetry.grpc_tracing import insecure_channel
+from moemesh.telemetry.expert_load_file import append_window
 from moemesh.v1 import common_pb2, eplb_pb2, eplb_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,6 @@ class ExpertLoadReporter:
                 if not int(delta.sum()):
                     continue
                 if self.record_file:
-                    from moemesh.services.eplb.stats_file import append_window
-
                     role = common_pb2.WorkerRole.Name(self.ident.role).removeprefix("WORKER_ROLE_").lower()
                     await asyncio.to_thread(append_window, self.record_file, delta, role, self.ident.instance_id,
                                             self.ident.rank)
@@ -92,7 +90,7 @@ class ExpertLoadReporter:
         backoff = 0.5
         pending: eplb_pb2.ExpertLoadReport | None = None  # taken from the queue, not yet written
         while True:
-            channel = insecure_channel(self.eplb, options=CHANNEL_OPTIONS)
+            channel = mesh_channel(self.eplb, options=CHANNEL_OPTIONS)
             try:
                 call = eplb_pb2_grpc.EplbStub(channel).ReportExpertLoad()
                 sent_version: int | None = None
@@ -126,7 +124,7 @@ async def watch_placements(engine: AsyncEngine, ident: GroupIdentity, eplb: str)
     backoff = 0.5
     req = eplb_pb2.GetPlacementRequest(instance_id=ident.instance_id, role=ident.role)
     while True:
-        channel = insecure_channel(eplb, options=CHANNEL_OPTIONS)
+        channel = mesh_channel(eplb, options=CHANNEL_OPTIONS)
         try:
             async for p in eplb_pb2_grpc.EplbStub(channel).WatchPlacement(req):
                 backoff = 0.5

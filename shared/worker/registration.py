@@ -8,8 +8,7 @@ from collections.abc import Callable
 
 import grpc
 
-from moemesh.service.server import CHANNEL_OPTIONS
-from moemesh.telemetry.grpc_tracing import insecure_channel
+from moemesh.service.channel import CHANNEL_OPTIONS, mesh_channel
 from moemesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -32,7 +31,7 @@ class GatewayRegistration:
         self.registered = asyncio.Event()
         self._interval_s = 1.0
         self._task: asyncio.Task | None = None
-        self._channel = insecure_channel(gateway, options=CHANNEL_OPTIONS)
+        self._channel = mesh_channel(gateway, options=CHANNEL_OPTIONS)
         self._stub = gateway_pb2_grpc.WorkerRegistryStub(self._channel)
 
     async def start(self) -> None:

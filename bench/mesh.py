@@ -305,7 +305,7 @@ class MeshProcess:
 
     def start(self, timeout_s: float) -> None:
         """Start `moemesh up` and wait for its table; raises RuntimeError or TimeoutError (with its log's tail)."""
-        from moemesh.services.cli.up import _die_with_parent
+        from moemesh.service.launch import die_with_parent
 
         # Free ports only (gRPC and REST): other meshes may run on this host at the same time.
         # `up` gets the timeout too, to say which service was late; this side waits a little longer.
@@ -314,7 +314,7 @@ class MeshProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         # stdout: the table (read here); stderr: every service's logs, into a file (shown on failure).
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=die_with_parent)
         # A thread reads stdout to its end (select() on a buffered pipe misses lines already read into the
         # buffer, and an unread pipe would block `up` once full).
         lines: queue.Queue[str | None] = queue.Queue()

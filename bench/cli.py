@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         description="Output tokens/s, TTFT and inter-token latency at several concurrency levels, "
                                     "for the in-process engine and for `moemesh up` meshes (colocated, PD over "
                                     "the relay, PD over UCX), same prompts; prints the ratios to the engine.")
-    from moemesh.services.cli.bench_mesh import add_arguments as add_mesh_arguments
+    from moemesh.bench.mesh import add_arguments as add_mesh_arguments
 
     add_mesh_arguments(m)
     m.set_defaults(func=_run_mesh)
@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                          description="At EP 1, 2, 4 (rank processes over gloo): one MoE layer's time, a decode "
                                      "step's tokens/s, dispatch+combine bytes/s against a bare all_to_all_single "
                                      "of the same bytes, and two-batch overlap on against off; prints the ratios.")
-    from moemesh.services.cli.bench_ep import add_arguments as add_ep_arguments
+    from moemesh.bench.ep import add_arguments as add_ep_arguments
 
     add_ep_arguments(ep)
     ep.set_defaults(func=_run_ep)
@@ -50,40 +50,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                          description="An EP group under routing skewed towards rank 0's experts decodes, rebalances "
                                      "live, and decodes again; prints balancedness and tokens/s before and after, "
                                      "and the pause the switch cost.")
-    from moemesh.services.cli.bench_eplb import add_arguments as add_eplb_arguments
+    from moemesh.bench.eplb import add_arguments as add_eplb_arguments
 
     add_eplb_arguments(lb)
     lb.set_defaults(func=_run_eplb)
-    from moemesh.services.cli.bench_serve import add_parsers as add_serve_parsers  # `bench serve`, `bench plot`
+    from moemesh.bench.serve import add_parsers as add_serve_parsers  # `bench serve`, `bench plot`
 
     add_serve_parsers(bsub)
 
 
 def _run_engine(args: argparse.Namespace) -> int:
-    from moemesh.services.cli.bench_engine import run
+    from moemesh.bench.engine import run
 
     return run(args)
 
 
 def _run_transfer(args: argparse.Namespace) -> int:
-    from moemesh.services.cli.bench_transfer import run
+    from moemesh.bench.transfer import run
 
     return run(args)
 
 
 def _run_mesh(args: argparse.Namespace) -> int:
-    from moemesh.services.cli.bench_mesh import run
+    from moemesh.bench.mesh import run
 
     return run(args)
 
 
 def _run_ep(args: argparse.Namespace) -> int:
-    from moemesh.services.cli.bench_ep import run
+    from moemesh.bench.ep import run
 
     return run(args)
 
 
 def _run_eplb(args: argparse.Namespace) -> int:
-    from moemesh.services.cli.bench_eplb import run
+    from moemesh.bench.eplb import run
 
     return run(args)

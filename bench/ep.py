@@ -6,7 +6,7 @@ bare `all_to_all_single` moving the same bytes, and decode steps with two-batch 
 at several batch sizes. Rank 0 of each group writes its figures as JSON; this process prints the tables
 and the ratios.
 
-The file doubles as the rank script: `python -m moemesh.services.cli.bench_ep RANK SIZE ADDR CKPT OUT OPTIONS_JSON`.
+The file doubles as the rank script: `python -m moemesh.bench.ep RANK SIZE ADDR CKPT OUT OPTIONS_JSON`.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moemesh.bench.ep_report import report
     from moemesh.model.tiny import tiny_config, write_checkpoint
-    from moemesh.services.cli.bench_ep_report import report
 
     sizes = [int(s) for s in args.ep_sizes.split(",")]
     options = {"moe_tokens": [int(t) for t in args.moe_tokens.split(",")],
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_checkpoint(Path(tmp) / "model", tiny_config(args.preset), seed=0)
         for size in sizes:
-            result = run_group("moemesh.services.cli.bench_ep", size, ckpt, Path(tmp) / f"ep{size}.json", options)
+            result = run_group("moemesh.bench.ep", size, ckpt, Path(tmp) / f"ep{size}.json", options)
             if result is None:
                 return 1
             results[size] = result
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 def run_group(module: str, size: int, ckpt: Path, out: Path, options: dict[str, Any]) -> dict[str, Any] | None:
     """Run `python -m MODULE RANK SIZE ADDR CKPT OUT OPTIONS_JSON` for every rank of a new group, the cores
     split between them; rank 0's JSON, or None (after saying so) when a rank failed."""
-    from moemesh.service.ep_args import free_local_addr
+    from moemesh.worker.ep_args import free_local_addr
 
     addr = free_local_addr()
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // size))}

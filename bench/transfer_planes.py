@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from moemesh.telemetry.grpc_tracing import mesh_channel
+from moemesh.service.channel import mesh_channel
 from moemesh.transfer.base import FirstToken, KvReceiver, KvSender, RowBlock
 from moemesh.transfer.registry import make_receiver, make_sender
 

@@ -6,7 +6,7 @@ algorithm places the experts again (with redundant slots); the group switches li
 step boundary, weights over all-to-all); the same decode runs again. Printed: balancedness of each
 phase's own traffic, decode tokens/s before and after, and the pause the switch cost.
 
-The file doubles as the rank script: `python -m moemesh.services.cli.bench_eplb RANK SIZE ADDR CKPT OUT OPTIONS_JSON`.
+The file doubles as the rank script: `python -m moemesh.bench.eplb RANK SIZE ADDR CKPT OUT OPTIONS_JSON`.
 """
 
 from __future__ import annotations
@@ -47,14 +47,14 @@ def skewed_checkpoint(out: Path, preset: str, favoured: int, bias: float) -> Pat
 
 
 def run(args: argparse.Namespace) -> int:
-    from moemesh.services.cli.bench_ep import run_group
+    from moemesh.bench.ep import run_group
 
     options = {"batch_sizes": [int(b) for b in args.batch_sizes.split(",")], "decode_steps": args.decode_steps}
     results: dict[int, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = skewed_checkpoint(Path(tmp) / "model", args.preset, args.favoured, args.bias)
         for size in (int(s) for s in args.ep_sizes.split(",")):
-            result = run_group("moemesh.services.cli.bench_eplb", size, ckpt, Path(tmp) / f"ep{size}.json", options)
+            result = run_group("moemesh.bench.eplb", size, ckpt, Path(tmp) / f"ep{size}.json", options)
             if result is None:
                 return 1
             results[size] = result
@@ -86,9 +86,9 @@ def _rank(rank: int, size: int, addr: str, ckpt: str, out: str, options: dict[st
     import torch
     import torch.distributed as dist
 
+    from moemesh.bench.ep import _decode_tok_s
     from moemesh.engine.engine import Engine, EngineConfig
     from moemesh.ep.group import EPConfig, EPGroup
-    from moemesh.services.cli.bench_ep import _decode_tok_s
     from moemesh.services.eplb.balance import balancedness, moved_slots
     from moemesh.services.eplb.rebalance import rebalance
 

@@ -16,18 +16,18 @@ import grpc
 
 from moemesh.engine.async_engine import AsyncEngine
 from moemesh.engine.engine import Engine
-from moemesh.service.engine_args import add_engine_arguments, engine_config
-from moemesh.service.ep_args import add_ep_arguments, ep_config
+from moemesh.service.channel import CHANNEL_OPTIONS, mesh_channel
 from moemesh.service.errors import Unavailable
-from moemesh.service.kv_layout import kv_layout
-from moemesh.service.registration import GatewayRegistration
-from moemesh.service.server import CHANNEL_OPTIONS, GrpcServer, announce, install_signal_handlers
+from moemesh.service.server import GrpcServer, announce, install_signal_handlers
 from moemesh.service.tls import add_tls_arguments
 from moemesh.service.version import PROTOCOL_VERSION
 from moemesh.telemetry import metrics
-from moemesh.telemetry.grpc_tracing import insecure_channel
 from moemesh.telemetry.setup import add_telemetry_arguments
 from moemesh.v1 import common_pb2, gateway_pb2, kvtransfer_pb2_grpc
+from moemesh.worker.engine_args import add_engine_arguments, engine_config
+from moemesh.worker.ep_args import add_ep_arguments, ep_config
+from moemesh.worker.kv_layout import kv_layout
+from moemesh.worker.registration import GatewayRegistration
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class Worker:
         """Expert load to the eplb service (and the record file); its placements to the EP group."""
         if self.engine.engine.expert_load is None or not self.engine.engine.expert_load.layers:
             return []
-        from moemesh.service.expert_stats import ExpertLoadReporter, GroupIdentity, watch_placements
+        from moemesh.worker.expert_stats import ExpertLoadReporter, GroupIdentity, watch_placements
 
         a = self.args
         ident = GroupIdentity(a.instance_id or self.worker_id, self.role, self.dp[0], a.nnodes)
@@ -221,7 +221,7 @@ async def run_worker(role: int, name: str, args: argparse.Namespace, servicer: W
     server = GrpcServer(args.host, args.port)
     server.add(add, servicer, service_name)
     await server.start()
-    channel = insecure_channel(args.kvtransfer, options=CHANNEL_OPTIONS)
+    channel = mesh_channel(args.kvtransfer, options=CHANNEL_OPTIONS)
     worker: Worker | None = None
     try:
         worker = await Worker.load(role, args, server)

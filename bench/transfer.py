@@ -28,8 +28,8 @@ def _start_kvtransfer() -> tuple[subprocess.Popen, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moemesh.bench.transfer_planes import bench
     from moemesh.model.default import default_model_dir
-    from moemesh.transfer.bench import bench
 
     cfg = ModelConfig.from_dir(args.model or default_model_dir())
     layers, width = cfg.num_hidden_layers, cfg.kv_cache_dim

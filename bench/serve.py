@@ -14,7 +14,7 @@ requests (other random prompts) run first and are not measured. Prompts are coun
 tokenizer (`--tokenizer`, default: the `--model` folder, the folder the server names in /v1/models,
 or the embedded tiny model); the server's `usage` is checked against those counts.
 
-What is measured and how it is aggregated: see `services/cli/bench_serve_metrics.py`.
+What is measured and how it is aggregated: see `bench/serve_metrics.py`.
 """
 
 from __future__ import annotations
@@ -149,9 +149,9 @@ def _tokenizer_dir(args: argparse.Namespace, served: list[str]) -> Path:
 async def _main(args: argparse.Namespace, config: dict[str, Any]) -> int:
     import httpx
 
+    from moemesh.bench.serve_client import get_models, wait_ready
+    from moemesh.bench.serve_data import PromptMaker
     from moemesh.model.tokenizer import Tokenizer
-    from moemesh.services.cli.bench_serve_client import get_models, wait_ready
-    from moemesh.services.cli.bench_serve_data import PromptMaker
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -210,8 +210,8 @@ class _Runner:
         results in prompt order and the duration (first send to last end)."""
         import random
 
-        from moemesh.services.cli.bench_serve_client import build_payload, send_request
-        from moemesh.services.cli.bench_serve_metrics import RequestResult
+        from moemesh.bench.serve_client import build_payload, send_request
+        from moemesh.bench.serve_metrics import RequestResult
 
         cfg = self.config
         results = [RequestResult(prompt_len=p.prompt_len, output_len=p.output_len) for p in prompts]
@@ -270,7 +270,7 @@ class _Runner:
 
 
 def _report(args: argparse.Namespace, config: dict[str, Any], label: str, results: list[Any], duration: float) -> int:
-    from moemesh.services.cli.bench_serve_metrics import SLO, per_request, summarize
+    from moemesh.bench.serve_metrics import SLO, per_request, summarize
 
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)
     summary = summarize(results, duration, slo, config["percentiles"], ignore_eos=args.ignore_eos)
@@ -292,7 +292,7 @@ def _report(args: argparse.Namespace, config: dict[str, Any], label: str, result
         Path(args.result_json).write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {args.result_json}", file=sys.stderr)
     if args.plot:
-        from moemesh.services.cli.bench_serve_plot import PlotUnavailable, plot_runs
+        from moemesh.bench.serve_plot import PlotUnavailable, plot_runs
 
         try:
             plot_runs([doc], args.plot)
@@ -305,7 +305,7 @@ def _report(args: argparse.Namespace, config: dict[str, Any], label: str, result
 
 def format_summary(label: str, config: dict[str, Any], s: dict[str, Any], percentiles: list[float]) -> str:
     """The result table, laid out as vLLM's and SGLang's benchmarks print theirs."""
-    from moemesh.services.cli.bench_serve_metrics import METRIC_NAMES, METRICS
+    from moemesh.bench.serve_metrics import METRIC_NAMES, METRICS
 
     def row(name: str, value: Any, fmt: str = ".2f") -> str:
         text = "n/a" if value is None else (format(value, fmt) if isinstance(value, float) else str(value))
@@ -338,7 +338,7 @@ def format_summary(label: str, config: dict[str, Any], s: dict[str, Any], percen
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from moemesh.services.cli.bench_serve_plot import PlotUnavailable, compare_table, load_runs, plot_runs
+    from moemesh.bench.serve_plot import PlotUnavailable, compare_table, load_runs, plot_runs
 
     try:
         runs = load_runs(args.results, args.labels.split(",") if args.labels else None)

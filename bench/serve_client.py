@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from moemesh.services.cli.bench_serve_metrics import RequestResult
+from moemesh.bench.serve_metrics import RequestResult
 
 DONE = "[DONE]"
 
