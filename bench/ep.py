@@ -56,20 +56,50 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_group(module: str, size: int, ckpt: Path, out: Path, options: dict[str, Any]) -> dict[str, Any] | None:
+# How long one group may take before it is killed: a rank stuck in a collective (its peer gone) never returns.
+GROUP_TIMEOUT_S = 1800.0
+
+
+def run_group(module: str, size: int, ckpt: Path, out: Path, options: dict[str, Any],
+              timeout_s: float = GROUP_TIMEOUT_S) -> dict[str, Any] | None:
     """Run `python -m MODULE RANK SIZE ADDR CKPT OUT OPTIONS_JSON` for every rank of a new group, the cores
-    split between them; rank 0's JSON, or None (after saying so) when a rank failed."""
+    split between them; rank 0's JSON, or None (after saying why) when a rank failed or the group took longer
+    than `timeout_s`.
+
+    The first rank to fail ends the group: the others would wait for it in the rendezvous or the next
+    collective until gloo's own timeout (half an hour), so they are killed at once, as is every rank still
+    running at the deadline.
+    """
+    from moemesh.service.launch import die_with_parent
     from moemesh.worker.ep_args import free_local_addr
 
     addr = free_local_addr()
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // size))}
     procs = [subprocess.Popen([sys.executable, "-m", module, str(r), str(size), addr, str(ckpt), str(out),
-                               json.dumps(options)], env=env) for r in range(size)]
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        print(f"{module}: EP {size} ranks exited with {codes}", file=sys.stderr)
-        return None
-    return json.loads(out.read_text())
+                               json.dumps(options)], env=env, preexec_fn=die_with_parent) for r in range(size)]
+    deadline = time.monotonic() + timeout_s
+    why = ""
+    try:
+        while not why:
+            codes = [p.poll() for p in procs]
+            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                why = "; ".join(f"rank {r} exited with code {c}" for r, c in failed)
+            elif all(c == 0 for c in codes):
+                return json.loads(out.read_text())
+            elif time.monotonic() > deadline:
+                running = [r for r, c in enumerate(codes) if c is None]
+                why = f"not done after {timeout_s:g} s (ranks {running} still running)"
+            else:
+                time.sleep(0.1)
+    finally:
+        killed = [r for r, p in enumerate(procs) if p.poll() is None]
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    print(f"{module}: EP group of {size}: {why}" + (f"; killed ranks {killed}" if killed else ""), file=sys.stderr)
+    return None
 
 
 # ---- one rank ----------------------------------------------------------------------------------------------------

@@ -26,20 +26,15 @@ import contextlib
 import gc
 import json
 import os
-import queue
 import random
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from moemesh.service.launch import MeshProcess, start_mesh
 
 # `moemesh up` options of each mesh setup; "engine" runs in this process.
 MESH_SETUPS: dict[str, list[str]] = {
@@ -287,124 +282,6 @@ def bench_engine(model_dir: Path, wl: Workload, args: argparse.Namespace
 # ---- a mesh ---------------------------------------------------------------------------------------
 
 
-class MeshProcess:
-    """`moemesh up --grpc-port 0 ARGS` as a child process, its table of services parsed."""
-
-    def __init__(self, name: str, up_args: list[str]) -> None:
-        self.name = name
-        self.up_args = up_args
-        self.proc: subprocess.Popen | None = None
-        self.services: dict[str, tuple[str, int]] = {}  # name -> (address, pid)
-        self.output: list[str] = []
-        self.log = tempfile.NamedTemporaryFile(  # closed in stop()
-            "w+", prefix=f"moemesh-bench-{name}-", suffix=".log", delete=False)
-
-    @property
-    def gateway(self) -> str:
-        return self.services["gateway"][0]
-
-    def start(self, timeout_s: float) -> None:
-        """Start `moemesh up` and wait for its table; raises RuntimeError or TimeoutError (with its log's tail)."""
-        from moemesh.service.launch import die_with_parent
-
-        # Free ports only (gRPC and REST): other meshes may run on this host at the same time.
-        # `up` gets the timeout too, to say which service was late; this side waits a little longer.
-        cmd = [sys.executable, "-m", "moemesh.services.cli.main", "up", "--grpc-port", "0", "--http-port", "0",
-               "--ready-timeout", f"{timeout_s:g}", *self.up_args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        # stdout: the table (read here); stderr: every service's logs, into a file (shown on failure).
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
-                                     preexec_fn=die_with_parent)
-        # A thread reads stdout to its end (select() on a buffered pipe misses lines already read into the
-        # buffer, and an unread pipe would block `up` once full).
-        lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, args=(lines,), daemon=True).start()
-        deadline = time.monotonic() + timeout_s + 30
-        in_table = False
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"moemesh up not ready in {timeout_s:g} s{self.log_tail()}")
-            try:
-                line = lines.get(timeout=min(left, 0.5))
-            except queue.Empty:
-                continue
-            if line is None:
-                code = self.proc.wait(10)
-                raise RuntimeError(f"moemesh up exited with code {code} before it was ready{self.log_tail()}")
-            if line.startswith("moemesh is up"):
-                in_table = True
-            elif in_table:
-                parts = line.split()
-                if len(parts) == 3 and parts[2].isdigit() and ":" in parts[1] and not parts[0].endswith("-metrics"):
-                    self.services[parts[0]] = (parts[1], int(parts[2]))
-                elif line.startswith("Ctrl-C"):
-                    if "gateway" not in self.services:
-                        raise RuntimeError(f"no gateway in the table of moemesh up: {self.output}")
-                    return
-
-    def _read(self, lines: queue.Queue[str | None]) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line.rstrip())
-            lines.put(line.rstrip())
-        lines.put(None)
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            self.log.flush()
-            text = Path(self.log.name).read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        tail = [ln for ln in text if ln.strip()][-lines:]
-        return ("\n    " + "\n    ".join(tail)) if tail else ""
-
-    def stop(self, timeout_s: float = 30) -> list[int]:
-        """SIGTERM `moemesh up` (it stops its services), then check every service's pid is gone.
-
-        Returns the pids that had to be killed here (empty: a clean stop).
-        """
-        leftovers: list[int] = []
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        deadline = time.monotonic() + 5
-        alive = self._alive()
-        while alive and time.monotonic() < deadline:
-            time.sleep(0.1)
-            alive = self._alive()
-        for pid in alive:
-            leftovers.append(pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.log.close()
-        return leftovers
-
-    def _alive(self) -> list[int]:
-        alive = []
-        for _, pid in self.services.values():
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                continue
-            except PermissionError:  # recycled by someone else's process: not ours any more
-                continue
-            if not _is_zombie(pid):
-                alive.append(pid)
-        return alive
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
-
-
 async def wait_registered(client: object, prefill: int, decode: int, timeout_s: float) -> None:
     """Until the gateway lists the expected workers (they register just after they print their address)."""
     deadline = time.monotonic() + timeout_s
@@ -425,23 +302,29 @@ async def wait_registered(client: object, prefill: int, decode: int, timeout_s: 
 
 def bench_mesh(setup: str, wl: Workload, args: argparse.Namespace
                ) -> tuple[list[dict], dict[int, list[list[int]]], dict | None]:
+    """Start `moemesh up` for `setup`, run the levels and the probe against it, stop it and check its processes
+    are gone. Every line the mesh writes goes to a log file, kept when anything went wrong."""
     from moemesh.sdk import AsyncMeshClient
 
     up_args = [*MESH_SETUPS[setup], *(["--model", args.model] if args.model else [])]
     prefill = int(up_args[up_args.index("--prefill") + 1])
     decode = int(up_args[up_args.index("--decode") + 1])
-    mesh = MeshProcess(setup, up_args)
+    log = tempfile.NamedTemporaryFile("w", prefix=f"moemesh-bench-{setup}-", suffix=".log", delete=False)
+    mesh: MeshProcess | None = None
     failed = True
+    leftovers: list[int] = []
     try:
         t0 = time.perf_counter()
-        mesh.start(args.ready_timeout)
+        # Free ports only (gRPC and REST): other meshes may run on this host at the same time.
+        mesh = start_mesh(up_args, timeout_s=args.ready_timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                          sink=log)
 
-        async def main() -> tuple[list[dict], dict[int, list[list[int]]], dict | None]:
+        async def main(mesh: MeshProcess) -> tuple[list[dict], dict[int, list[list[int]]], dict | None]:
             client = AsyncMeshClient(mesh.gateway, timeout_s=args.request_timeout)
             try:
                 await wait_registered(client, prefill, decode, args.ready_timeout)
                 print(f"  {setup}: mesh ready in {time.perf_counter() - t0:.1f} s "
-                      f"(gateway {mesh.gateway}; logs {mesh.log.name})", flush=True)
+                      f"(gateway {mesh.gateway}; logs {log.name})", flush=True)
 
                 async def stream(prompt: list[int]) -> AsyncIterator[tuple[list[int], int | None]]:
                     chunks = client.stream(token_ids=prompt, max_tokens=wl.output_len, temperature=0.0,
@@ -465,23 +348,28 @@ def bench_mesh(setup: str, wl: Workload, args: argparse.Namespace
             finally:
                 await client.close()
 
-        result = asyncio.run(main())
+        result = asyncio.run(main(mesh))
         failed = False
         return result
     except (RuntimeError, TimeoutError) as e:
-        raise RuntimeError(f"{e}{mesh.log_tail() if 'moemesh up' not in str(e) else ''}") from None
+        # The launcher's own errors carry the mesh's output already; the benchmark's get its last lines.
+        tail = mesh.output.tail(15) if mesh is not None and "moemesh up" not in str(e) else ""
+        raise RuntimeError(f"{e}{tail}") from None
     finally:
-        leftovers = mesh.stop()
-        if leftovers:
-            print(f"  {setup}: WARNING: processes left after moemesh up stopped, killed: {leftovers}", flush=True)
-        elif mesh.services:
-            print(f"  {setup}: mesh stopped (moemesh up exit code {mesh.proc.returncode}; "
-                  f"{len(mesh.services)} service processes gone)", flush=True)
-        if failed or leftovers or (mesh.proc is not None and mesh.proc.returncode not in (0, None)):
-            print(f"  {setup}: mesh logs kept in {mesh.log.name}", flush=True)
+        if mesh is not None:
+            code = mesh.stop()
+            leftovers = mesh.kill_leftovers()
+            if leftovers:
+                print(f"  {setup}: WARNING: processes left after moemesh up stopped, killed: {leftovers}", flush=True)
+            else:
+                print(f"  {setup}: mesh stopped (moemesh up exit code {code}; "
+                      f"{len(mesh.services)} service processes gone)", flush=True)
+        log.close()
+        if failed or leftovers or (mesh is not None and mesh.proc.returncode not in (0, None)):
+            print(f"  {setup}: mesh logs kept in {log.name}", flush=True)
         else:
             with contextlib.suppress(OSError):
-                os.unlink(mesh.log.name)
+                os.unlink(log.name)
 
 
 # ---- the direct probe: TTFT without the gateway -----------------------------------------------
@@ -499,8 +387,8 @@ async def probe_workers(mesh: MeshProcess, wl: Workload, pd: bool, timeout_s: fl
     from moemesh.sdk.messages import sampling_message
     from moemesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
-    decode_addr = next(a for n, (a, _) in mesh.services.items() if n.startswith("decode"))
-    prefill_addr = next((a for n, (a, _) in mesh.services.items() if n.startswith("prefill")), None)
+    decode_addr = next(r.address for n, r in mesh.services.items() if n.startswith("decode"))
+    prefill_addr = next((r.address for n, r in mesh.services.items() if n.startswith("prefill")), None)
     sampling = sampling_message(max_tokens=wl.output_len, temperature=0.0, ignore_eos=True)
     dch = aio_channel(decode_addr)
     pch = aio_channel(prefill_addr) if pd and prefill_addr else None

@@ -9,22 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 from moemesh.model.config import ModelConfig
-
-
-def _start_kvtransfer() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "moemesh.services.cli.main", "serve", "kvtransfer", "--port", "0"],
-                            stdout=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("kvtransfer listening on "):
-            return proc, line.split()[-1]
-    raise RuntimeError("kvtransfer did not start")
+from moemesh.service.launch import start_service
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +26,9 @@ def run(args: argparse.Namespace) -> int:
     cases = {f"{args.prompt_tokens}-token prompt": args.prompt_tokens,
              "64 MB": 64 * 2**20 // (layers * width * 4)}
     planes = [p for p in args.planes.split(",") if p]
-    proc, target = _start_kvtransfer() if "relay" in planes else (None, None)
+    # The relay's kvtransfer: a real process, waited for until it listens (its output in the error if it does not).
+    kvtransfer = start_service("kvtransfer", ["--port", "0"]) if "relay" in planes else None
+    target = kvtransfer.address if kvtransfer is not None else None
     print(f"rows: {layers} layers x {width} floats per token, float32; median of {args.repeats} rooms", flush=True)
     results = []
     try:
@@ -49,9 +41,8 @@ def run(args: argparse.Namespace) -> int:
                 results.append({"case": name, "plane": r.plane, "bytes": r.nbytes, "gb_s": r.gbps,
                                 "latency_us": r.latency_s * 1e6, "vs_memcpy": r.gbps / base.gbps})
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(10)
+        if kvtransfer is not None:
+            kvtransfer.stop(10)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

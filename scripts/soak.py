@@ -26,9 +26,6 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 PROMPTS = [f"Request {i}: the mesh serves " + "and keeps serving " * (i % 7) for i in range(16)]
 
 
@@ -76,27 +73,30 @@ def main() -> int:
     from moemesh.engine.sampling_params import SamplingParams
     from moemesh.model.default import default_model_dir
     from moemesh.sdk import MeshClient, MeshError
-    from tests.processes.mesh.launch import start_mesh
+    from moemesh.service.launch import ServiceProcess, start_mesh, start_service
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     engine = Engine(EngineConfig(model=str(default_model_dir()), kv_cache_mb=64))
     reference = [c.token_ids for c in engine.generate(PROMPTS, params)]
     del engine
-    mesh = start_mesh("--prefill", "1", "--decode", "2", "--transfer", "relay")
+    mesh = start_mesh(["--prefill", "1", "--decode", "2", "--transfer", "relay"])
     rng = random.Random(args.seed)
     counts: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     lock = threading.Lock()
     stop = threading.Event()
-    replacements: list[subprocess.Popen] = []
+    replacements: list[ServiceProcess] = []
     role_of: dict[int, str] = {}  # replacement pid -> its role
-    kv_addr = mesh.services["kvtransfer"][0]
+    kv_addr = mesh.services["kvtransfer"].address
+    gateway_metrics = mesh.services["gateway"].metrics_address
+    # The mesh's own workers still running: name -> pid.
+    workers = {name: r.pid for name, r in mesh.services.items() if name.startswith(("prefill", "decode"))}
     kills, rss_start, rss_end, migrated = 0, 0.0, 0.0, 0.0
     try:
         time.sleep(2)
         pids = mesh_pids(mesh.proc.pid)
         rss_start = sum(rss_mb(pid) for pid in pids)
-        migrations_start = migrations(mesh.metrics["gateway"])
+        migrations_start = migrations(gateway_metrics)
 
         def client(k: int) -> None:
             with MeshClient(mesh.gateway, timeout_s=args.timeout, retries=0) as c:
@@ -126,22 +126,21 @@ def main() -> int:
             time.sleep(min(args.kill_every, max(end - time.monotonic(), 0)))
             if time.monotonic() >= end:
                 break
-            roles = {pid: n.split("-")[0] for n, (_, pid) in mesh.services.items()
-                     if n.startswith(("prefill", "decode"))}
+            roles = {pid: n.split("-")[0] for n, pid in workers.items()}
             roles.update({r.pid: role_of[r.pid] for r in replacements if r.poll() is None})
             pid = rng.choice(sorted(roles))
             role = roles[pid]
-            name = next((n for n, (_, p) in mesh.services.items() if p == pid), f"replacement {role} {pid}")
+            name = next((n for n, p in workers.items() if p == pid), f"replacement {role} {pid}")
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 continue
             kills += 1
-            mesh.services = {n: v for n, v in mesh.services.items() if v[1] != pid}
-            proc = subprocess.Popen([sys.executable, "-m", "moemesh.services.cli.main", "serve", role, "--port", "0",
-                                     "--metrics-port", "-1", "--gateway", mesh.gateway, "--kvtransfer", kv_addr,
-                                     "--eplb", "", "--procs-per-host", "3"], cwd=ROOT,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            workers = {n: p for n, p in workers.items() if p != pid}
+            # Not waited for: it registers with the gateway once loaded, as a replacement in production would.
+            proc = start_service(role, ["--port", "0", "--metrics-port", "-1", "--gateway", mesh.gateway,
+                                        "--kvtransfer", kv_addr, "--eplb", "", "--procs-per-host", "3"],
+                                 stderr=subprocess.DEVNULL, ready_timeout_s=None)
             role_of[proc.pid] = role
             replacements.append(proc)
             print(f"t={args.duration - (end - time.monotonic()):6.1f}s killed {name} ({role}); "
@@ -151,7 +150,7 @@ def main() -> int:
             t.join(args.timeout + 10)
         pids = mesh_pids(mesh.proc.pid) + [r.pid for r in replacements if r.poll() is None]
         rss_end = sum(rss_mb(pid) for pid in pids)
-        migrated = migrations(mesh.metrics["gateway"]) - migrations_start
+        migrated = migrations(gateway_metrics) - migrations_start
     finally:
         stop.set()
         for r in replacements:

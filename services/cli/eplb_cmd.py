@@ -14,12 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moemesh.services.eplb.policies import POLICIES
+
 if TYPE_CHECKING:
     import torch
 
 EXIT_USAGE = 2
-# moemesh.services.eplb.rebalance.POLICIES, spelled out: importing it would import torch for every `moemesh --help`.
-POLICIES = ("auto", "hierarchical", "global")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_topology(r)
     r.add_argument("--num-physical", type=int, required=True, metavar="P",
                    help="physical expert slots per layer (logical experts + redundant), a multiple of R")
-    r.add_argument("--policy", choices=POLICIES, default="auto",
+    r.add_argument("--policy", choices=POLICIES.names(), default="auto",
                    help="auto: hierarchical when the groups divide evenly over the nodes, else global")
     r.add_argument("--previous", default=None, metavar="PLACEMENT.json",
                    help="the placement in use: keep it where it balances about as well (--tolerance), otherwise "
@@ -59,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_topology(s)
     s.add_argument("--redundant", default="0,8,16,32", metavar="N,N,...",
                    help="redundant slot counts to try (default 0,8,16,32)")
-    s.add_argument("--policy", choices=POLICIES, default="auto")
+    s.add_argument("--policy", choices=POLICIES.names(), default="auto")
     s.add_argument("--png", default=None, metavar="OUT.png", help="also draw the results (needs matplotlib)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     s.set_defaults(func=run_simulate)

@@ -1,7 +1,8 @@
 """`moemesh up`: the whole mesh on this host as processes on loopback (the embedded default).
 
 Starts kvtransfer, eplb, the gateway, then the prefill and decode workers, each its own process
-running `moemesh serve NAME`; prints where each listens once all are ready; on Ctrl-C or SIGTERM
+running `moemesh serve NAME`; prints where each listens once all are ready (and, with --ready-file PATH,
+writes the same as JSON for programs: `moemesh.telemetry.readiness`); on Ctrl-C or SIGTERM
 stops them all, leaving no process behind (children also die with this process: PR_SET_PDEATHSIG).
 
 Locked down: `--api-key` / `--api-key-file` go to the gateway (the key through its environment, not
@@ -12,22 +13,20 @@ every service speak mutual TLS, through the MOEMESH_TLS_* variables every child 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import queue
-import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moemesh.service.launch import die_with_parent
+from moemesh.service.launch import ServiceProcess, start_service
+from moemesh.services.gateway.routers import ROUTERS
+from moemesh.telemetry.readiness import GRPC, HTTP, METRICS, ServiceRecord, table_rows, write_ready_file
+from moemesh.transfer.planes import PLANES
 
-_LISTENING = re.compile(r"^(\w+) listening on (\S+)$")
-_HTTP_LISTENING = re.compile(r"^\w+ http listening on (\S+)$")
-_METRICS = re.compile(r"^\w+ metrics on (\S+)$")
 # --tls-dir's files (cert-manager's and `kubectl create secret tls`'s names) and the variable of each.
 TLS_FILES = {"ca": "ca.crt", "cert": "tls.crt", "key": "tls.key"}
 TLS_ENV = {"ca": "MOEMESH_TLS_CA", "cert": "MOEMESH_TLS_CERT", "key": "MOEMESH_TLS_KEY"}
@@ -45,9 +44,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode", type=int, default=1, help="decode workers")
     p.add_argument("--ep-size", type=int, default=1,
                    help="ranks per prefill/decode instance (an EP group with DP attention; one process each)")
-    p.add_argument("--transfer", default="relay", choices=["ucx", "relay"], help="KV data plane")
+    p.add_argument("--transfer", default="relay", choices=PLANES.names(cross_process=True), help="KV data plane")
+    p.add_argument("--router", default=None, choices=ROUTERS.names(),
+                   help="the gateway's routing policy (default: $MOEMESH_ROUTER if set, else prefix_affinity)")
     p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
     p.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for every service")
+    p.add_argument("--ready-file", default=None, metavar="PATH",
+                   help="once every service is ready, also write the table of services as JSON to PATH (for "
+                        "programs: launchers wait for it); removed when the mesh stops")
     p.add_argument("--api-key", action="append", default=None, metavar="KEY",
                    help="API key the gateway requires on every gRPC and /v1 REST call (repeatable, or "
                         "comma-separated; default: $MOEMESH_API_KEY if set, else none)")
@@ -61,68 +65,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen
-    address: str = ""
-    http_address: str = ""
-    metrics_address: str = ""
-    lines: list[str] = field(default_factory=list)
-    # Every stdout line, read by a thread: select() on a buffered pipe misses lines already read ahead,
-    # and an unread pipe would block the child once full.
-    queue: queue.Queue = field(default_factory=queue.Queue)
-
-    def pump(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-            m = _METRICS.match(line.strip())
-            if m:  # printed right after the listening line: known by the time the table is printed
-                self.metrics_address = m.group(1)
-            self.queue.put(line.strip())
-        self.queue.put(None)  # end of output: the child exited
-
-    def wait_line(self, pattern: re.Pattern, deadline: float, what: str) -> re.Match:
-        """The first stdout line matching `pattern`, waiting until `deadline` (time.monotonic())."""
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{self.name} not ready in time ({what})")
-            try:
-                line = self.queue.get(timeout=min(left, 0.5))
-            except queue.Empty:
-                continue
-            if line is None:
-                raise RuntimeError(f"{self.name} exited with code {self.proc.wait()} before {what}")
-            m = pattern.match(line)
-            if m:
-                return m
-
-
-
 class Mesh:
+    """`moemesh up`'s children in start order, each one's stdout (its readiness lines) read by a thread."""
+
     def __init__(self, host: str) -> None:
         self.host = host
-        self.children: list[Child] = []
+        self.children: list[ServiceProcess] = []
 
-    def start(self, name: str, service: str, args: list[str], env: dict[str, str]) -> Child:
-        cmd = [sys.executable, "-m", "moemesh.services.cli.main", "serve", service, "--host", self.host, *args]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env,
-                                preexec_fn=die_with_parent)
-        child = Child(name, proc)
-        threading.Thread(target=child.pump, name=f"stdout-{name}", daemon=True).start()
+    def start(self, name: str, service: str, args: list[str], env: dict[str, str]) -> ServiceProcess:
+        # stderr stays this process's: every service's logs reach the terminal.
+        child = start_service(service, ["--host", self.host, *args], name=name, env=env, stderr=None,
+                              ready_timeout_s=None)
         self.children.append(child)
         return child
 
-    def wait_ready(self, children: list[Child], deadline: float) -> None:
+    def wait_ready(self, children: list[ServiceProcess], deadline: float) -> None:
         """Wait for each child's `NAME listening on ADDR` line."""
         for c in children:
-            if not c.address:
-                c.address = c.wait_line(_LISTENING, deadline, "it was ready").group(2)
+            c.wait_ready(GRPC, deadline=deadline)
 
-    def wait_http(self, child: Child, deadline: float) -> None:
+    def wait_http(self, child: ServiceProcess, deadline: float) -> None:
         """Wait for `child`'s `NAME http listening on ADDR` line (printed after its gRPC one)."""
-        child.http_address = child.wait_line(_HTTP_LISTENING, deadline, "its REST API was ready").group(1)
+        child.wait_ready(HTTP, deadline=deadline)
+
+    def records(self) -> list[ServiceRecord]:
+        """One per child, from its readiness lines. A metrics line follows its gRPC line at once: by the time
+        the workers registered with the gateway, every one was read."""
+        out = []
+        for c in self.children:
+            a = c.addresses()
+            out.append(ServiceRecord(c.name, c.pid, a.get(GRPC, ""), a.get(HTTP, ""), a.get(METRICS, "")))
+        return out
 
     def stop(self, timeout_s: float = 15) -> None:
         # Workers first (they deregister), then the services they talk to.
@@ -137,7 +110,7 @@ class Mesh:
                 c.proc.kill()
                 c.proc.wait()
 
-    def exited(self) -> list[Child]:
+    def exited(self) -> list[ServiceProcess]:
         return [c for c in self.children if c.proc.poll() is not None]
 
 
@@ -171,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
         eplb = mesh.start("eplb", "eplb", ["--port", "0", *metrics], env)
         mesh.wait_ready([kv], deadline)
         gw_args = ["--port", str(args.grpc_port), "--http-port", str(args.http_port), "--kvtransfer", kv.address,
-                   *metrics] + (["--model", args.model] if args.model else [])
+                   *metrics] + (["--model", args.model] if args.model else []) + (
+                      ["--router", args.router] if args.router else [])
         gateway = mesh.start("gateway", "gateway", gw_args, {**env, **client.gateway_env})
         mesh.wait_ready([gateway, eplb], deadline)
         if args.http_port != -1:
@@ -186,7 +160,10 @@ def run(args: argparse.Namespace) -> int:
         # find no prefill worker and run colocated. Every rank of an EP group is a worker.
         _wait_registered(gateway.address, args.prefill * args.ep_size, args.decode * args.ep_size, deadline,
                          client)
-        print(_table(mesh, args, client), flush=True)
+        records = mesh.records()
+        print(_table(records, args, client), flush=True)
+        if args.ready_file:  # after the table: a launcher that sees the file finds the table in the output too
+            write_ready_file(args.ready_file, records)
         reported: set[str] = set()
         while not stopping:
             for dead in mesh.exited():
@@ -207,11 +184,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"moemesh up: {e}", file=sys.stderr)
         return 1
     finally:
+        if args.ready_file:  # a mesh that stopped is not ready
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(args.ready_file)
         mesh.stop()
 
 
 def _start_instance(mesh: Mesh, role: str, index: int, ep_size: int, common: list[str], env: dict[str, str]
-                    ) -> list[Child]:
+                    ) -> list[ServiceProcess]:
     """One prefill or decode instance: a single worker, or an EP group of `ep_size` rank processes."""
     name = f"{role}-{index}"
     if ep_size == 1:
@@ -281,7 +261,7 @@ def _wait_registered(gateway: str, prefill: int, decode: int, deadline: float,
             time.sleep(0.1)
 
 
-def _table(mesh: Mesh, args: argparse.Namespace, security: ClientSecurity | None = None) -> str:
+def _table(records: list[ServiceRecord], args: argparse.Namespace, security: ClientSecurity | None = None) -> str:
     security = security or ClientSecurity()
     mode = "colocated (decode prefills)" if args.prefill == 0 else f"disaggregated, KV over {args.transfer}"
     if args.ep_size > 1:
@@ -290,14 +270,8 @@ def _table(mesh: Mesh, args: argparse.Namespace, security: ClientSecurity | None
         mode += "; mutual TLS"
     if security.api_key:
         mode += "; API key required"
-    rows = [f"moemesh is up: {mode}", f"  {'service':<14} {'address':<22} pid"]
-    for c in mesh.children:
-        rows.append(f"  {c.name:<14} {c.address:<22} {c.proc.pid}")
-        if c.http_address:
-            rows.append(f"  {c.name + '-http':<14} {c.http_address:<22} {c.proc.pid}")
-        if c.metrics_address:
-            rows.append(f"  {c.name + '-metrics':<14} {c.metrics_address:<22} {c.proc.pid}")
-    gateway = mesh.children[2]
+    rows = [f"moemesh is up: {mode}", *table_rows(records)]
+    gateway = next(r for r in records if r.name == "gateway")
     # Never the key itself in the hint: the table ends up in terminals and logs.
     tls = "".join(f", tls_{name}='{path}'" for name, path in security.tls.items())
     key_note = " (with MOEMESH_API_KEY set)" if security.api_key else ""

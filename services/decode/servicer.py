@@ -26,7 +26,7 @@ from moemesh.telemetry import metrics
 from moemesh.telemetry.logs import request_log_context
 from moemesh.telemetry.requests import RequestTelemetry
 from moemesh.transfer.base import KvReceiver, TransferError
-from moemesh.transfer.registry import plane_to_proto
+from moemesh.transfer.planes import plane_to_proto
 from moemesh.v1 import decode_pb2, decode_pb2_grpc, kvtransfer_pb2, kvtransfer_pb2_grpc
 from moemesh.worker.kvtransfer_client import report_room_failed
 from moemesh.worker.runtime import Worker, WorkerServicer
@@ -106,7 +106,7 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
         try:
             await self.kv.RegisterReceiver(kvtransfer_pb2.RegisterReceiverRequest(
                 protocol_version=PROTOCOL_VERSION, room_id=room, request_id=rid, layout=self.layout,
-                data_plane=plane_to_proto(self.receiver.plane), data_plane_address=self.receiver.address,
+                data_plane=plane_to_proto(plane), data_plane_name=plane, data_plane_address=self.receiver.address,
                 num_tokens=num_tokens, lease_ms=int(timeout_s * 1000)), timeout=10)
             t0 = time.perf_counter()
             recv = asyncio.ensure_future(self.receiver.receive(

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from moemesh.service.config import apply_env_defaults
 from moemesh.service.server import GrpcServer, announce, install_signal_handlers, run_service
 from moemesh.service.tls import add_tls_arguments
+from moemesh.services.eplb.policies import POLICIES
 from moemesh.telemetry.metrics import announce_metrics
 from moemesh.telemetry.setup import add_telemetry_arguments
 from moemesh.v1 import eplb_pb2_grpc
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="move experts only when the mean balancedness rises by at least this much")
     p.add_argument("--rebalance-min-tokens", type=int, default=1000,
                    help="routed (token, expert) pairs a group's window needs before a decision")
-    p.add_argument("--policy", default="auto", choices=["auto", "hierarchical", "global"],
+    p.add_argument("--policy", default="auto", choices=POLICIES.names(),
                    help="placement algorithm (auto: hierarchical when expert groups divide over the nodes)")
     add_tls_arguments(p)  # applied by run_service
     add_telemetry_arguments(p, DEFAULT_METRICS_PORT)
@@ -58,7 +59,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
     await server.start()
     await server.set_serving(True)
     decisions = asyncio.create_task(servicer.run(min(1.0, args.rebalance_period_s)), name="eplb-decisions")
-    announce(f"eplb listening on {server.address}")
+    announce("eplb", server.address)
     announce_metrics()
     if ready is not None:
         ready.set()

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moemesh.services.gateway.admission import AdmissionConfig
+from moemesh.services.gateway.routers import DEFAULT_ROUTER, ROUTERS
 
 # The embedded tiny model has no folder name worth showing to clients.
 DEFAULT_MODEL_NAME = "moemesh-tiny"
@@ -36,6 +37,7 @@ class GatewayConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     kvtransfer: str | None = None  # watched: while it is away, requests run colocated (None: not watched)
     max_migrations: int = 2        # times one request may move on after the workers serving it failed
+    router: str = DEFAULT_ROUTER   # the routing policy, a name registered in routers.py
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -60,6 +62,8 @@ class GatewayConfig:
             raise ValueError(f"max_model_len must be > 0, got {self.max_model_len}")
         if self.model_name is not None and not self.model_name.strip():
             raise ValueError("model_name must not be blank")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
 
     @property
     def served_model_name(self) -> str:

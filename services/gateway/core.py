@@ -35,7 +35,7 @@ from moemesh.services.gateway.inputs import PreparedRequest, check_model, prepar
 from moemesh.services.gateway.model import ServedModel
 from moemesh.services.gateway.pd_health import KvTransferHealth
 from moemesh.services.gateway.registry import DECODE, PREFILL, WorkerRegistry
-from moemesh.services.gateway.router import Route, Router
+from moemesh.services.gateway.router import PrefixAffinityRouter, Route, Router
 from moemesh.telemetry import metrics
 from moemesh.telemetry.logs import request_log_context
 from moemesh.telemetry.tracing import end_span, tracer
@@ -65,7 +65,7 @@ class GatewayCore:
             decode_workers=lambda: registry.workers(DECODE))
         self.pd_health = pd_health
         self.registry = registry
-        self.router = router if router is not None else Router()
+        self.router = router if router is not None else PrefixAffinityRouter()
         self.default_timeout_s = default_timeout_s
         self.aborts = AbortSender(registry)
         self.num_in_flight = 0

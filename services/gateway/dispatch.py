@@ -1,10 +1,41 @@
 """One request's fan-out: decode and prefill called at once with a shared room, decode's stream relayed.
 
-As in SGLang's PD router, the gateway does not sequence the two sides: the decode worker reserves
-pages and waits for the room's KV, the prefill worker computes and pushes it, and the decode stream
-carries every token (the first one included). The gateway only watches both calls: a failed prefill
-ends the request at once (the decode side would otherwise wait for KV until its deadline), and a
-request that ends abnormally is cancelled and aborted on both workers.
+A request's lifecycle, hop by hop: where it is, which file holds that step, and the state it is in.
+(Engine states are `moemesh.engine.request.RequestStatus`; room states are kvtransfer's `RoomState`, polled
+by both workers: BOOTSTRAPPING -> WAITING_FOR_INPUT -> TRANSFERRING -> SUCCESS | FAILED.)
+
+ 1. Edge. REST `POST /v1/chat/completions` (services/gateway/rest/chat.py) or gRPC `Gateway.Generate`
+    (services/gateway/servicer.py) -> `GatewayCore.open` (core.py): the chat template and tokenization
+    (inputs.py), validation, a request id and a deadline. Errors here are 4xx / INVALID_ARGUMENT before any
+    stream exists.
+ 2. Route. The router policy (router.py; `--router`, default prefix_affinity) picks a decode worker (most
+    free KV pages, fewest running) and a prefill worker (prefix-cache affinity, then shortest queue) among
+    the registered, healthy, layout-compatible ones (registry.py, fed by the workers' heartbeats). No prefill
+    worker, or kvtransfer away (pd_health.py): the decode worker runs the request colocated (no room).
+ 3. Admission. `Admission.acquire` (admission.py): bounded in-flight requests and KV pages, else
+    RESOURCE_EXHAUSTED with a retry hint.
+ 4. Fan-out (this file, `Exchange.run`). A fresh room id; `Decode.Generate` and `Prefill.Prefill` are sent
+    at once with that room and one worker-side request id. The gateway does not sequence the two sides.
+ 5. Decode reserves (services/decode/servicer.py -> `Engine.reserve`): the request waits for pages
+    (RESERVING), then registers the room's receiver at kvtransfer (`RegisterReceiver`: its data-plane
+    address, KV layout, token count; room WAITING_FOR_INPUT) and waits for the KV (TRANSFERRING).
+ 6. Prefill computes (services/prefill/servicer.py -> `Engine.prefill`): chunked prefill over its own paged
+    cache (PREFILLING, then HELD after sampling the first token), resolving the room's receiver at kvtransfer
+    meanwhile (`ResolveReceiver`: layouts checked field by field; room TRANSFERRING).
+ 7. KV handoff (shared/transfer/: the data plane chosen by the receiver, UCX or the kvtransfer relay): each
+    prefill chunk's KV rows go out as soon as they are computed, CRC-checked, written straight into the
+    decode worker's reserved pages (`Engine.write_kv`); the last chunk carries the first token.
+ 8. Decode runs: the receiver reports SUCCESS, the engine commits the first token (RUNNING) and the request
+    joins the continuous batch; each step's tokens stream back as `DecodeResponse`s, relayed here to the
+    client (core.py adds usage, metrics and the finish reason). The prefill worker frees its pages.
+ 9. End. A finish reason ends both calls. A client cancel, a deadline or a failure of either side cancels
+    and aborts the request on both workers (`AbortSender`); either side reports a failed room so the other
+    stops waiting, and leases end what nobody reports. A worker that dies or breaks its stream mid-request:
+    the request migrates (core.py `_migration_route`) to another pair with the tokens already streamed.
+
+As in SGLang's PD router, the gateway only watches both calls: a failed prefill ends the attempt at once
+(the decode side would otherwise wait for KV until its deadline), and an attempt that ends abnormally is
+cancelled and aborted on both workers.
 """
 
 from __future__ import annotations

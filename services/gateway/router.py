@@ -1,22 +1,28 @@
-"""Choosing the decode and prefill worker of a request: pure logic over registry entries.
+"""Choosing the decode and prefill worker of a request: pure logic over registry entries, one policy per
+`--router` choice (registered by name in `routers.py`).
 
-Decode: the routable worker with the most free KV pages (reported, less what was sent since), then
-the fewest running plus in-flight requests. Prefill: among routable workers whose KV layout matches
-the chosen decode worker's, the one that served the longest matching prompt prefix before (its radix
-cache likely still holds it) unless its queue is much longer than the shortest; else the shortest
-queue. Layouts must match exactly (model fingerprint, page size, dtype, widths), since KV pages are
-copied as raw rows.
+Every policy routes only to routable workers whose context fits the prompt, and pairs a prefill worker with
+a decode worker only when their KV layouts match exactly (model fingerprint, page size, dtype, widths), since
+KV pages are copied as raw rows; with no usable prefill worker the route is colocated. They differ in order:
+- prefix_affinity (the default): decode by most free KV pages (reported, less what was sent since), then the
+  fewest running plus in-flight requests; prefill by the longest matching prompt prefix served before (its
+  radix cache likely still holds it) unless its queue is much longer than the shortest, else the shortest queue.
+- least_load: decode as above; prefill by the shortest queue alone.
+- round_robin: each request takes the next worker in turn (by worker id), decode and prefill alike.
 """
 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from moemesh.service.errors import Unavailable
 from moemesh.services.gateway.registry import WorkerEntry
+from moemesh.services.gateway.routers import ROUTERS
+from moemesh.transfer.layout import KvLayout
 from moemesh.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -39,8 +45,8 @@ class Route:
 
 
 def kv_compatible(a: common_pb2.KvLayout, b: common_pb2.KvLayout) -> bool:
-    """True when KV pages of layout `a` can be copied into pages of layout `b` as they are."""
-    return a == b
+    """True when KV pages of layout `a` (as registered) can be copied into pages of layout `b` as they are."""
+    return KvLayout.from_proto(a).compatible(KvLayout.from_proto(b))
 
 
 def fits(worker: WorkerEntry, prompt_len: int) -> bool:
@@ -96,13 +102,10 @@ def decode_order(worker: WorkerEntry) -> tuple[int, int, int, str]:
             worker.load.num_waiting_requests, worker.worker_id)
 
 
-class Router:
-    """Picks a Route for each request; remembers prefix affinity between calls."""
+class Router(ABC):
+    """Picks a Route for each request: the rules every policy keeps; subclasses choose the order."""
 
-    def __init__(self, affinity: PrefixAffinity | None = None,
-                 max_affinity_imbalance: int = AFFINITY_MAX_IMBALANCE) -> None:
-        self.affinity = affinity if affinity is not None else PrefixAffinity()
-        self.max_affinity_imbalance = max_affinity_imbalance
+    name: str  # its --router choice
 
     def route(self, decode_workers: Sequence[WorkerEntry], prefill_workers: Sequence[WorkerEntry],
               prompt: Sequence[int]) -> Route:
@@ -113,7 +116,7 @@ class Router:
         """
         if not decode_workers:
             raise Unavailable("no decode workers registered")
-        decodes = sorted((d for d in decode_workers if d.routable and fits(d, len(prompt))), key=decode_order)
+        decodes = self.order_decodes([d for d in decode_workers if d.routable and fits(d, len(prompt))])
         if not decodes:
             raise Unavailable(f"no decode worker can take a request now: {_why_not(decode_workers, len(prompt))}")
         if not prefill_workers:
@@ -131,10 +134,34 @@ class Router:
             "no prefill worker has a KV layout compatible with any decode worker (model fingerprint, "
             f"page size, dtype and widths must match): decode {_layouts(decodes)}; prefill {_layouts(prefills)}")
 
+    def order_decodes(self, candidates: list[WorkerEntry]) -> list[WorkerEntry]:
+        """The routable decode workers that fit, best first (the first one with a compatible prefill wins)."""
+        return sorted(candidates, key=decode_order)
+
+    @abstractmethod
+    def choose_prefill(self, candidates: Sequence[WorkerEntry], prompt: Sequence[int]) -> WorkerEntry:
+        """One of `candidates` (routable, fitting, layout-compatible with the chosen decode; never empty)."""
+
+
+def shortest_queue(candidates: Sequence[WorkerEntry]) -> WorkerEntry:
+    """The worker with the fewest waiting + running + in-flight requests, then the lowest id."""
+    return min(candidates, key=lambda p: (p.queue_len, p.worker_id))
+
+
+class PrefixAffinityRouter(Router):
+    """Prefix-cache affinity for prefill (within an imbalance bound), load for decode; remembers its choices."""
+
+    name = "prefix_affinity"
+
+    def __init__(self, affinity: PrefixAffinity | None = None,
+                 max_affinity_imbalance: int = AFFINITY_MAX_IMBALANCE) -> None:
+        self.affinity = affinity if affinity is not None else PrefixAffinity()
+        self.max_affinity_imbalance = max_affinity_imbalance
+
     def choose_prefill(self, candidates: Sequence[WorkerEntry], prompt: Sequence[int]) -> WorkerEntry:
         """Prefix affinity within the imbalance bound, else the shortest queue; remembers the choice."""
         keys = self.affinity.keys(prompt)
-        shortest = min(candidates, key=lambda p: (p.queue_len, p.worker_id))
+        shortest = shortest_queue(candidates)
         chosen = shortest
         by_id = {p.worker_id: p for p in candidates}
         for owner in self.affinity.owners(keys):
@@ -144,6 +171,45 @@ class Router:
                 break
         self.affinity.remember(keys, chosen.worker_id)
         return chosen
+
+
+class LeastLoadRouter(Router):
+    """Load alone: decode by free KV pages then running requests, prefill by the shortest queue."""
+
+    name = "least_load"
+
+    def choose_prefill(self, candidates: Sequence[WorkerEntry], prompt: Sequence[int]) -> WorkerEntry:
+        return shortest_queue(candidates)
+
+
+class RoundRobinRouter(Router):
+    """Each request the next routable, compatible worker in worker-id order, decode and prefill each in turn."""
+
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        # Requests routed so far, per role: the turn survives workers joining and leaving.
+        self._decode_turn = 0
+        self._prefill_turn = 0
+
+    def order_decodes(self, candidates: list[WorkerEntry]) -> list[WorkerEntry]:
+        ordered = sorted(candidates, key=lambda w: w.worker_id)
+        if not ordered:
+            return ordered
+        start = self._decode_turn % len(ordered)
+        self._decode_turn += 1
+        return ordered[start:] + ordered[:start]
+
+    def choose_prefill(self, candidates: Sequence[WorkerEntry], prompt: Sequence[int]) -> WorkerEntry:
+        ordered = sorted(candidates, key=lambda w: w.worker_id)
+        chosen = ordered[self._prefill_turn % len(ordered)]
+        self._prefill_turn += 1
+        return chosen
+
+
+def make_router(name: str) -> Router:
+    """A fresh router of the policy `name` (see `routers.py`); ValueError listing the choices for another."""
+    return ROUTERS.load(name)()
 
 
 def _why_not(workers: Sequence[WorkerEntry], prompt_len: int) -> str:

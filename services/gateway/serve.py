@@ -20,8 +20,11 @@ from moemesh.services.gateway.model import ServedModel, load_served_model
 from moemesh.services.gateway.pd_health import KvTransferHealth
 from moemesh.services.gateway.registry import DECODE, WorkerRegistry
 from moemesh.services.gateway.rest import HttpServer, rest_server
+from moemesh.services.gateway.router import make_router
+from moemesh.services.gateway.routers import ROUTERS
 from moemesh.services.gateway.servicer import GatewayServicer, WorkerRegistryServicer
 from moemesh.telemetry import add_telemetry_arguments, announce_metrics, setup_telemetry
+from moemesh.telemetry.readiness import HTTP
 from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -85,7 +88,8 @@ async def start_gateway(cfg: GatewayConfig) -> GatewayApp:
     pd_health = KvTransferHealth(cfg.kvtransfer) if cfg.kvtransfer else None
     if pd_health is not None:
         await pd_health.start()
-    core = GatewayCore(model, registry, default_timeout_s=cfg.default_request_timeout_s,
+    core = GatewayCore(model, registry, router=make_router(cfg.router),
+                       default_timeout_s=cfg.default_request_timeout_s,
                        admission=Admission(cfg.admission, lambda: registry.workers(DECODE)), pd_health=pd_health,
                        max_migrations=cfg.max_migrations)
     keys = parse_api_keys(cfg.api_key)
@@ -123,9 +127,9 @@ async def serve(cfg: GatewayConfig, ready: asyncio.Event | Callable[[GatewayApp]
         install_signal_handlers(stop)
     app = await start_gateway(cfg)
     try:
-        announce(f"gateway listening on {app.address}")
+        announce("gateway", app.address)
         if app.http_address is not None:
-            announce(f"gateway http listening on {app.http_address}")
+            announce("gateway", app.http_address, HTTP)
         announce_metrics()
         log.info("serving model %s (context %d tokens) from %s", app.model.name, app.model.max_model_len,
                  app.model.path)
@@ -158,6 +162,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-migrations", type=int, default=d.max_migrations,
                         help="times one request may continue on other workers after the ones serving it "
                              "failed (default: %(default)s)")
+    parser.add_argument("--router", default=d.router, choices=ROUTERS.names(),
+                        help="routing policy: prefix_affinity (prefill by prefix-cache affinity, then shortest "
+                             "queue; decode by free KV pages), least_load (load only), round_robin (in turn) "
+                             "(default: %(default)s)")
     parser.add_argument("--kvtransfer", default="127.0.0.1:50060",
                         help="kvtransfer address, watched: while it is unreachable requests run colocated "
                              "('' = not watched)")
@@ -200,7 +208,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         heartbeat_interval_ms=args.heartbeat_interval_ms, heartbeat_timeout_ms=args.heartbeat_timeout_ms,
         default_request_timeout_s=args.request_timeout_s, max_model_len=args.max_model_len,
         http_port=None if args.http_port == -1 else args.http_port, api_key=",".join(keys) or None,
-        admission=admission_config(args), kvtransfer=args.kvtransfer or None, max_migrations=args.max_migrations)
+        admission=admission_config(args), kvtransfer=args.kvtransfer or None, max_migrations=args.max_migrations,
+        router=args.router)
 
 
 def run(args: argparse.Namespace) -> int:

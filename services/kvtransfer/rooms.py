@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import enum
 import heapq
 import itertools
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 
 from moemesh.services.kvtransfer.errors import KvTransferError, Reason
 from moemesh.services.kvtransfer.waits import Notifier
+from moemesh.transfer.layout import KvLayout
 
 log = logging.getLogger(__name__)
 
@@ -63,33 +63,11 @@ class Side(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Layout:
-    """A worker's KV cache layout; sender and receiver must agree on every field."""
-
-    model_fingerprint: str
-    num_layers: int
-    page_size_tokens: int
-    kv_lora_rank: int
-    qk_rope_head_dim: int
-    dtype: str
-
-
-def layout_differences(sender: Layout, receiver: Layout) -> list[str]:
-    """One line per field where the layouts differ, naming the field and both values."""
-    out = []
-    for f in dataclasses.fields(Layout):
-        s, r = getattr(sender, f.name), getattr(receiver, f.name)
-        if s != r:
-            out.append(f"{f.name}: sender {s!r}, receiver {r!r}")
-    return out
-
-
-@dataclass(frozen=True)
 class Receiver:
     """What the decode side registered: where the room's KV goes and what it expects."""
 
-    layout: Layout
-    data_plane: int  # opaque here: the proto's DataPlane number
+    layout: KvLayout
+    data_plane: str  # the plane's registered name ("relay"), opaque here
     address: str
     num_tokens: int
     request_id: str = ""
@@ -118,7 +96,7 @@ class _Room:
         self.lease_ms = lease_ms
         self.deadline_s = now_s + lease_ms / 1000
         self.receiver: Receiver | None = None
-        self.sender_layout: Layout | None = None
+        self.sender_layout: KvLayout | None = None
         self.error = ""
         self.failure: KvTransferError | None = None
         self.ended_s = 0.0
@@ -225,7 +203,7 @@ class RoomRegistry:
         log.debug("room %s: receiver registered (request %s)", room_id, receiver.request_id)
         return room.state
 
-    async def resolve_receiver(self, room_id: str, layout: Layout, wait_ms: int = 0,
+    async def resolve_receiver(self, room_id: str, layout: KvLayout, wait_ms: int = 0,
                                lease_ms: int = 0) -> tuple[RoomState, Receiver]:
         """The prefill side asks where to send; returns (TRANSFERRING, the receiver).
 
@@ -406,7 +384,7 @@ class RoomRegistry:
 
     def _check_layouts(self, room: _Room) -> None:
         assert room.receiver is not None and room.sender_layout is not None
-        diffs = layout_differences(room.sender_layout, room.receiver.layout)
+        diffs = room.sender_layout.differences(room.receiver.layout)
         if diffs:
             failure = KvTransferError(
                 Reason.INCOMPATIBLE,

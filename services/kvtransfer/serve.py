@@ -79,7 +79,7 @@ async def serve(cfg: KvTransferConfig, ready: asyncio.Event | None = None,
         svc = KvTransferService(cfg)
         await svc.start()
         try:
-            announce(f"kvtransfer listening on {svc.address}")
+            announce("kvtransfer", svc.address)
             announce_metrics()
             if ready is not None:
                 ready.set()

@@ -52,7 +52,7 @@ class KvTransferService:
         self._sweeper = asyncio.create_task(self.rooms.run_sweeper(self.cfg.sweep_interval_s),
                                             name="kvtransfer-sweeper")
         await self.server.set_serving(True)
-        log.info("kvtransfer listening on %s", self.address)
+        log.info("kvtransfer serving on %s", self.address)
         return port
 
     async def stop(self) -> None:

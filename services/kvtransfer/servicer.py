@@ -24,9 +24,11 @@ from moemesh.service.version import check_protocol_version
 from moemesh.services.kvtransfer.errors import KvTransferError, Reason
 from moemesh.services.kvtransfer.limits import check_id, clip
 from moemesh.services.kvtransfer.relay import Relay
-from moemesh.services.kvtransfer.rooms import Layout, Receiver, RoomRegistry, RoomState, RoomStatus, Side
+from moemesh.services.kvtransfer.rooms import Receiver, RoomRegistry, RoomState, RoomStatus, Side
 from moemesh.telemetry import metrics
 from moemesh.telemetry.tracing import record_span, tracer
+from moemesh.transfer.layout import KvLayout
+from moemesh.transfer.planes import PLANES, plane_from_proto, plane_to_proto
 from moemesh.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc
 
 # One status code per refusal reason.
@@ -54,21 +56,12 @@ def _mapped() -> Iterator[None]:
         raise STATUS_OF[e.reason](str(e)) from None
 
 
-def layout_from_proto(msg: common_pb2.KvLayout) -> Layout:
-    """The registry's layout from the proto's, with the dtype by name (for readable mismatch messages)."""
-    dtype = _enum_name(common_pb2.KvDtype, msg.dtype)
-    return Layout(model_fingerprint=msg.model_fingerprint, num_layers=msg.num_layers,
-                  page_size_tokens=msg.page_size_tokens, kv_lora_rank=msg.kv_lora_rank,
-                  qk_rope_head_dim=msg.qk_rope_head_dim, dtype=dtype)
-
-
 def _enum_name(enum: Any, value: int) -> str:
     return enum.Name(value) if value in enum.values() else str(value)
 
 
-# What a layout and a receiver's registration may name (UNSPECIFIED is a field left unset, not a choice).
+# What a layout may name (UNSPECIFIED is a field left unset, not a choice).
 _KV_DTYPES = tuple(v for v in common_pb2.KvDtype.values() if v != common_pb2.KV_DTYPE_UNSPECIFIED)
-_DATA_PLANES = tuple(v for v in kvtransfer_pb2.DataPlane.values() if v != kvtransfer_pb2.DATA_PLANE_UNSPECIFIED)
 
 
 def _require(room_id: str) -> str:
@@ -76,7 +69,7 @@ def _require(room_id: str) -> str:
         return check_id("room_id", room_id)
 
 
-def _layout(request: kvtransfer_pb2.RegisterReceiverRequest | kvtransfer_pb2.ResolveReceiverRequest) -> Layout:
+def _layout(request: kvtransfer_pb2.RegisterReceiverRequest | kvtransfer_pb2.ResolveReceiverRequest) -> KvLayout:
     """The request's layout, refused (INVALID_ARGUMENT) when missing or not a layout any worker has."""
     if not request.HasField("layout"):
         raise errors.InvalidArgument("layout is required")
@@ -90,7 +83,7 @@ def _layout(request: kvtransfer_pb2.RegisterReceiverRequest | kvtransfer_pb2.Res
     for name in ("num_layers", "page_size_tokens", "kv_lora_rank"):
         if getattr(msg, name) < 1:
             raise errors.InvalidArgument(f"layout.{name} must be at least 1")
-    return layout_from_proto(msg)
+    return KvLayout.from_proto(msg)
 
 
 def _side_of(context: grpc.aio.ServicerContext) -> Side | None:
@@ -108,11 +101,24 @@ def _status_to_proto(s: RoomStatus) -> kvtransfer_pb2.RoomStatus:
     return kvtransfer_pb2.RoomStatus(room_id=s.room_id, state=int(s.state), error=s.error)
 
 
-def plane_name(data_plane: int) -> str:
-    """"relay" for DATA_PLANE_RELAY (metric labels), "unknown" for values this build does not know."""
-    if data_plane in kvtransfer_pb2.DataPlane.values():
-        return kvtransfer_pb2.DataPlane.Name(data_plane).removeprefix("DATA_PLANE_").lower()
-    return "unknown"
+def _plane(request: kvtransfer_pb2.RegisterReceiverRequest) -> str:
+    """The receiver's plane by name: data_plane_name, else the enum (receivers that predate the name).
+
+    Refused (INVALID_ARGUMENT) when neither names a registered plane or the two disagree: the sender would be
+    told to use a plane it cannot know, so the cause is reported here.
+    """
+    with _mapped():
+        check_id("data_plane_name", request.data_plane_name, required=False)
+    try:
+        return plane_from_proto(request.data_plane, request.data_plane_name)
+    except ValueError as e:
+        if request.data_plane_name:
+            raise errors.InvalidArgument(f"data_plane_name: {e}") from None
+    listed = [kvtransfer_pb2.DataPlane.Name(v) for v in map(plane_to_proto, PLANES) if v]
+    given = _enum_name(kvtransfer_pb2.DataPlane, request.data_plane)
+    raise errors.InvalidArgument(
+        f"data_plane must be one of {', '.join(listed)}, not {given} "
+        f"(or data_plane_name one of {', '.join(PLANES)})")
 
 
 @dataclass
@@ -160,20 +166,16 @@ class KvTransferServicer(kvtransfer_pb2_grpc.KvTransferServicer):
         check_protocol_version(request.protocol_version, "the KV receiver")
         room_id = _require(request.room_id)
         layout = _layout(request)
-        if request.data_plane not in _DATA_PLANES:
-            # The sender would be told to use a plane it cannot know; refuse it here, where the cause is.
-            raise errors.InvalidArgument(
-                f"data_plane must be one of {', '.join(map(kvtransfer_pb2.DataPlane.Name, _DATA_PLANES))}, "
-                f"not {_enum_name(kvtransfer_pb2.DataPlane, request.data_plane)}")
+        plane = _plane(request)
         with _mapped():
             check_id("data_plane_address", request.data_plane_address, required=False)
             check_id("request_id", request.request_id, required=False)
-        receiver = Receiver(layout=layout, data_plane=request.data_plane, address=request.data_plane_address,
+        receiver = Receiver(layout=layout, data_plane=plane, address=request.data_plane_address,
                             num_tokens=request.num_tokens, request_id=request.request_id)
         with _mapped():
             state = self.rooms.register_receiver(room_id, receiver, lease_ms=request.lease_ms)
         if not state.terminal:
-            self._room(room_id).plane = plane_name(request.data_plane)
+            self._room(room_id).plane = plane
         return kvtransfer_pb2.RegisterReceiverResponse(state=int(state))
 
     async def ResolveReceiver(self, request: kvtransfer_pb2.ResolveReceiverRequest,
@@ -188,12 +190,12 @@ class KvTransferServicer(kvtransfer_pb2_grpc.KvTransferServicer):
                 room_id, layout, wait_ms=request.wait_ms, lease_ms=request.lease_ms)
         if not state.terminal:
             info = self._room(room_id)
-            info.plane = plane_name(receiver.data_plane)
+            info.plane = receiver.data_plane
             info.transfer_start_ns = info.transfer_start_ns or time.monotonic_ns()
             info.sender_context = sender_context
         return kvtransfer_pb2.ResolveReceiverResponse(
-            state=int(state), data_plane=receiver.data_plane, data_plane_address=receiver.address,
-            num_tokens=receiver.num_tokens)
+            state=int(state), data_plane=plane_to_proto(receiver.data_plane), data_plane_address=receiver.address,
+            num_tokens=receiver.num_tokens, data_plane_name=receiver.data_plane)
 
     async def ReportTransfer(self, request: kvtransfer_pb2.ReportTransferRequest,
                              context: grpc.aio.ServicerContext) -> kvtransfer_pb2.ReportTransferResponse:

@@ -25,7 +25,7 @@ from moemesh.telemetry.logs import request_log_context
 from moemesh.telemetry.requests import RequestTelemetry
 from moemesh.telemetry.tracing import tracer
 from moemesh.transfer.base import FirstToken, KvSender, RowBlock, TransferError
-from moemesh.transfer.registry import plane_from_proto
+from moemesh.transfer.planes import plane_from_proto
 from moemesh.v1 import kvtransfer_pb2, kvtransfer_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from moemesh.worker.kvtransfer_client import report_room_failed
 from moemesh.worker.runtime import Worker, WorkerServicer
@@ -114,7 +114,7 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
             resolved = await self.kv.ResolveReceiver(kvtransfer_pb2.ResolveReceiverRequest(
                 protocol_version=PROTOCOL_VERSION, room_id=room, layout=self.layout, wait_ms=wait_ms,
                 lease_ms=self.lease_ms), timeout=wait_ms / 1000 + 5)
-            plane = plane_from_proto(resolved.data_plane)
+            plane = plane_from_proto(resolved.data_plane, resolved.data_plane_name)
             sender = self.sender_for(plane)
 
             async def stream() -> AsyncIterator[RowBlock]:

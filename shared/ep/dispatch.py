@@ -1,4 +1,5 @@
-"""Dispatch/combine of MoE tokens across an EP group: a small ABC plus a registry of lazily imported backends.
+"""Dispatch/combine of MoE tokens across an EP group: a small ABC, the all-to-all backend, and `make_dispatcher`
+(the backends are registered by name in `moemesh.ep.backends` and imported only when chosen).
 
 Legend: T local tokens, K experts per token, D hidden, N (token, expert) pairs this rank received,
 S local slots, C rows per slot in the masked layout.
@@ -13,15 +14,15 @@ same number of resumptions, in the same order, even with T = 0: they are collect
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from moemesh.ep.backends import DISPATCHERS
 from moemesh.ep.placement import ExpertPlacement
 
 R = TypeVar("R")
@@ -168,24 +169,8 @@ class AllToAllDispatcher(Dispatcher):
         return out.to(handle.dtype)
 
 
-# Backends by name: a class, or "module:Class" imported only when chosen (GPU packages stay optional).
-DISPATCHERS: dict[str, Callable[..., Dispatcher] | str] = {
-    "all_to_all": AllToAllDispatcher,
-    "deepep": "moemesh.ep.deepep:DeepEPDispatcher",
-}
-
-
 def make_dispatcher(name: str, group: dist.ProcessGroup | None, placement: ExpertPlacement, **options: Any
                     ) -> Dispatcher:
-    """The dispatcher backend `name` for `group` (None: the default group). Fails now if it cannot run."""
-    if name not in DISPATCHERS:
-        raise ValueError(f"unknown dispatcher {name!r} (choose from {', '.join(DISPATCHERS)})")
-    return resolve(DISPATCHERS[name])(group, placement, **options)
-
-
-def resolve(entry: Callable[..., Any] | str) -> Callable[..., Any]:
-    """A registry entry: the callable itself, or the attribute named by "module:attr" (imported now)."""
-    if not isinstance(entry, str):
-        return entry
-    module, _, attr = entry.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    """The dispatcher backend `name` (registered in `moemesh.ep.backends`) for `group` (None: the default
+    group). Fails now if it cannot run."""
+    return DISPATCHERS.load(name)(group, placement, **options)

@@ -7,13 +7,13 @@ N (token, expert) pairs received by this rank, C rows per slot in the masked lay
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from moemesh.ep.dispatch import Dispatcher, Stages, resolve, run_stages
+from moemesh.ep.backends import GEMMS
+from moemesh.ep.dispatch import Dispatcher, Stages, run_stages
 from moemesh.ep.placement import ExpertPlacement
 from moemesh.model.layers import silu_and_mul
 from moemesh.model.moe import RoutedExperts
@@ -54,17 +54,9 @@ class TorchGroupedGemm(GroupedGemm):
         return torch.bmm(silu_and_mul(torch.bmm(xs, w13.transpose(1, 2))), w2.transpose(1, 2))
 
 
-GEMMS: dict[str, Callable[..., GroupedGemm] | str] = {
-    "torch": TorchGroupedGemm,
-    "deepgemm": "moemesh.ep.deepgemm:DeepGemmGroupedGemm",
-}
-
-
 def make_grouped_gemm(name: str) -> GroupedGemm:
-    """The grouped GEMM backend `name`. Fails now if it cannot run."""
-    if name not in GEMMS:
-        raise ValueError(f"unknown grouped GEMM {name!r} (choose from {', '.join(GEMMS)})")
-    return resolve(GEMMS[name])()
+    """The grouped GEMM backend `name` (registered in `moemesh.ep.backends`). Fails now if it cannot run."""
+    return GEMMS.load(name)()
 
 
 class EPExperts(nn.Module):

@@ -4,8 +4,10 @@ flight.
 Each micro-batch's forward is a stage generator over the model's layers that yields wherever its MoE
 communication is in flight (see `shared/ep/dispatch.py`); the two generators are resumed in turn, so the
 order of collectives is the same on every rank as long as every rank runs two micro-batches (empty ones
-included). The layer arithmetic mirrors `DecoderLayer.forward` and `MoE.forward` operation for operation:
-split or not, a token's hidden states go through the same sums in the same order.
+included). The math is the model's own: a layer runs through the stages `DecoderLayer.forward` and
+`MoE.forward` are made of (`attention`, `before_experts`, the routed experts, `after_experts`, `add_mlp`),
+only the routed experts' dispatch and combine are suspended. Split or not, a token's hidden states go
+through the same functions.
 
 Legend: T tokens of a micro-batch, D hidden.
 """
@@ -59,16 +61,14 @@ def _forward_stages(model: nn.Module, input_ids: torch.Tensor, positions: torch.
     m = model.model
     x = m.embed_tokens(input_ids)
     for layer in m.layers:
-        x = x + layer.self_attn(layer.input_layernorm(x), positions, backend)
-        h = layer.post_attention_layernorm(x)
+        x, h = layer.attention(x, positions, backend)
         mlp = layer.mlp
         if isinstance(mlp, MoE) and isinstance(mlp.experts, EPExperts):
-            topk_ids, topk_weights = mlp.gate(h)
-            out = yield from mlp.experts.stages(h, topk_ids, topk_weights)
-            if mlp.shared_experts is not None:
-                out = out + mlp.shared_experts(h)
+            topk_ids, topk_weights, shared = mlp.before_experts(h)
+            routed = yield from mlp.experts.stages(h, topk_ids, topk_weights)
+            out = mlp.after_experts(routed, shared)
         else:
             out = mlp(h)
             yield  # nothing in flight: still a turn for the other micro-batch, so layers alternate
-        x = x + out
+        x = layer.add_mlp(x, out)
     return m.norm(x)

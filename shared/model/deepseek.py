@@ -30,8 +30,20 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
         """x [T, D] -> [T, D]."""
+        x, h = self.attention(x, positions, backend)
+        return self.add_mlp(x, self.mlp(h))
+
+    # The stages of `forward`, for callers that run the MLP apart (two-batch overlap runs an MoE's `before_experts`,
+    # routed experts and `after_experts` itself): one definition of the layer's math for every caller.
+    def attention(self, x: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] residual stream -> (the stream after attention [T, D], the MLP's input: it normed [T, D])."""
         x = x + self.self_attn(self.input_layernorm(x), positions, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x, self.post_attention_layernorm(x)
+
+    def add_mlp(self, x: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
+        """x [T, D] the stream after attention, mlp_out [T, D] the MLP's output -> the layer's output [T, D]."""
+        return x + mlp_out
 
 
 class DeepseekModel(nn.Module):

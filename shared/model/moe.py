@@ -116,7 +116,13 @@ class RoutedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed experts plus the always-on shared experts of a DeepSeek MoE layer."""
+    """Routed experts plus the always-on shared experts of a DeepSeek MoE layer.
+
+    The forward is three stages, each plain math over this layer's tokens: `before_experts` (the router's
+    choice and the shared experts), the routed experts (`self.experts`, a module whose forward expert
+    parallelism replaces), `after_experts` (their sum). Whoever runs the stages apart (two-batch overlap)
+    calls these same methods, so the math has one definition.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -129,8 +135,15 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> [T, D]."""
+        topk_ids, topk_weights, shared = self.before_experts(x)
+        return self.after_experts(self.experts(x, topk_ids, topk_weights), shared)
+
+    def before_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The token-local work ahead of the routed experts: x [T, D] -> (topk_ids [T, K] int64,
+        topk_weights [T, K] float32, the shared experts' output [T, D] in x's dtype, or None without any)."""
         topk_ids, topk_weights = self.gate(x)
-        out = self.experts(x, topk_ids, topk_weights)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+        return topk_ids, topk_weights, None if self.shared_experts is None else self.shared_experts(x)
+
+    def after_experts(self, routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        """routed [T, D] the routed experts' weighted sum, shared [T, D] or None -> the layer's output [T, D]."""
+        return routed if shared is None else routed + shared

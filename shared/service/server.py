@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from moemesh.service.channel import MAX_MESSAGE_BYTES, message_size_options
 from moemesh.service.errors import status_of, trailing_metadata_of
 from moemesh.service.tls import TlsConfig, configure_tls_from_args, process_tls
+from moemesh.telemetry import readiness
 from moemesh.telemetry.grpc_tracing import TracingServerInterceptor
 from moemesh.telemetry.tracing import configure_tracing
 
@@ -218,15 +219,10 @@ def _service_of(service_names: list[str]) -> str:
     return service_names[0].rsplit(".", 1)[-1].lower() if service_names else "moemesh"
 
 
-def announce(line: str) -> None:
-    """Print a line launchers wait for ("NAME listening on ADDR") in one write(2).
-
-    `print` writes the text and its newline separately when stdout is unbuffered (PYTHONUNBUFFERED, -u),
-    so two EP ranks sharing their launcher's stdout could interleave into one unparseable line; a single
-    write of at most PIPE_BUF bytes to a pipe is atomic.
-    """
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+def announce(service: str, address: str, kind: str = readiness.GRPC) -> None:
+    """Print the readiness line launchers wait for ("SERVICE listening on ADDR"; with kind HTTP,
+    "SERVICE http listening on ADDR"), in one write(2): see `moemesh.telemetry.readiness`."""
+    readiness.write_line(readiness.ready_line(service, address, kind))
 
 
 def run_service(serve: Callable[[Any], Awaitable[None]], args: Any, name: str) -> int:

@@ -3,7 +3,7 @@
     from moemesh.telemetry import add_telemetry_arguments, setup_telemetry
     add_telemetry_arguments(parser, default_metrics_port=9105)   # before apply_env_defaults(parser)
     setup_telemetry("decode", args)                              # once per process, before serving
-    ...; print("decode listening on ..."); announce_metrics()    # stdout: "decode metrics on HOST:PORT"
+    ...; announce("decode", address); announce_metrics()         # stdout: "decode metrics on HOST:PORT"
 
 Modules, imported on first use so that a bare `import moemesh.telemetry` costs nothing:
 - `tracing`: the tracer provider (OTLP export only when OTEL_EXPORTER_OTLP_ENDPOINT is set), spans with
@@ -16,6 +16,8 @@ Modules, imported on first use so that a bare `import moemesh.telemetry` costs n
 - `requests`: a request's engine timestamps turned into spans and histogram observations.
 - `expert_load`: per (layer, expert) routed-token counts from Router hooks; balancedness (imports torch).
 - `setup`: the process-level options and `setup_telemetry`.
+- `readiness`: the readiness lines ("decode listening on ADDR", ...) every service prints and every launcher
+  reads, and `moemesh up`'s ready file.
 """
 
 from __future__ import annotations

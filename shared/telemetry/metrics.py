@@ -25,6 +25,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from moemesh.telemetry import readiness
+
 log = logging.getLogger(__name__)
 
 # Every service's default /metrics port; 0 picks a free one, -1 serves none.
@@ -242,7 +244,7 @@ def start_metrics_server(service: str, host: str, port: int | None,
         return None
     _server = serve_metrics(host, port, fallback)
     _service = service
-    log.info("%s metrics on %s", service, _server.address)
+    log.info("%s", readiness.ready_line(service, _server.address, readiness.METRICS))
     return _server
 
 
@@ -255,4 +257,4 @@ def announce_metrics() -> None:
     global _announced
     if _server is not None and not _announced:
         _announced = True
-        print(f"{_service} metrics on {_server.address}", flush=True)
+        readiness.write_line(readiness.ready_line(_service, _server.address, readiness.METRICS))

@@ -1,7 +1,8 @@
 """The receive side every plane shares: per-room ordering checks, buffering, and the `receive` loop.
 
-A plane's only job is to turn what arrives into `DecodedChunk`s and hand them to `RoomTable.deliver`
-(or a room's failure to `RoomTable.fail`). The table routes each chunk to its room's `RoomAssembler`,
+A plane's only job is to turn what arrives into `DecodedChunk`s and hand them to its receiver's
+`IncomingTransfers.deliver` (or a room's failure to `IncomingTransfers.fail`): the transfers that receiver is
+assembling, one per room (one request's KV handoff). It routes each chunk to its room's `RoomAssembler`,
 which checks the chunk sequence as it arrives and buffers verified chunks until `receive` (running in
 the caller's task) writes them out. Rooms whose chunks arrive before `receive` is called are held,
 bounded in number, bytes and age. Rooms that ended (received, cancelled, failed) are remembered for a
@@ -137,8 +138,10 @@ class RoomAssembler:
                 return item.first, received
 
 
-class RoomTable:
-    """All rooms of one receiver, keyed by room id. Not thread-safe: use it from the receiver's event loop."""
+class IncomingTransfers:
+    """The KV transfers one receiver is assembling, keyed by room id (kvtransfer's `RoomRegistry` only pairs a
+    room's sender with its receiver; the bytes are put together here). Not thread-safe: use it from the
+    receiver's event loop."""
 
     def __init__(self, *, max_room_buffer_bytes: int = DEFAULT_MAX_ROOM_BUFFER_BYTES,
                  max_unclaimed_rooms: int = DEFAULT_MAX_UNCLAIMED_ROOMS,

@@ -51,7 +51,7 @@ RowWriter = Callable[[int, torch.Tensor], None]
 class KvReceiver(abc.ABC):
     """Decode side: one per worker, listening for every room sent to it."""
 
-    plane: str  # "ucx", "relay" or "inproc"
+    plane: str  # its registered name (planes.py): "ucx", "relay", "inproc"...
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
-from moemesh.transfer.assembler import RoomTable
+from moemesh.transfer.assembler import IncomingTransfers
 from moemesh.transfer.base import FirstToken, KvReceiver, KvSender, RowBlock, RowWriter, TransferError
 from moemesh.transfer.chunk import DEFAULT_CHUNK_BYTES, decode_chunk, discard, iter_chunks
 from moemesh.transfer.faults import FaultInjector, KvFaults
@@ -22,13 +22,13 @@ _RECEIVERS: dict[str, InprocReceiver] = {}
 
 
 class InprocReceiver(KvReceiver):
-    """Listens at a fresh "inproc://<uuid>" address in this process. `table_kw` tunes its RoomTable."""
+    """Listens at a fresh "inproc://<uuid>" address in this process. `limits` tunes its IncomingTransfers."""
 
     plane = "inproc"
 
-    def __init__(self, **table_kw: Any) -> None:
+    def __init__(self, **limits: Any) -> None:
         self._address = f"inproc://{uuid.uuid4().hex}"
-        self._table = RoomTable(**table_kw)
+        self._incoming = IncomingTransfers(**limits)
 
     async def start(self) -> None:
         _RECEIVERS[self._address] = self
@@ -43,20 +43,20 @@ class InprocReceiver(KvReceiver):
         try:
             chunk = decode_chunk(msg)
         except TransferError as e:
-            self._table.fail(msg.room_id, e)
+            self._incoming.fail(msg.room_id, e)
             return
-        self._table.deliver(chunk)
+        self._incoming.deliver(chunk)
 
     async def receive(self, room_id: str, num_tokens: int, write: RowWriter,
                       timeout_s: float) -> tuple[FirstToken, int]:
-        return await self._table.receive(room_id, num_tokens, write, timeout_s)
+        return await self._incoming.receive(room_id, num_tokens, write, timeout_s)
 
     async def cancel(self, room_id: str) -> None:
-        self._table.cancel(room_id)
+        self._incoming.cancel(room_id)
 
     async def close(self) -> None:
         _RECEIVERS.pop(self._address, None)
-        self._table.close()
+        self._incoming.close()
 
 
 class InprocSender(KvSender):

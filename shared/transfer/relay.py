@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from moemesh.service.channel import CHANNEL_OPTIONS, mesh_channel
-from moemesh.transfer.assembler import RoomTable
+from moemesh.transfer.assembler import IncomingTransfers
 from moemesh.transfer.base import FirstToken, KvReceiver, KvSender, RowBlock, RowWriter, TransferError
 from moemesh.transfer.chunk import DEFAULT_CHUNK_BYTES, decode_chunk, iter_chunks
 from moemesh.transfer.faults import FaultInjector, KvFaults
@@ -126,13 +126,13 @@ class RelaySender(KvSender):
 
 
 class RelayReceiver(KvReceiver):
-    """Pulls each room from the relay at `target` while `receive` runs. `table_kw` tunes its RoomTable."""
+    """Pulls each room from the relay at `target` while `receive` runs. `limits` tunes its IncomingTransfers."""
 
     plane = "relay"
 
-    def __init__(self, target: str, **table_kw: Any) -> None:
+    def __init__(self, target: str, **limits: Any) -> None:
         self._relay = _Relay(target)
-        self._table = RoomTable(**table_kw)
+        self._incoming = IncomingTransfers(**limits)
         self._pulls: dict[str, asyncio.Task[None]] = {}
 
     async def start(self) -> None:
@@ -149,7 +149,7 @@ class RelayReceiver(KvReceiver):
         pull = asyncio.ensure_future(self._pull(room_id, call))
         self._pulls[room_id] = pull
         try:
-            return await self._table.receive(room_id, num_tokens, write, timeout_s)
+            return await self._incoming.receive(room_id, num_tokens, write, timeout_s)
         finally:
             self._pulls.pop(room_id, None)
             call.cancel()
@@ -161,28 +161,29 @@ class RelayReceiver(KvReceiver):
         try:
             async for msg in call:
                 if msg.room_id != room_id:
-                    self._table.fail(room_id, TransferError(f"room {room_id!r}: the relay sent a chunk of "
+                    self._incoming.fail(room_id, TransferError(f"room {room_id!r}: the relay sent a chunk of "
                                                             f"room {msg.room_id!r}"))
                     return
                 try:
                     chunk = decode_chunk(msg)
                 except TransferError as e:
-                    self._table.fail(room_id, e)
+                    self._incoming.fail(room_id, e)
                     return
-                self._table.deliver(chunk)
+                self._incoming.deliver(chunk)
                 if chunk.last:
                     return
-            self._table.fail(room_id, TransferError(f"room {room_id!r}: the relay stream ended before the last chunk"))
+            self._incoming.fail(room_id,
+                                TransferError(f"room {room_id!r}: the relay stream ended before the last chunk"))
         except grpc.aio.AioRpcError as e:
             if e.code() != grpc.StatusCode.CANCELLED:
-                self._table.fail(room_id, TransferError(f"room {room_id!r}: relay pull from {self._relay.target} "
+                self._incoming.fail(room_id, TransferError(f"room {room_id!r}: relay pull from {self._relay.target} "
                                                         f"failed: {e.code().name}: {e.details()}"))
 
     async def cancel(self, room_id: str) -> None:
-        self._table.cancel(room_id)
+        self._incoming.cancel(room_id)
 
     async def close(self) -> None:
-        self._table.close()
+        self._incoming.close()
         for pull in list(self._pulls.values()):
             pull.cancel()
         await asyncio.gather(*self._pulls.values(), return_exceptions=True)

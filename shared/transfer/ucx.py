@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from moemesh.transfer.assembler import RoomTable
+from moemesh.transfer.assembler import IncomingTransfers
 from moemesh.transfer.base import FirstToken, KvReceiver, KvSender, PlaneUnavailable, RowBlock, RowWriter, TransferError
 from moemesh.transfer.chunk import EncodedChunk, decode_chunk, discard, iter_chunks
 from moemesh.transfer.faults import FaultInjector, KvFaults
@@ -127,15 +127,15 @@ def _parse_frame(frame: bytearray) -> tuple[kvtransfer_pb2.KvChunk, int]:
 
 class UcxReceiver(KvReceiver):
     """Listens for senders on `port` (0: any free one) on every interface; `address` is "host:port",
-    with `host` the name senders should dial. `table_kw` tunes its RoomTable."""
+    with `host` the name senders should dial. `limits` tunes its IncomingTransfers."""
 
     plane = "ucx"
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, **table_kw: Any) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, **limits: Any) -> None:
         self._ucxx = load_ucxx()
         self.host = host
         self.port = port
-        self._table = RoomTable(**table_kw)
+        self._incoming = IncomingTransfers(**limits)
         self._listener: Any = None
         self._readers: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -182,11 +182,11 @@ class UcxReceiver(KvReceiver):
                     open_rooms.discard(room_id)
                 elif len(open_rooms) > _MAX_OPEN_ROOMS:
                     # Rooms whose sender was cancelled never send a last chunk; forget the ended ones.
-                    open_rooms = {r for r in open_rooms if not self._table.ended(r)}
+                    open_rooms = {r for r in open_rooms if not self._incoming.ended(r)}
                 try:
-                    self._table.deliver(decode_chunk(header, data))
+                    self._incoming.deliver(decode_chunk(header, data))
                 except TransferError as e:
-                    self._table.fail(room_id, e)
+                    self._incoming.fail(room_id, e)
         except _CorruptFrame as e:
             why = f"corrupt frame from the sender ({e})"
             log.warning("closing a UCX connection: %s", why)
@@ -200,23 +200,23 @@ class UcxReceiver(KvReceiver):
             log.exception("UCX receive loop failed")
         finally:
             for room_id in open_rooms:
-                self._table.fail(room_id, TransferError(f"room {room_id!r}: {why} before the last chunk"))
+                self._incoming.fail(room_id, TransferError(f"room {room_id!r}: {why} before the last chunk"))
             with contextlib.suppress(Exception):
                 ep.abort()
 
     async def receive(self, room_id: str, num_tokens: int, write: RowWriter,
                       timeout_s: float) -> tuple[FirstToken, int]:
-        return await self._table.receive(room_id, num_tokens, write, timeout_s)
+        return await self._incoming.receive(room_id, num_tokens, write, timeout_s)
 
     async def cancel(self, room_id: str) -> None:
-        self._table.cancel(room_id)
+        self._incoming.cancel(room_id)
 
     async def close(self) -> None:
         self._closed = True
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        self._table.close()
+        self._incoming.close()
         readers = list(self._readers)
         for task in readers:
             task.cancel()

@@ -17,6 +17,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from moemesh.ep.backends import DISPATCHERS, GEMMS
+
 if TYPE_CHECKING:
     from moemesh.ep.group import EPConfig
 
@@ -33,11 +35,11 @@ def add_ep_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--redundant-experts", type=int, default=0,
                    help="extra physical expert slots holding replicas (experts + R must divide by --ep-size)")
     g.add_argument("--expert-placement", default=None, help="JSON placement file (phy2log per MoE layer)")
-    g.add_argument("--ep-dispatcher", default="all_to_all", choices=["all_to_all", "deepep"],
+    g.add_argument("--ep-dispatcher", default="all_to_all", choices=DISPATCHERS.names(),
                    help="token dispatch/combine backend")
     g.add_argument("--ep-dispatcher-mode", default="auto", choices=["auto", "normal", "low_latency"],
                    help="DeepEP mode (auto: normal for prefill, low_latency for decode)")
-    g.add_argument("--ep-gemm", default="torch", choices=["torch", "deepgemm"], help="grouped expert GEMM backend")
+    g.add_argument("--ep-gemm", default="torch", choices=GEMMS.names(), help="grouped expert GEMM backend")
     g.add_argument("--enable-tbo", action="store_true",
                    help="two-batch overlap: split each step in two micro-batches, overlapping MoE communication")
     g.add_argument("--ep-timeout-s", type=float, default=300.0,

@@ -23,6 +23,7 @@ from moemesh.service.tls import add_tls_arguments
 from moemesh.service.version import PROTOCOL_VERSION
 from moemesh.telemetry import metrics
 from moemesh.telemetry.setup import add_telemetry_arguments
+from moemesh.transfer.planes import PLANES
 from moemesh.v1 import common_pb2, gateway_pb2, kvtransfer_pb2_grpc
 from moemesh.worker.engine_args import add_engine_arguments, engine_config
 from moemesh.worker.ep_args import add_ep_arguments, ep_config
@@ -45,7 +46,7 @@ def add_worker_arguments(p: argparse.ArgumentParser, default_port: int, default_
                    help="host other services use to reach this one (default: --host, or this machine's name)")
     g.add_argument("--gateway", default="127.0.0.1:50051", help="gateway address to register with ('' = none)")
     g.add_argument("--kvtransfer", default="127.0.0.1:50060", help="kvtransfer service address")
-    g.add_argument("--transfer", default="relay", choices=["ucx", "relay", "inproc"], help="KV data plane")
+    g.add_argument("--transfer", default="relay", choices=PLANES.names(), help="KV data plane")
     g.add_argument("--worker-id", default=None, help="unique worker id (default: generated)")
     g.add_argument("--instance-id", default=None, help="EP group id (default: the worker id)")
     g.add_argument("--eplb", default="127.0.0.1:50090",
@@ -228,7 +229,7 @@ async def run_worker(role: int, name: str, args: argparse.Namespace, servicer: W
         worker.publish_metrics()
         await servicer.bind(worker, kvtransfer_pb2_grpc.KvTransferStub(channel))
         await server.set_serving(True)
-        announce(f"{name} listening on {worker.advertised_address}")
+        announce(name, worker.advertised_address)
         metrics.announce_metrics()
         await worker.register()
         tasks = [asyncio.create_task(worker.watch_engine(), name="engine-watch"), *worker.start_balancing()]

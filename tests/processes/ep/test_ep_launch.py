@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import re
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from moemesh.telemetry.readiness import GRPC, parse_line
 from tests.paths import ROOT
 
 
@@ -62,9 +62,9 @@ def test_launcher_starts_the_ranks_and_stops_them(small_dir: Path, tmp_path: Pat
                 pytest.fail("the ranks did not come up in time:\n" + (tmp_path / "stderr.log").read_text()[-4000:])
             assert line is not None, "the launcher exited before both ranks were listening:\n" + \
                 (tmp_path / "stderr.log").read_text()[-4000:]
-            m = re.match(r"^decode listening on (\S+)$", line)
-            if m:
-                addresses.append(m.group(1))
+            ready = parse_line(line)
+            if ready is not None and (ready.service, ready.kind) == ("decode", GRPC):
+                addresses.append(ready.address)
         assert len(set(addresses)) == 2  # a gRPC endpoint per DP rank
         for addr in addresses:
             with grpc.insecure_channel(addr) as ch:

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moemesh.services.gateway.config import GatewayConfig
 from moemesh.services.gateway.serve import add_arguments, config_from_args
+from moemesh.telemetry.readiness import GRPC, parse_line
 from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.paths import ROOT
 from tests.service.gateway.doubles import make_tokenizer_dir
@@ -55,9 +56,11 @@ def test_process_serves_without_torch_and_exits_cleanly(tmp_path: Path) -> None:
                              "--model", str(model)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        line = proc.stdout.readline().strip()
-        assert line.startswith("gateway listening on 127.0.0.1:"), (line, proc.stderr.read())
-        address = line.split()[-1]
+        line = proc.stdout.readline()
+        ready = parse_line(line)
+        assert ready is not None and (ready.service, ready.kind) == ("gateway", GRPC), (line, proc.stderr.read())
+        address = ready.address
+        assert address.startswith("127.0.0.1:"), line
         with grpc.insecure_channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert health.status == health_pb2.HealthCheckResponse.SERVING

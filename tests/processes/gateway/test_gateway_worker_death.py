@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from moemesh.services.gateway.registry import DECODE
+from moemesh.telemetry.readiness import parse_line
 from moemesh.v1 import common_pb2, gateway_pb2
 from tests.paths import ROOT
 from tests.service.gateway.doubles import Mesh, make_tokenizer_dir
@@ -35,7 +36,9 @@ def test_decode_worker_dying_mid_request_ends_the_stream_with_unavailable(model_
                 sys.executable, str(DOUBLES), mesh.app.address, "dying", stdout=asyncio.subprocess.PIPE, env=env)
             try:
                 line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
-                address = line.split()[-1]
+                ready = parse_line(line)
+                assert ready is not None, line
+                address = ready.address
                 assert mesh.app.registry.get("dying") is not None
                 call = mesh.stub.Generate(gateway_pb2.GenerateRequest(
                     prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=1000)), timeout=20)

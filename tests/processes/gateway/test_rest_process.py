@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from moemesh.telemetry.readiness import GRPC, HTTP, parse_line
 from tests.paths import ROOT
 from tests.service.gateway.doubles import (
     make_tokenizer_dir,
@@ -28,10 +29,12 @@ def test_gateway_process_serves_rest_with_api_key_from_environment(tmp_path: Pat
     proc = subprocess.Popen([sys.executable, "-c", code, "--port", "0", "--http-port", "0", "--model", str(model)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        grpc_line, http_line = proc.stdout.readline().strip(), proc.stdout.readline().strip()
-        assert grpc_line.startswith("gateway listening on 127.0.0.1:"), (grpc_line, http_line)
-        assert http_line.startswith("gateway http listening on 127.0.0.1:"), http_line
-        with httpx.Client(base_url=f"http://{http_line.split()[-1]}", trust_env=False, timeout=10) as client:
+        grpc_line, http_line = proc.stdout.readline(), proc.stdout.readline()
+        grpc_ready, http_ready = parse_line(grpc_line), parse_line(http_line)
+        assert grpc_ready is not None and (grpc_ready.service, grpc_ready.kind) == ("gateway", GRPC), grpc_line
+        assert http_ready is not None and (http_ready.service, http_ready.kind) == ("gateway", HTTP), http_line
+        assert http_ready.address.startswith("127.0.0.1:"), http_line
+        with httpx.Client(base_url=f"http://{http_ready.address}", trust_env=False, timeout=10) as client:
             assert client.get("/health").status_code == 503  # no worker yet; probes need no key
             error_of(client.get("/v1/models"), 401)
             r = client.get("/v1/models", headers={"Authorization": "Bearer sesame"})

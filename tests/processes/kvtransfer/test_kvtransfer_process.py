@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import select
 import signal
 import subprocess
@@ -13,10 +12,8 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from moemesh.telemetry.readiness import GRPC, METRICS, parse_line
 from tests.paths import ROOT
-from tests.service.kvtransfer.test_kvtransfer_serve import LISTENING
-
-METRICS = re.compile(r"^kvtransfer metrics on (\S+:\d+)$")
 
 
 def test_process_starts_answers_health_and_exits_on_sigterm():
@@ -28,12 +25,15 @@ def test_process_starts_answers_health_and_exits_on_sigterm():
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 20)
         assert ready, "no listening line within 20 s"
-        line = proc.stdout.readline().strip()
-        m = LISTENING.match(line)
-        assert m, f"unexpected first line {line!r}"
-        line = proc.stdout.readline().strip()
-        assert METRICS.match(line), f"unexpected second line {line!r}"
-        with grpc.insecure_channel(m.group(1)) as channel:
+        line = proc.stdout.readline()
+        listening = parse_line(line)
+        assert listening is not None and (listening.service, listening.kind) == ("kvtransfer", GRPC), \
+            f"unexpected first line {line!r}"
+        line = proc.stdout.readline()
+        metrics = parse_line(line)
+        assert metrics is not None and (metrics.service, metrics.kind) == ("kvtransfer", METRICS), \
+            f"unexpected second line {line!r}"
+        with grpc.insecure_channel(listening.address) as channel:
             r = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert r.status == health_pb2.HealthCheckResponse.SERVING
         t0 = time.monotonic()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -19,6 +18,7 @@ from moemesh.engine.engine import Engine, EngineConfig
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.model.default import default_model_dir
 from moemesh.sdk import MeshClient
+from moemesh.service.launch import ServiceProcess, start_service
 from moemesh.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from tests.net import free_port
 from tests.processes.mesh.launch import ROOT, RunningMesh, start_mesh
@@ -74,26 +74,53 @@ def _assert_idle(mesh: RunningMesh, dead: set[str], deadline_s: float = 15) -> N
             time.sleep(0.1)
 
 
+# Long enough that the worker is still generating when the kill lands (a few ms a token on the tiny model).
+MIGRATED_TOKENS = 300
+
+
+@pytest.fixture(scope="module")
+def long_reference() -> tuple[list[int], str]:
+    engine = Engine(EngineConfig(model=str(default_model_dir()), kv_cache_mb=64))
+    params = SamplingParams(max_tokens=MIGRATED_TOKENS, temperature=0, ignore_eos=True)
+    out = engine.generate([PROMPT], params)[0]
+    return out.token_ids, out.text
+
+
+def _migrations(mesh: RunningMesh) -> float:
+    """The gateway's `moemesh_request_migrations_total`."""
+    body = urllib.request.urlopen(f"http://{mesh.metrics['gateway']}/metrics", timeout=5).read().decode()
+    values = [float(line.split()[1]) for line in body.splitlines()
+              if line.startswith("moemesh_request_migrations_total ")]
+    assert len(values) == 1, body
+    return values[0]
+
+
 @pytest.mark.parametrize("args", [
     ("--prefill", "1", "--decode", "2", "--transfer", "relay"),
     ("--prefill", "0", "--decode", "2"),
 ], ids=["pd", "colocated"])
 def test_decode_killed_mid_stream_the_request_continues(args: tuple[str, ...],
-                                                        reference: dict[str, tuple[list[int], str]]) -> None:
+                                                        long_reference: tuple[list[int], str]) -> None:
     mesh = start_mesh(*args)
     try:
+        before = _migrations(mesh)
         with MeshClient(mesh.gateway, timeout_s=120) as client:
             tokens, text, finish = [], "", None
-            killed = None
-            for chunk in client.stream(prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True):
+            killed, tokens_at_kill = None, None
+            for chunk in client.stream(prompt=PROMPT, max_tokens=MIGRATED_TOKENS, temperature=0, ignore_eos=True):
                 tokens += chunk.token_ids
                 text += chunk.text
                 finish = chunk.finish_reason or finish
-                if killed is None and len(tokens) >= 10:
+                if killed is None and len(tokens) >= 10 and not chunk.finish_reason:
                     killed = _busy(mesh, "decode")
                     os.kill(mesh.services[killed][1], signal.SIGKILL)
+                    tokens_at_kill = len(tokens)
         assert killed is not None
-        assert (tokens, text) == reference[PROMPT]  # nothing repeated, nothing missing
+        # The kill came before the last token, and the gateway moved the request once to the other worker
+        # (a worker that had sent every token before it died would leave nothing to migrate).
+        assert tokens_at_kill < MIGRATED_TOKENS
+        assert _migrations(mesh) - before == 1
+        assert (tokens, text) == long_reference  # nothing repeated, nothing missing
         assert finish == "length"
         _assert_idle(mesh, {killed})
     finally:
@@ -158,21 +185,17 @@ def test_eplb_killed_serving_goes_on() -> None:
         mesh.stop()
 
 
-def _serve(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "moemesh.services.cli.main", "serve", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def _serve(service: str, *args: str) -> ServiceProcess:
+    """`moemesh serve SERVICE ARGS`, not waited for (see `_listening`); its output drained by a thread."""
+    return start_service(service, args, cwd=ROOT, stderr=subprocess.DEVNULL, ready_timeout_s=None)
 
 
-def _listening(proc: subprocess.Popen, timeout_s: float = 120) -> str:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"exited with {proc.wait()}")
-        if " listening on " in line and " http " not in line:
-            return line.split(" listening on ")[1].strip()
-    raise AssertionError("not listening in time")
+def _listening(proc: ServiceProcess, timeout_s: float = 120) -> str:
+    """The address of its "SERVICE listening on ADDR" line (AssertionError, with its output, if none comes)."""
+    try:
+        return proc.wait_ready(timeout_s=timeout_s)
+    except (RuntimeError, TimeoutError) as e:
+        raise AssertionError(str(e)) from None
 
 
 def test_gateway_restart_workers_register_again() -> None:

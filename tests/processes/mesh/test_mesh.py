@@ -5,10 +5,11 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import signal
-import time
+import urllib.request
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from moemesh.engine.engine import Engine, EngineConfig
 from moemesh.engine.sampling_params import SamplingParams
@@ -16,6 +17,7 @@ from moemesh.model.default import default_model_dir
 from moemesh.sdk import MeshClient
 from moemesh.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from tests.processes.mesh.launch import start_mesh
+from tests.processes.mesh.waits import assert_processes_gone, until
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was a mesh of services that",
            "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30", "Hi"]
@@ -51,8 +53,15 @@ def test_mesh_outputs_equal_in_process(args: tuple[str, ...], reference: list[li
     finally:
         mesh.stop()
     assert mesh.proc.returncode == 0
-    time.sleep(0.5)
-    assert mesh.alive_pids() == [], "moemesh up left processes behind"
+    assert_processes_gone(mesh)
+
+
+def _requests_ended(metrics_address: str, role: str, outcome: str) -> float:
+    """A service's `moemesh_requests_total{role, outcome}` from its /metrics."""
+    body = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5).read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(body) for sample in family.samples
+               if sample.name == "moemesh_requests_total"
+               and sample.labels == {"role": role, "outcome": outcome})
 
 
 def test_cancelled_request_frees_pages_and_dead_worker_is_avoided() -> None:
@@ -64,13 +73,17 @@ def test_cancelled_request_frees_pages_and_dead_worker_is_avoided() -> None:
             stream = client.stream(prompt="Cancel me " * 20, max_tokens=400, temperature=0, ignore_eos=True)
             next(iter(stream))
             stream.close()  # leaving the stream cancels the request everywhere
-            time.sleep(2)
-            for addr in workers:  # both sides gave their pages back
+            for addr in workers:  # both sides give their pages back (nothing held; cache pages count as free)
                 with grpc.insecure_channel(addr) as ch:
                     stub = prefill_pb2_grpc.PrefillStub(ch) if addr in prefills else decode_pb2_grpc.DecodeStub(ch)
-                    load = stub.GetLoad(common_pb2.GetLoadRequest(), timeout=10)
-                    assert load.num_running_requests == 0
-                    assert load.num_free_pages == load.num_total_pages  # nothing held; cache pages are free too
+                    until(lambda stub=stub: stub.GetLoad(common_pb2.GetLoadRequest(), timeout=10),
+                          lambda load: load.num_running_requests == load.num_waiting_requests == 0
+                          and load.num_free_pages == load.num_total_pages, 30, f"{addr} idle after the cancel")
+            # ...because the request was cancelled, not because its 400 tokens were done.
+            decodes = [address for name, address in mesh.metrics.items() if name.startswith("decode")]
+            until(lambda: sum(_requests_ended(address, "decode", "cancelled") for address in decodes),
+                  lambda n: n == 1, 30, "the decode worker's cancelled request")
+            assert sum(_requests_ended(address, "decode", "length") for address in decodes) == 0
             # Kill one decode worker outright: requests keep completing on the other.
             victim = mesh.services["decode-0"][1]
             os.kill(victim, signal.SIGKILL)

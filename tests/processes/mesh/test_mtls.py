@@ -26,6 +26,7 @@ from moemesh.model.default import default_model_dir
 from moemesh.sdk import MeshClient, UnauthenticatedError, UnavailableError
 from tests.pki import Pki, write_pki
 from tests.processes.mesh.launch import RunningMesh, start_mesh
+from tests.processes.mesh.waits import assert_processes_gone
 
 KEY = "mtls-test-key"
 PROMPT = "Locked down, the mesh is"
@@ -50,8 +51,7 @@ def mesh(pki: Pki) -> Iterator[RunningMesh]:
     finally:
         running.stop()
     assert running.proc.returncode == 0
-    time.sleep(0.5)
-    assert running.alive_pids() == [], "moemesh up left processes behind"
+    assert_processes_gone(running)
 
 
 def _client(mesh: RunningMesh, **kw: object) -> MeshClient:

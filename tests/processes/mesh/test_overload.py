@@ -3,10 +3,14 @@
 The mesh (`moemesh up --prefill 0 --decode 1`) holds few requests on purpose: the decode worker runs 4
 and queues 8 (`--max-num-seqs 4 --max-waiting-requests 8`), the gateway admits 8 at once
 (MOEMESH_MAX_CONCURRENT_REQUESTS). Every request of a flood of 200 either finishes with all its tokens
-or is refused quickly with 429 and `Retry-After` / RESOURCE_EXHAUSTED and `retry-after-ms`; nothing else
-(no 5xx, no hang). Afterwards the worker is idle (no request or page
+or is refused with 429 and `Retry-After` / RESOURCE_EXHAUSTED and `retry-after-ms`; nothing else
+(no 5xx, no hang). A refusal does not wait for capacity: the gateway refuses past its limit while the
+requests that fill it are still running. Afterwards the worker is idle (no request or page
 left behind), and repeated floods leave the gateway's and the worker's resident memory where it was
 (growth below RSS_GROWTH_MIB).
+
+How fast refusals come is a benchmark, not an assertion (it depends on the host's load):
+`python -m moemesh.bench.overload` (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -30,13 +34,6 @@ pytestmark = pytest.mark.timeout(600)
 FLOOD = 200
 MAX_TOKENS = 16
 GATEWAY_LIMIT = 8
-# A refusal is a few in-process checks and at most one hop to the worker: it never waits for capacity.
-REFUSAL_S = 1.0
-# In a flood, the last of FLOOD requests arriving at once also waits its turn on the gateway's one event
-# loop (HTTP parsing, tokenizing): about 1.1 s for REST on an idle 2-core host, shared with this client and
-# the workers. The bound leaves room for a busy CI host; a refusal that waited for a slot would also
-# wait for the admitted requests, which the gateway-limit test below makes last far longer.
-FLOOD_REFUSAL_S = 3.0
 # Floods of FLOOD requests must not leave this much more memory resident in a process (a bounded queue
 # holds at most its bound of requests; an unbounded one grows with every flood). Measured: < 4 MiB.
 RSS_GROWTH_MIB = 32
@@ -45,10 +42,9 @@ PROMPT = "Overload: the mesh refuses what it cannot hold, and finishes what it t
 
 @dataclass
 class Outcome:
-    """One request of a flood: finished (tokens) or refused (retry hint), and how long it took."""
+    """One request of a flood: finished (tokens) or refused (retry hint)."""
 
     ok: bool
-    seconds: float
     tokens: int = 0
     finish_reason: str = ""
     retry_after_s: float | None = None
@@ -96,16 +92,13 @@ def _assert_idle(mesh: RunningMesh, deadline_s: float = 20) -> None:
 
 
 def _check(outcomes: list[Outcome]) -> None:
-    """Every request finished whole or was refused quickly with a hint; both happened."""
+    """Every request finished whole or was refused with a hint; both happened."""
     done = [o for o in outcomes if o.ok]
     refused = [o for o in outcomes if not o.ok]
     assert len(outcomes) == FLOOD
     assert done and refused, f"{len(done)} finished, {len(refused)} refused: the flood did not overload the mesh"
     for o in done:
         assert (o.tokens, o.finish_reason) == (MAX_TOKENS, "length"), o
-    slow = [o for o in refused if o.seconds > FLOOD_REFUSAL_S]
-    assert not slow, (f"{len(slow)} refusals took more than {FLOOD_REFUSAL_S} s, "
-                      f"the slowest {max(o.seconds for o in slow):.2f} s")
     for o in refused:
         assert not o.sees_hint or (o.retry_after_s is not None and o.retry_after_s > 0), o
 
@@ -113,27 +106,25 @@ def _check(outcomes: list[Outcome]) -> None:
 # ---- REST --------------------------------------------------------------------------------------
 async def _rest_one(client: httpx.AsyncClient, stream: bool) -> Outcome:
     body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": stream}
-    t0 = time.monotonic()
     if stream:
         async with client.stream("POST", "/v1/completions", json=body) as r:
             text = (await r.aread()).decode()
     else:
         r = await client.post("/v1/completions", json=body)
         text = r.text
-    seconds = time.monotonic() - t0
     if r.status_code == 429:
         error = r.json()["error"]
         assert error["type"] == "rate_limit_error" and error["message"], error
-        return Outcome(False, seconds, retry_after_s=float(r.headers["retry-after"]), detail=error["message"])
+        return Outcome(False, retry_after_s=float(r.headers["retry-after"]), detail=error["message"])
     assert r.status_code == 200, (r.status_code, text[:500])
     if not stream:
         (choice,) = r.json()["choices"]
-        return Outcome(True, seconds, r.json()["usage"]["completion_tokens"], choice["finish_reason"])
+        return Outcome(True, r.json()["usage"]["completion_tokens"], choice["finish_reason"])
     # Streamed: a refusal before the first token is a 429 status (above); here every chunk is tokens.
     assert '"error"' not in text, text[:500]
     chunks = [line for line in text.split("\n\n") if line.startswith("data: {")]
     reasons = [c for c in chunks if '"finish_reason":"length"' in c]
-    return Outcome(True, seconds, MAX_TOKENS if reasons else 0, "length" if reasons else "")
+    return Outcome(True, MAX_TOKENS if reasons else 0, "length" if reasons else "")
 
 
 async def rest_flood(mesh: RunningMesh) -> list[Outcome]:
@@ -143,7 +134,7 @@ async def rest_flood(mesh: RunningMesh) -> list[Outcome]:
         return list(await asyncio.gather(*(_rest_one(client, i % 2 == 1) for i in range(FLOOD))))
 
 
-def test_rest_flood_is_429_quickly_and_the_admitted_finish(mesh: RunningMesh) -> None:
+def test_rest_flood_is_429_with_retry_after_and_the_admitted_finish(mesh: RunningMesh) -> None:
     outcomes = asyncio.run(rest_flood(mesh))
     _check(outcomes)
     assert all(o.retry_after_s >= 1 and o.retry_after_s == int(o.retry_after_s) for o in outcomes if not o.ok)
@@ -152,19 +143,17 @@ def test_rest_flood_is_429_quickly_and_the_admitted_finish(mesh: RunningMesh) ->
 
 # ---- gRPC: the SDK, and the raw stub for the trailing metadata ----------------------------------
 async def _sdk_one(client: AsyncMeshClient) -> Outcome:
-    t0 = time.monotonic()
     try:
         done = await client.generate(PROMPT, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     except ResourceExhaustedError as e:
         # The SDK keeps the status and the message; the hint travels as trailing metadata (see _raw_one).
-        return Outcome(False, time.monotonic() - t0, sees_hint=False, detail=e.message)
-    return Outcome(True, time.monotonic() - t0, done.usage.completion_tokens, done.finish_reason)
+        return Outcome(False, sees_hint=False, detail=e.message)
+    return Outcome(True, done.usage.completion_tokens, done.finish_reason)
 
 
 async def _raw_one(stub: gateway_pb2_grpc.GatewayStub) -> Outcome:
     req = gateway_pb2.GenerateRequest(prompt=PROMPT, sampling=common_pb2.SamplingParams(
         max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
-    t0 = time.monotonic()
     tokens, finish = 0, 0
     try:
         async for r in stub.Generate(req, timeout=120):
@@ -172,10 +161,10 @@ async def _raw_one(stub: gateway_pb2_grpc.GatewayStub) -> Outcome:
             finish = r.finish_reason or finish
     except grpc.aio.AioRpcError as e:
         assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.code(), e.details())
-        return Outcome(False, time.monotonic() - t0, retry_after_s=retry_after_from_metadata(e.trailing_metadata()),
+        return Outcome(False, retry_after_s=retry_after_from_metadata(e.trailing_metadata()),
                        detail=e.details() or "")
     reason = common_pb2.FinishReason.Name(finish).removeprefix("FINISH_REASON_").lower()
-    return Outcome(True, time.monotonic() - t0, tokens, reason)
+    return Outcome(True, tokens, reason)
 
 
 async def grpc_flood(mesh: RunningMesh) -> list[Outcome]:
@@ -185,7 +174,7 @@ async def grpc_flood(mesh: RunningMesh) -> list[Outcome]:
         return list(await asyncio.gather(*(_sdk_one(client) if i % 2 else _raw_one(stub) for i in range(FLOOD))))
 
 
-def test_grpc_flood_is_resource_exhausted_quickly_with_retry_after_ms(mesh: RunningMesh) -> None:
+def test_grpc_flood_is_resource_exhausted_with_retry_after_ms(mesh: RunningMesh) -> None:
     outcomes = asyncio.run(grpc_flood(mesh))
     _check(outcomes)
     _assert_idle(mesh)
@@ -194,23 +183,36 @@ def test_grpc_flood_is_resource_exhausted_quickly_with_retry_after_ms(mesh: Runn
 # ---- the gateway's own bound -------------------------------------------------------------------
 def test_the_gateway_refuses_beyond_its_limit_before_any_worker(mesh: RunningMesh) -> None:
     """GATEWAY_LIMIT long requests fill the gateway (the worker could queue more): the next is refused by
-    the gateway's admission (its message), not by the worker, and the long ones still finish."""
+    the gateway's admission (its message), not by the worker, without waiting for a slot (the long ones are
+    all still running when it comes back), and the long ones still finish."""
 
     async def main() -> None:
         async with AsyncMeshClient(mesh.gateway, timeout_s=300) as client:
             long = [asyncio.create_task(client.generate(PROMPT, max_tokens=400, temperature=0, ignore_eos=True))
                     for _ in range(GATEWAY_LIMIT)]
-            await asyncio.sleep(2.0)  # all admitted and running or queued at the worker
-            assert not any(t.done() for t in long), "the long requests ended too soon to hold the gateway"
-            t0 = time.monotonic()
+            await _until_at_worker(mesh, GATEWAY_LIMIT, long)
             with pytest.raises(ResourceExhaustedError, match="max-concurrent-requests"):
                 await client.generate(PROMPT, max_tokens=4)
-            assert time.monotonic() - t0 < REFUSAL_S
+            assert not any(t.done() for t in long), "the refusal waited for a long request to end"
             done = await asyncio.gather(*long)
             assert all(d.usage.completion_tokens == 400 for d in done)
 
     asyncio.run(main())
     _assert_idle(mesh)
+
+
+async def _until_at_worker(mesh: RunningMesh, n: int, tasks: list[asyncio.Task], deadline_s: float = 60) -> None:
+    """Until the decode worker holds `n` requests (running or queued): the gateway admitted them all."""
+    addr, _ = _decode(mesh)
+    end = time.monotonic() + deadline_s
+    async with grpc.aio.insecure_channel(addr) as ch:
+        while True:
+            load = await decode_pb2_grpc.DecodeStub(ch).GetLoad(common_pb2.GetLoadRequest(), timeout=10)
+            if load.num_running_requests + load.num_waiting_requests == n:
+                return
+            assert not any(t.done() for t in tasks), "a long request ended before the gateway was full"
+            assert time.monotonic() < end, f"the worker never held {n} requests: {load}"
+            await asyncio.sleep(0.05)
 
 
 # ---- memory ------------------------------------------------------------------------------------

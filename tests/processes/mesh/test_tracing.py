@@ -17,6 +17,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from prometheus_client.parser import text_string_to_metric_families
 
 from moemesh.sdk import MeshClient
+from moemesh.telemetry.readiness import METRICS, parse_line
 from moemesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.processes.mesh.launch import RunningMesh, start_mesh
 
@@ -162,9 +163,9 @@ def _metrics_addresses(mesh: RunningMesh) -> dict[str, str]:
             event = json.loads(line)
         except ValueError:
             continue
-        words = str(event.get("event", "")).split()
-        if len(words) == 4 and words[1:3] == ["metrics", "on"]:  # "NAME metrics on HOST:PORT"
-            out[words[0]] = words[3]
+        ready = parse_line(str(event.get("event", "")))
+        if ready is not None and ready.kind == METRICS:
+            out[ready.service] = ready.address
     return out
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import select
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from moemesh.service.channel import mesh_channel
+from moemesh.telemetry.readiness import GRPC, parse_line
 from tests.paths import ROOT
 from tests.pki import Pki
 from tests.service.service.test_tls import (
@@ -36,18 +36,20 @@ def test_service_process_serves_mtls_from_environment_variables(pki: Pki) -> Non
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 30)
         assert ready, "no listening line within 30 s"
-        m = re.match(r"^kvtransfer listening on (\S+:\d+)$", proc.stdout.readline().strip())
-        assert m, proc.stderr.read() if proc.poll() is not None else "unexpected first line"
+        listening = parse_line(proc.stdout.readline())
+        assert listening is not None and (listening.service, listening.kind) == ("kvtransfer", GRPC), \
+            proc.stderr.read() if proc.poll() is not None else "unexpected first line"
+        address = listening.address
 
         async def main() -> None:
-            async with mesh_channel(m.group(1), tls=pki.client()) as ch:
+            async with mesh_channel(address, tls=pki.client()) as ch:
                 assert await _check(ch, "moemesh.v1.KvTransfer") == health_pb2.HealthCheckResponse.SERVING
-            err = await _refused(grpc.aio.insecure_channel(m.group(1)))
+            err = await _refused(grpc.aio.insecure_channel(address))
             assert err.code() == grpc.StatusCode.UNAVAILABLE
 
         asyncio.run(main())
         # The containers' health probe presents the service's own certificate from the same variables.
-        probe = [sys.executable, str(ROOT / "deploy" / "healthcheck.py"), "--addr", m.group(1)]
+        probe = [sys.executable, str(ROOT / "deploy" / "healthcheck.py"), "--addr", address]
         result = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=30)
         assert result.returncode == 0 and "SERVING" in result.stdout, result.stdout + result.stderr
         plain = {k: v for k, v in env.items() if not k.startswith("MOEMESH_TLS_")}

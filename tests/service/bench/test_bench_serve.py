@@ -351,11 +351,12 @@ def test_request_timeout(stub: StubOpenAI, tok_dir: Path, tmp_path: Path) -> Non
 
 
 def test_wait_for_readiness(stub: StubOpenAI, tok_dir: Path, tmp_path: Path) -> None:
-    stub.health_503 = 3
+    # The benchmark polls /health every 0.5 s: two "loading" answers, then ready.
+    stub.health_503 = 2
     rc, doc = _bench(stub, tok_dir, tmp_path, "--wait", "30", "--num-prompts", "2")
     assert rc == 0 and stub.health_503 < 0 and doc["config"]["served_models"] == ["stub-model"]
     stub.health_503 = 1000
-    rc, doc = _bench(stub, tok_dir, tmp_path, "--wait", "1", "--num-prompts", "2", "--model", "m")
+    rc, doc = _bench(stub, tok_dir, tmp_path, "--wait", "0.2", "--num-prompts", "2", "--model", "m")
     assert rc == 2 and doc == {}  # not ready in time: no requests sent
 
 

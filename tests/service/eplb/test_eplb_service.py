@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import AsyncIterator
 
@@ -22,9 +21,9 @@ from prometheus_client import REGISTRY
 from moemesh.ep.placement import ExpertPlacement
 from moemesh.service.version import PROTOCOL_VERSION
 from moemesh.services.eplb.serve import build_parser, serve
+from moemesh.telemetry.readiness import GRPC, parse_text
 from moemesh.v1 import common_pb2, eplb_pb2, eplb_pb2_grpc
 
-LISTENING = re.compile(r"^eplb listening on (\S+:\d+)$", re.M)
 L, E, P, R = 2, 8, 10, 2
 DECODE, PREFILL = common_pb2.WORKER_ROLE_DECODE, common_pb2.WORKER_ROLE_PREFILL
 START = ExpertPlacement.default(L, E, R, P - E).phy2log
@@ -77,10 +76,10 @@ async def eplb(capsys: pytest.CaptureFixture, *flags: str) -> AsyncIterator[eplb
         waiter.cancel()
         task.cancel()
         raise AssertionError(f"eplb did not start: {task.exception() if task.done() else 'timeout'}")
-    m = LISTENING.search(capsys.readouterr().out)
-    assert m, "no 'eplb listening on ADDR' line"
+    listening = [r for r in parse_text(capsys.readouterr().out) if r.kind == GRPC]
+    assert [r.service for r in listening] == ["eplb"], "no 'eplb listening on ADDR' line"
     try:
-        async with grpc.aio.insecure_channel(m.group(1)) as channel:
+        async with grpc.aio.insecure_channel(listening[0].address) as channel:
             yield eplb_pb2_grpc.EplbStub(channel)
     finally:
         stop.set()

@@ -20,6 +20,7 @@ import grpc
 
 from moemesh.model.tiny_tokenizer import build_tiny_tokenizer
 from moemesh.service.errors import PEER_CAUSE, UNAVAILABLE_CAUSE_KEY
+from moemesh.service.server import announce
 from moemesh.service.version import PROTOCOL_VERSION
 from moemesh.services.gateway.config import GatewayConfig
 from moemesh.services.gateway.serve import GatewayApp, start_gateway
@@ -262,7 +263,7 @@ class Mesh:
 
 async def _serve_fake_decode(gateway: str, worker_id: str, token_delay_s: float) -> None:
     worker = await FakeWorker(gateway, FakeDecode(token_delay_s=token_delay_s), worker_id).start()
-    print(f"fake decode listening on {worker.address}", flush=True)
+    announce("fake-decode", worker.address)
     await asyncio.Event().wait()
 
 

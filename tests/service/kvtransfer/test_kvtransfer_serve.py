@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 
 import grpc
 import pytest
@@ -12,8 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moemesh.services.kvtransfer.config import KvTransferConfig
 from moemesh.services.kvtransfer.serve import add_arguments, config_from_args, serve
-
-LISTENING = re.compile(r"^kvtransfer listening on (\S+:\d+)$")
+from moemesh.telemetry.readiness import GRPC, parse_line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,9 +49,10 @@ def test_serve_prints_its_address_and_stops_on_the_event(capsys):
         ready, stop = asyncio.Event(), asyncio.Event()
         task = asyncio.create_task(serve(KvTransferConfig(port=0, drain_s=0), ready=ready, stop=stop))
         await asyncio.wait_for(ready.wait(), 5)
-        m = LISTENING.match(capsys.readouterr().out.strip())
-        assert m, "no listening line"
-        async with grpc.aio.insecure_channel(m.group(1)) as channel:
+        out = capsys.readouterr().out
+        listening = parse_line(out)  # the whole output is the one line
+        assert listening is not None and (listening.service, listening.kind) == ("kvtransfer", GRPC), out
+        async with grpc.aio.insecure_channel(listening.address) as channel:
             r = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert r.status == health_pb2.HealthCheckResponse.SERVING
         stop.set()

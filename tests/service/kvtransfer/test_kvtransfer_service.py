@@ -140,6 +140,36 @@ def test_receiver_first_full_sequence():
     run(main())
 
 
+def test_the_plane_travels_by_name_and_as_the_enum_older_peers_read(monkeypatch: pytest.MonkeyPatch):
+    from moemesh.transfer.planes import PLANES
+
+    monkeypatch.setattr(PLANES, "_entries", dict(PLANES._entries))  # undone after the test
+    PLANES.register("shm", "moemesh.transfer.shm", receiver="ShmReceiver", sender="ShmSender", cross_process=True)
+    sent = {  # room: (data_plane, data_plane_name) registered -> the same pair resolved
+        "old": ((pb.DATA_PLANE_RELAY, ""), (pb.DATA_PLANE_RELAY, "relay")),  # a receiver that predates names
+        "both": ((pb.DATA_PLANE_UCX, "ucx"), (pb.DATA_PLANE_UCX, "ucx")),
+        "name": ((pb.DATA_PLANE_UNSPECIFIED, "inproc"), (pb.DATA_PLANE_INPROC, "inproc")),
+        "new": ((pb.DATA_PLANE_UNSPECIFIED, "shm"), (pb.DATA_PLANE_UNSPECIFIED, "shm")),  # no enum value
+    }
+
+    async def main():
+        async with kvtransfer() as (_, stub, _):
+            for room, ((plane, name), resolved) in sent.items():
+                req = register(room, plane=plane)
+                req.data_plane_name = name
+                await stub.RegisterReceiver(req, timeout=RPC_TIMEOUT_S)
+                res = await stub.ResolveReceiver(resolve(room), timeout=RPC_TIMEOUT_S)
+                assert (res.data_plane, res.data_plane_name) == resolved, room
+            for plane, name, words in ((pb.DATA_PLANE_RELAY, "rdma", "data_plane_name: unknown KV data plane 'rdma'"),
+                                       (pb.DATA_PLANE_UCX, "relay", "name different planes")):
+                req = register("refused", plane=plane)
+                req.data_plane_name = name
+                err = await rpc_error(stub.RegisterReceiver(req, timeout=RPC_TIMEOUT_S))
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.details(), err.details()
+
+    run(main())
+
+
 def test_sender_first_full_sequence():
     async def main():
         async with kvtransfer() as (svc, stub, _):

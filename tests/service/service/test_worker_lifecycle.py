@@ -56,9 +56,14 @@ def test_not_serving_while_loading_then_serving_then_draining(small_dir: Path, m
             call = decode_pb2_grpc.DecodeStub(ch).Generate(long, timeout=60)
             await call.read()
             stop.set()
-            await asyncio.sleep(0.3)
-            resp = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-            assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            deadline = asyncio.get_running_loop().time() + 10
+            while True:  # the stop is noticed by the serve task, not by this call: poll under a deadline
+                resp = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                if resp.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, "still SERVING while draining"
+                await asyncio.sleep(0.02)
+            assert not call.done()  # the request in flight is what keeps the port open
             call.cancel()
         await asyncio.wait_for(task, 30)
 

@@ -1,4 +1,5 @@
-"""Tests of the EPLB algorithm (`moemesh.services.eplb.rebalance`), its measures (`balance`) and the stats file."""
+"""Tests of the EPLB algorithm (`moemesh.services.eplb.rebalance`, with `guards` and `placement_moves`), its measures
+(`balance`) and the stats file."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import torch
 
 from moemesh.ep.placement import ExpertPlacement
 from moemesh.services.eplb.balance import balancedness, moved_slots, rank_loads
+from moemesh.services.eplb.guards import RebalanceError, never_worse_than_trivial
+from moemesh.services.eplb.placement_moves import align_to_previous, minimize_moves
 from moemesh.services.eplb.rebalance import (
-    RebalanceError,
-    align_to_previous,
-    minimize_moves,
+    balanced_packing,
     rebalance,
+    rebalance_experts,
+    rebalance_experts_hierarchical,
+    replicate_experts,
     resolve_policy,
 )
 from moemesh.services.eplb.simulate import SimulationError, simulate
@@ -71,6 +75,50 @@ def test_published_example(policy: str) -> None:
     assert logcnt.tolist() == [[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1], [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]]
     assert log2phy.shape == (2, 12, 2)
     assert log2phy[0, 1].tolist() == [13, 15] and log2phy[0, 0].tolist() == [12, -1]
+
+
+def test_reference_entry_has_the_reference_results() -> None:
+    """`rebalance_experts` as DeepSeek's: (phy2log, log2phy in replica order, logcnt) for the published example."""
+    weight = torch.tensor(EXAMPLE_WEIGHT)
+    phy2log, log2phy, logcnt = rebalance_experts(weight, 16, 4, 2, 8)
+    assert phy2log.tolist() == EXAMPLE_PHY2LOG
+    assert logcnt.tolist() == [[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1], [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]]
+    _, phyrank, _ = rebalance_experts_hierarchical(weight.double(), 16, 4, 2, 8)
+    for layer in range(2):
+        for e in range(12):
+            n = int(logcnt[layer, e])
+            assert (log2phy[layer, e, n:] == -1).all()
+            assert sorted(log2phy[layer, e, :n].tolist()) == [s for s in range(16) if EXAMPLE_PHY2LOG[layer][s] == e]
+        for slot in range(16):  # replica k of an expert is listed k-th
+            assert int(log2phy[layer, EXAMPLE_PHY2LOG[layer][slot], phyrank[layer, slot]]) == slot
+    with pytest.raises(RebalanceError, match="not divisible by num_ranks"):
+        rebalance_experts(weight, 18, 4, 2, 8)
+
+
+def test_balanced_packing_by_hand() -> None:
+    weight = torch.tensor([[5.0, 4, 3, 2, 1, 1]], dtype=torch.float64)
+    # Heaviest first onto the lightest pack with room: 5 -> p0; 4 -> p1; 3 -> p1 (4 < 5); 2 -> p0 (5 < 7);
+    # the first 1 -> p0 (7 = 7: the lower index), which is then full; the last 1 -> p1.
+    pack, nth = balanced_packing(weight, 2)
+    assert pack.tolist() == [[0, 1, 1, 0, 0, 1]] and nth.tolist() == [[0, 0, 1, 1, 2, 2]]
+    # Labelled: the 2 shares item 0's label, so it passes over p0 for p1 (still with room); the 1s fill p0.
+    pack, nth = balanced_packing(weight, 2, labels=torch.tensor([[0, 1, 2, 0, 3, 4]]))
+    assert pack.tolist() == [[0, 1, 1, 1, 0, 0]] and nth.tolist() == [[0, 0, 1, 2, 1, 2]]
+
+
+def test_replicate_experts_by_hand() -> None:
+    # Loads 6, 3, 2 over 5 replicas: the 4th goes to expert 0 (6 per replica), the 5th to the tie of expert 0
+    # (6/2) and expert 1 (3/1): the one with fewer replicas.
+    phy2log, rank, logcnt = replicate_experts(torch.tensor([[6.0, 3.0, 2.0]], dtype=torch.float64), 5)
+    assert phy2log.tolist() == [[0, 1, 2, 0, 1]]
+    assert rank.tolist() == [[0, 0, 0, 1, 1]]
+    assert logcnt.tolist() == [[2, 2, 1]]
+
+
+def test_guard_keeps_the_trivial_placement_where_it_balances_better() -> None:
+    weight = torch.tensor([[10.0, 1, 10, 1], [10, 10, 1, 1]], dtype=torch.float64)
+    swapped = torch.tensor([[0, 2, 1, 3], [0, 2, 1, 3]])  # rank loads 20 | 2, then 11 | 11 (trivial: 11 | 11, 20 | 2)
+    assert never_worse_than_trivial(weight, swapped, 2).tolist() == [[0, 1, 2, 3], [0, 2, 1, 3]]
 
 
 def test_auto_policy() -> None:

@@ -1,12 +1,22 @@
-"""The gateway's routing rules, as pure logic over registry entries (no servers)."""
+"""The gateway's routing policies, as pure logic over registry entries (no servers)."""
 
 from __future__ import annotations
 
 import pytest
 
 from moemesh.service.errors import Unavailable
+from moemesh.services.gateway.config import GatewayConfig
 from moemesh.services.gateway.registry import DECODE, PREFILL, WorkerEntry
-from moemesh.services.gateway.router import PrefixAffinity, Route, Router
+from moemesh.services.gateway.router import (
+    LeastLoadRouter,
+    PrefixAffinity,
+    PrefixAffinityRouter,
+    RoundRobinRouter,
+    Route,
+    Router,
+    make_router,
+)
+from moemesh.services.gateway.routers import ROUTERS
 from moemesh.v1 import common_pb2
 
 LAYOUT = common_pb2.KvLayout(model_fingerprint="m", num_layers=4, page_size_tokens=16, kv_lora_rank=512,
@@ -29,7 +39,7 @@ def prefill(worker_id: str, waiting: int = 0, running: int = 0, layout: common_p
 
 
 def test_decode_most_free_pages_then_fewest_running() -> None:
-    router = Router()
+    router = PrefixAffinityRouter()
     a, b, c = worker("a", free=50), worker("b", free=80, running=9), worker("c", free=80, running=2)
     assert router.route([a, b, c], [], PROMPT).decode is c
     c.in_flight = 10  # the gateway's own in-flight requests count as running
@@ -39,11 +49,11 @@ def test_decode_most_free_pages_then_fewest_running() -> None:
 def test_pages_sent_since_the_last_report_count_against_a_worker() -> None:
     a, b = worker("a", free=100), worker("b", free=95)
     a.pending_pages = 10
-    assert Router().route([a, b], [], PROMPT).decode is b
+    assert PrefixAffinityRouter().route([a, b], [], PROMPT).decode is b
 
 
 def test_draining_unhealthy_and_too_short_workers_are_skipped() -> None:
-    router = Router()
+    router = PrefixAffinityRouter()
     best = worker("best", free=100, draining=True)
     sick = worker("sick", free=90, healthy=False)
     short = worker("short", free=80, max_model_len=100)
@@ -55,24 +65,24 @@ def test_draining_unhealthy_and_too_short_workers_are_skipped() -> None:
 
 def test_no_decode_workers() -> None:
     with pytest.raises(Unavailable, match="no decode workers registered"):
-        Router().route([], [prefill("p")], PROMPT)
+        PrefixAffinityRouter().route([], [prefill("p")], PROMPT)
 
 
 def test_colocated_without_a_prefill_worker_that_can_take_the_request() -> None:
     d = worker("d")
-    assert Router().route([d], [], PROMPT).prefill is None
+    assert PrefixAffinityRouter().route([d], [], PROMPT).prefill is None
     # All prefill workers gone or draining: the decode worker prefills rather than the request failing.
-    assert Router().route([d], [prefill("p", draining=True)], PROMPT) == Route(d, None)
+    assert PrefixAffinityRouter().route([d], [prefill("p", draining=True)], PROMPT) == Route(d, None)
 
 
 def test_prefill_shortest_queue_counts_waiting_running_and_in_flight() -> None:
     p1, p2, p3 = prefill("p1", waiting=3), prefill("p2", running=1), prefill("p3")
     p3.in_flight = 2
-    assert Router().route([worker("d")], [p1, p2, p3], PROMPT).prefill is p2
+    assert PrefixAffinityRouter().route([worker("d")], [p1, p2, p3], PROMPT).prefill is p2
 
 
 def test_prefix_affinity_wins_over_queue_length_within_the_imbalance_bound() -> None:
-    router = Router(max_affinity_imbalance=4)
+    router = PrefixAffinityRouter(max_affinity_imbalance=4)
     p1, p2 = prefill("p1"), prefill("p2")
     d = worker("d")
     assert router.route([d], [p1, p2], PROMPT).prefill is p1
@@ -86,7 +96,7 @@ def test_prefix_affinity_wins_over_queue_length_within_the_imbalance_bound() -> 
 
 
 def test_longest_shared_prefix_decides() -> None:
-    router = Router()
+    router = PrefixAffinityRouter()
     p1, p2 = prefill("p1"), prefill("p2")
     d = worker("d")
     router.affinity.remember(router.affinity.keys(PROMPT[:128]), "p2")
@@ -109,7 +119,7 @@ def test_affinity_is_lru_bounded() -> None:
 
 
 def test_only_compatible_kv_layouts_are_paired() -> None:
-    router = Router()
+    router = PrefixAffinityRouter()
     d_other = worker("d_other", free=100, layout=OTHER_LAYOUT)
     d_same = worker("d_same", free=10)
     p = prefill("p")
@@ -120,3 +130,71 @@ def test_only_compatible_kv_layouts_are_paired() -> None:
     assert route.decode is d_other and route.prefill is p_other
     with pytest.raises(Unavailable, match="compatible"):
         router.route([d_same], [p_other], PROMPT)
+
+
+# -- the policies behind --router ----------------------------------------------------------------------------
+
+
+def test_every_registered_router_is_built_by_name() -> None:
+    kinds = {"prefix_affinity": PrefixAffinityRouter, "least_load": LeastLoadRouter, "round_robin": RoundRobinRouter}
+    for name, kind in kinds.items():
+        assert type(make_router(name)) is kind
+    for name in ROUTERS.names():  # every registered policy is a Router answering to its own name
+        router = make_router(name)
+        assert isinstance(router, Router) and router.name == name
+    with pytest.raises(ValueError, match="unknown router 'random'; choose one of prefix_affinity, least_load"):
+        make_router("random")
+    assert GatewayConfig().router == "prefix_affinity"
+    with pytest.raises(ValueError, match="router must be one of prefix_affinity, least_load, round_robin"):
+        GatewayConfig(router="random")
+
+
+@pytest.mark.parametrize("name", ["prefix_affinity", "least_load", "round_robin"])
+def test_every_policy_keeps_the_pairing_rules(name: str) -> None:
+    router = make_router(name)
+    d_other = worker("d_other", free=100, layout=OTHER_LAYOUT)
+    d_same, d_draining = worker("d_same", free=10), worker("d_draining", free=100, draining=True)
+    p, p_other = prefill("p"), prefill("p_other", layout=OTHER_LAYOUT)
+    p_sick = prefill("p_sick", healthy=False)
+    for _ in range(4):  # whatever the turn, a route never pairs incompatible layouts or uses an unroutable worker
+        route = router.route([d_other, d_same, d_draining], [p, p_sick], PROMPT)
+        assert route.decode is d_same and route.prefill is p
+    with pytest.raises(Unavailable, match="compatible"):
+        router.route([d_same], [p_other], PROMPT)
+    assert router.route([d_same], [prefill("gone", draining=True)], PROMPT) == Route(d_same, None)
+
+
+def test_least_load_ignores_prefix_affinity() -> None:
+    d, p1, p2 = worker("d"), prefill("p1"), prefill("p2")
+    affinity, least = PrefixAffinityRouter(), LeastLoadRouter()
+    assert affinity.route([d], [p1, p2], PROMPT).prefill is p1
+    assert least.route([d], [p1, p2], PROMPT).prefill is p1  # equal queues: the lower id
+    p1.load.num_waiting_requests = 3  # p1 served this prefix; p2's queue is shorter
+    assert affinity.route([d], [p1, p2], PROMPT).prefill is p1
+    assert least.route([d], [p1, p2], PROMPT).prefill is p2
+    p2.in_flight = 4  # in-flight requests count: p1 (3) is now the shorter queue
+    assert least.route([d], [p1, p2], PROMPT).prefill is p1
+
+
+def test_least_load_orders_decode_by_free_pages_then_running() -> None:
+    a, b, c = worker("a", free=50), worker("b", free=80, running=9), worker("c", free=80, running=2)
+    assert LeastLoadRouter().route([a, b, c], [], PROMPT).decode is c
+
+
+def test_round_robin_takes_workers_in_turn_whatever_their_load() -> None:
+    router = RoundRobinRouter()
+    a, b, c = worker("a", free=1), worker("b", free=100), worker("c", free=50, running=9)
+    p1, p2 = prefill("p1", waiting=50), prefill("p2")
+    routes = [router.route([c, a, b], [p2, p1], PROMPT) for _ in range(4)]
+    assert [r.decode.worker_id for r in routes] == ["a", "b", "c", "a"]
+    assert [r.prefill.worker_id for r in routes] == ["p1", "p2", "p1", "p2"]
+    b.draining = True  # a worker out of turn is skipped: the rotation goes over the routable ones
+    assert [router.route([a, b, c], [], PROMPT).decode.worker_id for _ in range(2)] == ["a", "c"]
+
+
+def test_round_robin_rotates_prefill_over_compatible_workers_only() -> None:
+    router = RoundRobinRouter()
+    d = worker("d")
+    p1, p2, p_other = prefill("p1"), prefill("p2"), prefill("p0", layout=OTHER_LAYOUT)
+    chosen = [router.route([d], [p_other, p1, p2], PROMPT).prefill.worker_id for _ in range(4)]
+    assert chosen == ["p1", "p2", "p1", "p2"]

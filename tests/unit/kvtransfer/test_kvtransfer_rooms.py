@@ -9,11 +9,12 @@ import pytest
 
 from moemesh.services.kvtransfer.errors import KvTransferError, Reason
 from moemesh.services.kvtransfer.relay import Relay
-from moemesh.services.kvtransfer.rooms import Layout, Receiver, RoomRegistry, RoomState, Side
+from moemesh.services.kvtransfer.rooms import Receiver, RoomRegistry, RoomState, Side
+from moemesh.transfer.layout import KvLayout
 from moemesh.v1 import kvtransfer_pb2
 
-LAYOUT = Layout("fp-1", 3, 16, 32, 16, "KV_DTYPE_BFLOAT16")
-RECEIVER = Receiver(LAYOUT, data_plane=2, address="", num_tokens=40, request_id="req-1")
+LAYOUT = KvLayout("fp-1", 3, 16, 32, 16, "KV_DTYPE_BFLOAT16")
+RECEIVER = Receiver(LAYOUT, data_plane="relay", address="", num_tokens=40, request_id="req-1")
 
 
 def run(coro, timeout_s: float = 10):

@@ -11,8 +11,7 @@ from moemesh.model.loader import load_model
 from moemesh.model.mla import NoCacheAttention
 from moemesh.model.tiny import tiny_config, write_checkpoint
 from tests.conftest import SMALL
-
-transformers = pytest.importorskip("transformers")
+from tests.required import require_module
 
 YARN_V3 = {"type": "yarn", "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 512,
            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8}
@@ -51,6 +50,9 @@ def _ours(model, ids: list[int]) -> torch.Tensor:
 
 
 def _hf(path: Path):
+    """The reference: transformers' model of the checkpoint (a test without it skips; on CI, where the test
+    extra installs it, fails)."""
+    transformers = require_module("transformers")
     return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 

@@ -25,39 +25,39 @@ _sym_db = _symbol_database.Default()
 from moemesh.v1 import common_pb2 as moemesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmoemesh/v1/kvtransfer.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"\x88\x02\n\x17RegisterReceiverRequest\x12\x35\n\x10protocol_version\x18\x01 \x01(\x0e\x32\x1b.moemesh.v1.ProtocolVersion\x12\x0f\n\x07room_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12$\n\x06layout\x18\x04 \x01(\x0b\x32\x14.moemesh.v1.KvLayout\x12)\n\ndata_plane\x18\x05 \x01(\x0e\x32\x15.moemesh.v1.DataPlane\x12\x1a\n\x12\x64\x61ta_plane_address\x18\x06 \x01(\t\x12\x12\n\nnum_tokens\x18\x07 \x01(\r\x12\x10\n\x08lease_ms\x18\x08 \x01(\r\"@\n\x18RegisterReceiverResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.moemesh.v1.RoomState\"\xa9\x01\n\x16ResolveReceiverRequest\x12\x35\n\x10protocol_version\x18\x01 \x01(\x0e\x32\x1b.moemesh.v1.ProtocolVersion\x12\x0f\n\x07room_id\x18\x02 \x01(\t\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.moemesh.v1.KvLayout\x12\x0f\n\x07wait_ms\x18\x04 \x01(\r\x12\x10\n\x08lease_ms\x18\x05 \x01(\r\"\x9a\x01\n\x17ResolveReceiverResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.moemesh.v1.RoomState\x12)\n\ndata_plane\x18\x02 \x01(\x0e\x32\x15.moemesh.v1.DataPlane\x12\x1a\n\x12\x64\x61ta_plane_address\x18\x03 \x01(\t\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\"l\n\x15ReportTransferRequest\x12\x0f\n\x07room_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.moemesh.v1.RoomState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\">\n\x16ReportTransferResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.moemesh.v1.RoomState\"#\n\x10WatchRoomRequest\x12\x0f\n\x07room_id\x18\x01 \x01(\t\"R\n\nRoomStatus\x12\x0f\n\x07room_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.moemesh.v1.RoomState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\xb5\x02\n\x07KvChunk\x12\x0f\n\x07room_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\r\x12\x13\n\x0btoken_start\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x11\n\trow_width\x18\x06 \x01(\r\x12\"\n\x05\x64type\x18\x07 \x01(\x0e\x32\x13.moemesh.v1.KvDtype\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x16\n\x0e\x63hecksum_crc32\x18\t \x01(\r\x12\x0c\n\x04last\x18\n \x01(\x08\x12\x16\n\x0e\x66irst_token_id\x18\x0b \x01(\r\x12\x30\n\x0e\x66irst_logprobs\x18\x0c \x01(\x0b\x32\x18.moemesh.v1.StepLogprobs\x12\x12\n\nnum_chunks\x18\r \x01(\r\"7\n\x12PushChunksResponse\x12\x12\n\nnum_chunks\x18\x01 \x01(\r\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"$\n\x11PullChunksRequest\x12\x0f\n\x07room_id\x18\x01 \x01(\t*\xb3\x01\n\tRoomState\x12\x1a\n\x16ROOM_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18ROOM_STATE_BOOTSTRAPPING\x10\x01\x12 \n\x1cROOM_STATE_WAITING_FOR_INPUT\x10\x02\x12\x1b\n\x17ROOM_STATE_TRANSFERRING\x10\x03\x12\x16\n\x12ROOM_STATE_SUCCESS\x10\x04\x12\x15\n\x11ROOM_STATE_FAILED\x10\x05*h\n\tDataPlane\x12\x1a\n\x16\x44\x41TA_PLANE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_PLANE_UCX\x10\x01\x12\x14\n\x10\x44\x41TA_PLANE_RELAY\x10\x02\x12\x15\n\x11\x44\x41TA_PLANE_INPROC\x10\x03\x32\xee\x03\n\nKvTransfer\x12]\n\x10RegisterReceiver\x12#.moemesh.v1.RegisterReceiverRequest\x1a$.moemesh.v1.RegisterReceiverResponse\x12Z\n\x0fResolveReceiver\x12\".moemesh.v1.ResolveReceiverRequest\x1a#.moemesh.v1.ResolveReceiverResponse\x12W\n\x0eReportTransfer\x12!.moemesh.v1.ReportTransferRequest\x1a\".moemesh.v1.ReportTransferResponse\x12\x43\n\tWatchRoom\x12\x1c.moemesh.v1.WatchRoomRequest\x1a\x16.moemesh.v1.RoomStatus0\x01\x12\x43\n\nPushChunks\x12\x13.moemesh.v1.KvChunk\x1a\x1e.moemesh.v1.PushChunksResponse(\x01\x12\x42\n\nPullChunks\x12\x1d.moemesh.v1.PullChunksRequest\x1a\x13.moemesh.v1.KvChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmoemesh/v1/kvtransfer.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"\xa1\x02\n\x17RegisterReceiverRequest\x12\x35\n\x10protocol_version\x18\x01 \x01(\x0e\x32\x1b.moemesh.v1.ProtocolVersion\x12\x0f\n\x07room_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12$\n\x06layout\x18\x04 \x01(\x0b\x32\x14.moemesh.v1.KvLayout\x12)\n\ndata_plane\x18\x05 \x01(\x0e\x32\x15.moemesh.v1.DataPlane\x12\x1a\n\x12\x64\x61ta_plane_address\x18\x06 \x01(\t\x12\x12\n\nnum_tokens\x18\x07 \x01(\r\x12\x10\n\x08lease_ms\x18\x08 \x01(\r\x12\x17\n\x0f\x64\x61ta_plane_name\x18\t \x01(\t\"@\n\x18RegisterReceiverResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.moemesh.v1.RoomState\"\xa9\x01\n\x16ResolveReceiverRequest\x12\x35\n\x10protocol_version\x18\x01 \x01(\x0e\x32\x1b.moemesh.v1.ProtocolVersion\x12\x0f\n\x07room_id\x18\x02 \x01(\t\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.moemesh.v1.KvLayout\x12\x0f\n\x07wait_ms\x18\x04 \x01(\r\x12\x10\n\x08lease_ms\x18\x05 \x01(\r\"\xb3\x01\n\x17ResolveReceiverResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.moemesh.v1.RoomState\x12)\n\ndata_plane\x18\x02 \x01(\x0e\x32\x15.moemesh.v1.DataPlane\x12\x1a\n\x12\x64\x61ta_plane_address\x18\x03 \x01(\t\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x64\x61ta_plane_name\x18\x05 \x01(\t\"l\n\x15ReportTransferRequest\x12\x0f\n\x07room_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.moemesh.v1.RoomState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\">\n\x16ReportTransferResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.moemesh.v1.RoomState\"#\n\x10WatchRoomRequest\x12\x0f\n\x07room_id\x18\x01 \x01(\t\"R\n\nRoomStatus\x12\x0f\n\x07room_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.moemesh.v1.RoomState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\xb5\x02\n\x07KvChunk\x12\x0f\n\x07room_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\r\x12\x13\n\x0btoken_start\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x11\n\trow_width\x18\x06 \x01(\r\x12\"\n\x05\x64type\x18\x07 \x01(\x0e\x32\x13.moemesh.v1.KvDtype\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x16\n\x0e\x63hecksum_crc32\x18\t \x01(\r\x12\x0c\n\x04last\x18\n \x01(\x08\x12\x16\n\x0e\x66irst_token_id\x18\x0b \x01(\r\x12\x30\n\x0e\x66irst_logprobs\x18\x0c \x01(\x0b\x32\x18.moemesh.v1.StepLogprobs\x12\x12\n\nnum_chunks\x18\r \x01(\r\"7\n\x12PushChunksResponse\x12\x12\n\nnum_chunks\x18\x01 \x01(\r\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"$\n\x11PullChunksRequest\x12\x0f\n\x07room_id\x18\x01 \x01(\t*\xb3\x01\n\tRoomState\x12\x1a\n\x16ROOM_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18ROOM_STATE_BOOTSTRAPPING\x10\x01\x12 \n\x1cROOM_STATE_WAITING_FOR_INPUT\x10\x02\x12\x1b\n\x17ROOM_STATE_TRANSFERRING\x10\x03\x12\x16\n\x12ROOM_STATE_SUCCESS\x10\x04\x12\x15\n\x11ROOM_STATE_FAILED\x10\x05*h\n\tDataPlane\x12\x1a\n\x16\x44\x41TA_PLANE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_PLANE_UCX\x10\x01\x12\x14\n\x10\x44\x41TA_PLANE_RELAY\x10\x02\x12\x15\n\x11\x44\x41TA_PLANE_INPROC\x10\x03\x32\xee\x03\n\nKvTransfer\x12]\n\x10RegisterReceiver\x12#.moemesh.v1.RegisterReceiverRequest\x1a$.moemesh.v1.RegisterReceiverResponse\x12Z\n\x0fResolveReceiver\x12\".moemesh.v1.ResolveReceiverRequest\x1a#.moemesh.v1.ResolveReceiverResponse\x12W\n\x0eReportTransfer\x12!.moemesh.v1.ReportTransferRequest\x1a\".moemesh.v1.ReportTransferResponse\x12\x43\n\tWatchRoom\x12\x1c.moemesh.v1.WatchRoomRequest\x1a\x16.moemesh.v1.RoomStatus0\x01\x12\x43\n\nPushChunks\x12\x13.moemesh.v1.KvChunk\x1a\x1e.moemesh.v1.PushChunksResponse(\x01\x12\x42\n\nPullChunks\x12\x1d.moemesh.v1.PullChunksRequest\x1a\x13.moemesh.v1.KvChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moemesh.v1.kvtransfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROOMSTATE']._serialized_start=1433
-  _globals['_ROOMSTATE']._serialized_end=1612
-  _globals['_DATAPLANE']._serialized_start=1614
-  _globals['_DATAPLANE']._serialized_end=1718
+  _globals['_ROOMSTATE']._serialized_start=1483
+  _globals['_ROOMSTATE']._serialized_end=1662
+  _globals['_DATAPLANE']._serialized_start=1664
+  _globals['_DATAPLANE']._serialized_end=1768
   _globals['_REGISTERRECEIVERREQUEST']._serialized_start=69
-  _globals['_REGISTERRECEIVERREQUEST']._serialized_end=333
-  _globals['_REGISTERRECEIVERRESPONSE']._serialized_start=335
-  _globals['_REGISTERRECEIVERRESPONSE']._serialized_end=399
-  _globals['_RESOLVERECEIVERREQUEST']._serialized_start=402
-  _globals['_RESOLVERECEIVERREQUEST']._serialized_end=571
-  _globals['_RESOLVERECEIVERRESPONSE']._serialized_start=574
-  _globals['_RESOLVERECEIVERRESPONSE']._serialized_end=728
-  _globals['_REPORTTRANSFERREQUEST']._serialized_start=730
-  _globals['_REPORTTRANSFERREQUEST']._serialized_end=838
-  _globals['_REPORTTRANSFERRESPONSE']._serialized_start=840
-  _globals['_REPORTTRANSFERRESPONSE']._serialized_end=902
-  _globals['_WATCHROOMREQUEST']._serialized_start=904
-  _globals['_WATCHROOMREQUEST']._serialized_end=939
-  _globals['_ROOMSTATUS']._serialized_start=941
-  _globals['_ROOMSTATUS']._serialized_end=1023
-  _globals['_KVCHUNK']._serialized_start=1026
-  _globals['_KVCHUNK']._serialized_end=1335
-  _globals['_PUSHCHUNKSRESPONSE']._serialized_start=1337
-  _globals['_PUSHCHUNKSRESPONSE']._serialized_end=1392
-  _globals['_PULLCHUNKSREQUEST']._serialized_start=1394
-  _globals['_PULLCHUNKSREQUEST']._serialized_end=1430
-  _globals['_KVTRANSFER']._serialized_start=1721
-  _globals['_KVTRANSFER']._serialized_end=2215
+  _globals['_REGISTERRECEIVERREQUEST']._serialized_end=358
+  _globals['_REGISTERRECEIVERRESPONSE']._serialized_start=360
+  _globals['_REGISTERRECEIVERRESPONSE']._serialized_end=424
+  _globals['_RESOLVERECEIVERREQUEST']._serialized_start=427
+  _globals['_RESOLVERECEIVERREQUEST']._serialized_end=596
+  _globals['_RESOLVERECEIVERRESPONSE']._serialized_start=599
+  _globals['_RESOLVERECEIVERRESPONSE']._serialized_end=778
+  _globals['_REPORTTRANSFERREQUEST']._serialized_start=780
+  _globals['_REPORTTRANSFERREQUEST']._serialized_end=888
+  _globals['_REPORTTRANSFERRESPONSE']._serialized_start=890
+  _globals['_REPORTTRANSFERRESPONSE']._serialized_end=952
+  _globals['_WATCHROOMREQUEST']._serialized_start=954
+  _globals['_WATCHROOMREQUEST']._serialized_end=989
+  _globals['_ROOMSTATUS']._serialized_start=991
+  _globals['_ROOMSTATUS']._serialized_end=1073
+  _globals['_KVCHUNK']._serialized_start=1076
+  _globals['_KVCHUNK']._serialized_end=1385
+  _globals['_PUSHCHUNKSRESPONSE']._serialized_start=1387
+  _globals['_PUSHCHUNKSRESPONSE']._serialized_end=1442
+  _globals['_PULLCHUNKSREQUEST']._serialized_start=1444
+  _globals['_PULLCHUNKSREQUEST']._serialized_end=1480
+  _globals['_KVTRANSFER']._serialized_start=1771
+  _globals['_KVTRANSFER']._serialized_end=2265
 # @@protoc_insertion_point(module_scope)

@@ -34,7 +34,7 @@ DATA_PLANE_RELAY: DataPlane
 DATA_PLANE_INPROC: DataPlane
 
 class RegisterReceiverRequest(_message.Message):
-    __slots__ = ("protocol_version", "room_id", "request_id", "layout", "data_plane", "data_plane_address", "num_tokens", "lease_ms")
+    __slots__ = ("protocol_version", "room_id", "request_id", "layout", "data_plane", "data_plane_address", "num_tokens", "lease_ms", "data_plane_name")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROOM_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class RegisterReceiverRequest(_message.Message):
     DATA_PLANE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    DATA_PLANE_NAME_FIELD_NUMBER: _ClassVar[int]
     protocol_version: _common_pb2.ProtocolVersion
     room_id: str
     request_id: str
@@ -51,7 +52,8 @@ class RegisterReceiverRequest(_message.Message):
     data_plane_address: str
     num_tokens: int
     lease_ms: int
-    def __init__(self, protocol_version: _Optional[_Union[_common_pb2.ProtocolVersion, str]] = ..., room_id: _Optional[str] = ..., request_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KvLayout, _Mapping]] = ..., data_plane: _Optional[_Union[DataPlane, str]] = ..., data_plane_address: _Optional[str] = ..., num_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    data_plane_name: str
+    def __init__(self, protocol_version: _Optional[_Union[_common_pb2.ProtocolVersion, str]] = ..., room_id: _Optional[str] = ..., request_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KvLayout, _Mapping]] = ..., data_plane: _Optional[_Union[DataPlane, str]] = ..., data_plane_address: _Optional[str] = ..., num_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ..., data_plane_name: _Optional[str] = ...) -> None: ...
 
 class RegisterReceiverResponse(_message.Message):
     __slots__ = ("state",)
@@ -74,16 +76,18 @@ class ResolveReceiverRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[_Union[_common_pb2.ProtocolVersion, str]] = ..., room_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KvLayout, _Mapping]] = ..., wait_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class ResolveReceiverResponse(_message.Message):
-    __slots__ = ("state", "data_plane", "data_plane_address", "num_tokens")
+    __slots__ = ("state", "data_plane", "data_plane_address", "num_tokens", "data_plane_name")
     STATE_FIELD_NUMBER: _ClassVar[int]
     DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     DATA_PLANE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DATA_PLANE_NAME_FIELD_NUMBER: _ClassVar[int]
     state: RoomState
     data_plane: DataPlane
     data_plane_address: str
     num_tokens: int
-    def __init__(self, state: _Optional[_Union[RoomState, str]] = ..., data_plane: _Optional[_Union[DataPlane, str]] = ..., data_plane_address: _Optional[str] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    data_plane_name: str
+    def __init__(self, state: _Optional[_Union[RoomState, str]] = ..., data_plane: _Optional[_Union[DataPlane, str]] = ..., data_plane_address: _Optional[str] = ..., num_tokens: _Optional[int] = ..., data_plane_name: _Optional[str] = ...) -> None: ...
 
 class ReportTransferRequest(_message.Message):
     __slots__ = ("room_id", "state", "error", "bytes")
