@@ -25,7 +25,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-# The services' default gRPC ports (tests/unit/test_deploy.py checks them against the services' parsers).
+# The services' default gRPC ports (tests/unit/deploy/test_deploy.py checks them against the services' parsers).
 DEFAULT_PORTS = {"gateway": 50051, "kvtransfer": 50060, "decode": 50070, "prefill": 50080, "eplb": 50090}
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 

@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import argparse
 
+PRESETS = ("tiny", "bench", "small", "compute")
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-tiny", help="write a tiny random DeepSeek-V3 checkpoint (Hugging Face format)")
     p.add_argument("dir", help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", default="tiny", choices=["tiny", "bench"],
-                   help="tiny: the embedded default; bench: a larger, compute-bound config")
+    # Spelled out: importing moemesh.model.tiny would import torch for every `moemesh --help`
+    # (tests/unit/test_registry.py checks the list against PRESETS).
+    p.add_argument("--preset", default="tiny", choices=PRESETS,
+                   help="tiny: the embedded default; bench: a larger, compute-bound config; small and compute: "
+                        "the shapes of the comparison with vLLM (docs/benchmarks.md)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the weights' dtype in the files (and config.json's torch_dtype)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from moemesh.model.tiny import make_tiny
 
-    out = make_tiny(args.dir, seed=args.seed, preset=args.preset)
+    out = make_tiny(args.dir, seed=args.seed, preset=args.preset, dtype=getattr(torch, args.dtype))
     print(f"wrote a {args.preset} DeepSeek-V3 checkpoint to {out}")
     return 0

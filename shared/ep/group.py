@@ -196,7 +196,7 @@ class EPGroup:
     def close(self) -> None:
         """Leave a healthy group together: meet in a barrier first, since a rank tearing down its connections
         while a peer's gloo threads still used them was seen to end the peer with std::terminate (2 runs in
-        about 70 of tests/unit/test_ep_migrate.py). A peer already gone fails the barrier at once."""
+        about 70 of tests/processes/ep/test_ep_migrate.py). A peer already gone fails the barrier at once."""
         if not dist.is_initialized():
             return
         try:

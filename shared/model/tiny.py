@@ -33,6 +33,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_routed_experts": 32, "num_experts_per_tok": 6, "n_group": 8, "topk_group": 4,
         "qk_nope_head_dim": 64, "v_head_dim": 64,
     },
+    # The two shapes moemesh is measured against vLLM on (docs/benchmarks.md): a small one, bound by per-op
+    # overhead, and a compute-bound one with DeepSeek-V3's head dimensions, bound by reading expert weights
+    # in decode and by matrix work in prefill. Head dims are multiples of 32 for vLLM's CPU MLA kernels.
+    "small": {
+        "vocab_size": 1024, "hidden_size": 384, "intermediate_size": 1024, "moe_intermediate_size": 192,
+        "num_hidden_layers": 6, "num_attention_heads": 6, "q_lora_rank": 192,
+        "n_routed_experts": 24, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
+        "qk_nope_head_dim": 64, "v_head_dim": 64,
+    },
+    "compute": {
+        "vocab_size": 4096, "hidden_size": 1024, "intermediate_size": 2816, "moe_intermediate_size": 384,
+        "num_hidden_layers": 6, "num_attention_heads": 16, "q_lora_rank": 512,
+        "n_routed_experts": 64, "num_experts_per_tok": 6, "n_group": 8, "topk_group": 4,
+        "qk_nope_head_dim": 128, "v_head_dim": 128,
+    },
 }
 
 
@@ -122,6 +137,7 @@ def write_checkpoint(out_dir: str | Path, config: dict[str, Any], seed: int = 0,
     return out
 
 
-def make_tiny(out_dir: str | Path, seed: int = 0, preset: str = "tiny") -> Path:
-    """Write the embedded default model (or the `bench` preset) to `out_dir`."""
-    return write_checkpoint(out_dir, tiny_config(preset), seed=seed)
+def make_tiny(out_dir: str | Path, seed: int = 0, preset: str = "tiny", dtype: torch.dtype = torch.float32) -> Path:
+    """Write the embedded default model (or another preset) to `out_dir`, its weights in `dtype`."""
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    return write_checkpoint(out_dir, tiny_config(preset, torch_dtype=name), seed=seed, dtype=dtype)

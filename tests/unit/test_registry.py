@@ -13,6 +13,9 @@ import moemesh.transfer
 from moemesh.ep.backends import DISPATCHERS, GEMMS
 from moemesh.ep.dispatch import AllToAllDispatcher, Dispatcher
 from moemesh.ep.experts import GroupedGemm, TorchGroupedGemm, make_grouped_gemm
+from moemesh.model.config import ModelConfig
+from moemesh.model.tiny import PRESETS as TINY_PRESETS
+from moemesh.model.tiny import tiny_config
 from moemesh.registry import BackendUnavailable, Registry
 from moemesh.services.cli.main import build_parser
 from moemesh.services.decode.serve import build_parser as decode_parser
@@ -152,6 +155,9 @@ def test_every_parser_offers_the_registered_names() -> None:
     assert _choices(eplb_parser(), "--policy") == POLICIES.names()
     assert _choices(cli, "eplb", "rebalance", "--policy") == POLICIES.names()
     assert _choices(cli, "eplb", "simulate", "--policy") == POLICIES.names()
+    assert _choices(cli, "make-tiny", "--preset") == tuple(TINY_PRESETS)
+    for preset in TINY_PRESETS:  # every preset is a valid config
+        ModelConfig.from_hf_dict(tiny_config(preset))
 
 
 # -- the KV planes on the wire ----------------------------------------------------------------------------------

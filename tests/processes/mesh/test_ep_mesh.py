@@ -12,7 +12,6 @@ import concurrent.futures as cf
 import os
 import signal
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -26,7 +25,7 @@ from moemesh.sdk import MeshClient, MeshError
 from moemesh.v1 import common_pb2, decode_pb2_grpc
 from tests.conftest import SMALL
 from tests.processes.mesh.launch import RunningMesh, start_mesh
-from tests.processes.mesh.waits import assert_processes_gone, until
+from tests.processes.mesh.waits import assert_processes_gone, migrations, until
 
 # Six experts: EP 4 needs two redundant slots (8 physical), EP 2 divides them.
 SIX_EXPERTS = {**SMALL, "n_routed_experts": 6, "n_group": 3, "topk_group": 2}
@@ -105,15 +104,6 @@ def test_ep_outputs_equal_in_process(prefill: int, ep_size: int, extra: tuple[st
     assert_processes_gone(mesh)
 
 
-def _migrations(mesh: RunningMesh) -> float:
-    """The gateway's `moemesh_request_migrations_total`."""
-    body = urllib.request.urlopen(f"http://{mesh.metrics['gateway']}/metrics", timeout=5).read().decode()
-    values = [float(line.split()[1]) for line in body.splitlines()
-              if line.startswith("moemesh_request_migrations_total ")]
-    assert len(values) == 1, body
-    return values[0]
-
-
 def _running(mesh: RunningMesh) -> dict[str, int]:
     """Requests running on each decode DP rank."""
     running = {}
@@ -130,11 +120,11 @@ def _health(address: str) -> int:
         return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
 
 
-@pytest.mark.parametrize("migrations", [0, 2], ids=["no-migration", "migration"])
-def test_killed_rank_fails_its_group_and_the_mesh_keeps_serving(six_dir: Path, migrations: int,
+@pytest.mark.parametrize("max_migrations", [0, 2], ids=["no-migration", "migration"])
+def test_killed_rank_fails_its_group_and_the_mesh_keeps_serving(six_dir: Path, max_migrations: int,
                                                                 long_reference: list[list[int]]) -> None:
     mesh = start_mesh("--model", str(six_dir), "--prefill", "0", "--decode", "2", "--ep-size", "2", *FP32,
-                      env={"MOEMESH_MAX_MIGRATIONS": str(migrations)})
+                      env={"MOEMESH_MAX_MIGRATIONS": str(max_migrations)})
     try:
         group = {name: mesh.services[name] for name in ("decode-0-dp0", "decode-0-dp1")}
         outcomes: list[str | list[int]] = []
@@ -157,8 +147,8 @@ def test_killed_rank_fails_its_group_and_the_mesh_keeps_serving(six_dir: Path, m
             killed_at = time.monotonic()
             outcomes = [f.result(timeout=90) for f in futs]
         assert time.monotonic() - killed_at < 60
-        if migrations:
-            assert _migrations(mesh) >= 2  # the killed group's two ranks had requests in flight
+        if max_migrations:
+            assert migrations(mesh) >= 2  # the killed group's two ranks had requests in flight
             # The failed group's requests continue on the other group: every one completes with the
             # undisturbed engine's greedy tokens, all of them (nothing repeated or lost at the migration).
             assert all(isinstance(o, list) for o in outcomes), outcomes

@@ -22,6 +22,7 @@ from moemesh.service.launch import ServiceProcess, start_service
 from moemesh.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from tests.net import free_port
 from tests.processes.mesh.launch import ROOT, RunningMesh, start_mesh
+from tests.processes.mesh.waits import migrations
 
 PROMPT = "The mesh keeps every request it takes, even when the worker serving it dies: "
 LONG_PROMPT = " ".join(str(i) for i in range(400))
@@ -86,15 +87,6 @@ def long_reference() -> tuple[list[int], str]:
     return out.token_ids, out.text
 
 
-def _migrations(mesh: RunningMesh) -> float:
-    """The gateway's `moemesh_request_migrations_total`."""
-    body = urllib.request.urlopen(f"http://{mesh.metrics['gateway']}/metrics", timeout=5).read().decode()
-    values = [float(line.split()[1]) for line in body.splitlines()
-              if line.startswith("moemesh_request_migrations_total ")]
-    assert len(values) == 1, body
-    return values[0]
-
-
 @pytest.mark.parametrize("args", [
     ("--prefill", "1", "--decode", "2", "--transfer", "relay"),
     ("--prefill", "0", "--decode", "2"),
@@ -103,7 +95,7 @@ def test_decode_killed_mid_stream_the_request_continues(args: tuple[str, ...],
                                                         long_reference: tuple[list[int], str]) -> None:
     mesh = start_mesh(*args)
     try:
-        before = _migrations(mesh)
+        before = migrations(mesh)
         with MeshClient(mesh.gateway, timeout_s=120) as client:
             tokens, text, finish = [], "", None
             killed, tokens_at_kill = None, None
@@ -119,7 +111,7 @@ def test_decode_killed_mid_stream_the_request_continues(args: tuple[str, ...],
         # The kill came before the last token, and the gateway moved the request once to the other worker
         # (a worker that had sent every token before it died would leave nothing to migrate).
         assert tokens_at_kill < MIGRATED_TOKENS
-        assert _migrations(mesh) - before == 1
+        assert migrations(mesh) - before == 1
         assert (tokens, text) == long_reference  # nothing repeated, nothing missing
         assert finish == "length"
         _assert_idle(mesh, {killed})
