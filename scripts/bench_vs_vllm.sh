@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # moemesh against vLLM (CPU) on this machine, one after the other, same model files, same client,
-# same tokenizer, same prompts:
-#   1. write the tiny DeepSeek-V3 checkpoint to OUT/tiny (or use MODEL=DIR);
-#   2. `moemesh up --http-port` on it, `moemesh bench serve` against its REST facade, stop it;
-#   3. vLLM's OpenAI server (from scripts/vllm_cpu_env.sh's venv) on the same folder, the same
+# same tokenizer, same prompts, on each checkpoint shape of SHAPES:
+#   1. write the shape's DeepSeek-V3 checkpoint (bf16) to OUT/SHAPE/ckpt with `moemesh make-tiny --preset SHAPE`
+#      (or use MODEL=DIR with one shape);
+#   2. `moemesh up --http-port` on it with its defaults, `moemesh bench serve` against its REST facade, stop it;
+#   3. vLLM's OpenAI server (from scripts/vllm_cpu_env.sh's venv) at its defaults on the same folder, the same
 #      `moemesh bench serve`, stop it;
-#   4. `moemesh bench plot` both results into OUT/moemesh_vs_vllm.png and print them side by side
+#   4. `moemesh bench plot` both results into OUT/SHAPE/moemesh_vs_vllm.png and print them side by side
 #      with ratios (moemesh / vLLM).
 # Every wait is bounded; every server is stopped on exit, however the script ends.
 #
 #   scripts/bench_vs_vllm.sh [OUT_DIR]          # default OUT_DIR: REPO/out/bench_vs_vllm (git-ignored)
 #
-# Environment (defaults in brackets): INPUT_LEN [128] OUTPUT_LEN [64] NUM_PROMPTS [16] CONCURRENCY [4]
-# WARMUP [2] REQUEST_RATE [inf] DTYPE [float32: what moemesh runs the tiny model in; vLLM gets the same]
-# MODEL [OUT/tiny, written with `moemesh make-tiny`] RUN_MOEMESH [1] RUN_VLLM [1]
+# The shapes and their workloads (docs/benchmarks.md):
+#   small    hidden 384, 6 heads, 24 experts top-4:                     16 prompts x 128 in / 64 out, concurrency 4
+#   compute  hidden 1024, 16 heads (V3's head dims), 64 experts top-6:  32 prompts x 256 in / 64 out, concurrency 16
+# Environment (defaults in brackets): SHAPES ["small compute"]; INPUT_LEN, OUTPUT_LEN, NUM_PROMPTS, CONCURRENCY
+# [the shape's] WARMUP [2] REQUEST_RATE [inf] DTYPE [auto: both servers run the checkpoint's bf16]
+# MODEL [OUT/SHAPE/ckpt] RUN_MOEMESH [1] RUN_VLLM [1]
 # MOEMESH_HTTP_PORT [18000] MOEMESH_GRPC_PORT [15051] VLLM_PORT [18001]
 # VLLM_VENV [REPO/.venv-vllm] VLLM_CPU_KVCACHE_SPACE [2, GiB] VLLM_CPU_OMP_THREADS_BIND [auto]
 # VLLM_PRELOAD [0; 1: LD_PRELOAD tcmalloc + libiomp5 as vLLM's CPU guide advises]
@@ -22,17 +26,13 @@
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUT="$(mkdir -p "${1:-$ROOT/out/bench_vs_vllm}" && cd "${1:-$ROOT/out/bench_vs_vllm}" && pwd)"
+TOP="$(mkdir -p "${1:-$ROOT/out/bench_vs_vllm}" && cd "${1:-$ROOT/out/bench_vs_vllm}" && pwd)"
 PYTHON="${PYTHON:-python3}"
 VLLM_VENV="${VLLM_VENV:-$ROOT/.venv-vllm}"
-INPUT_LEN="${INPUT_LEN:-128}"
-OUTPUT_LEN="${OUTPUT_LEN:-64}"
-NUM_PROMPTS="${NUM_PROMPTS:-16}"
-CONCURRENCY="${CONCURRENCY:-4}"
+SHAPES="${SHAPES:-small compute}"
 WARMUP="${WARMUP:-2}"
 REQUEST_RATE="${REQUEST_RATE:-inf}"
-DTYPE="${DTYPE:-float32}"
-MODEL="${MODEL:-$OUT/tiny}"
+DTYPE="${DTYPE:-auto}"
 RUN_MOEMESH="${RUN_MOEMESH:-1}"
 RUN_VLLM="${RUN_VLLM:-1}"
 MOEMESH_HTTP_PORT="${MOEMESH_HTTP_PORT:-18000}"
@@ -95,13 +95,22 @@ bench() {  # URL LABEL: the same benchmark for every server
         --wait 120 --label "$label" --result-json "$OUT/$label.json" --disable-tqdm
 }
 
+run_shape() {  # SHAPE: both servers on one checkpoint shape, results under OUT=TOP/SHAPE
+local shape="$1" RESULTS=()
+OUT="$TOP/$shape"
+mkdir -p "$OUT"
+case "$shape" in
+    small) defaults=(128 64 16 4) ;;
+    compute) defaults=(256 64 32 16) ;;
+    *) log "unknown shape $shape (small, compute)"; return 1 ;;
+esac
+INPUT_LEN="${INPUT_LEN_SET:-${defaults[0]}}" OUTPUT_LEN="${OUTPUT_LEN_SET:-${defaults[1]}}"
+NUM_PROMPTS="${NUM_PROMPTS_SET:-${defaults[2]}}" CONCURRENCY="${CONCURRENCY_SET:-${defaults[3]}}"
+MODEL="${MODEL_SET:-$OUT/ckpt}"
 if [[ ! -f "$MODEL/config.json" ]]; then
-    log "writing the tiny checkpoint to $MODEL"
-    moemesh make-tiny "$MODEL" || exit 1
+    log "writing the $shape checkpoint (bf16) to $MODEL"
+    moemesh make-tiny "$MODEL" --preset "$shape" --dtype bfloat16 || return 1
 fi
-
-RESULTS=()
-STATUS=0
 
 if [[ "$RUN_MOEMESH" == 1 ]]; then
     log "starting moemesh up (REST on 127.0.0.1:$MOEMESH_HTTP_PORT), log: $OUT/moemesh.log"
@@ -155,9 +164,18 @@ fi
 
 if ((${#RESULTS[@]} > 0)); then
     echo
+    echo "== $shape: $INPUT_LEN in / $OUTPUT_LEN out, $NUM_PROMPTS prompts, concurrency $CONCURRENCY"
     moemesh bench plot "${RESULTS[@]}" --out "$OUT/moemesh_vs_vllm.png" \
-        --title "moemesh vs vLLM (CPU): tiny DeepSeek-V3, $INPUT_LEN in / $OUTPUT_LEN out, $NUM_PROMPTS prompts, concurrency $CONCURRENCY" \
+        --title "moemesh vs vLLM (CPU): $shape DeepSeek-V3 shape, $INPUT_LEN in / $OUTPUT_LEN out, $NUM_PROMPTS prompts, concurrency $CONCURRENCY" \
         || STATUS=1
 fi
-log "results in $OUT (exit $STATUS)"
+}
+
+INPUT_LEN_SET="${INPUT_LEN:-}" OUTPUT_LEN_SET="${OUTPUT_LEN:-}" NUM_PROMPTS_SET="${NUM_PROMPTS:-}"
+CONCURRENCY_SET="${CONCURRENCY:-}" MODEL_SET="${MODEL:-}"
+STATUS=0
+for shape in $SHAPES; do
+    run_shape "$shape" || STATUS=1
+done
+log "results in $TOP (exit $STATUS)"
 exit "$STATUS"

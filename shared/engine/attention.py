@@ -64,13 +64,19 @@ class PagedAttention:
         return out
 
     def _decode(self, layer: MLAttention, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
-        """Absorbed MLA for Bd single-token queries: q_nope [Bd, H, Dn], q_pe [Bd, H, R] -> [Bd, H, V]."""
+        """Absorbed MLA for Bd single-token queries: q_nope [Bd, H, Dn], q_pe [Bd, H, R] -> [Bd, H, V].
+
+        Both products keep the gathered cache rows [Bd, N, C + R] as they lie (keys times queries, then the
+        probabilities' transpose times the same rows, dropping the rope columns after): a transposed or sliced
+        view of them would make the batched matmul copy N rows per layer.
+        """
         kv = self.cache.read_pages(layer.layer_idx, self.layout.decode_pages).to(q_nope.dtype)  # [Bd, N, C + R]
         q = torch.cat((layer.absorb_q(q_nope), q_pe), dim=-1)  # [Bd, H, C + R]
-        scores = torch.bmm(q, kv.transpose(1, 2)) * layer.softmax_scale  # [Bd, H, N]
+        scores = torch.bmm(kv, q.transpose(1, 2))  # [Bd, N, H]
         if self._decode_bias is None:
             mask = self.layout.decode_mask
-            self._decode_bias = torch.zeros(mask.shape, dtype=scores.dtype).masked_fill_(~mask, float("-inf"))
-        probs = torch.softmax(scores.float() + self._decode_bias[:, None, :].float(), dim=-1).to(kv.dtype)
-        o_latent = torch.bmm(probs, kv[..., : layer.kv_lora_rank])  # [Bd, H, C]
+            self._decode_bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device
+                                            ).masked_fill_(~mask, float("-inf"))[:, :, None]  # [Bd, N, 1]
+        probs = torch.softmax(scores.float() * layer.softmax_scale + self._decode_bias, dim=1).to(kv.dtype)
+        o_latent = torch.bmm(probs.transpose(1, 2), kv)[..., : layer.kv_lora_rank]  # [Bd, H, C]
         return layer.values_from_latent(o_latent)

@@ -22,6 +22,7 @@ from moemesh.engine.sampling import Sampler
 from moemesh.engine.sampling_params import InvalidParameter, SamplingParams
 from moemesh.engine.scheduler import RequestTooLong, ScheduledBatch, Scheduler, SchedulerConfig
 from moemesh.engine.stop import check_stop, streamable_len
+from moemesh.kernels.backends import install_kernels
 from moemesh.model.deepseek import DeepseekForCausalLM
 from moemesh.model.default import default_model_dir
 from moemesh.model.detokenizer import IncrementalDetokenizer
@@ -52,6 +53,7 @@ class EngineConfig:
     num_threads: int | None = None       # torch intra-op threads; None leaves torch's default
     record_expert_load: bool = True      # count routed tokens per (MoE layer, expert) for metrics
     device: str = "cpu"                  # where weights and the KV cache live ("cuda:N" on a GPU)
+    kernels: str = "auto"                # compute kernels (moemesh.kernels): auto picks by device and dtype
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -101,6 +103,7 @@ class Engine:
         self.ep = ep
         if ep is not None:
             ep.apply(self.model, role_mode, max(cfg.max_num_batched_tokens, cfg.max_num_seqs))
+        self.kernels = install_kernels(self.model, cfg.kernels)
         self.tokenizer = tokenizer if tokenizer is not None else _maybe_tokenizer(model_dir)
         mc = self.model.config
         dtype = next(self.model.parameters()).dtype

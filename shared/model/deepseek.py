@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from moemesh.model.config import ModelConfig
-from moemesh.model.layers import GatedMLP, RMSNorm
+from moemesh.model.layers import GatedMLP, Linear, RMSNorm
 from moemesh.model.mla import AttentionBackend, MLAttention
 from moemesh.model.moe import MoE
 from moemesh.model.rope import RotaryEmbedding
@@ -70,7 +70,7 @@ class DeepseekForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DeepseekModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -1,10 +1,23 @@
-"""Small building blocks of the DeepSeek decoder: RMSNorm and the SwiGLU MLP."""
+"""Small building blocks of the DeepSeek decoder: a linear layer, RMSNorm and the SwiGLU MLP."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` whose matmul a runtime may replace with a faster kernel of the same math (e.g. weights
+    prepacked for the CPU's matrix units, `moemesh.kernels`); `weight` stays the parameter of record."""
+
+    kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out]."""
+        return F.linear(x, self.weight, self.bias) if self.kernel is None else self.kernel(x)
 
 
 class RMSNorm(nn.Module):
@@ -28,8 +41,8 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.intermediate = intermediate
-        self.gate_up = nn.Linear(hidden, 2 * intermediate, bias=False)
-        self.down = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up = Linear(hidden, 2 * intermediate, bias=False)
+        self.down = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> [T, D]."""

@@ -14,11 +14,10 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moemesh.model.config import ModelConfig
-from moemesh.model.layers import RMSNorm
+from moemesh.model.layers import Linear, RMSNorm
 from moemesh.model.rope import RotaryEmbedding
 
 
@@ -45,15 +44,15 @@ class MLAttention(nn.Module):
         h, d, qk = cfg.num_attention_heads, cfg.hidden_size, cfg.qk_head_dim
         bias = cfg.attention_bias
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, h * qk, bias=False)
+            self.q_proj = Linear(d, h * qk, bias=False)
         else:
-            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(d, cfg.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_cache_dim, bias=bias)
+            self.q_b_proj = Linear(cfg.q_lora_rank, h * qk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(d, cfg.kv_cache_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=bias)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = Linear(h * cfg.v_head_dim, d, bias=bias)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
         """x [T, D], positions [T] int64 -> [T, D]."""
@@ -71,11 +70,22 @@ class MLAttention(nn.Module):
         out = backend.attend(self, q_nope, q_pe, c_kv, k_pe)
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
 
-    # The weight views below are recomputed per call: they are views, not copies, so they stay in
-    # step with whatever the loader (or a later weight update) wrote into kv_b_proj.
     def _kv_b(self) -> torch.Tensor:
-        """kv_b_proj weight as [H, Dn + V, C]."""
+        """kv_b_proj weight as [H, Dn + V, C] (a view)."""
         return self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+
+    def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, Dn, C] and W_UV transposed [H, C, V], contiguous for the batched matmuls (strided operands
+        make them copy on every call). Cached, and rebuilt whenever kv_b_proj's weight is written (its version
+        counter moves) or replaced, so they stay in step with the loader or a later weight update."""
+        w = self.kv_b_proj.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if getattr(self, "_absorbed_key", None) != key:
+            kv_b = self._kv_b().detach()
+            self._absorbed_weights = (kv_b[:, : self.nope_dim, :].contiguous(),
+                                      kv_b[:, self.nope_dim:, :].transpose(1, 2).contiguous())
+            self._absorbed_key = key
+        return self._absorbed_weights
 
     def expand_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """c_kv [N, C], k_pe [N, R] -> keys [N, H, Dn + R] and values [N, H, V] (the naive MHA form)."""
@@ -87,13 +97,15 @@ class MLAttention(nn.Module):
 
     def absorb_q(self, q_nope: torch.Tensor) -> torch.Tensor:
         """q_nope [T, H, Dn] -> q in the latent space [T, H, C] (W_UK absorbed into the query)."""
-        w_uk = self._kv_b()[:, : self.nope_dim, :]  # [H, Dn, C]
-        return torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
+        return torch.bmm(q_nope.transpose(0, 1), self._absorbed()[0]).transpose(0, 1)
 
     def values_from_latent(self, o_latent: torch.Tensor) -> torch.Tensor:
         """o_latent [T, H, C] (attention-weighted c_kv) -> per-head values [T, H, V] (W_UV applied)."""
-        w_uv = self._kv_b()[:, self.nope_dim:, :]  # [H, V, C]
-        return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+        return torch.bmm(o_latent.transpose(0, 1), self._absorbed()[1]).transpose(0, 1)
+
+
+# Query rows per block of `causal_attention`: keeps the [H, rows, N] scores of a block in cache-sized memory.
+_QUERY_BLOCK = 256
 
 
 def causal_attention(layer: MLAttention, q_nope: torch.Tensor, q_pe: torch.Tensor,
@@ -101,16 +113,27 @@ def causal_attention(layer: MLAttention, q_nope: torch.Tensor, q_pe: torch.Tenso
     """Naive-form attention of q [T] over keys [N] where the queries are the last T of the N positions.
 
     q_nope [T, H, Dn], q_pe [T, H, R], c_kv [N, C], k_pe [N, R] -> [T, H, V].
+
+    Two batched matmuls per block of query rows, the scale and the causal mask fused into the first
+    (`baddbmm`), scores in the compute dtype and the softmax computed in float32 inside the kernel, as
+    transformers' eager attention does. Measured on CPU in bf16, this runs 2.5x faster than
+    `scaled_dot_product_attention`, whose fused kernel needs values as wide as the keys (MLA's are not) and
+    whose fallback builds masks and float32 copies of every operand.
     """
     t, n = q_nope.shape[0], c_kv.shape[0]
     k, v = layer.expand_kv(c_kv, k_pe)
     q = torch.cat((q_nope, q_pe), dim=-1).transpose(0, 1)  # [H, T, Dn + R]
-    k, v = k.transpose(0, 1), v.transpose(0, 1)
-    if t == n:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.softmax_scale)
-    else:
-        mask = torch.ones(t, n, dtype=torch.bool, device=q.device).tril(diagonal=n - t)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.softmax_scale)
+    k, v = k.transpose(0, 1), v.transpose(0, 1)  # [H, N, Dn + R], [H, N, V]
+    out = q.new_empty(q.shape[0], t, v.shape[-1])
+    keys = torch.arange(n, device=q.device)
+    for start in range(0, t, _QUERY_BLOCK):
+        stop = min(start + _QUERY_BLOCK, t)
+        seen = n - t + stop  # keys up to the block's last query
+        future = keys[None, :seen] > torch.arange(n - t + start, seen, device=q.device)[:, None]  # [rows, seen]
+        bias = torch.zeros(future.shape, dtype=q.dtype, device=q.device).masked_fill_(future, float("-inf"))
+        scores = torch.baddbmm(bias.expand(q.shape[0], -1, -1), q[:, start:stop], k[:, :seen].transpose(1, 2),
+                               alpha=layer.softmax_scale)  # [H, rows, seen]
+        out[:, start:stop] = torch.bmm(torch.softmax(scores, dim=-1), v[:, :seen])
     return out.transpose(0, 1)
 
 

@@ -5,12 +5,19 @@ Legend: T tokens, D hidden, E routed experts, K experts per token, I expert inte
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moemesh.model.config import ModelConfig
 from moemesh.model.layers import GatedMLP, silu_and_mul
+
+# The padded batched-matmul form of the routed experts (see RoutedExperts.forward) serves layers whose experts'
+# weights take at most this much memory, in steps where no expert has more tokens than this.
+_PADDED_MAX_BYTES = 16 * 2**20
+_PADDED_MAX_ROWS = 16
 
 
 class Router(nn.Module):
@@ -64,9 +71,12 @@ class Router(nn.Module):
 class RoutedExperts(nn.Module):
     """E SwiGLU experts with stacked weights: `w13` [E, 2I, D] (gate then up), `w2` [E, D, I].
 
-    The forward is the plain-torch grouped GEMM: sort the (token, expert) pairs by expert and run one
-    matmul pair per expert that received tokens. Expert parallelism replaces this module's forward.
+    The forward sorts the (token, expert) pairs by expert and runs the grouped GEMM: plain torch, or a
+    `kernel` of the same math a runtime installs (`moemesh.kernels`), taking the rows grouped by expert and
+    the rows per expert. Expert parallelism replaces this module's forward.
     """
+
+    kernel: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__()
@@ -82,15 +92,22 @@ class RoutedExperts(nn.Module):
         counts = torch.bincount(flat_ids, minlength=self.num_experts)
         token_of_pair = order // k
         xs = x.index_select(0, token_of_pair)  # [T*K, D], grouped by expert
-        cap, pairs = int(counts.max()), xs.shape[0]
-        # Measured on CPU: padding wins for decode-sized batches even at 3x padding; at thousands of
-        # pairs the batched matmul over transposed weights loses to one plain matmul per expert.
-        if pairs <= 1024 and cap * self.num_experts <= 3 * pairs:
+        cap = int(counts.max())
+        # Measured on CPU: while all experts' weights are small, two batched matmuls over every expert, each
+        # padded to the busiest one's rows, beat one matmul pair per expert with tokens at decode batch sizes:
+        # their cost is re-laying out every expert's weights, a few hundred us, where the loop pays ~30 us
+        # per expert hit. At megabytes per expert that re-layout loses 2-30x to the (prepacked) loop.
+        if cap <= _PADDED_MAX_ROWS and self._weight_bytes() <= _PADDED_MAX_BYTES:
             out = self._padded(xs, flat_ids[order], counts, cap)
+        elif self.kernel is not None:
+            out = self.kernel(xs, counts.tolist())
         else:
             out = self._looped(xs, counts.tolist())
         out = out * topk_weights.reshape(-1)[order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_pair, out)
+
+    def _weight_bytes(self) -> int:
+        return (self.w13.numel() + self.w2.numel()) * self.w13.element_size()
 
     def _looped(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """One matmul pair per expert with tokens: xs [P, D] grouped by expert -> [P, D]."""

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from moemesh.engine.engine import EngineConfig
+from moemesh.kernels.backends import CHOICES as KERNEL_CHOICES
 
 # A worker queues at most this many requests beyond its running batch (SGLang's --max-queued-requests):
 # a few batches' worth (--max-num-seqs defaults to 64), so that a flood is refused in milliseconds
@@ -28,6 +29,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the radix prefix cache")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where the model runs (cuda: GPU N for local rank N of an EP group)")
+    g.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES,
+                   help="compute kernels: auto picks by device and dtype (onednn: bf16 weights prepacked for "
+                        "the CPU's matrix units; torch: eager torch)")
     g.add_argument("--num-threads", type=int, default=None,
                    help="torch threads (default: the cores divided by --procs-per-host)")
     g.add_argument("--procs-per-host", type=int, default=1,
@@ -40,7 +44,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.num_threads or default_threads(args.procs_per_host), device=device_of(args),
-        max_waiting_requests=args.max_waiting_requests)
+        max_waiting_requests=args.max_waiting_requests, kernels=args.kernels)
 
 
 def device_of(args: argparse.Namespace) -> str:

@@ -93,3 +93,22 @@ def test_greedy_generation_matches_transformers(tiny_dir: Path) -> None:
         out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
                            do_sample=False, pad_token_id=2)
         assert c.token_ids == out[0, len(prompt):].tolist()
+
+
+def test_bfloat16_is_as_close_to_float32_as_transformers_own_bfloat16(tmp_path: Path) -> None:
+    """In bf16 (with the kernels the engine installs for it) the logits stay as close to the float32 reference as
+    transformers' own bf16 run is (mean absolute error), over a prompt longer than one attention block."""
+    from moemesh.kernels.backends import install_kernels
+
+    path = _write(tmp_path, "v3-tiny-preset")
+    transformers = require_module("transformers")
+    ids = torch.randint(8, 1000, (300,), generator=torch.Generator().manual_seed(2)).tolist()
+    with torch.no_grad():
+        truth = _hf(path)(torch.tensor([ids])).logits[0]
+        hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
+        hf_err = (hf_bf16(torch.tensor([ids])).logits[0].float() - truth).abs().mean().item()
+    ours = load_model(path, "bfloat16")
+    install_kernels(ours)
+    ours_err = (_ours(ours, ids) - truth).abs().mean().item()
+    assert 0 < hf_err  # bf16 really rounds: the bound below is not vacuous
+    assert ours_err <= 1.5 * hf_err, f"ours {ours_err:.4f} against transformers' own bf16 {hf_err:.4f}"

@@ -1,0 +1,191 @@
+"""Where an engine step's time goes, and how far it is from this machine's limits.
+
+One engine, one checkpoint: B prompts are prefilled, then decode steps run at batch B. It prints
+  - the step times (best of several) of one decode step and one prefill step of B prompts;
+  - the top operators of each by self CPU time (torch profiler), so per-op overhead shows as counts;
+  - the limits measured on the spot: memory read bandwidth and matmul GFLOP/s in fp32 and bf16;
+  - decode: the weight bytes one step reads (dense weights, plus the routed experts this step's tokens
+    chose, counted from the router's own choice) against the read bandwidth: the step's floor;
+  - prefill: the step's matrix FLOPs against the matmul peak of the compute dtype.
+
+    python -m moemesh.bench.profile --model DIR [--batch 4] [--prompt-len 128] [--dtype auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder")
+    p.add_argument("--dtype", default="auto", help="the engine's dtype (auto: the engine's default choice)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per decode step, and prompts per prefill step")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--kernels", default="auto", help="the engine's kernel set (moemesh.kernels)")
+    p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--steps", type=int, default=20, help="decode steps timed (the best is kept)")
+    p.add_argument("--top", type=int, default=25, help="operators listed per profile")
+    p.add_argument("--no-profile", action="store_true", help="step times and limits only")
+
+
+def _best(fn: Callable[[], object], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def read_bandwidth_gbs(mb: int = 512) -> float:
+    """Bytes/s a full-tensor reduction reads (each byte once, far beyond the caches), in GB/s."""
+    x = torch.ones(mb * 2**20 // 4)
+    x.sum()
+    return x.numel() * 4 / _best(x.sum, 5) / 1e9
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048) -> float:
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    return 2 * n**3 / _best(lambda: a @ b, 5) / 1e9
+
+
+def _engine(args: argparse.Namespace):
+    from moemesh.engine.engine import Engine, EngineConfig
+
+    return Engine(EngineConfig(model=args.model, dtype=args.dtype, enable_prefix_caching=False,
+                               max_num_seqs=max(64, args.batch), max_num_batched_tokens=args.batch * args.prompt_len,
+                               num_threads=args.num_threads, kv_cache_mb=1024, record_expert_load=False,
+                               kernels=args.kernels))
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(8, vocab, (n, length), generator=g).tolist()
+
+
+def _decode_weight_bytes(engine, token_ids: list[int]) -> tuple[int, int]:
+    """-> (bytes every decode step reads whatever the routing, bytes of the routed experts that the
+    given tokens' routing chose, each expert counted once per layer), for the engine's weights."""
+    from moemesh.model.moe import MoE, RoutedExperts
+
+    model = engine.model
+    routed = {id(p) for m in model.modules() if isinstance(m, RoutedExperts) for p in m.parameters()}
+    embed = model.model.embed_tokens.weight
+    dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in routed and p is not embed)
+    dense += len(token_ids) * embed[0].numel() * embed.element_size()  # only the rows of the step's tokens
+    chosen = 0
+    hidden = {}
+
+    def keep(mod, inp, _out):
+        hidden[mod] = inp[0]
+
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    hooks = [m.register_forward_hook(keep) for m in moes]
+    try:
+        from moemesh.model.mla import NoCacheAttention
+
+        ids = torch.tensor(token_ids, device=engine.runner.device)
+        with torch.inference_mode():
+            model(ids, torch.zeros_like(ids), NoCacheAttention([1] * len(token_ids)))
+            for m in moes:
+                experts = m.gate(hidden[m])[0].unique().numel()
+                per_expert = sum(p[0].numel() * p.element_size() for p in m.experts.parameters())
+                chosen += experts * per_expert
+    finally:
+        for h in hooks:
+            h.remove()
+    return dense, chosen
+
+
+def _matmul_flops_per_token(engine, context: int) -> float:
+    """Matrix FLOPs of one prefill token: every dense weight once, K routed experts per MoE layer, and
+    the naive-form attention over `context` keys (half of them on average, causal)."""
+    from moemesh.model.moe import MoE, RoutedExperts
+
+    model, cfg = engine.model, engine.model.config
+    routed = {id(p) for m in model.modules() if isinstance(m, RoutedExperts) for p in m.parameters()}
+    dense = sum(p.numel() for n, p in model.named_parameters()
+                if id(p) not in routed and p.dim() == 2 and "embed_tokens" not in n and "gate.weight" not in n)
+    moe_layers = sum(1 for m in model.modules() if isinstance(m, MoE))
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    attn = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * context / 2
+    return 2 * (dense + moe_layers * (cfg.num_experts_per_tok or 0) * per_expert + attn)
+
+
+def _profile(fn: Callable[[], object], top: int, title: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    print(f"\n{title}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top), flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moemesh.engine.sampling_params import SamplingParams
+
+    engine = _engine(args)
+    cfg, dtype = engine.model.config, next(engine.model.parameters()).dtype
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.model}: hidden {cfg.hidden_size}, "
+          f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, "
+          f"compute dtype {str(dtype).removeprefix('torch.')}, kernels {engine.kernels}", flush=True)
+    params = SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True)
+    seeds = iter(range(10**6))
+
+    def prefill_step() -> None:
+        # Fresh prompts every time, as a server sees them: the routing, hence every expert's row count, changes,
+        # and with it the shapes the matmul library meets (a new shape costs it a kernel set-up).
+        for p in _prompts(args.batch, args.prompt_len, cfg.vocab_size, seed=next(seeds)):
+            engine.add_request(p, params)
+        engine.step()  # the whole batch of prompts fits one step's token budget
+
+    def drop_all() -> None:
+        for rid in list(engine.requests):
+            engine.abort(rid)
+
+    prefill_step()
+    drop_all()
+    t_prefill = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        prefill_step()
+        t_prefill = min(t_prefill, time.perf_counter() - t0)
+        drop_all()
+    prefill_step()
+    for _ in range(3):
+        engine.step()
+    t_decode = _best(engine.step, args.steps)
+    last = [r.all_token_ids[-1] for r in engine.requests.values()]
+
+    bw = read_bandwidth_gbs()
+    peak = {d: matmul_gflops(d) for d in (torch.float32, torch.bfloat16)}
+    dense, chosen = _decode_weight_bytes(engine, last)
+    floor = (dense + chosen) / (bw * 1e9)
+    flops = _matmul_flops_per_token(engine, args.prompt_len) * args.batch * args.prompt_len
+    print(f"machine: read bandwidth {bw:.1f} GB/s; matmul {peak[torch.float32]:.0f} GFLOP/s fp32, "
+          f"{peak[torch.bfloat16]:.0f} GFLOP/s bf16 (2048^3, {torch.get_num_threads()} threads)")
+    print(f"decode step, batch {args.batch}: {t_decode * 1e3:.2f} ms; weights read {(dense + chosen) / 1e6:.1f} MB "
+          f"({dense / 1e6:.1f} MB dense + {chosen / 1e6:.1f} MB of the routed experts chosen): floor "
+          f"{floor * 1e3:.2f} ms at {bw:.1f} GB/s, step at {floor / t_decode:.0%} of it")
+    print(f"prefill step, {args.batch} x {args.prompt_len}: {t_prefill * 1e3:.1f} ms, {flops / 1e9:.2f} GFLOP of "
+          f"matrix work: {flops / t_prefill / 1e9:.0f} GFLOP/s, {flops / t_prefill / 1e9 / peak[dtype]:.0%} of the "
+          f"{str(dtype).removeprefix('torch.')} peak" if dtype in peak else "")
+    if not args.no_profile:
+        _profile(lambda: [engine.step() for _ in range(5)], args.top, f"5 decode steps at batch {args.batch}:")
+        drop_all()
+        _profile(prefill_step, args.top, f"one prefill step of {args.batch} x {args.prompt_len}:")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m moemesh.bench.profile", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run(p.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
