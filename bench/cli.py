@@ -54,6 +54,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     add_eplb_arguments(lb)
     lb.set_defaults(func=_run_eplb)
+    pr = bsub.add_parser("profile", help="one engine's decode and prefill step: where the time goes, and the limits",
+                         description="Step times and torch-profiler tables of one decode step and one prefill step, "
+                                     "with this machine's read bandwidth and matmul peak measured on the spot, the "
+                                     "weight bytes a decode step reads and the matrix FLOPs of a prefill step.")
+    from moemesh.bench.profile import add_arguments as add_profile_arguments
+
+    add_profile_arguments(pr)
+    pr.set_defaults(func=_run_profile)
     from moemesh.bench.serve import add_parsers as add_serve_parsers  # `bench serve`, `bench plot`
 
     add_serve_parsers(bsub)
@@ -85,5 +93,11 @@ def _run_ep(args: argparse.Namespace) -> int:
 
 def _run_eplb(args: argparse.Namespace) -> int:
     from moemesh.bench.eplb import run
+
+    return run(args)
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from moemesh.bench.profile import run
 
     return run(args)

@@ -8,7 +8,7 @@ One engine, one checkpoint: B prompts are prefilled, then decode steps run at ba
     chose, counted from the router's own choice) against the read bandwidth: the step's floor;
   - prefill: the step's matrix FLOPs against the matmul peak of the compute dtype.
 
-    python -m moemesh.bench.profile --model DIR [--batch 4] [--prompt-len 128] [--dtype auto]
+    moemesh bench profile --model DIR [--batch 4] [--prompt-len 128] [--dtype auto] [--num-threads 1]
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,12 +45,16 @@ def _best(fn: Callable[[], object], repeats: int) -> float:
 
 def read_bandwidth_gbs(mb: int = 512) -> float:
     """Bytes/s a full-tensor reduction reads (each byte once, far beyond the caches), in GB/s."""
+    import torch
+
     x = torch.ones(mb * 2**20 // 4)
     x.sum()
     return x.numel() * 4 / _best(x.sum, 5) / 1e9
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 2048) -> float:
+    import torch
+
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
     return 2 * n**3 / _best(lambda: a @ b, 5) / 1e9
@@ -64,6 +70,8 @@ def _engine(args: argparse.Namespace):
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     return torch.randint(8, vocab, (n, length), generator=g).tolist()
 
@@ -71,6 +79,8 @@ def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
 def _decode_weight_bytes(engine, token_ids: list[int]) -> tuple[int, int]:
     """-> (bytes every decode step reads whatever the routing, bytes of the routed experts that the
     given tokens' routing chose, each expert counted once per layer), for the engine's weights."""
+    import torch
+
     from moemesh.model.moe import MoE, RoutedExperts
 
     model = engine.model
@@ -126,6 +136,8 @@ def _profile(fn: Callable[[], object], top: int, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from moemesh.engine.sampling_params import SamplingParams
 
     engine = _engine(args)
@@ -179,13 +191,3 @@ def run(args: argparse.Namespace) -> int:
         drop_all()
         _profile(prefill_step, args.top, f"one prefill step of {args.batch} x {args.prompt_len}:")
     return 0
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(prog="python -m moemesh.bench.profile", description=__doc__.split("\n")[0])
-    add_arguments(p)
-    return run(p.parse_args())
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -93,17 +93,17 @@ class RoutedExperts(nn.Module):
         token_of_pair = order // k
         xs = x.index_select(0, token_of_pair)  # [T*K, D], grouped by expert
         cap = int(counts.max())
-        # Measured on CPU: while all experts' weights are small, two batched matmuls over every expert, each
-        # padded to the busiest one's rows, beat one matmul pair per expert with tokens at decode batch sizes:
-        # their cost is re-laying out every expert's weights, a few hundred us, where the loop pays ~30 us
-        # per expert hit. At megabytes per expert that re-layout loses 2-30x to the (prepacked) loop.
-        if cap <= _PADDED_MAX_ROWS and self._weight_bytes() <= _PADDED_MAX_BYTES:
-            out = self._padded(xs, flat_ids[order], counts, cap)
-        elif self.kernel is not None:
+        # Measured on CPU, in a model's step (where a layer's weights come from memory, not from cache): an
+        # installed kernel (prepacked weights) wins at every size, since a batched matmul re-lays out all
+        # experts' weights on every call. Without one, two batched matmuls over every expert padded to the
+        # busiest one's rows beat one matmul pair per expert at decode sizes while the weights are small.
+        if self.kernel is not None:
             out = self.kernel(xs, counts.tolist())
+        elif cap <= _PADDED_MAX_ROWS and self._weight_bytes() <= _PADDED_MAX_BYTES:
+            out = self._padded(xs, flat_ids[order], counts, cap)
         else:
             out = self._looped(xs, counts.tolist())
-        out = out * topk_weights.reshape(-1)[order, None].to(out.dtype)
+        out.mul_(topk_weights.reshape(-1)[order, None].to(out.dtype))  # in place: out is this call's own
         return torch.zeros_like(x).index_add_(0, token_of_pair, out)
 
     def _weight_bytes(self) -> int:

@@ -13,6 +13,7 @@ import moemesh.transfer
 from moemesh.ep.backends import DISPATCHERS, GEMMS
 from moemesh.ep.dispatch import AllToAllDispatcher, Dispatcher
 from moemesh.ep.experts import GroupedGemm, TorchGroupedGemm, make_grouped_gemm
+from moemesh.kernels.backends import KERNELS
 from moemesh.model.config import ModelConfig
 from moemesh.model.tiny import PRESETS as TINY_PRESETS
 from moemesh.model.tiny import tiny_config
@@ -89,7 +90,8 @@ def test_the_registered_parts() -> None:
     # At least these (a new backend is one more registration line, and needs no edit here).
     for registry, names in ((PLANES, ("ucx", "relay", "inproc")), (DISPATCHERS, ("all_to_all", "deepep")),
                             (GEMMS, ("torch", "deepgemm")), (POLICIES, ("auto", "hierarchical", "global")),
-                            (ROUTERS, ("prefix_affinity", "least_load", "round_robin"))):
+                            (ROUTERS, ("prefix_affinity", "least_load", "round_robin")),
+                            (KERNELS, ("onednn", "torch"))):
         assert registry.names()[:len(names)] == names, registry
     crossing = PLANES.names(cross_process=True)
     assert {"ucx", "relay"} <= set(crossing) and "inproc" not in crossing

@@ -30,8 +30,9 @@ def test_help_and_every_registry_import_no_torch_and_no_backend() -> None:
             "from moemesh.services.eplb.policies import POLICIES\n"
             "from moemesh.services.gateway.routers import ROUTERS\n"
             "from moemesh.transfer.planes import PLANES\n"
+            "from moemesh.kernels.backends import KERNELS\n"
             "build_parser().format_help()\n"
-            "regs = (DISPATCHERS, GEMMS, POLICIES, ROUTERS, PLANES)\n"
+            "regs = (DISPATCHERS, GEMMS, POLICIES, ROUTERS, PLANES, KERNELS)\n"
             "print(sorted({r.entry(n).module for r in regs for n in r.names()} & set(sys.modules)))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
