@@ -9,20 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-
-def _best_time(fn: Callable[[], object], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from moemesh.bench.timing import best_time
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -79,7 +70,7 @@ def bench_model(model_dir: Path, args: argparse.Namespace) -> list[dict]:
         row = {"model": model_dir.name, "kind": kind, "batch": batch, "prompt_len": plen, "new_tokens": new}
         for name, run in runners.items():
             run(prompts[:1], 2)  # warm-up: first-call allocations and lazy initialisation
-            t = _best_time(lambda run=run, prompts=prompts, new=new: run(prompts, new), args.repeats)
+            t = best_time(lambda run=run, prompts=prompts, new=new: run(prompts, new), args.repeats)
             tokens = batch * (new if kind == "decode" else plen)
             row[f"{name}_tok_s"] = tokens / t
         if "hf_tok_s" in row:

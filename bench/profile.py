@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from moemesh.bench.timing import best_time
+
 if TYPE_CHECKING:
     import torch
 
@@ -34,22 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-profile", action="store_true", help="step times and limits only")
 
 
-def _best(fn: Callable[[], object], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def read_bandwidth_gbs(mb: int = 512) -> float:
     """Bytes/s a full-tensor reduction reads (each byte once, far beyond the caches), in GB/s."""
     import torch
 
     x = torch.ones(mb * 2**20 // 4)
     x.sum()
-    return x.numel() * 4 / _best(x.sum, 5) / 1e9
+    return x.numel() * 4 / best_time(x.sum, 5) / 1e9
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 2048) -> float:
@@ -57,7 +50,7 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048) -> float:
 
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
-    return 2 * n**3 / _best(lambda: a @ b, 5) / 1e9
+    return 2 * n**3 / best_time(lambda: a @ b, 5) / 1e9
 
 
 def _engine(args: argparse.Namespace):
@@ -170,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     prefill_step()
     for _ in range(3):
         engine.step()
-    t_decode = _best(engine.step, args.steps)
+    t_decode = best_time(engine.step, args.steps)
     last = [r.all_token_ids[-1] for r in engine.requests.values()]
 
     bw = read_bandwidth_gbs()
