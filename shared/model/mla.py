@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moemesh.model.config import ModelConfig
@@ -116,14 +117,18 @@ def causal_attention(layer: MLAttention, q_nope: torch.Tensor, q_pe: torch.Tenso
 
     Two batched matmuls per block of query rows, the scale and the causal mask fused into the first
     (`baddbmm`), scores in the compute dtype and the softmax computed in float32 inside the kernel, as
-    transformers' eager attention does. Measured on CPU in bf16, this runs 2.5x faster than
-    `scaled_dot_product_attention`, whose fused kernel needs values as wide as the keys (MLA's are not) and
-    whose fallback builds masks and float32 copies of every operand.
+    transformers' eager attention does. Measured on CPU in bf16, this runs 2.1x faster than
+    `scaled_dot_product_attention`, whose fused CPU kernel needs values as wide as the keys (MLA's are not) and
+    whose fallback builds masks and float32 copies of every operand. Other devices keep that call.
     """
     t, n = q_nope.shape[0], c_kv.shape[0]
     k, v = layer.expand_kv(c_kv, k_pe)
     q = torch.cat((q_nope, q_pe), dim=-1).transpose(0, 1)  # [H, T, Dn + R]
     k, v = k.transpose(0, 1), v.transpose(0, 1)  # [H, N, Dn + R], [H, N, V]
+    if q.device.type != "cpu":  # a GPU's fused attention kernels take unequal head dims
+        mask = None if t == n else torch.ones(t, n, dtype=torch.bool, device=q.device).tril(diagonal=n - t)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=t == n, scale=layer.softmax_scale)
+        return out.transpose(0, 1)
     out = q.new_empty(q.shape[0], t, v.shape[-1])
     keys = torch.arange(n, device=q.device)
     for start in range(0, t, _QUERY_BLOCK):
