@@ -18,3 +18,4 @@ DISPATCHERS.register("deepep", "moemesh.ep.deepep:DeepEPDispatcher")
 GEMMS = Registry("grouped GEMM")
 GEMMS.register("torch", "moemesh.ep.experts:TorchGroupedGemm")
 GEMMS.register("deepgemm", "moemesh.ep.deepgemm:DeepGemmGroupedGemm")
+GEMMS.register("onednn", "moemesh.ep.onednn_gemm:OneDnnGroupedGemm")  # bf16 on a CPU: weights prepacked once

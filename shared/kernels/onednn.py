@@ -65,12 +65,15 @@ class PackedExperts:
         outs, start = [], 0
         for e, n in enumerate(counts):
             if n:
-                gate, up = packed_linear(xs[start:start + n], self.w13[e]).chunk(2, dim=-1)
-                # silu(gate) * up as silu_and_mul computes it, the product written in place: at decode sizes
-                # every op saved per expert counts (one concatenation beats a copy into `out` per expert).
-                outs.append(packed_linear(F.silu(gate).mul_(up), self.w2[e]))
+                # At decode sizes every op saved per expert counts: one concatenation beats a copy per expert.
+                outs.append(self.one(e, xs[start:start + n]))
                 start += n
         return torch.cat(outs) if outs else xs.new_empty(0, xs.shape[1])
+
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's SwiGLU MLP: x [n, D] -> [n, D]; silu(gate) * up as silu_and_mul computes it, in place."""
+        gate, up = packed_linear(x, self.w13[e]).chunk(2, dim=-1)
+        return packed_linear(F.silu(gate).mul_(up), self.w2[e])
 
 
 def install(model: nn.Module) -> int:
