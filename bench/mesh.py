@@ -316,8 +316,7 @@ def bench_mesh(setup: str, wl: Workload, args: argparse.Namespace
     try:
         t0 = time.perf_counter()
         # Free ports only (gRPC and REST): other meshes may run on this host at the same time.
-        mesh = start_mesh(up_args, timeout_s=args.ready_timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                          sink=log)
+        mesh = start_mesh(up_args, timeout_s=args.ready_timeout, sink=log)
 
         async def main(mesh: MeshProcess) -> tuple[list[dict], dict[int, list[list[int]]], dict | None]:
             client = AsyncMeshClient(mesh.gateway, timeout_s=args.request_timeout)

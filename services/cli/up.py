@@ -122,7 +122,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"moemesh up: --ep-size must be >= 1, got {args.ep_size}", file=sys.stderr)
         return 2
     env["MOEMESH_PROCS_PER_HOST"] = str(max(1, (args.prefill + args.decode) * args.ep_size))
-    env.setdefault("PYTHONUNBUFFERED", "1")
     try:
         client = _security(args, env)
     except ValueError as e:

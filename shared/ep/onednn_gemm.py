@@ -33,9 +33,9 @@ class OneDnnGroupedGemm(GroupedGemm):
         return weights(xs, counts)
 
     def masked(self, xs: torch.Tensor, counts: torch.Tensor, weights: onednn.PackedExperts) -> torch.Tensor:
-        """xs [S, C, D], counts [S] valid rows per slot -> [S, C, D]; rows past a slot's count are left as zeros."""
+        """xs [S, C, D], counts [S] valid rows per slot -> [S, C, D] (rows past a count are garbage)."""
         rows = counts.tolist()
-        out = torch.zeros_like(xs)
+        out = torch.empty_like(xs)
         for s, n in enumerate(rows):
             if n:
                 out[s, :n] = weights.one(s, xs[s, :n])

@@ -92,14 +92,13 @@ class RoutedExperts(nn.Module):
         counts = torch.bincount(flat_ids, minlength=self.num_experts)
         token_of_pair = order // k
         xs = x.index_select(0, token_of_pair)  # [T*K, D], grouped by expert
-        cap = int(counts.max())
         # Measured on CPU, in a model's step (where a layer's weights come from memory, not from cache): an
         # installed kernel (prepacked weights) wins at every size, since a batched matmul re-lays out all
         # experts' weights on every call. Without one, two batched matmuls over every expert padded to the
         # busiest one's rows beat one matmul pair per expert at decode sizes while the weights are small.
         if self.kernel is not None:
             out = self.kernel(xs, counts.tolist())
-        elif cap <= _PADDED_MAX_ROWS and self._weight_bytes() <= _PADDED_MAX_BYTES:
+        elif self._weight_bytes() <= _PADDED_MAX_BYTES and (cap := int(counts.max())) <= _PADDED_MAX_ROWS:
             out = self._padded(xs, flat_ids[order], counts, cap)
         else:
             out = self._looped(xs, counts.tolist())

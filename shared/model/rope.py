@@ -49,6 +49,8 @@ class RotaryEmbedding(nn.Module):
         self.dim = dim
         self.scale = rope.cos_sin_scale
         self._cache_len = 0
+        self._cis_for: torch.Tensor | None = None
+        self._cis_value: torch.Tensor | None = None
         self._build(max(max_positions, 1))
 
     def _build(self, n: int, device: torch.device | str | None = None) -> None:
@@ -58,15 +60,24 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cached", freqs.cos() * self.scale, persistent=False)
         self.register_buffer("sin_cached", freqs.sin() * self.scale, persistent=False)
         self._cache_len = n
+        self._cis_for = None  # the tables changed: no rotations made from the old ones are reused
 
     def forward(self, positions: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] int64; q_pe [T, H, R]; k_pe [T, R] -> rotated (q_pe, k_pe), same shapes and dtype."""
         if positions.numel() and int(positions.max()) >= self._cache_len:
             self._build(int(positions.max()) * 2 + 1, positions.device)
-        # As complex numbers, made per call: a complex buffer would not survive `Module.to(dtype)`.
-        cis = torch.complex(self.cos_cached[positions].float(), self.sin_cached[positions].float())  # [T, R/2]
+        cis = self._cis(positions)  # [T, R/2] complex64
         return self._rotate(q_pe, cis[:, None, :]), self._rotate(k_pe, cis)
+
+    def _cis(self, positions: torch.Tensor) -> torch.Tensor:
+        """The rotations at `positions` as complex numbers [T, R/2], made once per positions tensor: every layer
+        of a forward passes the same one, made for that step and never written. (Not a complex buffer: one would
+        not survive `Module.to(dtype)`.)"""
+        if self._cis_for is not positions:
+            self._cis_value = torch.complex(self.cos_cached[positions].float(), self.sin_cached[positions].float())
+            self._cis_for = positions  # held, so that its identity cannot pass to a new tensor
+        return self._cis_value
 
     def rebuild(self, device: torch.device | str) -> None:
         """Recompute the tables on `device` (after the model was materialised from the meta device)."""
