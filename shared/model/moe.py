@@ -5,7 +5,7 @@ Legend: T tokens, D hidden, E routed experts, K experts per token, I expert inte
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,20 @@ from moemesh.model.layers import GatedMLP, silu_and_mul
 # weights take at most this much memory, in steps where no expert has more tokens than this.
 _PADDED_MAX_BYTES = 16 * 2**20
 _PADDED_MAX_ROWS = 16
+
+
+class ExpertsKernel(Protocol):
+    """A faster form of `RoutedExperts`' math that a runtime installs (`moemesh.kernels`)."""
+
+    def __call__(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The grouped SwiGLU GEMM: xs [P, D] rows grouped by expert, counts [E] rows per expert -> [P, D]."""
+        ...
+
+    def every_expert(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                     counts: list[int]) -> torch.Tensor | None:
+        """The whole layer in one pass over every expert's weights (x [T, D] -> weighted sum [T, D]), or None
+        where the grouped form is cheaper for this step's `counts`."""
+        ...
 
 
 class Router(nn.Module):
@@ -76,7 +90,7 @@ class RoutedExperts(nn.Module):
     the rows per expert. Expert parallelism replaces this module's forward.
     """
 
-    kernel: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None
+    kernel: ExpertsKernel | None = None
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__()
@@ -88,8 +102,12 @@ class RoutedExperts(nn.Module):
         """x [T, D]; topk_ids [T, K] int64; topk_weights [T, K] float32 -> [T, D] in x's dtype."""
         k = topk_ids.shape[1]
         flat_ids = topk_ids.reshape(-1)
-        order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        if self.kernel is not None:
+            counts_list = counts.tolist()
+            if (whole := self.kernel.every_expert(x, topk_ids, topk_weights, counts_list)) is not None:
+                return whole
+        order = torch.argsort(flat_ids, stable=True)
         token_of_pair = order // k
         xs = x.index_select(0, token_of_pair)  # [T*K, D], grouped by expert
         # Measured on CPU, in a model's step (where a layer's weights come from memory, not from cache): an
@@ -97,7 +115,7 @@ class RoutedExperts(nn.Module):
         # experts' weights on every call. Without one, two batched matmuls over every expert padded to the
         # busiest one's rows beat one matmul pair per expert at decode sizes while the weights are small.
         if self.kernel is not None:
-            out = self.kernel(xs, counts.tolist())
+            out = self.kernel(xs, counts_list)
         elif self._weight_bytes() <= _PADDED_MAX_BYTES and (cap := int(counts.max())) <= _PADDED_MAX_ROWS:
             out = self._padded(xs, flat_ids[order], counts, cap)
         else:

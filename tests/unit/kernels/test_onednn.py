@@ -63,9 +63,62 @@ def test_auto_takes_onednn_for_bf16_on_cpu_and_eager_otherwise() -> None:
         install_kernels(model, "triton")
 
 
-def test_engine_outputs_do_not_depend_on_the_kernels(tmp_path: Path) -> None:
+def _experts(num: int, hidden: int, inter: int, seed: int = 0) -> RoutedExperts:
+    g = torch.Generator().manual_seed(seed)
+    experts = RoutedExperts(num, hidden, inter).to(torch.bfloat16)
+    with torch.no_grad():
+        experts.w13.copy_(torch.randn(experts.w13.shape, generator=g) * 0.05)
+        experts.w2.copy_(torch.randn(experts.w2.shape, generator=g) * 0.05)
+    return experts
+
+
+def _routing(tokens: int, num: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(num, generator=g)[:k] for _ in range(tokens)])
+    return ids, torch.rand(tokens, k, generator=g) * 2
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 16])
+def test_every_expert_form_matches_the_grouped_form(tokens: int) -> None:
+    """The one-pass form over every expert (small layers, decode sizes) computes the same weighted sum as the
+    eager grouped GEMM, to bf16 rounding (it rounds once, after summing the experts, where the grouped form
+    rounds each expert's output); it takes the step only where it pays."""
+    experts = _experts(24, 256, 96, seed=tokens)
+    x = torch.randn(tokens, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    ids, weights = _routing(tokens, 24, 4, seed=tokens)
+    with torch.inference_mode():
+        eager = experts(x, ids, weights).float()
+        kernel = experts.kernel = onednn.PackedExperts(experts.w13, experts.w2)
+        counts = torch.bincount(ids.reshape(-1), minlength=24).tolist()
+        whole = kernel.every_expert(x, ids, weights, counts)
+        installed = experts(x, ids, weights)
+    if 3 * sum(1 for n in counts if n) < 24:  # one token touches 4 of 24: the grouped form stays
+        assert whole is None and torch.equal(installed.float(), eager)
+        return
+    assert whole is not None and torch.equal(installed, whole)
+    scale = eager.abs().max().item()
+    assert scale > 0.05
+    assert (whole.float() - eager).abs().max().item() <= scale * 2**-6
+    assert not torch.equal(whole.float(), eager)  # really the other form, not the grouped one again
+
+
+def test_every_expert_form_is_left_to_large_steps_and_large_layers() -> None:
+    x = torch.randn(40, 256).to(torch.bfloat16)
+    ids, weights = _routing(40, 24, 4, seed=0)
+    small = onednn.PackedExperts(*_experts(24, 256, 96).parameters())
+    counts = torch.bincount(ids.reshape(-1), minlength=24).tolist()
+    assert small.every_expert(x, ids, weights, counts) is None  # 40 rows: the grouped form does less work
+    counts = torch.bincount(ids[:32].reshape(-1), minlength=24).tolist()
+    assert small.every_expert(x[:32], ids[:32], weights[:32], counts) is not None
+    big = _experts(40, 1024, 128)  # 31 MiB of experts: no second packed copy
+    assert onednn.PackedExperts(big.w13, big.w2).all13 is None
+
+
+def test_engine_outputs_do_not_depend_on_the_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bf16 checkpoint decodes to the same tokens and logprobs with the packed kernels as eagerly:
-    prefill, paged decode and prefix-cache hits (the second round reuses the first's pages)."""
+    prefill, paged decode and prefix-cache hits (the second round reuses the first's pages). The one-pass form
+    over every expert (which rounds differently, tested above) is off here."""
+    monkeypatch.setattr(onednn, "_EVERY_EXPERT_MAX_BYTES", 0)
     from moemesh.engine.engine import Engine, EngineConfig
     from moemesh.engine.sampling_params import SamplingParams
     from moemesh.model.tiny import make_tiny
