@@ -26,7 +26,7 @@ class OneDnnGroupedGemm(GroupedGemm):
         why_not = onednn.supported(w13.dtype, w13.device)
         if why_not:
             raise ValueError(f"grouped GEMM 'onednn': {why_not}")
-        return onednn.PackedExperts(w13, w2)
+        return onednn.PackedExperts(w13, w2, every_expert=False)  # EP groups rows by slot; never that form
 
     def contiguous(self, xs: torch.Tensor, counts: list[int], weights: onednn.PackedExperts) -> torch.Tensor:
         """xs [N, D] sorted by slot, counts [S] -> [N, D]."""

@@ -65,13 +65,14 @@ class PackedExperts:
     down [D, E * I] (the experts' inputs side by side), for `every_expert`.
     """
 
-    def __init__(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, every_expert: bool = True) -> None:
+        """`every_expert=False`: no matrices over every expert (a caller that never asks for that form)."""
         self.w13 = [pack(w) for w in w13]
         self.w2 = [pack(w) for w in w2]
         self.num_experts, two_i, d = w13.shape
         self.intermediate = two_i // 2
         self.all13 = self.all2 = None
-        if (w13.numel() + w2.numel()) * w13.element_size() <= _EVERY_EXPERT_MAX_BYTES:
+        if every_expert and (w13.numel() + w2.numel()) * w13.element_size() <= _EVERY_EXPERT_MAX_BYTES:
             self.all13 = pack(w13.detach().reshape(-1, d))
             self.all2 = pack(w2.detach().permute(1, 0, 2).reshape(d, -1))
 
