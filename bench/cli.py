@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from moemesh.device import add_device_argument
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks")
@@ -21,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--prefill-batch", type=int, default=4)
     e.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (the best is kept)")
     e.add_argument("--no-hf", action="store_true", help="skip the Hugging Face reference")
+    add_device_argument(e, " (both the engine and the reference run there)")
     e.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     e.set_defaults(func=_run_engine)
     t = bsub.add_parser("transfer", help="KV transfer GB/s and latency per data plane against memcpy")

@@ -22,13 +22,13 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(8, vocab, (n, length), generator=g).tolist()
 
 
-def _engine_runner(model_dir: Path, max_len: int):
+def _engine_runner(model_dir: Path, max_len: int, device: str):
     from moemesh.engine.engine import Engine, EngineConfig
     from moemesh.engine.sampling_params import SamplingParams
 
     # Prefix caching off: repeated timed runs of the same prompts must not get cheaper.
     engine = Engine(EngineConfig(model=str(model_dir), dtype="float32", enable_prefix_caching=False,
-                                 max_num_batched_tokens=8192, max_num_seqs=256, kv_cache_mb=1024))
+                                 max_num_batched_tokens=8192, max_num_seqs=256, kv_cache_mb=1024, device=device))
 
     def run(prompts: list[list[int]], new_tokens: int) -> None:
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -38,16 +38,16 @@ def _engine_runner(model_dir: Path, max_len: int):
     return run
 
 
-def _hf_runner(model_dir: Path):
+def _hf_runner(model_dir: Path, device: str):
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise SystemExit("the Hugging Face reference needs transformers: pip install 'moemesh[test]'") from None
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
 
     @torch.inference_mode()
     def run(prompts: list[list[int]], new_tokens: int) -> None:
-        ids = torch.tensor(prompts)
+        ids = torch.tensor(prompts, device=device)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         assert out.shape[1] == ids.shape[1] + new_tokens
@@ -59,9 +59,9 @@ def bench_model(model_dir: Path, args: argparse.Namespace) -> list[dict]:
     from moemesh.model.config import ModelConfig
 
     cfg = ModelConfig.from_dir(model_dir)
-    runners = {"moemesh": _engine_runner(model_dir, args.prefill_len + args.output_len)}
+    runners = {"moemesh": _engine_runner(model_dir, args.prefill_len + args.output_len, args.device)}
     if not args.no_hf:
-        runners["hf"] = _hf_runner(model_dir)
+        runners["hf"] = _hf_runner(model_dir, args.device)
     rows = []
     cases = [("decode", b, args.prompt_len, args.output_len) for b in _ints(args.batch_sizes)]
     cases.append(("prefill", args.prefill_batch, args.prefill_len, 1))

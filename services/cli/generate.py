@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from moemesh.device import add_device_argument
+from moemesh.kernels.backends import CHOICES as KERNEL_CHOICES
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text in-process (no services)",
@@ -32,6 +35,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--kv-cache-mb", type=int, default=512, help="memory for the paged KV cache")
     p.add_argument("--page-size", type=int, default=16)
+    add_device_argument(p)
+    p.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES,
+                   help="compute kernels: auto picks by device and dtype")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         min_p=args.min_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
         logprobs=args.logprobs if args.logprobs is not None else (0 if args.json else None))
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, kv_cache_mb=args.kv_cache_mb,
-                                 page_size=args.page_size))
+                                 page_size=args.page_size, device=args.device, kernels=args.kernels))
     prompts = list(args.prompts)
     if args.chat:
         if engine.tokenizer is None:

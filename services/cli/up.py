@@ -19,9 +19,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moemesh.device import add_device_argument
 from moemesh.service.launch import ServiceProcess, start_service
 from moemesh.services.gateway.routers import ROUTERS
 from moemesh.telemetry.readiness import GRPC, HTTP, METRICS, ServiceRecord, table_rows, write_ready_file
@@ -47,6 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--transfer", default="relay", choices=PLANES.names(cross_process=True), help="KV data plane")
     p.add_argument("--router", default=None, choices=ROUTERS.names(),
                    help="the gateway's routing policy (default: $MOEMESH_ROUTER if set, else prefix_affinity)")
+    add_device_argument(p, "; cuda: the host's GPUs dealt out one per worker process, in start order, "
+                           "round robin when there are more workers than GPUs")
     p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
     p.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for every service")
     p.add_argument("--ready-file", default=None, metavar="PATH",
@@ -152,8 +156,9 @@ def run(args: argparse.Namespace) -> int:
         common = ["--port", "0", *metrics, "--gateway", gateway.address, "--kvtransfer", kv.address,
                   "--eplb", eplb.address,
                   "--transfer", args.transfer, *(["--model", args.model] if args.model else []), *extra]
+        devices = iter(worker_devices(args.device, (args.prefill + args.decode) * args.ep_size))
         workers = [w for role, count in (("prefill", args.prefill), ("decode", args.decode)) for i in range(count)
-                   for w in _start_instance(mesh, role, i, args.ep_size, common, env)]
+                   for w in _start_instance(mesh, role, i, args.ep_size, common, env, devices)]
         mesh.wait_ready(workers, deadline)
         # Workers register in the background once they listen; until they have, a first request would
         # find no prefill worker and run colocated. Every rank of an EP group is a worker.
@@ -189,16 +194,31 @@ def run(args: argparse.Namespace) -> int:
         mesh.stop()
 
 
-def _start_instance(mesh: Mesh, role: str, index: int, ep_size: int, common: list[str], env: dict[str, str]
-                    ) -> list[ServiceProcess]:
+def worker_devices(device: str, count: int, num_gpus: int | None = None) -> list[str]:
+    """The `--device` of each of `count` worker processes: `cuda` deals the host's GPUs out in turn (`num_gpus`:
+    how many; default: as torch sees them), anything else goes to every worker as given."""
+    if device != "cuda":
+        return [device] * count
+    if num_gpus is None:
+        import torch
+
+        num_gpus = torch.cuda.device_count()
+    if num_gpus < 1:
+        raise RuntimeError("--device cuda, but torch sees no GPU here (check CUDA_VISIBLE_DEVICES and the driver)")
+    return [f"cuda:{k % num_gpus}" for k in range(count)]
+
+
+def _start_instance(mesh: Mesh, role: str, index: int, ep_size: int, common: list[str], env: dict[str, str],
+                    devices: Iterator[str]) -> list[ServiceProcess]:
     """One prefill or decode instance: a single worker, or an EP group of `ep_size` rank processes."""
     name = f"{role}-{index}"
     if ep_size == 1:
-        return [mesh.start(name, role, common, env)]
+        return [mesh.start(name, role, ["--device", next(devices), *common], env)]
     from moemesh.worker.ep_args import free_local_addr
 
     group = ["--ep-size", str(ep_size), "--dist-init-addr", free_local_addr(), "--instance-id", name]
-    return [mesh.start(f"{name}-dp{r}", role, [*common, *group, "--ep-rank", str(r)], env) for r in range(ep_size)]
+    return [mesh.start(f"{name}-dp{r}", role, ["--device", next(devices), *common, *group, "--ep-rank", str(r)], env)
+            for r in range(ep_size)]
 
 
 @dataclass

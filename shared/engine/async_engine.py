@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from moemesh.device import bind_thread
 from moemesh.engine.engine import Engine, Resume
 from moemesh.engine.errors import EngineDead
 from moemesh.engine.request import RequestOutput, RequestTiming
@@ -200,6 +201,7 @@ class AsyncEngine:
     # ---- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            bind_thread(self.engine.cfg.device)  # CUDA's current device is per thread; this one steps
             if self.engine.ep is None:
                 self._run_alone()
             else:

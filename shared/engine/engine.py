@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moemesh.device import bind_thread
 from moemesh.engine.kv_cache import LatentKVCache
 from moemesh.engine.request import FinishReason, Request, RequestOutput, RequestStatus
 from moemesh.engine.runner import ModelRunner
@@ -97,6 +98,7 @@ class Engine:
         self.cfg = cfg
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        bind_thread(cfg.device)  # loading allocates on the device: this thread's current one must be it
         model_dir = Path(cfg.model) if cfg.model else default_model_dir()
         self.model_dir = model_dir
         self.model = model if model is not None else load_model(model_dir, cfg.dtype, cfg.device)
@@ -235,7 +237,9 @@ class Engine:
                              f"[{self.cache.data.shape[0]}, N, {self.kv_row_width}] layout")
         if not (0 <= start and start + n <= req.num_tokens):
             raise ValueError(f"rows [{start}, {start + n}) fall outside the tokens of {request_id}")
-        self.cache.data[:, self.cache.slots(req.pages, start, start + n)] = rows.to(self.cache.data.dtype)
+        # Rows come off the network on the CPU; the cache may live on a GPU.
+        data = self.cache.data
+        data[:, self.cache.slots(req.pages, start, start + n)] = rows.to(data.device, data.dtype)
 
     def take_reserved(self) -> list[str]:
         """Requests that got their pages since the last call (ready for `write_kv`)."""

@@ -19,3 +19,4 @@ GEMMS = Registry("grouped GEMM")
 GEMMS.register("torch", "moemesh.ep.experts:TorchGroupedGemm")
 GEMMS.register("deepgemm", "moemesh.ep.deepgemm:DeepGemmGroupedGemm")
 GEMMS.register("onednn", "moemesh.ep.onednn_gemm:OneDnnGroupedGemm")  # bf16 on a CPU: weights prepacked once
+GEMMS.register("grouped_mm", "moemesh.ep.grouped_mm:TorchGroupedMmGemm")  # torch._grouped_mm: bf16, sm90/100, no build

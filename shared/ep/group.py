@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moemesh.device import bind_thread
 from moemesh.ep.apply import apply_expert_parallel
 from moemesh.ep.placement import ExpertPlacement
 from moemesh.model.moe import MoE
@@ -40,6 +41,7 @@ class EPConfig:
     gemm: str = "torch"
     enable_tbo: bool = False
     timeout_s: float = 120.0
+    device: str = "cpu"              # this rank's device ("cuda:N": its GPU, bound before joining the group)
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -86,10 +88,20 @@ class EPGroup:
         self.last_switch_s = 0.0     # how long the last switch paused serving, summed over its layers
         self._offers: dict[int, torch.Tensor] = {}  # version -> phy2log [L, P], offered by the balancer
         self._experts: list = []
-        # One backend per device type: gloo carries CPU tensors, NCCL CUDA ones.
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        # One backend per device type: gloo carries CPU tensors (the step vote), NCCL CUDA ones.
+        device = torch.device(cfg.device)
+        gpu = device.type == "cuda"
+        options: dict[str, Any] = {}
+        if gpu:
+            # Bound before the group exists: NCCL's communicator, DeepEP's buffers and IPC handles are made
+            # on the current device, which is otherwise GPU 0 for every rank of the host.
+            bind_thread(device)
+            options["device_id"] = torch.device("cuda", device.index or 0)
+        backend = "cpu:gloo,cuda:nccl" if gpu and torch.cuda.is_available() else "gloo"
+        if backend == "gloo":
+            options.pop("device_id", None)  # binds NCCL's communicator; gloo has none
         dist.init_process_group(backend, init_method=f"tcp://{cfg.init_addr}", rank=cfg.rank,
-                                world_size=cfg.size, timeout=datetime.timedelta(seconds=cfg.timeout_s))
+                                world_size=cfg.size, timeout=datetime.timedelta(seconds=cfg.timeout_s), **options)
         self._vote = torch.zeros(5, dtype=torch.int64)
         log.info("joined EP group at %s as rank %d of %d", cfg.init_addr, cfg.rank, cfg.size)
 

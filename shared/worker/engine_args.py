@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from moemesh.device import add_device_argument
 from moemesh.engine.engine import EngineConfig
 from moemesh.kernels.backends import CHOICES as KERNEL_CHOICES
 
@@ -28,8 +29,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests queued for KV pages or a batch slot at most; more are refused at once with "
                         "RESOURCE_EXHAUSTED and a retry hint (default: %(default)s)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the radix prefix cache")
-    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="where the model runs (cuda: GPU N for local rank N of an EP group)")
+    add_device_argument(g, "; cuda: GPU N for local rank N of an EP group on its host")
     g.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES,
                    help="compute kernels: auto picks by device and dtype (onednn: bf16 weights prepacked for "
                         "the CPU's matrix units; torch: eager torch)")
@@ -50,7 +50,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def device_of(args: argparse.Namespace) -> str:
-    """The torch device of this process: an EP rank takes the GPU of its local rank on its host."""
+    """The torch device of this process: with plain `cuda` an EP rank takes the GPU of its local rank on its host
+    (ranks are laid out node by node); `cuda:N` is taken as given."""
     if args.device != "cuda":
         return args.device
     ep_size, nnodes = getattr(args, "ep_size", 1), getattr(args, "nnodes", 1)

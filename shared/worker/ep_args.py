@@ -51,13 +51,14 @@ def ep_config(args: argparse.Namespace) -> EPConfig | None:
     if args.ep_size == 1 and not args.enable_tbo and not args.expert_placement:
         return None
     from moemesh.ep.group import EPConfig
+    from moemesh.worker.engine_args import device_of
 
     return EPConfig(
         size=args.ep_size, rank=args.ep_rank if args.ep_rank is not None else args.node_rank,
         init_addr=args.dist_init_addr or free_local_addr(),
         redundant_experts=args.redundant_experts, placement_file=args.expert_placement,
         dispatcher=args.ep_dispatcher, dispatcher_mode=args.ep_dispatcher_mode, gemm=args.ep_gemm,
-        enable_tbo=args.enable_tbo, timeout_s=args.ep_timeout_s)
+        enable_tbo=args.enable_tbo, timeout_s=args.ep_timeout_s, device=device_of(args))
 
 
 def validate_ep_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -1,0 +1,50 @@
+"""Which device an engine runs on, and binding the threads that use it.
+
+CUDA's current device is per thread: a process that builds its engine on one thread (`asyncio.to_thread`) and
+steps it on another must set it on both, or every kernel launch and allocation of an EP rank other than local
+rank 0 lands on GPU 0 (what `torch.cuda.set_device` is for). Parsing stays free of torch so that command-line
+parsers can use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+DEVICE_ENV = "MOEMESH_DEVICE"
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def parse_device(value: str) -> str:
+    """'cpu', 'cuda' or 'cuda:N' (argparse type); anything else is an error that says what is accepted."""
+    if not _DEVICE.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"device must be cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
+def default_device() -> str:
+    """$MOEMESH_DEVICE when set (validated), else 'cpu'."""
+    value = os.environ.get(DEVICE_ENV) or "cpu"
+    try:
+        return parse_device(value)
+    except argparse.ArgumentTypeError as e:
+        raise SystemExit(f"{DEVICE_ENV}: {e}") from None
+
+
+def add_device_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup, help_extra: str = "") -> None:
+    p.add_argument("--device", type=parse_device, default=default_device(),
+                   help=f"where the model runs: cpu, cuda or cuda:N (default: ${DEVICE_ENV}, else cpu){help_extra}")
+
+
+def bind_thread(device: str | torch.device) -> None:
+    """Make `device` the calling thread's current CUDA device (nothing for other devices)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index or 0)
