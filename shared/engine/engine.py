@@ -103,8 +103,12 @@ class Engine:
         self.model_dir = model_dir
         self.model = model if model is not None else load_model(model_dir, cfg.dtype, cfg.device)
         self.ep = ep
+        max_step_tokens, max_seqs = cfg.max_num_batched_tokens, cfg.max_num_seqs
         if ep is not None:
-            ep.apply(self.model, role_mode, max(cfg.max_num_batched_tokens, cfg.max_num_seqs))
+            ep.apply(self.model, role_mode, max(max_step_tokens, max_seqs))
+            # A dispatcher may carry fewer tokens per forward than asked (DeepEP's low-latency budget): no step
+            # may schedule more.
+            max_step_tokens, max_seqs = min(max_step_tokens, ep.max_step_tokens), min(max_seqs, ep.max_step_tokens)
         self.kernels = install_kernels(self.model, cfg.kernels)
         self.tokenizer = tokenizer if tokenizer is not None else _maybe_tokenizer(model_dir)
         mc = self.model.config
@@ -119,7 +123,7 @@ class Engine:
         self.max_model_len = min(max_len, capacity)
         self.scheduler = Scheduler(SchedulerConfig(
             num_pages=num_pages, page_size=cfg.page_size, max_model_len=self.max_model_len,
-            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_num_seqs=max_seqs, max_num_batched_tokens=max_step_tokens,
             enable_prefix_caching=cfg.enable_prefix_caching, max_waiting_requests=cfg.max_waiting_requests))
         eos = set(mc.eos_token_ids)
         if self.tokenizer is not None:

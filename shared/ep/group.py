@@ -88,6 +88,7 @@ class EPGroup:
         self.last_switch_s = 0.0     # how long the last switch paused serving, summed over its layers
         self._offers: dict[int, torch.Tensor] = {}  # version -> phy2log [L, P], offered by the balancer
         self._experts: list = []
+        self.max_step_tokens = 0  # tokens one forward of this rank may carry, set by `apply`
         # One backend per device type: gloo carries CPU tensors (the step vote), NCCL CUDA ones.
         device = torch.device(cfg.device)
         gpu = device.type == "cuda"
@@ -142,6 +143,7 @@ class EPGroup:
             options["hidden"] = model.config.hidden_size
             options["num_max_dispatch_tokens_per_rank"] = max_step_tokens
         apply_expert_parallel(model, None, self.placement, self.cfg.dispatcher, self.cfg.gemm, options)
+        self.max_step_tokens = max_step_tokens
         from moemesh.ep.experts import EPExperts
 
         self._experts = [m for m in model.modules() if isinstance(m, EPExperts)]
