@@ -24,6 +24,7 @@ from moemesh.engine.sampling_params import InvalidParameter, SamplingParams
 from moemesh.engine.scheduler import RequestTooLong, ScheduledBatch, Scheduler, SchedulerConfig
 from moemesh.engine.stop import check_stop, streamable_len
 from moemesh.kernels.backends import install_kernels
+from moemesh.model.config import ModelConfig
 from moemesh.model.deepseek import DeepseekForCausalLM
 from moemesh.model.default import default_model_dir
 from moemesh.model.detokenizer import IncrementalDetokenizer
@@ -101,7 +102,13 @@ class Engine:
         bind_thread(cfg.device)  # loading allocates on the device: this thread's current one must be it
         model_dir = Path(cfg.model) if cfg.model else default_model_dir()
         self.model_dir = model_dir
-        self.model = model if model is not None else load_model(model_dir, cfg.dtype, cfg.device)
+        if model is None:
+            experts = None
+            if ep is not None:  # an EP rank reads only its own experts from the checkpoint
+                ep.plan(ModelConfig.from_dir(model_dir))
+                experts = ep.local_experts
+            model = load_model(model_dir, cfg.dtype, cfg.device, experts)
+        self.model = model
         self.ep = ep
         max_step_tokens, max_seqs = cfg.max_num_batched_tokens, cfg.max_num_seqs
         if ep is not None:

@@ -68,21 +68,29 @@ class EPExperts(nn.Module):
     def __init__(self, experts: RoutedExperts, layer: int, placement: ExpertPlacement, dispatcher: Dispatcher,
                  gemm: GroupedGemm | str = "torch") -> None:
         super().__init__()
-        if experts.num_experts != placement.num_logical:
+        slots = placement.local_slots(dispatcher.rank)
+        logical = [int(e) for e in placement.phy2log[layer, slots.start:slots.stop]]
+        if experts.logical_ids is not None:  # loaded as this rank's share already: taken as they are
+            if experts.logical_ids != logical:
+                raise ValueError(f"MoE layer {layer}: the loaded experts {experts.logical_ids[:8]}... are not this "
+                                 f"rank's slots {logical[:8]}... under the placement")
+        elif experts.num_experts != placement.num_logical:
             raise ValueError(f"placement has {placement.num_logical} logical experts, the layer has "
                              f"{experts.num_experts}")
         self.layer = layer
         self.placement = placement
         self.dispatcher = dispatcher
         self.gemm = make_grouped_gemm(gemm) if isinstance(gemm, str) else gemm
-        self.num_experts = experts.num_experts
-        slots = placement.local_slots(dispatcher.rank)
+        self.num_experts = placement.num_logical
         self.num_local_slots = len(slots)
-        logical = torch.as_tensor(placement.phy2log[layer, slots.start:slots.stop], dtype=torch.int64)
-        device = experts.w13.device
-        with torch.no_grad():
-            self.w13 = nn.Parameter(experts.w13.index_select(0, logical.to(device)).clone(), requires_grad=False)
-            self.w2 = nn.Parameter(experts.w2.index_select(0, logical.to(device)).clone(), requires_grad=False)
+        if experts.logical_ids is not None:
+            self.w13 = nn.Parameter(experts.w13.detach(), requires_grad=False)
+            self.w2 = nn.Parameter(experts.w2.detach(), requires_grad=False)
+        else:
+            index = torch.tensor(logical, dtype=torch.int64, device=experts.w13.device)
+            with torch.no_grad():
+                self.w13 = nn.Parameter(experts.w13.index_select(0, index), requires_grad=False)
+                self.w2 = nn.Parameter(experts.w2.index_select(0, index), requires_grad=False)
         self._weights = self.gemm.prepare(self.w13, self.w2)
 
     def set_weights(self, placement: ExpertPlacement, w13: torch.Tensor, w2: torch.Tensor) -> None:

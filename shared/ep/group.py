@@ -22,7 +22,7 @@ from torch import nn
 from moemesh.device import bind_thread
 from moemesh.ep.apply import apply_expert_parallel
 from moemesh.ep.placement import ExpertPlacement
-from moemesh.model.moe import MoE
+from moemesh.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,23 @@ class EPGroup:
         return self.cfg.size
 
     def make_placement(self, model: nn.Module) -> ExpertPlacement:
-        """The placement for `model`: from the file when one was given, else experts in order plus replicas."""
-        num_layers = sum(isinstance(m, MoE) for m in model.modules())
-        num_logical = model.config.n_routed_experts
+        """The placement for `model`: the one `plan` chose, else from its config (`plan`'s rules)."""
+        return self.placement if self.placement is not None else self._placement_for(model.config)
+
+    def plan(self, cfg: ModelConfig) -> ExpertPlacement:
+        """Choose the start-up placement from the model's config, before loading: the loader then reads only this
+        rank's experts (`local_experts`)."""
+        self.placement = self._placement_for(cfg)
+        return self.placement
+
+    def local_experts(self, moe_layer: int) -> list[int]:
+        """The logical expert of each of this rank's slots in MoE layer `moe_layer`, in slot order (after `plan`)."""
+        slots = self.placement.local_slots(self.rank)
+        return [int(e) for e in self.placement.phy2log[moe_layer, slots.start:slots.stop]]
+
+    def _placement_for(self, cfg: ModelConfig) -> ExpertPlacement:
+        """From the file when one was given, else experts in order plus replicas."""
+        num_layers, num_logical = cfg.num_moe_layers, cfg.n_routed_experts
         if self.cfg.placement_file:
             placement = ExpertPlacement.from_file(self.cfg.placement_file, num_logical)
             if placement.ep_size != self.size:

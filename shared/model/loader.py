@@ -2,12 +2,16 @@
 
 Handles single-file and sharded safetensors (`model.safetensors.index.json`), bf16/fp16/fp32 tensors,
 and FP8 block-quantized weights (`weight_scale_inv`, as DeepSeek-V3 ships) dequantized at load.
+
+A process that serves only some routed experts (an expert-parallel rank) says which (`experts`): each MoE layer
+then holds just those, in the order given, and the other experts' tensors are never read (safetensors maps the
+files, so their bytes are not even paged in): a rank's memory is its share of the experts plus the dense weights.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -17,8 +21,13 @@ from tqdm import tqdm
 
 from moemesh.model.config import ModelConfig, ModelConfigError
 from moemesh.model.deepseek import DeepseekForCausalLM
+from moemesh.model.moe import MoE, RoutedExperts
 from moemesh.model.rope import RotaryEmbedding
-from moemesh.model.weights import checkpoint_shapes, layer_of, target_of
+from moemesh.model.weights import checkpoint_shapes, expert_of, layer_of, target_of
+
+# The routed experts a process holds: MoE layer index (0-based among MoE layers) -> the logical expert of each of
+# its local slots, in slot order (an expert may appear more than once: redundant replicas).
+ExpertSelection = Callable[[int], Sequence[int]]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
@@ -72,8 +81,10 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
     return weight.float() * scale
 
 
-def iter_checkpoint(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for each weight of the served layers, FP8 weights already dequantized."""
+def iter_checkpoint(path: Path, cfg: ModelConfig, wanted: Callable[[str], bool] | None = None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for each weight of the served layers (those `wanted` accepts, by name; default all),
+    FP8 weights already dequantized."""
     files = tensor_files(path)
     block = cfg.quant_block_size or (128, 128)
     with ExitStack() as stack:
@@ -84,6 +95,8 @@ def iter_checkpoint(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.T
             layer = layer_of(name)
             if layer is not None and layer >= cfg.num_hidden_layers:
                 continue  # multi-token-prediction layers beyond the decoder stack are not served
+            if wanted is not None and not wanted(name):
+                continue
             try:
                 t = handles[f].get_tensor(name)
             except Exception as e:
@@ -96,9 +109,13 @@ def iter_checkpoint(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.T
             yield name, t
 
 
-def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu"
-               ) -> DeepseekForCausalLM:
-    """Build the model described by `path/config.json` and fill it from the folder's safetensors."""
+def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu",
+               experts: ExpertSelection | None = None) -> DeepseekForCausalLM:
+    """Build the model described by `path/config.json` and fill it from the folder's safetensors.
+
+    `experts`: hold only these routed experts (see `ExpertSelection`); each MoE layer's `RoutedExperts` then has
+    one row per local slot and its `logical_ids`; None holds them all.
+    """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model folder {path} does not exist")
@@ -113,19 +130,58 @@ def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device
     try:
         with torch.device("meta"):
             model = DeepseekForCausalLM(cfg)
+            held = _hold_experts(model, experts) if experts is not None else None
     finally:
         torch.set_default_dtype(prev)
     model.to_empty(device=device)
     for m in model.modules():
         if isinstance(m, RotaryEmbedding):
             m.rebuild(device)
-    fill_weights(model, iter_checkpoint(path, cfg))
+    wanted = None
+    if held is not None:
+        def wanted(name: str) -> bool:
+            at = expert_of(name)
+            return at is None or at[1] in held[at[0]]
+    fill_weights(model, iter_checkpoint(path, cfg, wanted), held)
     return model.eval().requires_grad_(False)
 
 
-def fill_weights(model: DeepseekForCausalLM, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Copy checkpoint tensors into the model; every expected tensor must appear once, with its shape."""
+def _hold_experts(model: DeepseekForCausalLM, experts: ExpertSelection) -> dict[int, dict[int, list[int]]]:
+    """Give each MoE layer (on the meta device) a `RoutedExperts` of only its selected slots.
+
+    -> decoder layer index -> logical expert -> the local slots it fills.
+    """
+    held: dict[int, dict[int, list[int]]] = {}
+    cfg = model.config
+    moe_index = 0
+    for i, layer in enumerate(model.model.layers):
+        if not isinstance(layer.mlp, MoE):
+            continue
+        ids = [int(e) for e in experts(moe_index)]
+        bad = [e for e in ids if not 0 <= e < (cfg.n_routed_experts or 0)]
+        if bad:
+            raise CheckpointError(f"MoE layer {moe_index}: experts {bad[:3]} do not exist "
+                                  f"(the model has {cfg.n_routed_experts})")
+        layer.mlp.experts = RoutedExperts(len(ids), cfg.hidden_size, cfg.moe_intermediate_size, logical_ids=ids)
+        slots: dict[int, list[int]] = {}
+        for slot, e in enumerate(ids):
+            slots.setdefault(e, []).append(slot)
+        held[i] = slots
+        moe_index += 1
+    return held
+
+
+def fill_weights(model: DeepseekForCausalLM, tensors: Iterator[tuple[str, torch.Tensor]],
+                 held: dict[int, dict[int, list[int]]] | None = None) -> None:
+    """Copy checkpoint tensors into the model; every expected tensor must appear once, with its shape.
+
+    `held` (from `_hold_experts`): the model holds only these routed experts; only their tensors are expected,
+    each copied into every local slot it fills.
+    """
     expected = checkpoint_shapes(model.config)
+    if held is not None:
+        expected = {n: s for n, s in expected.items()
+                    if (at := expert_of(n)) is None or at[1] in held[at[0]]}
     state = dict(model.named_parameters())
     state.update(model.named_buffers())
     seen: set[str] = set()
@@ -142,13 +198,14 @@ def fill_weights(model: DeepseekForCausalLM, tensors: Iterator[tuple[str, torch.
             if tuple(t.shape) != shape:
                 raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, config implies {shape}")
             tgt = target_of(name)
-            dst = state[tgt.param]
-            if tgt.expert is not None:
-                dst = dst[tgt.expert]
-            if tgt.half is not None:
-                rows = dst.shape[0] // 2
-                dst = dst[tgt.half * rows:(tgt.half + 1) * rows]
-            dst.copy_(t)
+            param = state[tgt.param]
+            slots = [tgt.expert] if held is None or tgt.expert is None else held[layer_of(name)][tgt.expert]
+            for slot in slots:
+                dst = param if slot is None else param[slot]
+                if tgt.half is not None:
+                    rows = dst.shape[0] // 2
+                    dst = dst[tgt.half * rows:(tgt.half + 1) * rows]
+                dst.copy_(t)
             seen.add(name)
     if unexpected:
         raise CheckpointError(

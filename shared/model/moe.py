@@ -92,14 +92,20 @@ class RoutedExperts(nn.Module):
 
     kernel: ExpertsKernel | None = None
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
+    def __init__(self, num_experts: int, hidden: int, intermediate: int,
+                 logical_ids: list[int] | None = None) -> None:
+        """`logical_ids`: this module holds only some of the layer's experts (a loader chose them for an
+        expert-parallel rank), row s being expert logical_ids[s]; its forward is then not the layer's."""
         super().__init__()
         self.num_experts = num_experts
+        self.logical_ids = logical_ids
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, D]; topk_ids [T, K] int64; topk_weights [T, K] float32 -> [T, D] in x's dtype."""
+        if self.logical_ids is not None:
+            raise RuntimeError("these routed experts are one expert-parallel rank's share; EP runs them")
         k = topk_ids.shape[1]
         flat_ids = topk_ids.reshape(-1)
         counts = torch.bincount(flat_ids, minlength=self.num_experts)

@@ -46,6 +46,14 @@ def target_of(name: str) -> Target:
     return Target(name)
 
 
+def expert_of(name: str) -> tuple[int, int] | None:
+    """(decoder layer, routed expert) of a routed expert's tensor, None for any other tensor."""
+    m = _EXPERT.match(name)
+    if m is None:
+        return None
+    return layer_of(name), int(m.group(2))
+
+
 def layer_of(name: str) -> int | None:
     """The decoder layer index a tensor belongs to, or None for embedding, norm and head."""
     m = _LAYER.match(name)
