@@ -15,6 +15,7 @@ from torch import nn
 from moemesh.ep.backends import GEMMS
 from moemesh.ep.dispatch import Dispatcher, Stages, run_stages
 from moemesh.ep.placement import ExpertPlacement
+from moemesh.model.fp8 import Fp8Experts
 from moemesh.model.layers import silu_and_mul
 from moemesh.model.moe import RoutedExperts
 
@@ -26,6 +27,11 @@ class GroupedGemm(ABC):
         """Once per layer at start-up: w13 [S, 2I, D], w2 [S, D, I] -> the weights in this backend's form."""
         return w13, w2
 
+    def prepare_fp8(self, experts: Fp8Experts) -> Any:
+        """Once per layer at start-up, for experts kept in FP8 with block scales -> this backend's form."""
+        raise ValueError(f"grouped GEMM {type(self).__name__} does not take FP8 experts; use grouped GEMM 'torch' "
+                         f"(converts one expert at a time) or 'deepgemm' (consumes them on a Hopper GPU)")
+
     @abstractmethod
     def contiguous(self, xs: torch.Tensor, counts: list[int], weights: Any) -> torch.Tensor:
         """xs [N, D] sorted by slot, counts [S] rows per slot -> [N, D] in xs' dtype."""
@@ -36,22 +42,43 @@ class GroupedGemm(ABC):
 
 
 class TorchGroupedGemm(GroupedGemm):
-    """Plain torch: one matmul pair per slot that received rows (contiguous); batched matmuls (masked)."""
+    """Plain torch: one matmul pair per slot that received rows (contiguous); batched matmuls (masked).
+
+    FP8 experts: each slot with rows is converted to the activations' dtype when it computes (the masked layout
+    then also goes slot by slot: converting every slot at once would hold all of them in 16 bits).
+    """
+
+    def prepare_fp8(self, experts: Fp8Experts) -> Fp8Experts:
+        return experts
 
     def contiguous(self, xs: torch.Tensor, counts: list[int], weights: Any) -> torch.Tensor:
-        w13, w2 = weights
         out = torch.empty_like(xs)
         start = 0
         for s, n in enumerate(counts):
             if n:
+                w13, w2 = _slot(weights, s, xs.dtype)
                 seg = xs[start:start + n]
-                out[start:start + n] = silu_and_mul(seg @ w13[s].t()) @ w2[s].t()
+                out[start:start + n] = silu_and_mul(seg @ w13.t()) @ w2.t()
                 start += n
         return out
 
     def masked(self, xs: torch.Tensor, counts: torch.Tensor, weights: Any) -> torch.Tensor:
+        if isinstance(weights, Fp8Experts):
+            out = torch.empty_like(xs)
+            for s, n in enumerate(counts.tolist()):
+                if n:
+                    w13, w2 = weights.expert(s, xs.dtype)
+                    out[s, :n] = silu_and_mul(xs[s, :n] @ w13.t()) @ w2.t()
+            return out
         w13, w2 = weights
         return torch.bmm(silu_and_mul(torch.bmm(xs, w13.transpose(1, 2))), w2.transpose(1, 2))
+
+
+def _slot(weights: Any, s: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot s's (w13 [2I, D], w2 [D, I]) from TorchGroupedGemm's weights, FP8 ones converted to `dtype`."""
+    if isinstance(weights, Fp8Experts):
+        return weights.expert(s, dtype)
+    return weights[0][s], weights[1][s]
 
 
 def make_grouped_gemm(name: str) -> GroupedGemm:
@@ -83,25 +110,45 @@ class EPExperts(nn.Module):
         self.gemm = make_grouped_gemm(gemm) if isinstance(gemm, str) else gemm
         self.num_experts = placement.num_logical
         self.num_local_slots = len(slots)
-        if experts.logical_ids is not None:
-            self.w13 = nn.Parameter(experts.w13.detach(), requires_grad=False)
-            self.w2 = nn.Parameter(experts.w2.detach(), requires_grad=False)
-        else:
+        self.fp8_block = experts.fp8_block
+        names = self._slot_tensor_names()
+        if experts.logical_ids is None:
             index = torch.tensor(logical, dtype=torch.int64, device=experts.w13.device)
-            with torch.no_grad():
-                self.w13 = nn.Parameter(experts.w13.index_select(0, index), requires_grad=False)
-                self.w2 = nn.Parameter(experts.w2.index_select(0, index), requires_grad=False)
-        self._weights = self.gemm.prepare(self.w13, self.w2)
+        for name in names:
+            t = getattr(experts, name).detach()
+            t = t if experts.logical_ids is not None else t.index_select(0, index)
+            if name in ("w13", "w2"):
+                setattr(self, name, nn.Parameter(t, requires_grad=False))
+            else:
+                self.register_buffer(name, t)
+        self._weights = self._prepare()
 
-    def set_weights(self, placement: ExpertPlacement, w13: torch.Tensor, w2: torch.Tensor) -> None:
-        """Serve `placement` from now on, with w13 [S, 2I, D] and w2 [S, D, I] its slots' weights on this rank."""
-        if w13.shape != self.w13.shape or w2.shape != self.w2.shape:
-            raise ValueError(f"weights of shapes {tuple(w13.shape)}, {tuple(w2.shape)} do not fit this layer's "
-                             f"{tuple(self.w13.shape)}, {tuple(self.w2.shape)}")
+    def _slot_tensor_names(self) -> tuple[str, ...]:
+        """The tensors with one row per local slot: the weights, and their block scales when kept in FP8."""
+        return ("w13", "w2") if self.fp8_block is None else ("w13", "w2", "w13_scale_inv", "w2_scale_inv")
+
+    def slot_tensors(self) -> list[torch.Tensor]:
+        """Everything a slot's expert is made of, each [S, ...] (what moving an expert between ranks moves)."""
+        return [getattr(self, n).data for n in self._slot_tensor_names()]
+
+    def _prepare(self) -> Any:
+        if self.fp8_block is None:
+            return self.gemm.prepare(self.w13, self.w2)
+        return self.gemm.prepare_fp8(Fp8Experts(self.w13, self.w2, self.w13_scale_inv, self.w2_scale_inv,
+                                                self.fp8_block))
+
+    def set_weights(self, placement: ExpertPlacement, *tensors: torch.Tensor) -> None:
+        """Serve `placement` from now on, with `tensors` (as `slot_tensors` lists them: w13 [S, 2I, D], w2 [S, D, I]
+        and, for FP8 experts, their scales) its slots' experts on this rank."""
+        mine = self.slot_tensors()
+        if len(tensors) != len(mine) or any(t.shape != m.shape or t.dtype != m.dtype
+                                            for t, m in zip(tensors, mine, strict=True)):
+            raise ValueError(f"weights of shapes {[tuple(t.shape) for t in tensors]} do not fit this layer's "
+                             f"{[tuple(m.shape) for m in mine]}")
         with torch.no_grad():
-            self.w13.data = w13.contiguous()
-            self.w2.data = w2.contiguous()
-        self._weights = self.gemm.prepare(self.w13, self.w2)
+            for name, t in zip(self._slot_tensor_names(), tensors, strict=True):
+                getattr(self, name).data = t.contiguous()
+        self._weights = self._prepare()
         self.placement = placement
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:

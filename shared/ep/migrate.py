@@ -32,8 +32,9 @@ def migrate_layer(experts: EPExperts, new: ExpertPlacement, group: dist.ProcessG
     def source(dest: int, expert: int) -> int:
         return dest if expert in held[dest] else next(r for r in range(size) if expert in held[r])
 
-    w13, w2 = experts.w13.data, experts.w2.data
-    flat = torch.cat([w13.reshape(per_rank, -1), w2.reshape(per_rank, -1)], dim=1)  # [S, 2I*D + D*I]
+    # Each slot's expert as one row of bytes (weights, and FP8 block scales where kept), whatever the dtypes.
+    parts = experts.slot_tensors()
+    flat = torch.cat([t.contiguous().view(torch.uint8).reshape(per_rank, -1) for t in parts], dim=1)
     send_rows: list[torch.Tensor] = []
     send_counts, recv_counts = [0] * size, [0] * size
     for dest in range(size):
@@ -60,6 +61,8 @@ def migrate_layer(experts: EPExperts, new: ExpertPlacement, group: dist.ProcessG
             rows.append(recv[offsets[src]])
             offsets[src] += 1
     new_flat = torch.stack(rows)
-    n13 = w13[0].numel()
-    experts.set_weights(new, new_flat[:, :n13].reshape(w13.shape), new_flat[:, n13:].reshape(w2.shape))
+    widths = [t[0].numel() * t.element_size() for t in parts]
+    pieces = new_flat.split(widths, dim=1)
+    experts.set_weights(new, *(piece.contiguous().view(t.dtype).reshape(t.shape)
+                               for piece, t in zip(pieces, parts, strict=True)))
     return sum(recv_counts)

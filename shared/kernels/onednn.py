@@ -119,7 +119,7 @@ def install(model: nn.Module) -> int:
         if isinstance(m, Linear):
             m.kernel = PackedLinear(m)
             n += 1
-        elif isinstance(m, RoutedExperts) and m.num_experts:
+        elif isinstance(m, RoutedExperts) and m.num_experts and m.fp8_block is None:  # FP8 ones stay 8-bit
             m.kernel = PackedExperts(m.w13, m.w2)
             n += 1
     return n

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from moemesh.model.config import ModelConfig, ModelConfigError
 from moemesh.model.deepseek import DeepseekForCausalLM
+from moemesh.model.fp8 import FP8_DTYPES, dequantize_blocks
 from moemesh.model.moe import MoE, RoutedExperts
 from moemesh.model.rope import RotaryEmbedding
 from moemesh.model.weights import checkpoint_shapes, expert_of, layer_of, target_of
@@ -30,7 +31,7 @@ from moemesh.model.weights import checkpoint_shapes, expert_of, layer_of, target
 ExpertSelection = Callable[[int], Sequence[int]]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+_FP8 = FP8_DTYPES
 _SCALE_SUFFIX = "_scale_inv"
 
 
@@ -75,16 +76,14 @@ def tensor_files(path: Path) -> dict[str, Path]:
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """weight [O, I] float8 with scale_inv [ceil(O/bo), ceil(I/bi)] float32 -> [O, I] float32."""
-    bo, bi = block
-    o, i = weight.shape
-    scale = scale_inv.float().repeat_interleave(bo, dim=0)[:o].repeat_interleave(bi, dim=1)[:, :i]
-    return weight.float() * scale
+    return dequantize_blocks(weight, scale_inv, block)
 
 
-def iter_checkpoint(path: Path, cfg: ModelConfig, wanted: Callable[[str], bool] | None = None
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint(path: Path, cfg: ModelConfig, wanted: Callable[[str], bool] | None = None,
+                    raw_fp8: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) for each weight of the served layers (those `wanted` accepts, by name; default all),
-    FP8 weights already dequantized."""
+    FP8 weights dequantized to float32, except those `raw_fp8` accepts: they come as they are, each followed by
+    its block scales (NAME_scale_inv)."""
     files = tensor_files(path)
     block = cfg.quant_block_size or (128, 128)
     with ExitStack() as stack:
@@ -105,16 +104,24 @@ def iter_checkpoint(path: Path, cfg: ModelConfig, wanted: Callable[[str], bool] 
                 scale_name = name + _SCALE_SUFFIX
                 if scale_name not in files:
                     raise CheckpointError(f"FP8 tensor {name} has no {scale_name}")
-                t = dequantize_fp8(t, handles[files[scale_name]].get_tensor(scale_name), block)
+                scale = handles[files[scale_name]].get_tensor(scale_name)
+                if raw_fp8 is not None and raw_fp8(name):
+                    yield name, t
+                    yield scale_name, scale
+                    continue
+                t = dequantize_fp8(t, scale, block)
             yield name, t
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu",
-               experts: ExpertSelection | None = None) -> DeepseekForCausalLM:
+               experts: ExpertSelection | None = None, fp8_experts: bool = True) -> DeepseekForCausalLM:
     """Build the model described by `path/config.json` and fill it from the folder's safetensors.
 
     `experts`: hold only these routed experts (see `ExpertSelection`); each MoE layer's `RoutedExperts` then has
     one row per local slot and its `logical_ids`; None holds them all.
+    `fp8_experts`: in an FP8 checkpoint, keep the routed experts in 8 bits with their block scales (one copy;
+    converted one expert at a time when computed) instead of converting them to the compute dtype at load.
+    Other weights are converted at load either way.
     """
     path = Path(path)
     if not path.is_dir():
@@ -131,6 +138,12 @@ def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device
         with torch.device("meta"):
             model = DeepseekForCausalLM(cfg)
             held = _hold_experts(model, experts) if experts is not None else None
+            fp8_block = (cfg.quant_block_size or (128, 128)) if fp8_experts and _is_fp8(path, cfg) else None
+            if fp8_block:
+                for moe in (m for m in model.modules() if isinstance(m, MoE)):
+                    e = moe.experts
+                    moe.experts = RoutedExperts(e.num_experts, cfg.hidden_size, cfg.moe_intermediate_size,
+                                                logical_ids=e.logical_ids, fp8_block=fp8_block)
     finally:
         torch.set_default_dtype(prev)
     model.to_empty(device=device)
@@ -142,8 +155,14 @@ def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device
         def wanted(name: str) -> bool:
             at = expert_of(name)
             return at is None or at[1] in held[at[0]]
-    fill_weights(model, iter_checkpoint(path, cfg, wanted), held)
+    raw = (lambda name: expert_of(name) is not None) if fp8_block else None
+    fill_weights(model, iter_checkpoint(path, cfg, wanted, raw), held)
     return model.eval().requires_grad_(False)
+
+
+def _is_fp8(path: Path, cfg: ModelConfig) -> bool:
+    """Whether the checkpoint ships block-quantized FP8 weights (its config says so, as DeepSeek-V3's does)."""
+    return cfg.quant_block_size is not None
 
 
 def _hold_experts(model: DeepseekForCausalLM, experts: ExpertSelection) -> dict[int, dict[int, list[int]]]:
@@ -190,6 +209,9 @@ def fill_weights(model: DeepseekForCausalLM, tensors: Iterator[tuple[str, torch.
     bar = tqdm(total=len(expected), desc="Loading weights", unit="tensor", disable=None, leave=False)
     with torch.no_grad(), bar:
         for name, t in tensors:
+            if name.endswith(_SCALE_SUFFIX):  # an FP8 expert's block scales, right after its weight
+                _copy_into_slots(state, name.removesuffix(_SCALE_SUFFIX), t, held, scale=True)
+                continue
             bar.update()
             shape = expected.get(name)
             if shape is None:
@@ -197,15 +219,7 @@ def fill_weights(model: DeepseekForCausalLM, tensors: Iterator[tuple[str, torch.
                 continue
             if tuple(t.shape) != shape:
                 raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, config implies {shape}")
-            tgt = target_of(name)
-            param = state[tgt.param]
-            slots = [tgt.expert] if held is None or tgt.expert is None else held[layer_of(name)][tgt.expert]
-            for slot in slots:
-                dst = param if slot is None else param[slot]
-                if tgt.half is not None:
-                    rows = dst.shape[0] // 2
-                    dst = dst[tgt.half * rows:(tgt.half + 1) * rows]
-                dst.copy_(t)
+            _copy_into_slots(state, name, t, held)
             seen.add(name)
     if unexpected:
         raise CheckpointError(
@@ -213,3 +227,22 @@ def fill_weights(model: DeepseekForCausalLM, tensors: Iterator[tuple[str, torch.
     missing = sorted(set(expected) - seen)
     if missing:
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+def _copy_into_slots(state: dict[str, torch.Tensor], name: str, t: torch.Tensor,
+                     held: dict[int, dict[int, list[int]]] | None, scale: bool = False) -> None:
+    """Copy checkpoint tensor `name` (or, `scale`, that weight's FP8 block scales) into every place it fills."""
+    tgt = target_of(name)
+    param = state[tgt.param + "_scale_inv" if scale else tgt.param]  # experts.w13 -> experts.w13_scale_inv
+    if not scale and param.dtype in _FP8 and t.dtype not in _FP8:
+        raise CheckpointError(f"tensor {name} is {t.dtype} where the checkpoint's experts are FP8 with block scales")
+    slots = [tgt.expert] if held is None or tgt.expert is None else held[layer_of(name)][tgt.expert]
+    for slot in slots:
+        dst = param if slot is None else param[slot]
+        if tgt.half is not None:
+            # A weight's gate/up half is a block of rows; its scales are their own [2, ...] entry.
+            dst = dst[tgt.half] if scale else dst[tgt.half * (dst.shape[0] // 2):(tgt.half + 1) * (dst.shape[0] // 2)]
+        if scale and tuple(dst.shape) != tuple(t.shape):
+            raise CheckpointError(f"{name}{_SCALE_SUFFIX} has shape {tuple(t.shape)}, the weight's blocks need "
+                                  f"{tuple(dst.shape)}")
+        dst.copy_(t)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moemesh.model.config import ModelConfig
+from moemesh.model.fp8 import Fp8Experts, scale_shape
 from moemesh.model.layers import GatedMLP, silu_and_mul
 
 # The padded batched-matmul form of the routed experts (see RoutedExperts.forward) serves layers whose experts'
@@ -93,14 +94,31 @@ class RoutedExperts(nn.Module):
     kernel: ExpertsKernel | None = None
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int,
-                 logical_ids: list[int] | None = None) -> None:
+                 logical_ids: list[int] | None = None, fp8_block: tuple[int, int] | None = None) -> None:
         """`logical_ids`: this module holds only some of the layer's experts (a loader chose them for an
-        expert-parallel rank), row s being expert logical_ids[s]; its forward is then not the layer's."""
+        expert-parallel rank), row s being expert logical_ids[s]; its forward is then not the layer's.
+        `fp8_block`: the weights stay in e4m3 with float32 block scales of this size (`w13_scale_inv`,
+        `w2_scale_inv`, laid out as `Fp8Experts` says), converted one expert at a time when computed."""
         super().__init__()
         self.num_experts = num_experts
         self.logical_ids = logical_ids
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.fp8_block = fp8_block
+        wdtype = torch.float8_e4m3fn if fp8_block else None
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden, dtype=wdtype),
+                                requires_grad=fp8_block is None)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate, dtype=wdtype),
+                               requires_grad=fp8_block is None)
+        if fp8_block:
+            self.register_buffer("w13_scale_inv", torch.empty(
+                num_experts, 2, *scale_shape(intermediate, hidden, fp8_block), dtype=torch.float32))
+            self.register_buffer("w2_scale_inv", torch.empty(
+                num_experts, *scale_shape(hidden, intermediate, fp8_block), dtype=torch.float32))
+
+    def fp8(self) -> Fp8Experts | None:
+        """The weights as FP8 experts (views), or None when they are not kept in 8 bits."""
+        if self.fp8_block is None:
+            return None
+        return Fp8Experts(self.w13, self.w2, self.w13_scale_inv, self.w2_scale_inv, self.fp8_block)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, D]; topk_ids [T, K] int64; topk_weights [T, K] float32 -> [T, D] in x's dtype."""
@@ -122,7 +140,8 @@ class RoutedExperts(nn.Module):
         # busiest one's rows beat one matmul pair per expert at decode sizes while the weights are small.
         if self.kernel is not None:
             out = self.kernel(xs, counts_list)
-        elif self._weight_bytes() <= _PADDED_MAX_BYTES and (cap := int(counts.max())) <= _PADDED_MAX_ROWS:
+        elif (self.fp8_block is None and self._weight_bytes() <= _PADDED_MAX_BYTES
+              and (cap := int(counts.max())) <= _PADDED_MAX_ROWS):
             out = self._padded(xs, flat_ids[order], counts, cap)
         else:
             out = self._looped(xs, counts.tolist())
@@ -135,11 +154,13 @@ class RoutedExperts(nn.Module):
     def _looped(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """One matmul pair per expert with tokens: xs [P, D] grouped by expert -> [P, D]."""
         out = torch.empty_like(xs)
+        fp8 = self.fp8()
         start = 0
         for e, n in enumerate(counts):
             if n:
                 seg = xs[start:start + n]
-                out[start:start + n] = silu_and_mul(seg @ self.w13[e].t()) @ self.w2[e].t()
+                w13, w2 = (self.w13[e], self.w2[e]) if fp8 is None else fp8.expert(e, xs.dtype)
+                out[start:start + n] = silu_and_mul(seg @ w13.t()) @ w2.t()
                 start += n
         return out
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.paths import ROOT
@@ -64,8 +65,12 @@ def _rank_main(ckpt: str, addr: str, rank: int, out_dir: str) -> None:
     for layer, moe in enumerate(m for m in fresh.modules() if isinstance(m, MoE)):
         local = new.phy2log[layer, new.local_slots(rank).start:new.local_slots(rank).stop]
         assert isinstance(moved[layer], EPExperts)
-        same.append(bool(torch.equal(moved[layer].w13, moe.experts.w13[local]))
-                    and bool(torch.equal(moved[layer].w2, moe.experts.w2[local])))
+        names = moved[layer]._slot_tensor_names()  # FP8 experts move with their block scales
+        fresh_slots = [getattr(moe.experts, n)[local] for n in names]
+        moved_slots = moved[layer].slot_tensors()
+        pairs = zip(moved_slots, fresh_slots, strict=True)
+        same.append(len(names) == (4 if moe.experts.fp8_block else 2)
+                    and all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in pairs))
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
         "steps": steps, "layers": layers, "same_weights": same,
         "max_diff": float((after - before).abs().max()), "version": group.placement_version,
@@ -75,8 +80,14 @@ def _rank_main(ckpt: str, addr: str, rank: int, out_dir: str) -> None:
     group.close()
 
 
-def test_switch_moves_exactly_the_new_weights_and_keeps_outputs(small_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-experts", "fp8-experts"])
+def test_switch_moves_exactly_the_new_weights_and_keeps_outputs(small_dir: Path, tmp_path: Path, fp8: bool) -> None:
     from moemesh.worker.ep_args import free_local_addr
+
+    if fp8:
+        from tests.fp8_checkpoint import write_fp8_checkpoint
+
+        small_dir = write_fp8_checkpoint(tmp_path / "fp8")[0]
 
     addr = free_local_addr()
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),

@@ -14,6 +14,7 @@ from moemesh.model.loader import CheckpointError, dequantize_fp8, load_model
 from moemesh.model.mla import NoCacheAttention
 from moemesh.model.tiny import tiny_config, write_checkpoint
 from tests.conftest import SMALL
+from tests.fp8_checkpoint import FP8_SMALL, write_fp8_checkpoint
 
 IDS = list(range(20, 53))
 
@@ -48,45 +49,33 @@ def test_bf16_checkpoint_auto_dtype(single: Path, tmp_path: Path) -> None:
     assert 0 < (got - ref).abs().max() < 0.5 * ref.abs().max()
 
 
-def _quantize_block(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per 128x128 block: scale = amax / 448 (e4m3's max), weight = w / scale in float8."""
-    o, i = w.shape
-    so, si = -(-o // block), -(-i // block)
-    scale = torch.zeros(so, si)
-    for a in range(so):
-        for b in range(si):
-            blk = w[a * block:(a + 1) * block, b * block:(b + 1) * block]
-            scale[a, b] = blk.abs().max().clamp(min=1e-12) / 448.0
-    full = scale.repeat_interleave(block, 0)[:o].repeat_interleave(block, 1)[:, :i]
-    return (w / full).to(torch.float8_e4m3fn), scale
-
-
 def test_fp8_block_quantized_checkpoint_is_dequantized(tmp_path: Path) -> None:
-    # hidden 192 and kv_lora 160 make blocks that overhang the matrix edges, as real shapes do.
-    cfg = tiny_config(**{**SMALL, "hidden_size": 192, "kv_lora_rank": 160}, torch_dtype="bfloat16",
-                      quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                           "weight_block_size": [128, 128]})
-    path = write_checkpoint(tmp_path, cfg, seed=5, tokenizer=False)
-    tensors = load_file(str(path / "model.safetensors"))
+    path, tensors = write_fp8_checkpoint(tmp_path)
     expected, originals = {}, {}
-    for name in list(tensors):
-        # As DeepSeek-V3 ships: linear weights quantized; embeddings, head, norms and router not.
-        if name.endswith("proj.weight") or name.endswith("kv_a_proj_with_mqa.weight"):
-            originals[name] = tensors[name].float()
-            q, s = _quantize_block(originals[name])
-            tensors[name], tensors[name + "_scale_inv"] = q, s
-            expected[name] = dequantize_fp8(q, s, (128, 128))
-    (path / "model.safetensors").unlink()
-    save_file(tensors, str(path / "model.safetensors"))
-    model = load_model(path, "float32")
+    for name in tensors:
+        if name.endswith("_scale_inv"):
+            weight = name.removesuffix("_scale_inv")
+            expected[weight] = dequantize_fp8(tensors[weight], tensors[name], (128, 128))
+    originals = load_file(str(write_checkpoint(tmp_path / "orig", tiny_config(**FP8_SMALL, torch_dtype="bfloat16"),
+                                               seed=5, tokenizer=False) / "model.safetensors"))
+    converted = load_model(path, "float32", fp8_experts=False)
+    model = load_model(path, "float32")  # the routed experts stay in 8 bits
     attn = model.model.layers[0].self_attn
     assert torch.equal(attn.kv_b_proj.weight, expected["model.layers.0.self_attn.kv_b_proj.weight"])
-    w13 = model.model.layers[1].mlp.experts.w13
+    w13 = converted.model.layers[1].mlp.experts.w13
     inter = w13.shape[1] // 2
     assert torch.equal(w13[3, inter:], expected["model.layers.1.mlp.experts.3.up_proj.weight"])
+    experts = model.model.layers[1].mlp.experts
+    assert experts.w13.dtype == torch.float8_e4m3fn and experts.w13.element_size() == 1
+    up = "model.layers.1.mlp.experts.3.up_proj.weight"
+    assert torch.equal(experts.w13[3, inter:], tensors[up]) and torch.equal(experts.w13_scale_inv[3, 1],
+                                                                           tensors[up + "_scale_inv"])
+    w13_3, w2_3 = experts.fp8().expert(3, torch.float32)  # converted when computed: the same numbers
+    assert torch.equal(w13_3, w13[3]) and torch.equal(w2_3, converted.model.layers[1].mlp.experts.w2[3])
+    assert torch.equal(logits(model), logits(converted))
     # The dequantized weights are close to the originals (e4m3 keeps a 3-bit mantissa).
     o_proj = "model.layers.0.self_attn.o_proj.weight"
-    rel = (attn.o_proj.weight - originals[o_proj]).abs().max() / originals[o_proj].abs().max()
+    rel = (attn.o_proj.weight - originals[o_proj].float()).abs().max() / originals[o_proj].float().abs().max()
     assert 0 < rel < 0.07
     assert load_model(path).lm_head.weight.dtype == torch.bfloat16  # auto: config's torch_dtype
 
