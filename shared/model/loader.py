@@ -16,7 +16,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from moemesh.model.config import ModelConfig, ModelConfigError
@@ -24,6 +23,7 @@ from moemesh.model.deepseek import DeepseekForCausalLM
 from moemesh.model.fp8 import FP8_DTYPES, dequantize_blocks
 from moemesh.model.moe import MoE, RoutedExperts
 from moemesh.model.rope import RotaryEmbedding
+from moemesh.model.safetensors_file import SafetensorsFile
 from moemesh.model.weights import checkpoint_shapes, expert_of, layer_of, target_of
 
 # The routed experts a process holds: MoE layer index (0-based among MoE layers) -> the logical expert of each of
@@ -67,7 +67,7 @@ def tensor_files(path: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for f in files:
         try:
-            with safe_open(f, framework="pt") as fh:
+            with SafetensorsFile(f) as fh:
                 out.update((k, f) for k in fh.keys())
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{f} is not a readable safetensors file: {e}") from None
@@ -87,7 +87,7 @@ def iter_checkpoint(path: Path, cfg: ModelConfig, wanted: Callable[[str], bool] 
     files = tensor_files(path)
     block = cfg.quant_block_size or (128, 128)
     with ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in sorted(set(files.values()))}
+        handles = {f: stack.enter_context(SafetensorsFile(f)) for f in sorted(set(files.values()))}
         for name, f in files.items():
             if name.endswith(_SCALE_SUFFIX) or name.endswith("rotary_emb.inv_freq"):
                 continue

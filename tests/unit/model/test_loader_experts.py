@@ -89,7 +89,7 @@ def test_other_experts_tensors_are_not_read_even_when_present(sharded: Path,
     import moemesh.model.loader as loader
 
     read: list[str] = []
-    real_open = loader.safe_open
+    real_open = loader.SafetensorsFile
 
     class Recording:
         def __init__(self, *args: object, **kwargs: object) -> None:
@@ -109,7 +109,7 @@ def test_other_experts_tensors_are_not_read_even_when_present(sharded: Path,
             read.append(name)
             return self.inner.get_tensor(name)
 
-    monkeypatch.setattr(loader, "safe_open", Recording)
+    monkeypatch.setattr(loader, "SafetensorsFile", Recording)
     load_model(sharded, "float32", experts=lambda m: [5, 2, 5])
     experts_read = {(n.split(".")[2], n.split(".")[5]) for n in read if ".mlp.experts." in n}
     assert experts_read == {(layer, e) for layer in ("1", "2") for e in ("2", "5")}
