@@ -88,29 +88,39 @@ def iter_checkpoint(path: Path, cfg: ModelConfig, wanted: Callable[[str], bool] 
     block = cfg.quant_block_size or (128, 128)
     with ExitStack() as stack:
         handles = {f: stack.enter_context(SafetensorsFile(f)) for f in sorted(set(files.values()))}
-        for name, f in files.items():
-            if name.endswith(_SCALE_SUFFIX) or name.endswith("rotary_emb.inv_freq"):
-                continue
-            layer = layer_of(name)
-            if layer is not None and layer >= cfg.num_hidden_layers:
-                continue  # multi-token-prediction layers beyond the decoder stack are not served
-            if wanted is not None and not wanted(name):
-                continue
+        names = [n for n in files if _served(n, cfg) and (wanted is None or wanted(n))]
+        total = sum(handles[files[n]].nbytes(n) + handles[files.get(n + _SCALE_SUFFIX, files[n])].nbytes(
+            n + _SCALE_SUFFIX) for n in names)
+        # Bytes read, on a terminal only (disable=None): logs of services and CI stay clean.
+        bar = stack.enter_context(tqdm(total=total, desc="Loading weights", unit="B", unit_scale=True,
+                                       disable=None, leave=False))
+        for name in names:
+            f = files[name]
             try:
                 t = handles[f].get_tensor(name)
             except Exception as e:
                 raise CheckpointError(f"cannot read tensor {name} from {f}: {e}") from None
+            bar.update(t.numel() * t.element_size())
             if t.dtype in _FP8:
                 scale_name = name + _SCALE_SUFFIX
                 if scale_name not in files:
                     raise CheckpointError(f"FP8 tensor {name} has no {scale_name}")
                 scale = handles[files[scale_name]].get_tensor(scale_name)
+                bar.update(scale.numel() * scale.element_size())
                 if raw_fp8 is not None and raw_fp8(name):
                     yield name, t
                     yield scale_name, scale
                     continue
                 t = dequantize_fp8(t, scale, block)
             yield name, t
+
+
+def _served(name: str, cfg: ModelConfig) -> bool:
+    """Whether a checkpoint tensor is a weight the model takes (not a scale, nor a layer past the decoder stack)."""
+    if name.endswith(_SCALE_SUFFIX) or name.endswith("rotary_emb.inv_freq"):
+        return False
+    layer = layer_of(name)
+    return layer is None or layer < cfg.num_hidden_layers  # multi-token-prediction layers are not served
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu",
@@ -205,14 +215,11 @@ def fill_weights(model: DeepseekForCausalLM, tensors: Iterator[tuple[str, torch.
     state.update(model.named_buffers())
     seen: set[str] = set()
     unexpected: list[str] = []
-    # A bar on a terminal only (disable=None): logs of services and CI stay clean.
-    bar = tqdm(total=len(expected), desc="Loading weights", unit="tensor", disable=None, leave=False)
-    with torch.no_grad(), bar:
+    with torch.no_grad():
         for name, t in tensors:
             if name.endswith(_SCALE_SUFFIX):  # an FP8 expert's block scales, right after its weight
                 _copy_into_slots(state, name.removesuffix(_SCALE_SUFFIX), t, held, scale=True)
                 continue
-            bar.update()
             shape = expected.get(name)
             if shape is None:
                 unexpected.append(name)

@@ -66,6 +66,14 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self._entries)
 
+    def nbytes(self, name: str) -> int:
+        """The bytes tensor `name` takes in the file (0 for a name it lacks or a malformed entry)."""
+        try:
+            start, end = (int(o) for o in self._entries[name]["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            return 0
+        return max(0, end - start)
+
     def get_tensor(self, name: str) -> torch.Tensor:
         """The tensor `name`, read from disk into memory of its own."""
         entry = self._entries.get(name)

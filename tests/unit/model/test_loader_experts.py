@@ -105,6 +105,9 @@ def test_other_experts_tensors_are_not_read_even_when_present(sharded: Path,
         def keys(self) -> list[str]:
             return self.inner.keys()
 
+        def nbytes(self, name: str) -> int:
+            return self.inner.nbytes(name)
+
         def get_tensor(self, name: str) -> torch.Tensor:
             read.append(name)
             return self.inner.get_tensor(name)
