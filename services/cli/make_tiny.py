@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-PRESETS = ("tiny", "bench", "small", "compute")
+PRESETS = ("tiny", "bench", "small", "compute", "v3-layer")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     # (tests/unit/test_registry.py checks the list against PRESETS).
     p.add_argument("--preset", default="tiny", choices=PRESETS,
                    help="tiny: the embedded default; bench: a larger, compute-bound config; small and compute: "
-                        "the shapes of the comparison with vLLM (docs/benchmarks.md)")
+                        "the shapes of the comparison with vLLM (docs/benchmarks.md); v3-layer: DeepSeek-V3's "
+                        "real layer dimensions, 1 dense + 1 MoE layer, FP8 blocks (~12 GB, written in shards)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the weights' dtype in the files (and config.json's torch_dtype)")
     p.set_defaults(func=run)

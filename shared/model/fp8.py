@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+_E4M3_MAX = 448.0
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
 
@@ -29,6 +30,20 @@ def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tupl
         return w.view(*lead, o, i).to(dtype)
     scale = scale_inv.float().repeat_interleave(bo, dim=-2)[..., :o, :].repeat_interleave(bi, dim=-1)[..., :i]
     return (weight.float() * scale).to(dtype)
+
+
+def quantize_blocks(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [O, I] float -> (e4m3 [O, I], scale_inv [ceil(O/bo), ceil(I/bi)] float32): one scale per block,
+    its largest magnitude over e4m3's largest (448), so that `dequantize_blocks` gives the weight back to e4m3's
+    precision. Blocks at the edges may overhang the matrix, as in DeepSeek-V3's files."""
+    bo, bi = block
+    o, i = weight.shape
+    so, si = scale_shape(o, i, block)
+    padded = torch.nn.functional.pad(weight.float(), (0, si * bi - i, 0, so * bo - o))
+    blocks = padded.view(so, bo, si, bi)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / _E4M3_MAX  # [so, si]
+    q = (blocks / scale[:, None, :, None]).clamp(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.view(so * bo, si * bi)[:o, :i].contiguous(), scale
 
 
 def scale_shape(rows: int, cols: int, block: tuple[int, int]) -> tuple[int, int]:

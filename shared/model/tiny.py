@@ -48,7 +48,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_routed_experts": 64, "num_experts_per_tok": 6, "n_group": 8, "topk_group": 4,
         "qk_nope_head_dim": 128, "v_head_dim": 128,
     },
+    # DeepSeek-V3's real layer dimensions, one dense and one MoE layer, a small vocabulary, FP8 blocks as DeepSeek
+    # ships them (~12 GB): loading and serving at real scale on a host that cannot hold the whole model.
+    "v3-layer": {
+        "vocab_size": 2048, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+        "num_hidden_layers": 2, "num_attention_heads": 128, "q_lora_rank": 1536,
+        "n_routed_experts": 256, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
+        "qk_nope_head_dim": 128, "v_head_dim": 128,
+    },
 }
+# Presets too large to hold in memory: written tensor by tensor, FP8 (moemesh.model.streamed_checkpoint).
+STREAMED = ("v3-layer",)
 
 
 def tiny_config(preset: str = "tiny", **overrides: Any) -> dict[str, Any]:
@@ -138,6 +148,11 @@ def write_checkpoint(out_dir: str | Path, config: dict[str, Any], seed: int = 0,
 
 
 def make_tiny(out_dir: str | Path, seed: int = 0, preset: str = "tiny", dtype: torch.dtype = torch.float32) -> Path:
-    """Write the embedded default model (or another preset) to `out_dir`, its weights in `dtype`."""
+    """Write the embedded default model (or another preset) to `out_dir`, its weights in `dtype` (a STREAMED
+    preset: FP8 projections, the rest in `dtype`)."""
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    if preset in STREAMED:
+        from moemesh.model.streamed_checkpoint import write_streamed_checkpoint
+
+        return write_streamed_checkpoint(out_dir, tiny_config(preset, torch_dtype=name), seed=seed)
     return write_checkpoint(out_dir, tiny_config(preset, torch_dtype=name), seed=seed, dtype=dtype)
