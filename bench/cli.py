@@ -65,6 +65,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     add_profile_arguments(pr)
     pr.set_defaults(func=_run_profile)
+    sc = bsub.add_parser("ep-scale", help="a large checkpoint at several EP sizes: each rank's peak RSS against its "
+                                          "share of the weights, and the greedy tokens side by side",
+                         description="`moemesh up --ep-size N --prefill 0` per EP size on the checkpoint; each rank's "
+                                     "peak resident memory against the weights it must hold; greedy tokens compared.")
+    from moemesh.bench.ep_scale import add_arguments as add_scale_arguments
+
+    add_scale_arguments(sc)
+    sc.set_defaults(func=_run_ep_scale)
     from moemesh.bench.serve import add_parsers as add_serve_parsers  # `bench serve`, `bench plot`
 
     add_serve_parsers(bsub)
@@ -102,5 +110,11 @@ def _run_eplb(args: argparse.Namespace) -> int:
 
 def _run_profile(args: argparse.Namespace) -> int:
     from moemesh.bench.profile import run
+
+    return run(args)
+
+
+def _run_ep_scale(args: argparse.Namespace) -> int:
+    from moemesh.bench.ep_scale import run
 
     return run(args)
