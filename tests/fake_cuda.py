@@ -11,11 +11,18 @@ Why not `torch._subclasses.fake_tensor.FakeTensorMode`: its tensors hold no valu
 results (`.tolist()` of expert counts, sampled tokens) cannot run under it, and on a CPU-only torch build its
 fake CUDA tensors fail advanced indexing ("PyTorch is not linked with support for cuda devices"). The same
 trick is used here as there: the C++ side sees CPU tensors (device guards and kernels work), Python sees cuda.
+
+On a machine with a real GPU, `MOEMESH_TEST_REAL_CUDA=1` (see `real_cuda()`) turns `fake_cuda()` and
+`fake_cuda_in_this_thread()` into contexts that do nothing, so that the same tests run on the real device
+(bench/gpu_check.sh does so); with it set and no GPU visible, `fake_cuda()` fails at once instead of letting
+the first CUDA call fail deep inside a test. Tests that only make sense on the simulated device (they expect
+`CrossDevice`, read `set_device_calls`, or patch the CUDA runtime) skip themselves when it is set.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 FAKE_DEVICE = torch.device("cuda", 0)
+REAL_CUDA_ENV = "MOEMESH_TEST_REAL_CUDA"
 # Ops whose index tensors CUDA takes from the CPU (it copies them over); their other tensors must match.
 _INDEXING = ("index.Tensor", "index_put.default", "index_put_.default", "_index_put_impl_.default")
 
@@ -171,12 +179,23 @@ def _set_device(device: Any) -> None:
     set_device_calls.append((threading.current_thread().name, _current.index))
 
 
+def real_cuda() -> bool:
+    """Whether `MOEMESH_TEST_REAL_CUDA` asks for the real GPU instead of the simulated one (1, true, yes or on)."""
+    return os.environ.get(REAL_CUDA_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 @contextlib.contextmanager
 def fake_cuda() -> Iterator[None]:
     """Run the body as if this machine had GPUs (the tensors all report cuda:0; see the module doc).
 
     The modes that make tensors are the calling thread's (torch keeps them per thread): another thread may
-    compute on fake CUDA tensors and set the device, and makes new ones inside `fake_cuda_in_this_thread()`."""
+    compute on fake CUDA tensors and set the device, and makes new ones inside `fake_cuda_in_this_thread()`.
+    With `MOEMESH_TEST_REAL_CUDA` set it does nothing: the body runs on the real GPU."""
+    if real_cuda():
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"{REAL_CUDA_ENV} is set, but torch {torch.__version__} sees no CUDA device")
+        yield
+        return
     import torch.distributed as dist
 
     saved = {name: getattr(dist, name) for name in _COLLECTIVES}
@@ -195,6 +214,9 @@ def fake_cuda() -> Iterator[None]:
 
 @contextlib.contextmanager
 def fake_cuda_in_this_thread() -> Iterator[None]:
-    """Inside `fake_cuda()`, on another thread: make CUDA tensors there too."""
+    """Inside `fake_cuda()`, on another thread: make CUDA tensors there too (nothing with `MOEMESH_TEST_REAL_CUDA`)."""
+    if real_cuda():
+        yield
+        return
     with _FakeCudaFunctions(), _FakeCudaDispatch():
         yield

@@ -1,5 +1,8 @@
 """Every tensor the engine makes lives on the engine's device: the engine run on a simulated GPU
-(tests/fake_cuda.py), where any CPU tensor meeting a CUDA one raises, as it would on a GPU."""
+(tests/fake_cuda.py), where any CPU tensor meeting a CUDA one raises, as it would on a GPU.
+
+With MOEMESH_TEST_REAL_CUDA=1 on a GPU machine (bench/gpu_check.sh) the same tests run on the real GPU; those
+that test the simulator itself or need what only it provides skip, saying why."""
 
 from __future__ import annotations
 
@@ -19,12 +22,19 @@ from tests.fake_cuda import (
     current_device_of_this_thread,
     fake_cuda,
     fake_cuda_in_this_thread,
+    real_cuda,
     set_device_calls,
 )
 from tests.net import free_port
 from tests.unit.engine.test_engine_pd import pd_generate
 
 
+def _simulated_only(why: str) -> pytest.MarkDecorator:
+    """Skip under MOEMESH_TEST_REAL_CUDA: the test needs the simulated device, for the reason `why`."""
+    return pytest.mark.skipif(real_cuda(), reason=f"MOEMESH_TEST_REAL_CUDA is set: {why}")
+
+
+@_simulated_only("tests the simulator itself (CrossDevice, FakeCudaTensor)")
 def test_the_simulated_gpu_raises_where_a_real_one_does() -> None:
     with fake_cuda():
         a = torch.arange(6.0, device="cuda").view(2, 3)
@@ -103,6 +113,7 @@ def test_pd_decode_on_a_gpu_takes_kv_rows_from_the_wire(small_dir: Path) -> None
         assert pd_generate(Wire(prefill), decode, prompt, params) == want
 
 
+@_simulated_only("reads the simulator's record of set_device calls, and uses cuda:1")
 def test_every_thread_that_uses_the_gpu_binds_it(small_dir: Path) -> None:
     """CUDA's current device is per thread: the thread that builds the engine and the one that steps it both
     set it to the engine's GPU (else an EP rank on GPU 1 allocates and launches on GPU 0)."""
@@ -131,6 +142,7 @@ def test_every_thread_that_uses_the_gpu_binds_it(small_dir: Path) -> None:
     assert ("engine", 1) in set_device_calls
 
 
+@_simulated_only("patches torch.cuda.is_available and reads the simulator's current device")
 def test_an_ep_rank_binds_its_gpu_before_joining_and_hands_nccl_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
     from moemesh.ep.group import EPConfig, EPGroup
 
