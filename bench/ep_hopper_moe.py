@@ -4,7 +4,8 @@
     one: against the FP8 reference (the same quantized operands multiplied in float32 by plain torch: this catches
     layout and scale bugs) and against the `torch` backend in bf16 (this is the FP8 error itself).
 (b) Times one layer's expert compute at DeepSeek-V3's shape (hidden 7168, 256 routed experts, top-8, expert
-    intermediate 2048) for --tokens tokens routed as DeepSeek-V3 routes (8 groups, top-4 groups, top-8 experts).
+    intermediate 2048) for --tokens tokens routed as DeepSeek-V3 routes (8 groups, top-4 groups, top-8 experts),
+    after the backend's start-up warm-up (`DeepGemmGroupedGemm.warm_up`, whose time it prints: DeepGEMM's JIT).
 
 Without CUDA, a Hopper GPU or deep_gemm it prints one line "skipped: <reason>" and exits 0. A failed check exits 1.
 Usage, from the repository root: python bench/ep_hopper_moe.py [--tokens 4096] [--skip-check]
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from moemesh.ep.deepgemm import (  # noqa: E402
     DeepGemmGroupedGemm,
     DeepGemmWeights,
     contiguous_layout,
+    contiguous_rungs,
     quantize_rows,
 )
 from moemesh.ep.experts import GroupedGemm, TorchGroupedGemm  # noqa: E402
@@ -53,7 +56,9 @@ class Shape:
     topk_groups: int
 
 
-SMALL = Shape("small", experts=8, hidden=512, inter=256, topk=4, groups=4, topk_groups=2)
+# Hidden 2048: the smallest DeepEP's low-latency kernels are compiled for, so the masked layout is checked at a shape
+# decode can hand it (deepep.LOW_LATENCY_HIDDEN).
+SMALL = Shape("small", experts=8, hidden=2048, inter=256, topk=4, groups=4, topk_groups=2)
 DEEPSEEK_V3 = Shape("DeepSeek-V3", experts=256, hidden=7168, inter=2048, topk=8, groups=8, topk_groups=4)
 
 
@@ -164,7 +169,14 @@ def bench(shape: Shape, gemm: DeepGemmGroupedGemm, w13: torch.Tensor, w2: torch.
     x = torch.randn(tokens, shape.hidden, device=device, dtype=torch.bfloat16, generator=gen)
     xs, counts = pairs_by_expert(x, route(shape, tokens, device, gen), shape.experts)
     flop = 2 * tokens * shape.topk * 3 * shape.hidden * shape.inter
-    layout = contiguous_layout(counts, int(gemm.api.alignment()), device)
+    alignment = int(gemm.api.alignment())
+    layout = contiguous_layout(counts, alignment, device)
+    # As serving does at start-up (EPGroup.apply): DeepGEMM compiles each new kernel here, not in the timed calls.
+    start = time.perf_counter()
+    calls = gemm.warm_up(weights, contiguous_rows=len(xs))
+    rungs = contiguous_rungs(len(xs), alignment, shape.experts)
+    print(f"warm-up: {calls} layer calls at M = {rungs[0]} .. {rungs[-1]} in {time.perf_counter() - start:.1f} s",
+          flush=True)
     print(f"time {shape.name} layer: {tokens} tokens x top-{shape.topk} over {shape.experts} experts "
           f"(max {max(counts)}, min {min(counts)} rows per expert; {layout.num_rows} rows once padded for "
           f"DeepGEMM), D={shape.hidden}, I={shape.inter}: {flop / 1e12:.3f} TFLOP per layer", flush=True)

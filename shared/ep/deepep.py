@@ -17,11 +17,28 @@ Where the routing weights are applied:
   then adds the per-rank partial sums, which travel as bf16 (DeepEP accumulates in float32 and returns bf16).
 - low-latency mode sends one row per (token, slot) into that slot's window of C rows, and its combine applies the
   weights itself (weighted sum, float32 accumulation, -1 entries skipped), given the same topk ids and weights.
+
+What DeepEP's low-latency kernels accept, checked here when the dispatcher is built, because DeepEP itself fails only
+at the first decode dispatch, with a bare AssertionError (or, for a budget past its counters, not reliably at all):
+- the per-rank budget B <= 1024: its kernels count tokens against FINISHED_SUM_TAG = 1024
+  (csrc/kernels/internode_ll.cu; SGLang asserts the same bound);
+- ep_size * B a multiple of 4 ("TMA requires the number of tokens to be multiple of 4", csrc/deep_ep.cpp);
+- D one of the hidden sizes the kernels are compiled for (SWITCH_HIDDEN, csrc/kernels/launch.cuh);
+- NVSHMEM_QP_DEPTH >= 2 * (B + 1) (deep_ep/buffer.py reads it, default 1024, before NVSHMEM starts, and asserts
+  this in `low_latency_dispatch`).
+The RDMA buffer grows linearly with B: ~4 * P * B * 2D bytes (csrc/config.hpp's LowLatencyLayout), so for
+DeepSeek-V3 (P = 256, D = 7168) ~1.8 GiB per rank at B = 128 and ~28 GiB at B = 2048.
+
+DeepEP's destructor can hang at interpreter exit: buffers are made with `explicitly_destroy=True` where the installed
+DeepEP takes it, and `close()` destroys them, on every rank together (DeepEP's destroy() is a barrier).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -33,6 +50,11 @@ from moemesh.ep.dispatch import Dispatcher, Received, Stages
 from moemesh.ep.placement import ExpertPlacement
 
 MODES = ("auto", "normal", "low_latency")
+
+LOW_LATENCY_HIDDEN = (2048, 2560, 4096, 5120, 6144, 7168, 8192)  # DeepEP's SWITCH_HIDDEN (3072 only in newer builds)
+LOW_LATENCY_MAX_BUDGET = 1024  # DeepEP's FINISHED_SUM_TAG
+QP_DEPTH_ENV = "NVSHMEM_QP_DEPTH"
+DEFAULT_QP_DEPTH = 1024  # what DeepEP's Buffer takes when the variable is unset
 
 
 # ---- receiver-side bookkeeping of normal mode (plain torch) --------------------------------------------------------
@@ -89,6 +111,59 @@ def _require_cuda_nccl(group: dist.ProcessGroup | None) -> None:
                            f"use dispatcher 'all_to_all' (gloo on CPU) instead")
 
 
+def check_low_latency_budget(budget: int, ep_size: int) -> None:
+    """ValueError unless DeepEP's low-latency kernels take `budget` tokens per rank on `ep_size` ranks."""
+    fix = "lower --ep-low-latency-budget (EPConfig.ll_budget; the default, 128, fits any group)"
+    if budget > LOW_LATENCY_MAX_BUDGET:
+        raise ValueError(f"DeepEP low-latency budget {budget} tokens per rank exceeds {LOW_LATENCY_MAX_BUDGET} "
+                         f"(its kernels count tokens against FINISHED_SUM_TAG = 1024); {fix}")
+    if ep_size * budget % 4:
+        raise ValueError(f"DeepEP low-latency budget {budget} on {ep_size} ranks: ep_size * budget = "
+                         f"{ep_size * budget} must be a multiple of 4 (DeepEP's TMA copies need it); "
+                         f"use a budget that is a multiple of 4")
+
+
+def check_low_latency_hidden(hidden: int) -> None:
+    """ValueError unless DeepEP's low-latency kernels are compiled for hidden size `hidden`."""
+    if hidden not in LOW_LATENCY_HIDDEN:
+        raise ValueError(f"DeepEP's low-latency kernels are compiled only for hidden sizes "
+                         f"{', '.join(map(str, LOW_LATENCY_HIDDEN))}; this model's hidden size is {hidden}; "
+                         f"use --ep-dispatcher-mode normal or --ep-dispatcher all_to_all for it")
+
+
+def ensure_qp_depth(budget: int, environ: MutableMapping[str, str] | None = None) -> int:
+    """The NVSHMEM queue-pair depth DeepEP will read for a low-latency `budget`; set it when unset and DeepEP's
+    default is too shallow (it must be set before NVSHMEM starts, i.e. before the first Buffer), RuntimeError
+    when the environment sets it too shallow."""
+    environ = os.environ if environ is None else environ
+    needed = 2 * (budget + 1)  # DeepEP's bound: every in-flight write must find a free work-queue slot
+    raw = environ.get(QP_DEPTH_ENV)
+    if raw is None:
+        if needed <= DEFAULT_QP_DEPTH:
+            return DEFAULT_QP_DEPTH
+        depth = 1 << (needed - 1).bit_length()  # a power of two, as the default is
+        environ[QP_DEPTH_ENV] = str(depth)
+        return depth
+    try:
+        depth = int(raw)
+    except ValueError:
+        raise RuntimeError(f"{QP_DEPTH_ENV}={raw!r} is not an integer; unset it or set it to >= {needed}") from None
+    if depth < needed:
+        raise RuntimeError(f"{QP_DEPTH_ENV}={depth} is too shallow for DeepEP's low-latency budget of {budget} "
+                           f"tokens per rank: DeepEP needs {QP_DEPTH_ENV} >= 2 * (budget + 1) = {needed}; "
+                           f"raise {QP_DEPTH_ENV} (or unset it) or lower --ep-low-latency-budget")
+    return depth
+
+
+def _destroy_options(buffer_cls: type) -> dict[str, bool]:
+    """`explicitly_destroy=True` where this DeepEP's Buffer takes it (older builds free only in the destructor)."""
+    try:
+        params = inspect.signature(buffer_cls).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"explicitly_destroy": True} if "explicitly_destroy" in params else {}
+
+
 def _non_negative(name: str, value: int | None) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -119,8 +194,9 @@ class DeepEPDispatcher(Dispatcher):
 
     mode: "normal" (prefill), "low_latency" (decode), "auto" (normal: a dispatcher serves one phase).
     num_max_dispatch_tokens_per_rank: low-latency mode's fixed budget of tokens a rank may dispatch per call, the
-        same on every rank; it sizes the buffer and C.
-    hidden: D; given, the buffer is allocated now (a collective over the group), else at the first dispatch.
+        same on every rank; it sizes the buffer and C (checked now against DeepEP's limits, see the module doc).
+    hidden: D; given, the buffer is allocated now (a collective over the group), else at the first dispatch;
+        low-latency mode checks it against DeepEP's compiled sizes before allocating.
     num_nvl_bytes, num_rdma_bytes: buffer sizes; None takes DeepEP's size hints for D (bf16).
     num_sms: SMs DeepEP's normal-mode kernels use (even; DeepEP keeps it process-wide).
     """
@@ -150,7 +226,11 @@ class DeepEPDispatcher(Dispatcher):
         self._topk_dtype = getattr(self._ep, "topk_idx_t", torch.int64)
         self._buffer: Any = None
         self._hidden: int | None = None
-        if not self.low_latency:
+        self._destroy_kwargs = _destroy_options(self._ep.Buffer)
+        self._closed = False
+        if self.low_latency:
+            check_low_latency_budget(budget, self.ep_size)
+        else:
             self._normal_configs()  # DeepEP tunes normal mode per rank count: an unsupported one fails now
         if hidden is not None:
             self._buffer_for(hidden)
@@ -158,6 +238,14 @@ class DeepEPDispatcher(Dispatcher):
     @property
     def low_latency(self) -> bool:
         return self.mode == "low_latency"
+
+    def close(self) -> None:
+        """Free the DeepEP buffer. A collective: DeepEP's destroy() meets the other ranks in a barrier, so every rank
+        calls it together, and only while the group is healthy (EPGroup.close). Without explicit destruction (older
+        DeepEP) the buffer is left to its destructor, as before."""
+        buffer, self._buffer, self._closed = self._buffer, None, True
+        if buffer is not None and self._destroy_kwargs:
+            buffer.destroy()
 
     def _normal_configs(self) -> tuple[Any, Any]:
         buffer_cls = self._ep.Buffer
@@ -173,6 +261,11 @@ class DeepEPDispatcher(Dispatcher):
             if hidden != self._hidden:
                 raise ValueError(f"the DeepEP buffer was sized for hidden {self._hidden}, got hidden {hidden}")
             return self._buffer
+        if self._closed:
+            raise RuntimeError("this DeepEP dispatcher was closed")
+        if self.low_latency:
+            check_low_latency_hidden(hidden)
+            ensure_qp_depth(self.num_max_dispatch_tokens_per_rank)
         buffer_cls, ranks = self._ep.Buffer, self.ep_size
         group = self.group if self.group is not None else dist.group.WORLD
         try:
@@ -183,7 +276,7 @@ class DeepEPDispatcher(Dispatcher):
                                                                      ranks, self.placement.num_physical)
                 # DeepEP's docs ask low-latency mode for one RDMA queue pair per local expert.
                 buffer = buffer_cls(group, self._nvl_bytes or 0, rdma, low_latency_mode=True,
-                                    num_qps_per_rank=self.placement.slots_per_rank)
+                                    num_qps_per_rank=self.placement.slots_per_rank, **self._destroy_kwargs)
             else:
                 configs = self._normal_configs()
                 hidden_bytes = hidden * 2  # bf16
@@ -193,7 +286,7 @@ class DeepEPDispatcher(Dispatcher):
                 rdma = self._rdma_bytes
                 if rdma is None:
                     rdma = max(c.get_rdma_buffer_size_hint(hidden_bytes, ranks) for c in configs)
-                buffer = buffer_cls(group, nvl, rdma)
+                buffer = buffer_cls(group, nvl, rdma, **self._destroy_kwargs)
         except Exception as e:  # DeepEP asserts on unsupported rank counts and fails on NVSHMEM/IPC set-up
             raise RuntimeError(f"dispatcher 'deepep' could not set up its {self.mode} buffer for {ranks} ranks, "
                                f"hidden {hidden}: {type(e).__name__}: {e}; use dispatcher 'all_to_all' "

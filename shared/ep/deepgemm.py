@@ -7,12 +7,17 @@ Numerics, as DeepSeek-V3 was trained and is served: weights in e4m3 with one flo
 activations in e4m3 with one float32 scale per 1x128 group of a row, bf16 outputs with float32 accumulation.
 The quantizers below are plain torch (they run, and are tested, on the CPU); only the GEMMs need `deep_gemm`.
 
-DeepGEMM's Python API was renamed in its 2.x refactor; both spellings are accepted (positional arguments are the
-same in both: `(lhs, rhs, out, m_indices)` and `(lhs, rhs, out, masked_m, expected_m)`):
+DeepGEMM's Python API was renamed in its 2.x refactor, and the masked GEMM once more within 2.x; every spelling is
+accepted (positional arguments are the same in all: `(lhs, rhs, out, m_indices)` and
+`(lhs, rhs, out, masked_m, expected_m)`):
 - 1.x: `m_grouped_gemm_fp8_fp8_bf16_nt_contiguous`, `m_grouped_gemm_fp8_fp8_bf16_nt_masked`,
   `get_m_alignment_for_contiguous_layout`, `get_col_major_tma_aligned_tensor`;
-- 2.x: `m_grouped_fp8_gemm_nt_contiguous`, `m_grouped_fp8_gemm_nt_masked`, `get_mk_alignment_for_contiguous_layout`,
-  `get_mn_major_tma_aligned_tensor`.
+- 2.0: `m_grouped_fp8_gemm_nt_contiguous`, `fp8_m_grouped_gemm_nt_masked`, `get_mk_alignment_for_contiguous_layout`,
+  `get_mn_major_tma_aligned_tensor`;
+- later 2.x: the masked one is `m_grouped_fp8_gemm_nt_masked` (`fp8_m_grouped_gemm_nt_masked` kept as an alias).
+
+DeepGEMM JIT-compiles a kernel per shape and tiling the first time one is called, which can take a rank past
+DeepEP's ~100 s receive timeout while its peers wait: `warm_up` runs the shapes serving will use at start-up.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ _MIN_AMAX = 1e-4
 
 # (what it is for, names newest first); the first present name is used.
 _CONTIGUOUS = ("m_grouped_fp8_gemm_nt_contiguous", "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous")
-_MASKED = ("m_grouped_fp8_gemm_nt_masked", "m_grouped_gemm_fp8_fp8_bf16_nt_masked")
+_MASKED = ("m_grouped_fp8_gemm_nt_masked", "fp8_m_grouped_gemm_nt_masked", "m_grouped_gemm_fp8_fp8_bf16_nt_masked")
 _ALIGNMENT = ("get_mk_alignment_for_contiguous_layout", "get_m_alignment_for_contiguous_layout")
 _SCALE_LAYOUT = ("get_mn_major_tma_aligned_tensor", "get_col_major_tma_aligned_tensor")
 
@@ -220,12 +225,14 @@ class DeepGemmGroupedGemm(GroupedGemm):
         # would do inside the call. Newer GPUs get their own packed layout from the library, so leave them alone.
         self._scale_layout = self.api.scale_layout if capability[0] == 9 else None
         self.expected_m = expected_m
+        self._warmed: set[tuple] = set()
 
     @classmethod
     def emulated(cls, pow2_scales: bool = False, expected_m: int | None = None) -> DeepGemmGroupedGemm:
         """The same backend over `emulated_api()`: what the kernels compute, in plain torch on any device."""
         self = cls.__new__(cls)
         self.api, self.pow2_scales, self._scale_layout, self.expected_m = emulated_api(), pow2_scales, None, expected_m
+        self._warmed = set()
         return self
 
     def prepare(self, w13: torch.Tensor, w2: torch.Tensor) -> DeepGemmWeights:
@@ -295,6 +302,83 @@ class DeepGemmGroupedGemm(GroupedGemm):
         out = torch.empty(s, c, w[0].shape[1], dtype=torch.bfloat16, device=a.device)
         self.api.masked(self._lhs(a), w, out, masked_m, expected_m)
         return out
+
+    def warm_up(self, weights: DeepGemmWeights, masked_capacity: int | None = None,
+                contiguous_rows: int | None = None) -> int:
+        """Run the kernels serving will run, so DeepGEMM compiles them now rather than in a step.
+
+        masked_capacity: C of the masked layout (DeepEP low latency: budget * ep_size); one call per `masked_rungs`.
+        contiguous_rows: the rows a step is expected to bring (tokens * top-k); one call per `contiguous_rungs`, up
+            to the M those rows can pad to.
+        Every rank must warm up before the group's first step (EPGroup.apply, then the worker's barrier).
+        Returns the layer calls made (two GEMMs each); shapes warmed before are skipped.
+        """
+        calls = 0
+        if masked_capacity:
+            calls += self._warm_masked(weights, masked_capacity)
+        if contiguous_rows:
+            calls += self._warm_contiguous(weights, contiguous_rows)
+        if calls and weights.w13[0].is_cuda:
+            torch.cuda.synchronize(weights.w13[0].device)  # compiled and run here, not in the first step
+        return calls
+
+    def _warm_masked(self, weights: DeepGemmWeights, capacity: int) -> int:
+        s, _, d = weights.w13[0].shape
+        rungs = [self.expected_m] if self.expected_m else masked_rungs(capacity)
+        rungs = [m for m in rungs if self._first_time(("masked", capacity, m), weights)]
+        if rungs:
+            xs = weights.w13[0].new_zeros(s, capacity, d, dtype=torch.bfloat16)
+            for m in rungs:  # every slot holding m rows makes expected_m = m
+                self.masked(xs, xs.new_full((s,), m, dtype=torch.int64), weights)
+        return len(rungs)
+
+    def _warm_contiguous(self, weights: DeepGemmWeights, rows: int) -> int:
+        s, _, d = weights.w13[0].shape
+        alignment = int(self.api.alignment())
+        rungs = [m for m in contiguous_rungs(rows, alignment, s) if self._first_time(("contiguous", m), weights)]
+        for m in rungs:
+            self.contiguous(weights.w13[0].new_zeros(m, d, dtype=torch.bfloat16), _spread(m, s, alignment), weights)
+        return len(rungs)
+
+    def _first_time(self, what: tuple, weights: DeepGemmWeights) -> bool:
+        """Whether `what` is new for weights of these shapes (all MoE layers share theirs); records it."""
+        key = (*what, tuple(weights.w13[0].shape), tuple(weights.w2[0].shape))
+        new = key not in self._warmed
+        self._warmed.add(key)
+        return new
+
+
+def masked_rungs(capacity: int) -> list[int]:
+    """The masked kernels' `expected_m` values to warm for C = `capacity`: one per 64 rows, the last clamped to C.
+
+    DeepGEMM picks block M (64 or 128 on Hopper in 2.x; 64, 128 or 256 in 1.x) and the tiling from
+    ceil(expected_m / block M), which ceil(expected_m / 64) determines: each rung stands for the 64 values below it.
+    """
+    return sorted({min(m, capacity) for m in range(64, capacity + 64, 64)})
+
+
+def contiguous_rungs(rows: int, alignment: int, groups: int) -> list[int]:
+    """Padded row counts M to warm the contiguous kernels with: the alignment, doubled, up to the most that `rows`
+    rows over `groups` slots can pad to (every busy slot takes whole aligned blocks: at most
+    min(rows, groups) + (rows - min(rows, groups)) // alignment of them).
+
+    Block M is the alignment there and DeepGEMM picks the tiling from M's waves over the SMs; doubling reaches the
+    tilings of small through full steps without one call per size (a size between rungs may still compile one
+    kernel: seconds, not every kernel of the first step at once).
+    """
+    busy = min(rows, groups)
+    top = alignment * max(1, busy + (rows - busy) // alignment)
+    rungs, m = [], alignment
+    while m < top:
+        rungs.append(m)
+        m *= 2
+    return [*rungs, top]
+
+
+def _spread(rows: int, groups: int, alignment: int) -> list[int]:
+    """`rows` (a multiple of `alignment`) over `groups` slots in whole aligned blocks: padded M is `rows` exactly."""
+    blocks = rows // alignment
+    return [alignment * (blocks // groups + (g < blocks % groups)) for g in range(groups)]
 
 
 def expected_rows(counts: torch.Tensor, capacity: int) -> int:

@@ -83,6 +83,10 @@ class Dispatcher(ABC):
     def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
         return run_stages(self.combine_stages(y, handle))
 
+    def close(self) -> None:  # noqa: B027 - an optional hook: most backends hold nothing to release
+        """Release what the backend holds beyond Python's reach (DeepEP's buffers). Every rank calls it together,
+        while the group is healthy: a backend may meet its peers here. Nothing to do by default."""
+
 
 @dataclass
 class _A2AHandle:

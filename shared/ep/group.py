@@ -38,6 +38,7 @@ class EPConfig:
     placement_file: str | None = None
     dispatcher: str = "all_to_all"
     dispatcher_mode: str = "auto"    # deepep: "normal" (prefill), "low_latency" (decode)
+    ll_budget: int = 128             # deepep low latency: most tokens per rank and step (its buffers grow with it)
     gemm: str = "torch"
     enable_tbo: bool = False
     timeout_s: float = 120.0
@@ -50,6 +51,8 @@ class EPConfig:
             raise ValueError(f"ep rank must be in [0, {self.size}), got {self.rank}")
         if self.redundant_experts < 0:
             raise ValueError(f"redundant experts must be >= 0, got {self.redundant_experts}")
+        if self.ll_budget < 1:
+            raise ValueError(f"the low-latency budget must be >= 1 token per rank, got {self.ll_budget}")
         if self.size > 1 and not self.init_addr:
             raise ValueError("an EP group of more than one rank needs the rendezvous address (host:port)")
 
@@ -144,24 +147,47 @@ class EPGroup:
         return ExpertPlacement.default(num_layers, num_logical, self.size, self.cfg.redundant_experts)
 
     def apply(self, model: nn.Module, role_mode: str = "normal", max_step_tokens: int = 128) -> nn.Module:
-        """Make `model` this rank's share of the experts; backends that cannot run fail here.
+        """Make `model` this rank's share of the experts; backends that cannot run fail here, and the grouped GEMM
+        compiles its kernels here (`warm_up`), so the caller's barrier after loading finds every rank ready.
 
-        `max_step_tokens`: the most tokens one forward of this rank carries (DeepEP's low-latency mode
-        sizes its fixed per-rank budget by it, so that no step can exceed it).
+        `max_step_tokens`: the most tokens one forward of this rank would carry. DeepEP's low-latency mode takes
+        at most `cfg.ll_budget` of them (`low_latency_budget`); `self.max_step_tokens` says what the engine may
+        schedule per step.
         """
         self.placement = self.make_placement(model)
         options: dict[str, Any] = {}
+        budget = max_step_tokens
         if self.cfg.dispatcher == "deepep":
-            options["mode"] = role_mode if self.cfg.dispatcher_mode == "auto" else self.cfg.dispatcher_mode
+            mode = role_mode if self.cfg.dispatcher_mode == "auto" else self.cfg.dispatcher_mode
+            if mode == "low_latency":
+                budget = low_latency_budget(max_step_tokens, self.cfg.ll_budget)
+            options["mode"] = mode
             # Buffers are allocated now, so a rank that cannot get them fails at start-up.
             options["hidden"] = model.config.hidden_size
-            options["num_max_dispatch_tokens_per_rank"] = max_step_tokens
+            options["num_max_dispatch_tokens_per_rank"] = budget
         apply_expert_parallel(model, None, self.placement, self.cfg.dispatcher, self.cfg.gemm, options)
-        self.max_step_tokens = max_step_tokens
+        self.max_step_tokens = budget
         from moemesh.ep.experts import EPExperts
 
         self._experts = [m for m in model.modules() if isinstance(m, EPExperts)]
+        self._warm_up(budget * (model.config.num_experts_per_tok or 1))
         return model
+
+    def _warm_up(self, contiguous_rows: int) -> None:
+        """Run each layer's grouped GEMM at the shapes serving will use, where the backend can (DeepGEMM compiles
+        on first use, which would hold one rank past DeepEP's timeout in the first step while the others wait).
+        Masked layout (DeepEP low latency): C = budget * ep_size rows per slot; else contiguous up to
+        `contiguous_rows`, the pairs a rank receives per step when the load is even (tokens * top-k)."""
+        for experts in self._experts:
+            warm_up = getattr(experts.gemm, "warm_up", None)
+            if warm_up is None:
+                continue
+            # The layer's weights in the GEMM's own form (FP8 and scales for DeepGEMM), as its steps pass them.
+            weights, disp = experts._weights, experts.dispatcher
+            if getattr(disp, "low_latency", False):
+                warm_up(weights, masked_capacity=disp.num_max_dispatch_tokens_per_rank * disp.ep_size)
+            else:
+                warm_up(weights, contiguous_rows=contiguous_rows)
 
     # ---- live placement updates --------------------------------------------------------------------------------
 
@@ -224,14 +250,33 @@ class EPGroup:
     def close(self) -> None:
         """Leave a healthy group together: meet in a barrier first, since a rank tearing down its connections
         while a peer's gloo threads still used them was seen to end the peer with std::terminate (2 runs in
-        about 70 of tests/processes/ep/test_ep_migrate.py). A peer already gone fails the barrier at once."""
+        about 70 of tests/processes/ep/test_ep_migrate.py). A peer already gone fails the barrier at once.
+        After the barrier the dispatcher frees its buffers (DeepEP's meet the peers once more); after a failed
+        one they are left alone, as a barrier of theirs would wait on the dead peer."""
         if not dist.is_initialized():
             return
         try:
             dist.barrier()
         except RuntimeError as e:
             log.debug("EP rank %d: barrier before leaving failed: %s", self.rank, e)
+        else:
+            self._close_dispatchers()
         dist.destroy_process_group()
+
+    def _close_dispatchers(self) -> None:
+        """Each dispatcher once (all layers share one), in the same order on every rank."""
+        seen: set[int] = set()
+        for experts in self._experts:
+            if id(experts.dispatcher) not in seen:
+                seen.add(id(experts.dispatcher))
+                experts.dispatcher.close()
+
+
+def low_latency_budget(asked: int, cap: int) -> int:
+    """DeepEP low latency's per-rank budget: the tokens asked for, rounded up to a multiple of 4 (DeepEP needs
+    ep_size * budget % 4 == 0, and rounding up never drops a token), at most `cap` (its RDMA buffer, NVSHMEM queue
+    depth and per-step latency grow with the budget; the dispatcher checks the cap against DeepEP's limits)."""
+    return min(-(-asked // 4) * 4, cap)
 
 
 def describe_failure(rank: int, size: int, error: BaseException) -> str:

@@ -39,6 +39,9 @@ def add_ep_arguments(p: argparse.ArgumentParser) -> None:
                    help="token dispatch/combine backend")
     g.add_argument("--ep-dispatcher-mode", default="auto", choices=["auto", "normal", "low_latency"],
                    help="DeepEP mode (auto: normal for prefill, low_latency for decode)")
+    g.add_argument("--ep-low-latency-budget", type=int, default=128,
+                   help="DeepEP low-latency mode: most tokens a rank dispatches per step, so most tokens per step "
+                        "(at most 1024; its RDMA buffer grows with it: ~1.8 GiB per rank at 128 for DeepSeek-V3)")
     g.add_argument("--ep-gemm", default="torch", choices=GEMMS.names(), help="grouped expert GEMM backend")
     g.add_argument("--enable-tbo", action="store_true",
                    help="two-batch overlap: split each step in two micro-batches, overlapping MoE communication")
@@ -57,7 +60,8 @@ def ep_config(args: argparse.Namespace) -> EPConfig | None:
         size=args.ep_size, rank=args.ep_rank if args.ep_rank is not None else args.node_rank,
         init_addr=args.dist_init_addr or free_local_addr(),
         redundant_experts=args.redundant_experts, placement_file=args.expert_placement,
-        dispatcher=args.ep_dispatcher, dispatcher_mode=args.ep_dispatcher_mode, gemm=args.ep_gemm,
+        dispatcher=args.ep_dispatcher, dispatcher_mode=args.ep_dispatcher_mode,
+        ll_budget=args.ep_low_latency_budget, gemm=args.ep_gemm,
         enable_tbo=args.enable_tbo, timeout_s=args.ep_timeout_s, device=device_of(args))
 
 
@@ -75,6 +79,8 @@ def validate_ep_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) 
         p.error("--dist-init-addr (node 0's host:port) is required with --nnodes > 1")
     if args.redundant_experts < 0:
         p.error(f"--redundant-experts must be >= 0, got {args.redundant_experts}")
+    if args.ep_low_latency_budget < 1:
+        p.error(f"--ep-low-latency-budget must be >= 1, got {args.ep_low_latency_budget}")
 
 
 def main_of_worker(service: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None,

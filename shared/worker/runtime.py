@@ -249,5 +249,23 @@ async def run_worker(role: int, name: str, args: argparse.Namespace, servicer: W
         if worker is not None:
             metrics.unregister_sources(worker.engine)
             await worker.engine.stop()
+            await _leave_group(worker)
         await servicer.close()
         await channel.close()
+
+
+# How long a stopping rank waits for its peers to leave the EP group with it (they stop together, by vote).
+LEAVE_GROUP_S = 30.0
+
+
+async def _leave_group(worker: Worker) -> None:
+    """Leave the EP group together with the peers (a barrier, then DeepEP's buffers and the process group are
+    destroyed explicitly: their destructors at interpreter exit can hang). Bounded: a peer that never comes
+    leaves this rank to exit without it."""
+    ep = worker.engine.engine.ep
+    if ep is None:
+        return
+    try:
+        await asyncio.wait_for(asyncio.to_thread(ep.close), LEAVE_GROUP_S)
+    except (asyncio.TimeoutError, RuntimeError) as e:
+        log.warning("left the EP group without its peers: %s", e)

@@ -4,13 +4,15 @@ driven through stand-ins for `deep_ep` and `deep_gemm` that follow those package
 stand-in moves data over gloo between real processes; the DeepGEMM one multiplies the quantized operands in float32).
 Tests that need the real packages on GPUs are skipped where those are missing.
 
-The DeepEP stand-in across two rank processes is in tests/processes/ep/test_deepep_ranks.py.
+The DeepEP stand-in across two rank processes is in tests/processes/ep/test_deepep_ranks.py; what the backends check
+and do at start-up (DeepEP's low-latency limits, buffer destruction, DeepGEMM's warm-up) in test_ep_gpu_startup.py.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,7 +119,7 @@ def test_deepep_rejects_a_gloo_group(monkeypatch: pytest.MonkeyPatch, gloo_world
 
 
 def test_deepgemm_needs_a_hopper_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "deep_gemm", _fake_deep_gemm(2, []))
+    monkeypatch.setitem(sys.modules, "deep_gemm", _fake_deep_gemm("2.x", []))
     monkeypatch.setattr(deepgemm, "_cuda_capability", lambda: None)
     with pytest.raises(RuntimeError, match=r"deep_gemm.*Hopper.*no CUDA device.*torch"):
         make_grouped_gemm("deepgemm")
@@ -126,12 +128,16 @@ def test_deepgemm_needs_a_hopper_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
         make_grouped_gemm("deepgemm")
 
 
-def test_deepgemm_without_grouped_gemms_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = _fake_deep_gemm(1, [])
-    del fake.m_grouped_gemm_fp8_fp8_bf16_nt_masked
+@pytest.mark.parametrize("version", ["1.x", "2.0", "2.x"])
+def test_deepgemm_without_a_masked_gemm_names_every_spelling(monkeypatch: pytest.MonkeyPatch, version: str) -> None:
+    fake = _fake_deep_gemm(version, [])
+    _, masked, _, _, aliases = _NAMES[version]
+    for name in (masked, *aliases):
+        delattr(fake, name)
     monkeypatch.setitem(sys.modules, "deep_gemm", fake)
     monkeypatch.setattr(deepgemm, "_cuda_capability", lambda: (9, 0))
-    with pytest.raises(RuntimeError, match=r"m_grouped_fp8_gemm_nt_masked or m_grouped_gemm_fp8_fp8_bf16_nt_masked"
+    with pytest.raises(RuntimeError, match=r"deep_gemm \(.*fake\) lacks m_grouped_fp8_gemm_nt_masked or "
+                                           r"fp8_m_grouped_gemm_nt_masked or m_grouped_gemm_fp8_fp8_bf16_nt_masked"
                                            r".*grouped GEMM 'torch'"):
         make_grouped_gemm("deepgemm")
 
@@ -220,30 +226,38 @@ def test_expected_rows_is_the_mean_over_busy_slots() -> None:
 
 # ---- the DeepGEMM backend over a stand-in deep_gemm ----------------------------------------------------------------
 
-_NAMES = {
-    1: ("m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", "m_grouped_gemm_fp8_fp8_bf16_nt_masked",
-        "get_m_alignment_for_contiguous_layout", "get_col_major_tma_aligned_tensor"),
-    2: ("m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
-        "get_mk_alignment_for_contiguous_layout", "get_mn_major_tma_aligned_tensor"),
+_NAMES = {  # (contiguous, masked, alignment, scale layout, aliases of the masked GEMM) per API generation
+    "1.x": ("m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", "m_grouped_gemm_fp8_fp8_bf16_nt_masked",
+            "get_m_alignment_for_contiguous_layout", "get_col_major_tma_aligned_tensor", ()),
+    "2.0": ("m_grouped_fp8_gemm_nt_contiguous", "fp8_m_grouped_gemm_nt_masked",
+            "get_mk_alignment_for_contiguous_layout", "get_mn_major_tma_aligned_tensor", ()),
+    "2.x": ("m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
+            "get_mk_alignment_for_contiguous_layout", "get_mn_major_tma_aligned_tensor",
+            ("fp8_m_grouped_gemm_nt_masked",)),
 }
 
 
-def _fake_deep_gemm(version: int, calls: list[str], alignment: int = 128) -> ModuleType:
+def _fake_deep_gemm(version: str, calls: list[str], alignment: int = 128) -> ModuleType:
     """A `deep_gemm` of the given generation's names whose kernels are the float32 reference (it checks dtypes,
-    shapes and the contiguous layout's aligned blocks as the kernels need them) and that records what is called."""
+    shapes and the contiguous layout's aligned blocks as the kernels need them) and that records what is called:
+    the names in `calls`, and each GEMM as (name, out's shape, expected_m or None) in `module.gemm_log`."""
     api = emulated_api(alignment)
     module = ModuleType("deep_gemm")
-    module.__version__ = f"{version}.0.0+fake"
+    module.__version__ = f"{version}+fake"
+    module.gemm_log = []
 
     def recorded(name: str, fn: Any) -> Any:
         def call(*args: Any) -> Any:
             calls.append(name)
+            if len(args) > 2:  # a GEMM: (lhs, rhs, out, ...)
+                module.gemm_log.append((name, tuple(args[2].shape), args[4] if len(args) > 4 else None))
             return fn(*args)
         return call
 
-    contiguous, masked, align, scale = _NAMES[version]
+    contiguous, masked, align, scale, aliases = _NAMES[version]
     setattr(module, contiguous, recorded(contiguous, api.contiguous))
-    setattr(module, masked, recorded(masked, api.masked))
+    for name in (masked, *aliases):
+        setattr(module, name, recorded(masked, api.masked))
     setattr(module, align, lambda: alignment)
     setattr(module, scale, recorded(scale, lambda sf: sf))
     return module
@@ -259,17 +273,18 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-@pytest.mark.parametrize(("version", "alignment"), [(1, 128), (2, 128), (2, 64)])
-def test_deepgemm_backend_over_either_api_generation(monkeypatch: pytest.MonkeyPatch, version: int,
-                                                     alignment: int) -> None:
+@pytest.mark.parametrize(("version", "alignment"), [("1.x", 128), ("2.0", 128), ("2.x", 128), ("2.x", 64)])
+def test_deepgemm_backend_over_every_api_generation(monkeypatch: pytest.MonkeyPatch, version: str,
+                                                    alignment: int) -> None:
     calls: list[str] = []
     monkeypatch.setitem(sys.modules, "deep_gemm", _fake_deep_gemm(version, calls, alignment))
     monkeypatch.setattr(deepgemm, "_cuda_capability", lambda: (9, 0))
     gemm = make_grouped_gemm("deepgemm")
     assert isinstance(gemm, DeepGemmGroupedGemm) and not gemm.pow2_scales
-    contiguous_name, masked_name, _, scale_name = _NAMES[version]
+    contiguous_name, masked_name, _, scale_name, _ = _NAMES[version]
+    assert gemm.api.names[:2] == (contiguous_name, masked_name)  # the newest spelling where there are several
     s, d, i = 4, 256, 128
-    w13, w2 = _expert_weights(s, d, i, seed=version)
+    w13, w2 = _expert_weights(s, d, i, seed=len(version))
     weights = gemm.prepare(w13, w2)
     assert weights.w13[0].dtype == torch.float8_e4m3fn and weights.w13[1].shape == (s, 2, 2)
     assert weights.w2[0].shape == (s, d, i) and weights.w2[1].shape == (s, 2, 1)
@@ -297,7 +312,7 @@ def test_deepgemm_backend_over_either_api_generation(monkeypatch: pytest.MonkeyP
 
 
 def test_deepgemm_float32_activations_come_back_float32(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "deep_gemm", _fake_deep_gemm(2, []))
+    monkeypatch.setitem(sys.modules, "deep_gemm", _fake_deep_gemm("2.x", []))
     monkeypatch.setattr(deepgemm, "_cuda_capability", lambda: (9, 0))
     gemm = DeepGemmGroupedGemm(expected_m=8)
     w13, w2 = _expert_weights(2, 128, 128, seed=7)
@@ -310,7 +325,7 @@ def test_deepgemm_float32_activations_come_back_float32(monkeypatch: pytest.Monk
 
 def test_deepgemm_on_blackwell_uses_power_of_two_scales(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    monkeypatch.setitem(sys.modules, "deep_gemm", _fake_deep_gemm(2, calls))
+    monkeypatch.setitem(sys.modules, "deep_gemm", _fake_deep_gemm("2.x", calls))
     monkeypatch.setattr(deepgemm, "_cuda_capability", lambda: (10, 0))
     gemm = DeepGemmGroupedGemm()
     w13, w2 = _expert_weights(2, 128, 128, seed=3)
@@ -323,7 +338,7 @@ def test_deepgemm_on_blackwell_uses_power_of_two_scales(monkeypatch: pytest.Monk
 
 
 def test_deepgemm_prepare_rejects_shapes_its_kernels_cannot_take(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "deep_gemm", _fake_deep_gemm(2, []))
+    monkeypatch.setitem(sys.modules, "deep_gemm", _fake_deep_gemm("2.x", []))
     monkeypatch.setattr(deepgemm, "_cuda_capability", lambda: (9, 0))
     gemm = DeepGemmGroupedGemm()
     with pytest.raises(ValueError, match=r"hidden D.*128"):
@@ -384,24 +399,38 @@ def _exchange(parts: list[torch.Tensor], group: Any) -> list[torch.Tensor]:
     return list(recv.split(recv_counts.tolist()))
 
 
+LL_HIDDEN = (2048, 2560, 4096, 5120, 6144, 7168, 8192)  # DeepEP's SWITCH_HIDDEN (csrc/kernels/launch.cuh)
+
+
 class _FakeBuffer:
-    """DeepEP's `Buffer` as its docs and tests describe it, moving data over gloo, synchronously.
+    """DeepEP's `Buffer` as its docs, sources and tests describe it, moving data over gloo, synchronously.
 
     Normal mode: a token goes once to each rank holding any of its experts, with all its top-k ids made local there
     (-1 for experts elsewhere; their weights are left NaN) and its weights; combine sums what comes back, unweighted.
     Low-latency mode: one row per (token, expert) into that expert's window of num_max * ranks rows (the rest
-    NaN), counts int32; combine sums the rows back weighted by the top-k weights.
+    NaN), counts int32; combine sums the rows back weighted by the top-k weights. Its dispatch asserts what DeepEP's
+    does: a compiled hidden size, ranks * num_max % 4 == 0, num_max <= 1024 (past it DeepEP's counters break) and
+    the NVSHMEM queue-pair depth read from the environment at construction >= 2 * (num_max + 1).
+    Buffers made with `explicitly_destroy` must be `destroy()`ed (each destroy is recorded in `destroyed`).
     """
 
     num_sms = 20
     created: ClassVar[list[dict[str, Any]]] = []
+    destroyed: ClassVar[list[_FakeBuffer]] = []
 
     def __init__(self, group: Any, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, low_latency_mode: bool = False,
-                 num_qps_per_rank: int = 24) -> None:
+                 num_qps_per_rank: int = 24, explicitly_destroy: bool = False) -> None:
         self.group, self.rank, self.ranks = group, group.rank(), group.size()
-        self.low_latency_mode = low_latency_mode
+        self.low_latency_mode, self.explicitly_destroy = low_latency_mode, explicitly_destroy
+        if low_latency_mode:
+            self.nvshmem_qp_depth = int(os.environ.get("NVSHMEM_QP_DEPTH", "1024"))
         _FakeBuffer.created.append(dict(nvl=num_nvl_bytes, rdma=num_rdma_bytes, low_latency=low_latency_mode,
-                                        qps=num_qps_per_rank))
+                                        qps=num_qps_per_rank, explicitly_destroy=explicitly_destroy))
+
+    def destroy(self) -> None:
+        assert self.explicitly_destroy, "`explicitly_destroy` flag must be set"
+        assert self not in _FakeBuffer.destroyed
+        _FakeBuffer.destroyed.append(self)
 
     @staticmethod
     def set_num_sms(n: int) -> None:
@@ -471,7 +500,9 @@ class _FakeBuffer:
                              num_experts: int, use_fp8: bool = True, async_finish: bool = False,
                              return_recv_hook: bool = False, **_: Any) -> tuple:
         assert self.low_latency_mode and not use_fp8 and x.dtype == torch.bfloat16 and topk_idx.dtype == torch.int64
-        assert x.shape[0] <= num_max_dispatch_tokens_per_rank
+        assert x.shape[0] <= num_max_dispatch_tokens_per_rank <= 1024 and x.shape[1] in LL_HIDDEN
+        assert self.ranks * num_max_dispatch_tokens_per_rank % 4 == 0
+        assert self.nvshmem_qp_depth >= (num_max_dispatch_tokens_per_rank + 1) * 2
         local, d = num_experts // self.ranks, x.shape[1]
         pos = torch.arange(topk_idx.numel()).view(topk_idx.shape)
         parts = []
@@ -511,9 +542,19 @@ class _FakeBuffer:
         return combined.bfloat16(), None, lambda: None
 
 
-def _fake_deep_ep() -> ModuleType:
+class _OlderFakeBuffer(_FakeBuffer):
+    """A DeepEP from before `explicitly_destroy`: its Buffer frees only in its destructor."""
+
+    def __init__(self, group: Any, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, low_latency_mode: bool = False,
+                 num_qps_per_rank: int = 24) -> None:
+        super().__init__(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank)
+
+    destroy = None  # older builds have no destroy()
+
+
+def _fake_deep_ep(buffer: type = _FakeBuffer) -> ModuleType:
     module = ModuleType("deep_ep")
-    module.Buffer = _FakeBuffer
+    module.Buffer = buffer
     return module
 
 
@@ -525,14 +566,15 @@ def test_deepep_options_and_registry(monkeypatch: pytest.MonkeyPatch, gloo_world
     assert isinstance(disp, DeepEPDispatcher) and disp.mode == "normal" and disp.num_max_dispatch_tokens_per_rank == 128
     _FakeBuffer.created.clear()
     disp = make_dispatcher("deepep", None, placement, mode="low_latency", num_max_dispatch_tokens_per_rank=4,
-                           hidden=16, num_sms=8)
+                           hidden=2048, num_sms=8)
     # `hidden` allocates now, sized by DeepEP's hint, with one queue pair per local slot.
-    assert _FakeBuffer.created == [dict(nvl=0, rdma=4 * 16 * 1 * 4, low_latency=True, qps=8)]
+    assert _FakeBuffer.created == [dict(nvl=0, rdma=4 * 2048 * 1 * 4, low_latency=True, qps=8,
+                                        explicitly_destroy=True)]
     assert _FakeBuffer.num_sms == 8
     with pytest.raises(ValueError, match="exceeds num_max_dispatch_tokens_per_rank = 4"):
-        next(disp.dispatch_stages(torch.randn(5, 16), torch.zeros(5, 2, dtype=torch.int64), torch.ones(5, 2)))
-    with pytest.raises(ValueError, match="hidden 16"):
-        disp.dispatch(torch.randn(2, 32), torch.zeros(2, 2, dtype=torch.int64), torch.ones(2, 2))
+        next(disp.dispatch_stages(torch.randn(5, 2048), torch.zeros(5, 2, dtype=torch.int64), torch.ones(5, 2)))
+    with pytest.raises(ValueError, match="hidden 2048"):
+        disp.dispatch(torch.randn(2, 4096), torch.zeros(2, 2, dtype=torch.int64), torch.ones(2, 2))
     for bad in (dict(mode="fast"), dict(num_max_dispatch_tokens_per_rank=0), dict(num_sms=3),
                 dict(num_nvl_bytes=-1)):
         with pytest.raises(ValueError):
@@ -563,7 +605,7 @@ def _run_ep_layer(group: Any, rank: int, world: int, mode: str, seed: int, devic
     from moemesh.ep.experts import EPExperts
     from moemesh.model.moe import RoutedExperts
 
-    e, d, i, k = 8, 32, 16, 3
+    e, d, i, k = 8, 2048, 16, 3  # 2048: the smallest hidden DeepEP's low-latency kernels are built for
     placement = ExpertPlacement.default(1, e, world, redundant=2 * world)  # replicas: several slots per expert
     torch.manual_seed(seed)  # the same weights on every rank
     experts = RoutedExperts(e, d, i)
