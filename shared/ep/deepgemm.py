@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from moemesh.ep.experts import GroupedGemm
+from moemesh.model.fp8 import Fp8Experts
 from moemesh.model.layers import silu_and_mul
 
 BLOCK = 128  # the quantization granularity DeepGEMM's FP8 kernels are built for (1x128 and 128x128)
@@ -92,6 +93,13 @@ def quantize_blocks(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, 
     scales = _scale_of(blocks.abs().amax(dim=(-3, -1)), pow2)  # [..., nb, kb]
     q = (blocks / scales[..., :, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
     return q.reshape(*w.shape[:-2], nb * BLOCK, kb * BLOCK)[..., :n, :k].contiguous(), scales
+
+
+def _to_pow2_scales(q: torch.Tensor, scales: torch.Tensor) -> None:
+    """Re-express e4m3 blocks q [..., N, K] with scales [..., N/128, K/128] over power-of-two scales, in place."""
+    q2, s2 = quantize_blocks(dequantize_blocks(q, scales), pow2=True)
+    q.copy_(q2)
+    scales.copy_(s2)
 
 
 def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -247,6 +255,24 @@ class DeepGemmGroupedGemm(GroupedGemm):
                 raise ValueError(f"DeepGEMM's FP8 kernels need {name} to be a multiple of {BLOCK}, got {dim}")
         # One slot at a time: a whole layer in float32 would be 4x its bf16 size (tens of GB for DeepSeek-V3).
         return DeepGemmWeights(self._blocks(w13), self._blocks(w2))
+
+    def prepare_fp8(self, experts: Fp8Experts) -> DeepGemmWeights:
+        """Experts kept in FP8 with the checkpoint's 128x128 block scales: consumed as they are (views, no second
+        copy). Blackwell's kernels need power-of-two scales: each block is rescaled in place there, once."""
+        s, two_i, d = experts.w13.shape
+        if tuple(experts.block) != (BLOCK, BLOCK):
+            raise ValueError(f"DeepGEMM's FP8 kernels take {BLOCK}x{BLOCK} block scales, the checkpoint has "
+                             f"{experts.block[0]}x{experts.block[1]}; use grouped GEMM 'torch'")
+        for name, dim in (("hidden D", d), ("intermediate I", two_i // 2)):
+            if dim % BLOCK:
+                raise ValueError(f"DeepGEMM's FP8 kernels need {name} to be a multiple of {BLOCK}, got {dim}")
+        if self.pow2_scales:
+            for i in range(s):
+                _to_pow2_scales(experts.w13[i].view(2, two_i // 2, d), experts.w13_scale[i])
+                _to_pow2_scales(experts.w2[i], experts.w2_scale[i])
+        # Gate and up each have whole blocks (I % 128 == 0): their scale grids stack into w13's.
+        w13_scale = experts.w13_scale.reshape(s, two_i // BLOCK, d // BLOCK)
+        return DeepGemmWeights((experts.w13, w13_scale), (experts.w2, experts.w2_scale))
 
     def _blocks(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, n, k = w.shape
