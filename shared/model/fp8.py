@@ -15,17 +15,35 @@ _E4M3_MAX = 448.0
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
 
+# Rows converted at a time (a multiple of any block height used): bounds the float32 temporaries of a large matrix.
+_CHUNK_ROWS = 1024
+
+
 def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """weight [..., O, I] float8 with scale_inv [..., ceil(O/bo), ceil(I/bi)] float32 -> [..., O, I] in `dtype`.
 
     Computed in float32 and rounded once to `dtype`, so the result does not depend on where it is done (at load
-    or at compute time). Blocks that divide the matrix are scaled in place of a full-size scale tensor.
+    or at compute time). A large matrix goes _CHUNK_ROWS rows at a time, so that its float32 temporaries stay
+    small (an 18432 x 7168 MLP weight would otherwise need 1 GB of them).
     """
+    bo = block[0]
+    o = weight.shape[-2]
+    if weight.dim() != 2 or o <= _CHUNK_ROWS or _CHUNK_ROWS % bo:
+        return _dequantize(weight, scale_inv, block, dtype)
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    for r in range(0, o, _CHUNK_ROWS):
+        out[r:r + _CHUNK_ROWS] = _dequantize(weight[r:r + _CHUNK_ROWS],
+                                             scale_inv[r // bo:(r + _CHUNK_ROWS) // bo], block, dtype)
+    return out
+
+
+def _dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                dtype: torch.dtype) -> torch.Tensor:
     bo, bi = block
     o, i = weight.shape[-2:]
     lead = weight.shape[:-2]
-    if o % bo == 0 and i % bi == 0:
+    if o % bo == 0 and i % bi == 0:  # whole blocks: scaled in place of a full-size scale tensor
         w = weight.float().view(*lead, o // bo, bo, i // bi, bi) * scale_inv.float()[..., :, None, :, None]
         return w.view(*lead, o, i).to(dtype)
     scale = scale_inv.float().repeat_interleave(bo, dim=-2)[..., :o, :].repeat_interleave(bi, dim=-1)[..., :i]

@@ -80,9 +80,10 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
 
 
 def iter_checkpoint(path: Path, cfg: ModelConfig, wanted: Callable[[str], bool] | None = None,
-                    raw_fp8: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                    raw_fp8: Callable[[str], bool] | None = None, dtype: torch.dtype = torch.float32
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) for each weight of the served layers (those `wanted` accepts, by name; default all),
-    FP8 weights dequantized to float32, except those `raw_fp8` accepts: they come as they are, each followed by
+    FP8 weights dequantized to `dtype`, except those `raw_fp8` accepts: they come as they are, each followed by
     its block scales (NAME_scale_inv)."""
     files = tensor_files(path)
     block = cfg.quant_block_size or (128, 128)
@@ -111,7 +112,7 @@ def iter_checkpoint(path: Path, cfg: ModelConfig, wanted: Callable[[str], bool] 
                     yield name, t
                     yield scale_name, scale
                     continue
-                t = dequantize_fp8(t, scale, block)
+                t = dequantize_blocks(t, scale, block, dtype)
             yield name, t
 
 
@@ -166,7 +167,7 @@ def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device
             at = expert_of(name)
             return at is None or at[1] in held[at[0]]
     raw = (lambda name: expert_of(name) is not None) if fp8_block else None
-    fill_weights(model, iter_checkpoint(path, cfg, wanted, raw), held)
+    fill_weights(model, iter_checkpoint(path, cfg, wanted, raw, torch_dtype), held)
     return model.eval().requires_grad_(False)
 
 
