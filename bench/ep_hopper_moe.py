@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from moemesh.bench.timing import mean_time_ms  # noqa: E402
 from moemesh.ep.deepgemm import (  # noqa: E402
     DeepGemmGroupedGemm,
     DeepGemmWeights,
@@ -147,21 +148,6 @@ def check(shape: Shape, gemm: DeepGemmGroupedGemm, w13: torch.Tensor, w2: torch.
     return ok
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
-    """Mean milliseconds per call of `fn` on the current CUDA stream, after `warmup` calls (DeepGEMM JIT-compiles
-    each new shape on its first call)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 def bench(shape: Shape, gemm: DeepGemmGroupedGemm, w13: torch.Tensor, w2: torch.Tensor, weights: DeepGemmWeights,
           tokens: int, gen: torch.Generator) -> None:
     """Time one layer's expert compute for `tokens` tokens: torch bf16, DeepGEMM end to end, DeepGEMM GEMMs alone."""
@@ -200,7 +186,7 @@ def bench(shape: Shape, gemm: DeepGemmGroupedGemm, w13: torch.Tensor, w2: torch.
         ("deepgemm fp8, the 2 grouped GEMMs alone", kernels_only),
     ]
     for label, fn in runs:
-        ms = time_ms(fn)
+        ms = mean_time_ms(fn, torch.device("cuda"), warmup=3)
         print(f"  {label:58s} {ms:8.3f} ms {flop / ms / 1e9:8.1f} TFLOP/s", flush=True)
 
 

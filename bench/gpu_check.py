@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moemesh.bench.timing import mean_time_ms
+
 if TYPE_CHECKING:
     import torch
 
@@ -144,29 +146,6 @@ def run_bounded(cmd: Sequence[str], timeout_s: float, env: dict[str, str] | None
     except subprocess.TimeoutExpired as e:  # run() killed it
         return None, _tail(e.stdout) + _tail(e.stderr)
     return proc.returncode, proc.stdout + proc.stderr
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, iters: int = 10) -> float:
-    """Mean milliseconds per call of `fn` after `warmup` calls (first-call allocations, kernel selection, JIT):
-    CUDA events around the calls on a GPU (kernel launches are asynchronous, so a host clock would time the
-    launches), the wall clock elsewhere."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - t0) * 1e3 / iters
-    torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def tflops(flop: float, ms: float) -> float:
@@ -533,8 +512,8 @@ def grouped_gemm_case(device: torch.device, hidden: int, inter: int, counts: lis
               "masked": max_rel_error(grouped.masked(xm, counts_t, weights)[valid],
                                       plain.masked(xm, counts_t, (w13, w2))[valid])}
     flop = 2 * sum(counts) * 3 * hidden * inter
-    ms = {"grouped_mm": time_ms(lambda: grouped.contiguous(xs, counts, weights), device, iters=iters),
-          "torch": time_ms(lambda: plain.contiguous(xs, counts, (w13, w2)), device, iters=iters)}
+    ms = {"grouped_mm": mean_time_ms(lambda: grouped.contiguous(xs, counts, weights), device, iters=iters),
+          "torch": mean_time_ms(lambda: plain.contiguous(xs, counts, (w13, w2)), device, iters=iters)}
     return {"rows": sum(counts), "slots": len(counts), "hidden": hidden, "inter": inter, "counts": counts,
             "max_rel_error": errors, "tolerance": GROUPED_TOL, "ms": ms,
             "tflops": {k: tflops(flop, v) for k, v in ms.items()}}
@@ -593,7 +572,7 @@ def deepgemm_case(gemm: Any, device: torch.device, hidden: int, inter: int, coun
                      "vs_bf16": {"norm": vs_bf16[0], "max": vs_bf16[1]}}
     out["ok"] = ok
     # After the checks: DeepGEMM compiles each shape on its first call, outside the timing.
-    ms = time_ms(lambda: gemm.contiguous(xs, counts, weights), device)
+    ms = mean_time_ms(lambda: gemm.contiguous(xs, counts, weights), device)
     out.update(ms=ms, tflops=tflops(2 * sum(counts) * 3 * hidden * inter, ms))
     return out
 
@@ -642,7 +621,7 @@ def matmul_peak_tflops(device: torch.device, n: int = MATMUL_PEAK_N, iters: int 
     gen = torch.Generator(device=device).manual_seed(0)
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(2))
     out = torch.empty(n, n, device=device, dtype=torch.bfloat16)
-    return tflops(2 * n ** 3, time_ms(lambda: torch.mm(a, b, out=out), device, warmup=3, iters=iters))
+    return tflops(2 * n ** 3, mean_time_ms(lambda: torch.mm(a, b, out=out), device, warmup=3, iters=iters))
 
 
 def moe_layer_case(device: torch.device, counts: list[int], hidden: int, inter: int, peak_n: int = MATMUL_PEAK_N,
@@ -665,7 +644,7 @@ def moe_layer_case(device: torch.device, counts: list[int], hidden: int, inter: 
     rates, finite = {}, True
     for name, (gemm, weights) in backends.items():
         finite &= bool(torch.isfinite(gemm.contiguous(xs, counts, weights)).all())
-        rates[name] = tflops(flop, time_ms(lambda g=gemm, w=weights: g.contiguous(xs, counts, w), device,
+        rates[name] = tflops(flop, mean_time_ms(lambda g=gemm, w=weights: g.contiguous(xs, counts, w), device,
                                            iters=iters))
     peak = matmul_peak_tflops(device, peak_n)
     best = max(rates, key=rates.__getitem__)

@@ -14,7 +14,6 @@ import importlib.util
 import math
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
@@ -38,7 +37,6 @@ from moemesh.ep.deepgemm import (
 from moemesh.ep.dispatch import make_dispatcher
 from moemesh.ep.experts import TorchGroupedGemm, make_grouped_gemm
 from moemesh.ep.placement import ExpertPlacement
-from tests.net import free_port
 from tests.paths import ROOT
 
 BENCH = ROOT / "bench" / "ep_hopper_moe.py"
@@ -88,16 +86,6 @@ def test_broken_builds_fail_like_missing_ones(tmp_path: Path, monkeypatch: pytes
         make_dispatcher("deepep", None, ExpertPlacement.default(1, 8, 2))
     with pytest.raises(RuntimeError, match=r"deep_gemm.*OSError.*torch"):
         make_grouped_gemm("deepgemm")
-
-
-@pytest.fixture
-def gloo_world() -> Iterator[None]:
-    """A one-rank gloo group in this process (a dispatcher needs an initialized group to exist)."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_deepep_needs_cuda_and_an_nccl_group(monkeypatch: pytest.MonkeyPatch) -> None:

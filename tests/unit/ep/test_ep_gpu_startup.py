@@ -15,7 +15,6 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
@@ -57,15 +56,6 @@ def deepep_stand_in(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     monkeypatch.setenv(QP, "0")
     monkeypatch.delenv(QP)
     return monkeypatch
-
-
-@pytest.fixture
-def gloo_world() -> Iterator[None]:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture
