@@ -20,6 +20,11 @@ byte fallback (same), so the alphabet is characters, not bytes:
 - Latin-1 letters and signs and a few typographic marks (é, ß, £, “, —, …): they round-trip too;
 - any other character (CJK, emoji, ASCII control codes) encodes to `<unk>`, one per character, which
   is special and so dropped by decode(skip_special_tokens=True). Lossy, but never an error.
+
+With `chat_tokens=True` the vocabulary also ends with DeepSeek's chat tokens (`<think>`, `</think>`, the
+tool-call and tool-output markers of `moemesh.chat.tokens`), as DeepSeek's ends with them after its
+own: single tokens that the chat parsers key on. They are added tokens but not special, as in DeepSeek's
+vocabulary, so decode() keeps them. The default (False) writes the same files as before, byte for byte.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from pathlib import Path
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
+
+from moemesh.chat import tokens as chat
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
@@ -46,6 +53,21 @@ SPECIAL_TOKENS = (
     ("assistant_token_id", ASSISTANT_TOKEN),
     ("unk_token_id", UNK_TOKEN),
 )
+# With chat_tokens=True: the last ids of the vocabulary, in this order, named as in the returned dict.
+CHAT_TOKENS = (
+    ("think_open_token_id", chat.THINK_OPEN),
+    ("think_close_token_id", chat.THINK_CLOSE),
+    ("tool_calls_begin_token_id", chat.TOOL_CALLS_BEGIN),
+    ("tool_call_begin_token_id", chat.TOOL_CALL_BEGIN),
+    ("tool_sep_token_id", chat.TOOL_SEP),
+    ("tool_call_end_token_id", chat.TOOL_CALL_END),
+    ("tool_calls_end_token_id", chat.TOOL_CALLS_END),
+    ("tool_outputs_begin_token_id", chat.TOOL_OUTPUTS_BEGIN),
+    ("tool_outputs_end_token_id", chat.TOOL_OUTPUTS_END),
+    ("tool_output_begin_token_id", chat.TOOL_OUTPUT_BEGIN),
+    ("tool_output_end_token_id", chat.TOOL_OUTPUT_END),
+)
+assert tuple(t for _, t in CHAT_TOKENS) == chat.CHAT_TOKENS  # one list of DeepSeek's chat tokens
 MODEL_MAX_LENGTH = 4096  # the tiny model's context
 
 WHITESPACE = " \t\n\r"
@@ -111,22 +133,27 @@ _VOWELS = "a e i o u ai ea ee oo ou".split()
 _CODAS = ["", *"n r s t l m d ck ll ng nt nd st".split()]
 
 
-def build_tiny_tokenizer(out_dir: Path, vocab_size: int = 1024) -> dict[str, int]:
+def build_tiny_tokenizer(out_dir: Path, vocab_size: int = 1024, *, chat_tokens: bool = False) -> dict[str, int]:
     """Write the tiny model's `tokenizer.json` and `tokenizer_config.json` into `out_dir`.
 
     `vocab_size` counts every token, special ones included. Returns the special token ids by name
     (`bos_token_id`, `eos_token_id`, `pad_token_id`, `user_token_id`, `assistant_token_id`,
-    `unk_token_id`). Raises ValueError for a vocab_size outside what this construction reaches.
+    `unk_token_id`, and with `chat_tokens` the names of `CHAT_TOKENS`). `chat_tokens` makes DeepSeek's
+    think and tool-call tokens the vocabulary's last ids (fewer merges, the same vocab_size). Raises
+    ValueError for a vocab_size outside what this construction reaches.
     """
-    vocab, merges = _vocab_and_merges(vocab_size)
-    tokenizer = _assemble(vocab, merges)
+    extra = CHAT_TOKENS if chat_tokens else ()
+    vocab, merges = _vocab_and_merges(vocab_size, reserved=len(extra))
+    for _, token in extra:
+        vocab[token] = len(vocab)
+    tokenizer = _assemble(vocab, merges, [token for _, token in extra])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # write_bytes: no platform newline translation, so the files are byte-identical everywhere.
     (out_dir / "tokenizer.json").write_bytes((tokenizer.to_str(pretty=True) + "\n").encode("utf-8"))
     config_text = json.dumps(_tokenizer_config(), indent=2, ensure_ascii=False) + "\n"
     (out_dir / "tokenizer_config.json").write_bytes(config_text.encode("utf-8"))
-    return {name: vocab[token] for name, token in SPECIAL_TOKENS}
+    return {name: vocab[token] for name, token in (*SPECIAL_TOKENS, *extra)}
 
 
 # A DeepSeek-V3-style template: BOS, the system prompts, then the turns; an assistant turn ends in EOS.
@@ -164,7 +191,7 @@ def _tokenizer_config() -> dict[str, object]:
     }
 
 
-def _assemble(vocab: dict[str, int], merges: list[tuple[str, str]]) -> tokenizers.Tokenizer:
+def _assemble(vocab: dict[str, int], merges: list[tuple[str, str]], plain_added: list[str]) -> tokenizers.Tokenizer:
     tokenizer = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK_TOKEN))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(
         tokenizers.Regex(PRE_TOKENIZER_PATTERN), behavior="isolated"
@@ -178,15 +205,21 @@ def _assemble(vocab: dict[str, int], merges: list[tuple[str, str]]) -> tokenizer
     tokenizer.add_special_tokens(
         [tokenizers.AddedToken(token, special=True, normalized=False) for _, token in SPECIAL_TOKENS]
     )
+    if plain_added:
+        # Matched as whole tokens in any text, yet kept by decode(skip_special_tokens=True), as in DeepSeek's.
+        tokenizer.add_tokens([tokenizers.AddedToken(token, special=False, normalized=False) for token in plain_added])
     return tokenizer
 
 
-def _vocab_and_merges(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def _vocab_and_merges(vocab_size: int, reserved: int = 0) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The vocabulary and merges of `vocab_size - reserved` tokens (`reserved` ids are left for the caller)."""
     vocab: dict[str, int] = {}
     for token in [t for _, t in SPECIAL_TOKENS] + list(ALPHABET):
         vocab[token] = len(vocab)
-    if vocab_size < len(vocab):
-        raise ValueError(f"vocab_size must be at least {len(vocab)} (special tokens + alphabet), got {vocab_size}")
+    if vocab_size - reserved < len(vocab):
+        raise ValueError(f"vocab_size must be at least {len(vocab) + reserved} (special tokens + alphabet), "
+                         f"got {vocab_size}")
+    vocab_size -= reserved
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}
     for form in _forms():
@@ -200,7 +233,8 @@ def _vocab_and_merges(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, 
             pieces[i : i + 2] = [pair[0] + pair[1]]
         if len(vocab) == vocab_size:
             return vocab, merges
-    raise ValueError(f"vocab_size must be at most {len(vocab)} for the tiny tokenizer, got {vocab_size}")
+    raise ValueError(f"vocab_size must be at most {len(vocab) + reserved} for the tiny tokenizer, "
+                     f"got {vocab_size + reserved}")
 
 
 def _forms() -> Iterator[str]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import moemesh.transfer
+from moemesh.chat.registry import REASONING_PARSERS, TOOL_PARSERS
 from moemesh.ep.backends import DISPATCHERS, GEMMS
 from moemesh.ep.dispatch import AllToAllDispatcher, Dispatcher
 from moemesh.ep.experts import GroupedGemm, TorchGroupedGemm, make_grouped_gemm
@@ -91,7 +92,8 @@ def test_the_registered_parts() -> None:
     for registry, names in ((PLANES, ("ucx", "relay", "inproc")), (DISPATCHERS, ("all_to_all", "deepep")),
                             (GEMMS, ("torch", "deepgemm")), (POLICIES, ("auto", "hierarchical", "global")),
                             (ROUTERS, ("prefix_affinity", "least_load", "round_robin")),
-                            (KERNELS, ("onednn", "torch"))):
+                            (KERNELS, ("onednn", "torch")), (TOOL_PARSERS, ("deepseek_v3", "deepseek_v31")),
+                            (REASONING_PARSERS, ("deepseek_r1",))):
         assert registry.names()[:len(names)] == names, registry
     crossing = PLANES.names(cross_process=True)
     assert {"ucx", "relay"} <= set(crossing) and "inproc" not in crossing
