@@ -11,8 +11,10 @@ Requests are sent as Poisson arrivals at `--request-rate` (all at once for `inf`
 `--max-concurrency` in flight; each streams (`stream: true`), greedy unless `--temperature`, with
 `max_tokens` = the output length and, with `--ignore-eos`, exactly that many tokens. `--warmup`
 requests (other random prompts) run first and are not measured. Prompts are counted with the model's
-tokenizer (`--tokenizer`, default: the `--model` folder, the folder the server names in /v1/models,
-or the embedded tiny model); the server's `usage` is checked against those counts.
+tokenizer (`--tokenizer`, default: the `--model` folder, else the folder the server reports as the model's
+`root` in /v1/models, as moemesh, vLLM and SGLang do); the server's `usage` is checked against those counts.
+When neither names a tokenizer folder on this machine the run stops and says so: counting with another
+tokenizer than the server's would make every length wrong, silently.
 
 What is measured and how it is aggregated: see `bench/serve_metrics.py`.
 """
@@ -57,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="the model name to send (default: the first of GET /v1/models)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer folder that counts tokens and builds prompts (default: --model if a folder, "
-                        "else the served model if a folder here, else the embedded tiny model)")
+                        "else the folder the server reports as the model's root in GET /v1/models)")
     p.add_argument("--dataset", default="random", metavar="random|FILE.jsonl",
                    help="random prompts, or a JSONL file (`prompt`, `messages` or `conversations` per line)")
     p.add_argument("--prompt-format", default="text", choices=["text", "ids"],
@@ -133,23 +135,45 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _tokenizer_dir(args: argparse.Namespace, served: list[str]) -> Path:
+def _tokenizer_dir(args: argparse.Namespace, cards: list[dict[str, Any]]) -> Path:
+    """The folder whose tokenizer builds and counts the prompts: --tokenizer; else --model if it is a folder
+    here; else the `root` the server reports for its model in GET /v1/models (`cards`). ValueError, saying what
+    was found, when none of them is a tokenizer folder here."""
     if args.tokenizer:
-        if not Path(args.tokenizer, "tokenizer.json").is_file():
+        if not _has_tokenizer(args.tokenizer):
             raise ValueError(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
         return Path(args.tokenizer)
-    for candidate in (args.model, *served[:1]):
-        if candidate and Path(candidate, "tokenizer.json").is_file():
-            return Path(candidate)
-    from moemesh.model.default import default_model_dir
+    if args.model and _has_tokenizer(args.model):
+        return Path(args.model)
+    card = next((c for c in cards if c["id"] == args.model), None) if args.model else None
+    if card is None and cards and (not args.model or len(cards) == 1):
+        card = cards[0]  # the one sent (the first), or the only one (--model being another name of it)
+    if card is None:
+        listed = ", ".join(repr(c["id"]) for c in cards)
+        why = (f"GET /v1/models lists no model {args.model!r} (it lists {listed})" if cards
+               else "GET /v1/models gave no model to take it from")
+        raise ValueError(f"no tokenizer to count tokens with: {why}; pass --tokenizer DIR")
+    root = card.get("root")
+    if isinstance(root, str) and root:
+        if _has_tokenizer(root):
+            return Path(root)
+        raise ValueError(f"the server serves {card['id']!r} from {root}, which is no tokenizer folder on this "
+                         f"machine (no {Path(root) / 'tokenizer.json'}); pass --tokenizer DIR with the same "
+                         "tokenizer")
+    if _has_tokenizer(card["id"]):  # a server without `root` that names its model after the folder
+        return Path(card["id"])
+    raise ValueError(f"the server reports no folder (`root`) for its model {card['id']!r} in GET /v1/models; "
+                     "pass --tokenizer DIR with its tokenizer")
 
-    return default_model_dir()
+
+def _has_tokenizer(folder: str) -> bool:
+    return Path(folder, "tokenizer.json").is_file()
 
 
 async def _main(args: argparse.Namespace, config: dict[str, Any]) -> int:
     import httpx
 
-    from moemesh.bench.serve_client import get_models, wait_ready
+    from moemesh.bench.serve_client import get_model_cards, wait_ready
     from moemesh.bench.serve_data import PromptMaker
     from moemesh.model.tokenizer import Tokenizer
 
@@ -157,23 +181,24 @@ async def _main(args: argparse.Namespace, config: dict[str, Any]) -> int:
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timeout = httpx.Timeout(args.request_timeout, connect=min(30.0, args.request_timeout))
     async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
-        served: list[str] = []
+        cards: list[dict[str, Any]] = []
         if args.wait > 0:
             try:
-                served = await wait_ready(client, config["base_url"], args.wait, headers)
+                cards = await wait_ready(client, config["base_url"], args.wait, headers)
             except TimeoutError as e:
                 print(f"moemesh bench serve: error: {e}", file=sys.stderr)
                 return 2
         else:
             try:
-                served = await get_models(client, config["base_url"], headers)
+                cards = await get_model_cards(client, config["base_url"], headers)
             except (httpx.HTTPError, ValueError) as e:
                 if not args.model:
                     print(f"moemesh bench serve: warning: GET /v1/models failed ({e}); sending no model name",
                           file=sys.stderr)
+        served = [c["id"] for c in cards]
         model = args.model or (served[0] if served else None)
         try:
-            tok_dir = _tokenizer_dir(args, served)
+            tok_dir = _tokenizer_dir(args, cards)
             maker = PromptMaker(Tokenizer.from_dir(tok_dir), chat="chat" in args.endpoint,
                                 ids=args.prompt_format == "ids")
             if args.dataset == "random":

@@ -230,24 +230,31 @@ def _error_message(body: str) -> str:
     return body.strip()[:500]
 
 
-async def get_models(client: httpx.AsyncClient, base_url: str, headers: dict[str, str] | None = None) -> list[str]:
-    """The model ids the server lists at GET /v1/models."""
+async def get_model_cards(client: httpx.AsyncClient, base_url: str,
+                          headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The model cards the server lists at GET /v1/models: each with its `id` and, where the server says (vLLM,
+    SGLang and moemesh do), its `root`: the folder or hub name it loaded the model from."""
     resp = await client.get(f"{base_url}/v1/models", headers=headers)
     resp.raise_for_status()
-    return [m["id"] for m in resp.json().get("data", []) if isinstance(m, dict) and "id" in m]
+    return [m for m in resp.json().get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+async def get_models(client: httpx.AsyncClient, base_url: str, headers: dict[str, str] | None = None) -> list[str]:
+    """The model ids the server lists at GET /v1/models."""
+    return [m["id"] for m in await get_model_cards(client, base_url, headers)]
 
 
 async def wait_ready(client: httpx.AsyncClient, base_url: str, timeout_s: float,
-                     headers: dict[str, str] | None = None) -> list[str]:
+                     headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Wait, for at most `timeout_s`, until the server can serve: GET /health answers 200 (vLLM, SGLang
     and moemesh answer 503 or nothing while loading), or 404 on a server without it; then GET /v1/models.
-    Returns the model ids."""
+    Returns the model cards (`get_model_cards`)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             health = await client.get(f"{base_url}/health", headers=headers)
             if health.status_code in (200, 404):
-                return await get_models(client, base_url, headers)
+                return await get_model_cards(client, base_url, headers)
             why = f"GET /health answered {health.status_code}"
         except (httpx.HTTPError, ValueError) as e:
             why = f"{type(e).__name__}: {e}"

@@ -41,6 +41,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model:  # a bad folder or config.json field: one line naming it (ModelConfigError), before torch loads
+        from moemesh.model.config_check import check_model_dir
+
+        check_model_dir(args.model)
     from moemesh.engine.engine import Engine, EngineConfig
     from moemesh.engine.sampling_params import SamplingParams
 

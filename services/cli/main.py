@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from moemesh.bench import cli as bench
-from moemesh.services.cli import complete, eplb_cmd, generate, make_tiny, serve, up
+from moemesh.services.cli import complete, down, eplb_cmd, generate, make_tiny, serve, up
 
 # Errors a user can cause with bad input: printed as one line, never as a traceback.
 EXIT_USAGE = 2
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moemesh", description="Serve DeepSeek-style mixture-of-experts models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (generate, up, complete, serve, make_tiny, bench, eplb_cmd):
+    for module in (generate, up, down, complete, serve, make_tiny, bench, eplb_cmd):
         module.add_parser(sub)
     return parser
 
@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # As typed: `up --detach` runs it again in the background, options exactly as they were given.
+    args.cli_argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

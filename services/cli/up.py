@@ -8,6 +8,14 @@ stops them all, leaving no process behind (children also die with this process: 
 Locked down: `--api-key` / `--api-key-file` go to the gateway (the key through its environment, not
 its command line); `--tls-dir DIR` (ca.crt, tls.crt, tls.key: a Kubernetes TLS secret's names) makes
 every service speak mutual TLS, through the MOEMESH_TLS_* variables every child reads.
+
+In the background: `--detach` runs the same command as a background process and returns once the mesh is
+ready; `moemesh down` stops it (`moemesh.services.cli.detach`). Logs: the services write theirs to this
+process's stderr (or `--log-file`), in one format decided here (`--log-format`), at `warning` on a terminal
+and `info` elsewhere unless `--log-level` says otherwise.
+
+`--model` is checked here (the folder, every config.json field) before any process starts: a bad one is one
+line naming the field, not a worker's traceback seconds later.
 """
 
 from __future__ import annotations
@@ -22,9 +30,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from moemesh.device import add_device_argument
 from moemesh.service.launch import ServiceProcess, start_service
+from moemesh.services.cli import detach
 from moemesh.services.gateway.routers import ROUTERS
 from moemesh.telemetry.readiness import GRPC, HTTP, METRICS, ServiceRecord, table_rows, write_ready_file
 from moemesh.transfer.planes import PLANES
@@ -32,6 +42,10 @@ from moemesh.transfer.planes import PLANES
 # --tls-dir's files (cert-manager's and `kubectl create secret tls`'s names) and the variable of each.
 TLS_FILES = {"ca": "ca.crt", "cert": "tls.crt", "key": "tls.key"}
 TLS_ENV = {"ca": "MOEMESH_TLS_CA", "cert": "MOEMESH_TLS_CERT", "key": "MOEMESH_TLS_KEY"}
+# moemesh.telemetry.logs' LOG_FORMATS and LOG_LEVELS, spelled out: importing it (structlog, OpenTelemetry) would
+# double the start-up time of every `moemesh` command (tests/unit/cli checks the lists agree).
+LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -64,6 +78,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="mutual TLS between all services (and for clients of the gateway's gRPC API) with "
                         f"DIR/{TLS_FILES['ca']}, DIR/{TLS_FILES['cert']}, DIR/{TLS_FILES['key']}; the "
                         "certificate must name --host (default: $MOEMESH_TLS_* if set, else plain text)")
+    g = p.add_argument_group("background and logs")
+    g.add_argument("--detach", action="store_true",
+                   help="start the mesh in the background, wait until it is ready, print where it listens and "
+                        "return; `moemesh down` stops it")
+    g.add_argument("--pid-file", default=None, metavar="PATH",
+                   help="where the mesh's pid is kept while it runs (default with --detach: <cache>/up.pid, the "
+                        "cache being $MOEMESH_CACHE_DIR or ~/.cache/moemesh; `moemesh down --pid-file` reads it)")
+    g.add_argument("--log-file", default=None, metavar="PATH",
+                   help="the services' logs (and, with --detach, this command's output) go to PATH instead of "
+                        "the terminal (default with --detach: up.log next to the pid file)")
+    g.add_argument("--log-format", default=os.environ.get("MOEMESH_LOG_FORMAT") or "auto", choices=LOG_FORMATS,
+                   help="the services' log lines: console (for people), json (for collectors), or auto: console "
+                        "on a terminal, json otherwise (default: $MOEMESH_LOG_FORMAT if set, else auto)")
+    g.add_argument("--log-level", default=os.environ.get("MOEMESH_LOG_LEVEL") or None, choices=LOG_LEVELS,
+                   help="the services' log level (default: $MOEMESH_LOG_LEVEL if set, else warning on a terminal "
+                        "and info otherwise)")
+    g.add_argument("--in-background", action="store_true", help=argparse.SUPPRESS)  # set by --detach for its child
     p.add_argument("worker_args", nargs=argparse.REMAINDER,
                    help="after `--`: extra options for every prefill and decode worker (e.g. --kv-cache-mb 256)")
     p.set_defaults(func=run)
@@ -72,13 +103,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 class Mesh:
     """`moemesh up`'s children in start order, each one's stdout (its readiness lines) read by a thread."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, log: IO[str] | None = None) -> None:
         self.host = host
+        self.log = log
         self.children: list[ServiceProcess] = []
 
     def start(self, name: str, service: str, args: list[str], env: dict[str, str]) -> ServiceProcess:
-        # stderr stays this process's: every service's logs reach the terminal.
-        child = start_service(service, ["--host", self.host, *args], name=name, env=env, stderr=None,
+        # Every service's logs go where this process's go (its stderr: the terminal, or the log file of a mesh in
+        # the background), or to --log-file.
+        child = start_service(service, ["--host", self.host, *args], name=name, env=env, stderr=self.log,
                               ready_timeout_s=None)
         self.children.append(child)
         return child
@@ -126,12 +159,41 @@ def run(args: argparse.Namespace) -> int:
         print(f"moemesh up: --ep-size must be >= 1, got {args.ep_size}", file=sys.stderr)
         return 2
     env["MOEMESH_PROCS_PER_HOST"] = str(max(1, (args.prefill + args.decode) * args.ep_size))
+    # Everything a user can get wrong is checked here, before any process starts (with --detach, before the
+    # background one does: the error reaches the terminal).
     try:
         client = _security(args, env)
+        if args.model:  # the workers and the gateway read it from their own working folder: made absolute
+            args.model = str(_check_model(args.model))
+        _log_env(args, sys.stderr)  # the format and level are valid (resolved below, for where the logs go)
     except ValueError as e:
         print(f"moemesh up: {e}", file=sys.stderr)
         return 2
-    mesh = Mesh(args.host)
+    if args.detach and not args.in_background:
+        return _detach(args, client)
+    pid_file = Path(args.pid_file).absolute() if args.pid_file else None
+    if pid_file is not None and not _claim_pid_file(pid_file):
+        return 1
+    log: IO[str] | None = None
+    try:
+        # A background `up`'s stderr already is its log file (opened by `--detach`, which also wrote this command's
+        # output there); opened again, the two offsets would overwrite each other.
+        if args.log_file and not args.in_background:
+            Path(args.log_file).parent.mkdir(parents=True, exist_ok=True)
+            log = open(args.log_file, "w")  # closed below, once the services that write to it stopped
+        env.update(_log_env(args, log or sys.stderr))
+        return _serve(args, env, extra, client, log)
+    finally:
+        if pid_file is not None:
+            detach.remove_pid_file(pid_file, os.getpid())
+        if log is not None:
+            log.close()
+
+
+def _serve(args: argparse.Namespace, env: dict[str, str], extra: list[str], client: ClientSecurity,
+           log: IO[str] | None) -> int:
+    """Start the mesh, serve until SIGINT/SIGTERM (or the gateway's death), stop it; the exit code."""
+    mesh = Mesh(args.host, log)
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -165,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         _wait_registered(gateway.address, args.prefill * args.ep_size, args.decode * args.ep_size, deadline,
                          client)
         records = mesh.records()
-        print(_table(records, args, client), flush=True)
+        print(_table(records, args, client, _stop_hint(args)), flush=True)
         if args.ready_file:  # after the table: a launcher that sees the file finds the table in the output too
             write_ready_file(args.ready_file, records)
         reported: set[str] = set()
@@ -192,6 +254,65 @@ def run(args: argparse.Namespace) -> int:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(args.ready_file)
         mesh.stop()
+
+
+def _stop_hint(args: argparse.Namespace) -> str | None:
+    """How to stop this mesh, for the end of the table (None: Ctrl-C, the default)."""
+    if not args.pid_file:
+        return None
+    down = detach.down_command(Path(args.pid_file).absolute())
+    return f"`{down}` stops everything." if args.in_background else f"Ctrl-C or `{down}` stops everything."
+
+
+def _check_model(model: str) -> Path:
+    """The --model folder, absolute, its config.json checked (ModelConfigError, a ValueError, when it is bad)."""
+    from moemesh.model.config_check import check_model_dir
+
+    return check_model_dir(model)
+
+
+def _log_env(args: argparse.Namespace, stream: IO[str]) -> dict[str, str]:
+    from moemesh.telemetry.logs import launcher_log_env
+
+    return launcher_log_env(args.log_format, args.log_level, stream)
+
+
+def _claim_pid_file(pid_file: Path) -> bool:
+    """Write this process's pid to `pid_file`, unless another running `up` holds it (then say so: False)."""
+    try:
+        detach.write_pid_file(pid_file, os.getpid())
+        return True
+    except FileExistsError:
+        pass
+    holder = detach.read_pid(pid_file)
+    if holder is not None and holder != os.getpid() and detach.is_moemesh_up(holder):
+        print(f"moemesh up: a mesh is already running (pid {holder}, pid file {pid_file}); "
+              f"`{detach.down_command(pid_file)}` stops it", file=sys.stderr)
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        pid_file.unlink()  # stale: its mesh is gone
+    try:
+        detach.write_pid_file(pid_file, os.getpid())
+    except FileExistsError:  # another `up` claimed it in between
+        print(f"moemesh up: another mesh took the pid file {pid_file} just now", file=sys.stderr)
+        return False
+    return True
+
+
+def _detach(args: argparse.Namespace, client: ClientSecurity) -> int:
+    """`up --detach`: this command again in the background (`detach.start`), and where the ready mesh listens."""
+    pid_file = Path(args.pid_file).absolute() if args.pid_file else detach.default_pid_file()
+    log_file = Path(args.log_file).absolute() if args.log_file else detach.beside(pid_file, ".log")
+    ready_file = Path(args.ready_file).absolute() if args.ready_file else detach.beside(pid_file, ".ready.json")
+    argv = getattr(args, "cli_argv", None) or sys.argv[1:]  # main() keeps the command line it parsed
+    started = detach.start(argv, pid_file, log_file, ready_file, args.ready_timeout)
+    if started is None:
+        return 1
+    pid, records = started
+    print(_table(records, args, client, f"logs: {log_file}\n"
+                                        f"running in the background (pid {pid}, pid file {pid_file}); "
+                                        f"`{detach.down_command(pid_file)}` stops it."), flush=True)
+    return 0
 
 
 def worker_devices(device: str, count: int, num_gpus: int | None = None) -> list[str]:
@@ -280,7 +401,8 @@ def _wait_registered(gateway: str, prefill: int, decode: int, deadline: float,
             time.sleep(0.1)
 
 
-def _table(records: list[ServiceRecord], args: argparse.Namespace, security: ClientSecurity | None = None) -> str:
+def _table(records: list[ServiceRecord], args: argparse.Namespace, security: ClientSecurity | None = None,
+           stop_hint: str | None = None) -> str:
     security = security or ClientSecurity()
     mode = "colocated (decode prefills)" if args.prefill == 0 else f"disaggregated, KV over {args.transfer}"
     if args.ep_size > 1:
@@ -300,5 +422,5 @@ def _table(records: list[ServiceRecord], args: argparse.Namespace, security: Cli
         auth = " -H \"Authorization: Bearer $MOEMESH_API_KEY\"" if security.api_key else ""
         rows.append(f"or over REST: curl http://{gateway.http_address}/v1/completions{auth} "
                     "-H 'Content-Type: application/json' -d '{\"prompt\": \"Hello\", \"max_tokens\": 16}'")
-    rows.append("Ctrl-C stops everything.")
+    rows.append(stop_hint or "Ctrl-C stops everything.")
     return "\n".join(rows)

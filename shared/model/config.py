@@ -246,7 +246,9 @@ class ModelConfig:
             raise ModelConfigError(f"{p} is not valid JSON: {e}") from None
         if not isinstance(raw, dict):
             raise ModelConfigError(f"{p} must hold a JSON object")
-        return cls.from_hf_dict(raw)
+        from moemesh.model.config_check import check_config_dict  # it builds on this module
+
+        return check_config_dict(raw, p)  # every field's type checked: a bad one is named, never a traceback
 
 
 def _rope_from_hf(raw: dict[str, Any]) -> RopeConfig:

@@ -6,7 +6,9 @@ wrote it. Every line carries `timestamp`, `level`, `logger`, `service`, `event`,
 context bound (`request_id`, `trace_id`) and, inside a span, the current `trace_id` and `span_id`.
 
 Format: `MOEMESH_LOG_FORMAT` (or `--log-format`): `json`, `console`, or `auto` (the default:
-console when stderr is a terminal, JSON otherwise).
+console when stderr is a terminal, JSON otherwise). A launcher (`moemesh up`) decides once for all its children
+with `launcher_log_env`: they write to the stream it hands them, and one format in one stream reads best; on a
+terminal it also keeps them to warnings, the launcher's own table being what a person wants to see there.
 
 Per request: `with request_log_context(request_id): ...` (or `bind_request(request_id)` in a task that
 ends with the request) binds `request_id` and the current `trace_id` in contextvars.
@@ -25,6 +27,7 @@ import structlog
 from opentelemetry import trace
 
 LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 _HANDLER_NAME = "moemesh-structlog"
 
 
@@ -52,9 +55,28 @@ def resolve_format(fmt: str | None, stream: IO[str]) -> str:
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
     if fmt == "auto":
-        isatty = getattr(stream, "isatty", None)
-        return "console" if isatty is not None and isatty() else "json"
+        return "console" if _isatty(stream) else "json"
     return fmt
+
+
+def _isatty(stream: IO[str]) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty is not None and isatty())
+
+
+def launcher_log_env(fmt: str | None, level: str | None, stream: IO[str]) -> dict[str, str]:
+    """`MOEMESH_LOG_FORMAT` and `MOEMESH_LOG_LEVEL` for the children of a launcher, whose logs go to `stream`.
+
+    `fmt` None: MOEMESH_LOG_FORMAT, then auto; auto: console when `stream` is a terminal, JSON otherwise (as each
+    child would decide, but decided once, for the stream they share, and named to them explicitly). `level`
+    None: MOEMESH_LOG_LEVEL, else `warning` on a terminal (quiet) and `info` otherwise (a file or a log
+    collector keeps everything). ValueError for an unknown format or level.
+    """
+    level = (level or os.environ.get("MOEMESH_LOG_LEVEL") or ("warning" if _isatty(stream) else "info"))
+    level = level.strip().lower()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    return {"MOEMESH_LOG_FORMAT": resolve_format(fmt, stream), "MOEMESH_LOG_LEVEL": level}
 
 
 def configure_logging(service: str, level: str | int = "info", fmt: str | None = None,
@@ -90,7 +112,7 @@ def configure_logging(service: str, level: str | int = "info", fmt: str | None =
     if fmt == "json":
         final: list[Any] = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        final = [structlog.dev.ConsoleRenderer(colors=bool(getattr(stream, "isatty", lambda: False)()))]
+        final = [structlog.dev.ConsoleRenderer(colors=_isatty(stream))]
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=pre_chain,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],

@@ -14,10 +14,8 @@ import argparse
 from dataclasses import dataclass
 
 from moemesh.telemetry import metrics
-from moemesh.telemetry.logs import LOG_FORMATS, configure_logging
+from moemesh.telemetry.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from moemesh.telemetry.tracing import configure_tracing
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def add_telemetry_arguments(parser: argparse.ArgumentParser, default_metrics_port: int) -> None:

@@ -17,7 +17,10 @@ probes = APIRouter()
 
 def _card(state: RestState) -> ModelCard:
     model = state.core.model
-    return ModelCard(id=model.name, created=state.started, root=str(model.path), max_model_len=model.max_model_len)
+    # `root` as vLLM reports it: where the model was loaded from. Absolute, so that a client in another working
+    # folder (`moemesh bench serve` loads its tokenizer from there) finds the same folder.
+    return ModelCard(id=model.name, created=state.started, root=str(model.path.absolute()),
+                     max_model_len=model.max_model_len)
 
 
 @models.get("/v1/models", response_model=ModelList, summary="List the served models")

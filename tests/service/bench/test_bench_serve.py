@@ -180,6 +180,7 @@ class StubOpenAI(ThreadingHTTPServer):
         self.delay_s = 0.002
         self.mode = "ok"  # ok | http-error | stream-error | no-done
         self.health_503 = 0  # GET /health answers 503 this many times first
+        self.root: str | None = None  # the `root` GET /v1/models reports for its model (None: no such key)
 
     @property
     def url(self) -> str:
@@ -212,7 +213,8 @@ class _StubHandler(BaseHTTPRequestHandler):
                 self.server.health_503 -= 1
             self._json(503 if loading else 200, {"status": "loading" if loading else "ok"})
         elif self.path == "/v1/models":
-            self._json(200, {"object": "list", "data": [{"id": "stub-model", "object": "model"}]})
+            root = {} if self.server.root is None else {"root": self.server.root}
+            self._json(200, {"object": "list", "data": [{"id": "stub-model", "object": "model", **root}]})
         else:
             self._json(404, {"error": {"message": "not found"}})
 
@@ -358,6 +360,32 @@ def test_wait_for_readiness(stub: StubOpenAI, tok_dir: Path, tmp_path: Path) -> 
     stub.health_503 = 1000
     rc, doc = _bench(stub, tok_dir, tmp_path, "--wait", "0.2", "--num-prompts", "2", "--model", "m")
     assert rc == 2 and doc == {}  # not ready in time: no requests sent
+
+
+def test_the_tokenizer_is_the_served_models_root_or_the_run_stops(stub: StubOpenAI, tok_dir: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "r.json"
+
+    def bench(*extra: str) -> int:
+        out.unlink(missing_ok=True)
+        return main(["bench", "serve", "--url", stub.url, "--input-len", "16", "--output-len", "2", "--num-prompts",
+                     "2", "--warmup", "0", "--disable-tqdm", "--result-json", str(out), *extra])
+
+    stub.root = str(tok_dir)  # as `moemesh up --model DIR` reports it: the folder, not the model's name
+    assert bench() == 0
+    assert json.loads(out.read_text())["config"]["tokenizer"] == str(tok_dir)
+    capsys.readouterr()
+    stub.root = str(tmp_path / "elsewhere")  # a folder of the server's machine, not this one
+    assert bench() == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert f"serves 'stub-model' from {tmp_path / 'elsewhere'}, which is no tokenizer folder" in err
+    assert "--tokenizer" in err
+    stub.root = None  # a server that says nothing: no guess (the embedded tiny model's counts would be wrong)
+    assert bench() == 2 and "reports no folder (`root`) for its model 'stub-model'" in capsys.readouterr().err
+    assert bench("--model", "other") == 2  # the only model served, under another name: its (missing) root
+    assert "reports no folder (`root`) for its model 'stub-model'" in capsys.readouterr().err
+    assert bench("--tokenizer", str(tok_dir)) == 0  # the way out the errors name
+    assert stub.bodies and all(b["model"] == "stub-model" for b in stub.bodies)
 
 
 def test_bad_arguments(capsys: pytest.CaptureFixture) -> None:
