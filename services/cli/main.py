@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from moemesh.bench import cli as bench
 from moemesh.services.cli import complete, down, eplb_cmd, generate, make_tiny, serve, up
+from moemesh.version import package_version
 
 # Errors a user can cause with bad input: printed as one line, never as a traceback.
 EXIT_USAGE = 2
@@ -16,6 +17,7 @@ EXIT_USAGE = 2
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moemesh", description="Serve DeepSeek-style mixture-of-experts models.")
+    parser.add_argument("--version", action="version", version=f"moemesh {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (generate, up, down, complete, serve, make_tiny, bench, eplb_cmd):
         module.add_parser(sub)

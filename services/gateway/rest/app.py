@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from importlib import metadata
 from typing import Any
 
 from fastapi import FastAPI, Security
 
 from moemesh.service.auth import ApiKeys, parse_api_keys
 from moemesh.services.gateway.core import GatewayCore
-from moemesh.services.gateway.rest import chat, completions, errors, info
+from moemesh.services.gateway.rest import chat, completions, errors, info, tokens
 from moemesh.services.gateway.rest.auth import PROTECTED_PREFIX, ApiKeyMiddleware, bearer
 from moemesh.services.gateway.rest.metrics import Exposition, no_metrics
 from moemesh.services.gateway.rest.schemas import ChatCompletionChunk, CompletionChunk
 from moemesh.services.gateway.rest.state import RestState
+from moemesh.version import package_version
 
 # Streamed as events, so no route names them: added to the document's components by hand.
 _CHUNKS = (CompletionChunk, ChatCompletionChunk)
@@ -26,7 +26,7 @@ def create_app(core: GatewayCore, api_key: str | Sequence[str] | None = None,
     calls need one as a bearer token; `metrics` renders GET /metrics (e.g.
     `moemesh.telemetry.metrics_exposition`; default: an empty body)."""
     keys = parse_api_keys(api_key)
-    app = FastAPI(title="moemesh gateway", version=_version(),
+    app = FastAPI(title="moemesh gateway", version=package_version(),
                   description="OpenAI-compatible completions and chat completions over a moemesh mesh.")
     app.state.rest = RestState(core, metrics if metrics is not None else no_metrics)
     errors.install(app)
@@ -35,6 +35,7 @@ def create_app(core: GatewayCore, api_key: str | Sequence[str] | None = None,
     for router in (completions.router, chat.router, info.models):
         app.include_router(router, dependencies=v1_deps)
     app.include_router(info.probes)
+    app.include_router(tokens.router)
     if keys:
         app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(keys))
     _fix_openapi(app, documents_key=bool(keys))
@@ -68,10 +69,3 @@ def _fix_openapi(app: FastAPI, documents_key: bool) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-
-
-def _version() -> str:
-    try:
-        return metadata.version("moemesh")
-    except metadata.PackageNotFoundError:
-        return "0.0.0"

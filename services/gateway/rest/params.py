@@ -95,11 +95,11 @@ def completion_requests(body: CompletionRequest, base_id: str) -> list[gateway_p
 
 
 def chat_messages(body: ChatCompletionRequest) -> gateway_pb2.ChatMessages:
-    turns = [gateway_pb2.ChatMessage(role=m.role, content=_content(m, i)) for i, m in enumerate(body.messages)]
+    turns = [gateway_pb2.ChatMessage(role=m.role, content=message_content(m, i)) for i, m in enumerate(body.messages)]
     return gateway_pb2.ChatMessages(messages=turns, add_generation_prompt=body.add_generation_prompt)
 
 
-def _content(message: ChatMessage, i: int) -> str:
+def message_content(message: ChatMessage, i: int) -> str:
     content = message.content
     if isinstance(content, str):
         return content

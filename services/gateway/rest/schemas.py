@@ -303,3 +303,34 @@ class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     decode_workers: int = Field(description="Decode workers registered and ready.")
     prefill_workers: int = Field(description="Prefill workers registered (0: decode workers prefill).")
+
+
+class TokenizeRequest(_Request):
+    """POST /tokenize (vLLM's): a text, or chat messages rendered with the chat template."""
+
+    model: str | None = Field(None, description="The served model's id; default: the served one.")
+    prompt: str | None = Field(None, description="A text to tokenize (give this or `messages`).")
+    messages: list[ChatMessage] | None = Field(None, description="Chat messages to render and tokenize.")
+    add_special_tokens: Bool = Field(True, description="Add BOS to a text (a chat template adds its own).")
+    add_generation_prompt: Bool = Field(True, description="With `messages`: end with the assistant's turn opening.")
+
+
+class TokenizeResponse(BaseModel):
+    count: int = Field(description="How many tokens.")
+    max_model_len: int = Field(description="The model's context limit in tokens, prompt and output together.")
+    tokens: list[int] = Field(description="The token ids.")
+
+
+class DetokenizeRequest(_Request):
+    """POST /detokenize (vLLM's)."""
+
+    model: str | None = Field(None, description="The served model's id; default: the served one.")
+    tokens: list[TokenId] = Field(description="Token ids to turn back into text.")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str = Field(description="The text of the tokens (special tokens included).")
+
+
+class VersionResponse(BaseModel):
+    version: str = Field(description="moemesh's version.")
