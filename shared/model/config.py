@@ -197,31 +197,31 @@ class ModelConfig:
         block = quant.get("weight_block_size")
         return cls(
             model_type=model_type,
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=int(raw["hidden_size"]),
-            intermediate_size=int(raw["intermediate_size"]),
-            num_hidden_layers=int(raw["num_hidden_layers"]),
-            num_attention_heads=int(raw["num_attention_heads"]),
-            kv_lora_rank=int(raw["kv_lora_rank"]),
-            q_lora_rank=None if raw.get("q_lora_rank") is None else int(raw["q_lora_rank"]),
-            qk_nope_head_dim=int(raw["qk_nope_head_dim"]),
-            qk_rope_head_dim=int(raw["qk_rope_head_dim"]),
-            v_head_dim=int(raw["v_head_dim"]),
-            moe_intermediate_size=int(raw.get("moe_intermediate_size") or 0),
+            vocab_size=_int(raw, "vocab_size"),
+            hidden_size=_int(raw, "hidden_size"),
+            intermediate_size=_int(raw, "intermediate_size"),
+            num_hidden_layers=_int(raw, "num_hidden_layers"),
+            num_attention_heads=_int(raw, "num_attention_heads"),
+            kv_lora_rank=_int(raw, "kv_lora_rank"),
+            q_lora_rank=None if raw.get("q_lora_rank") is None else _int(raw, "q_lora_rank"),
+            qk_nope_head_dim=_int(raw, "qk_nope_head_dim"),
+            qk_rope_head_dim=_int(raw, "qk_rope_head_dim"),
+            v_head_dim=_int(raw, "v_head_dim"),
+            moe_intermediate_size=_int(raw, "moe_intermediate_size", 0),
             n_routed_experts=raw.get("n_routed_experts"),
             n_shared_experts=raw.get("n_shared_experts"),
             num_experts_per_tok=raw.get("num_experts_per_tok"),
-            first_k_dense_replace=int(raw.get("first_k_dense_replace") or 0),
-            moe_layer_freq=int(raw.get("moe_layer_freq") or 1),
+            first_k_dense_replace=_int(raw, "first_k_dense_replace", 0),
+            moe_layer_freq=_int(raw, "moe_layer_freq", 1),
             # V3 checkpoints always route with sigmoid + noaux_tc; older V3 configs omit the keys.
             scoring_func=raw.get("scoring_func") or ("sigmoid" if v3 else "softmax"),
             topk_method=raw.get("topk_method") or ("noaux_tc" if v3 else "greedy"),
             n_group=raw.get("n_group"),
             topk_group=raw.get("topk_group"),
             norm_topk_prob=bool(raw.get("norm_topk_prob", v3)),
-            routed_scaling_factor=float(raw.get("routed_scaling_factor") or 1.0),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+            routed_scaling_factor=_float(raw, "routed_scaling_factor", 1.0) or 1.0,
+            rms_norm_eps=_float(raw, "rms_norm_eps", 1e-6),
+            max_position_embeddings=_int(raw, "max_position_embeddings", 4096),
             rope=_rope_from_hf(raw),
             # V2 checkpoints always use the interleaved (complex-pair) rotary layout.
             rope_interleave=bool(raw.get("rope_interleave", True)) if v3 else True,
@@ -246,9 +246,32 @@ class ModelConfig:
             raise ModelConfigError(f"{p} is not valid JSON: {e}") from None
         if not isinstance(raw, dict):
             raise ModelConfigError(f"{p} must hold a JSON object")
-        from moemesh.model.config_check import check_config_dict  # it builds on this module
+        try:
+            return cls.from_hf_dict(raw)
+        except ModelConfigError as e:
+            raise ModelConfigError(f"{p}: {e}") from None
 
-        return check_config_dict(raw, p)  # every field's type checked: a bad one is named, never a traceback
+
+def _int(raw: dict[str, Any], key: str, default: int | None = None) -> int:
+    """raw[key] as an int (`default` when absent or null); ModelConfigError naming the key and value otherwise."""
+    value = raw.get(key)
+    if value is None:
+        if default is None:
+            raise ModelConfigError(f"config.json is missing or has a malformed field: {key!r}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ModelConfigError(f"{key} must be an integer, got {value!r}")
+    return value
+
+
+def _float(raw: dict[str, Any], key: str, default: float) -> float:
+    """raw[key] as a float (`default` when absent or null); ModelConfigError naming the key and value otherwise."""
+    value = raw.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ModelConfigError(f"{key} must be a number, got {value!r}")
+    return float(value)
 
 
 def _rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
