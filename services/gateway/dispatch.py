@@ -41,6 +41,7 @@ cancelled and aborted on both workers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -60,6 +61,8 @@ log = logging.getLogger(__name__)
 
 # How long a worker may take to end its stream after the last message before the call is cancelled.
 STREAM_CLOSE_GRACE_S = 1.0
+# How long a finished request waits for prefill's reply (its cached-prefix count) when decode finished first.
+PREFILL_REPLY_GRACE_S = 1.0
 # Abort is a courtesy after a cancel (which already reached the worker if it could): keep it short.
 ABORT_TIMEOUT_S = 2.0
 
@@ -165,6 +168,8 @@ class Exchange:
                 ok = msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
                 if not ok:
                     read = asyncio.ensure_future(decode_call.read())
+                elif prefill_task is not None and self.prefill_response is None:
+                    await self._await_prefill_reply(prefill_task)
                 yield self._response(msg, ok)
                 if ok:
                     await _close_gracefully(decode_call)
@@ -179,6 +184,15 @@ class Exchange:
                     prefill_call.cancel()
                     self.aborts.send(self.route.prefill, self.worker_request_id)
                 _settle(prefill_task)
+
+    async def _await_prefill_reply(self, task: asyncio.Future[Any]) -> None:
+        """Decode finished before prefill's reply came (a short request; the reply follows the KV it already
+        sent): wait for it briefly, since it carries the cached prefix the usage reports. Any failure of it now
+        is moot: the request is done."""
+        await asyncio.wait({task}, timeout=PREFILL_REPLY_GRACE_S)
+        if task.done():
+            with contextlib.suppress(Exception):
+                self.prefill_response = self._prefill_result(task)
 
     def _prefill_result(self, task: asyncio.Future[Any]) -> prefill_pb2.PrefillResponse:
         if task.cancelled():

@@ -67,6 +67,21 @@ def test_pd_request_goes_to_both_workers_with_one_room(model_dir: Path) -> None:
     asyncio.run(main())
 
 
+def test_usage_counts_the_cached_prefix_when_decode_finishes_before_prefill_replies(model_dir: Path) -> None:
+    """Prefill's reply follows the KV it sent, so a short request can finish on decode first: the usage still
+    reports prefill's cached prefix (seen on a loaded CI machine as 0 where 3 was due)."""
+    async def main() -> None:
+        async with Mesh(model_dir) as mesh:
+            await mesh.add(FakeDecode(), "d1")
+            await mesh.add(FakePrefill(delay_s=0.3), "p1")
+            out = await mesh.generate(prompt="hello world", request_id="req-1",
+                                      sampling=common_pb2.SamplingParams(max_tokens=2))
+            assert out[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+            assert out[-1].usage.cached_prompt_tokens == 3
+
+    asyncio.run(main())
+
+
 def test_colocated_without_prefill_workers_and_chat_and_stop_reason(model_dir: Path) -> None:
     async def main() -> None:
         async with Mesh(model_dir) as mesh:
