@@ -225,9 +225,17 @@ class _StubHandler(BaseHTTPRequestHandler):
             srv.bodies.append(body)
             srv.inflight += 1
             srv.max_inflight = max(srv.max_inflight, srv.inflight)
+        self._counted = True
         try:
             self._serve(srv, body)
         finally:
+            self._release(srv)
+
+    def _release(self, srv: StubOpenAI) -> None:
+        """No longer in flight (once): called before the response's last bytes go out, since the client may
+        send its next request as soon as it has read them, before this thread gets to run again."""
+        if self._counted:
+            self._counted = False
             with srv.lock:
                 srv.inflight -= 1
 
@@ -264,6 +272,7 @@ class _StubHandler(BaseHTTPRequestHandler):
             self._chunk(data[:9])  # an event split across two writes
             self._chunk(data[9:])
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+        self._release(srv)
         self._chunk(event({"choices": [], "usage": usage}))
         if srv.mode != "no-done":
             self._chunk(b"data: [DONE]\n\n")
