@@ -149,6 +149,13 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         return self._chat_template
 
+    def with_chat_template(self, template: str, source: str) -> Tokenizer:
+        """This tokenizer with another chat template (e.g. `--chat-template FILE`); `source` names the
+        template in errors. TokenizerError when it does not compile."""
+        return Tokenizer(self._backend, bos_token=self._bos_token, eos_token=self._eos_token,
+                         add_bos_token=self._add_bos, eos_token_ids=self._eos_token_ids,
+                         model_max_length=self._model_max_length, chat_template=template, name=source)
+
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
