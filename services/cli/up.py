@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from moemesh.chat.registry import REASONING_PARSER_OPTIONS, TOOL_PARSER_OPTIONS
 from moemesh.device import add_device_argument
 from moemesh.service.launch import ServiceProcess, start_service
 from moemesh.services.cli import detach
@@ -63,6 +64,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--transfer", default="relay", choices=PLANES.names(cross_process=True), help="KV data plane")
     p.add_argument("--router", default=None, choices=ROUTERS.names(),
                    help="the gateway's routing policy (default: $MOEMESH_ROUTER if set, else prefix_affinity)")
+    g_chat = p.add_argument_group("chat (passed to the gateway)")
+    g_chat.add_argument("--tool-call-parser", default=None, choices=TOOL_PARSER_OPTIONS,
+                        help="how tool calls are read from chat outputs (default: auto, detected from the tokenizer)")
+    g_chat.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSER_OPTIONS,
+                        help="how reasoning is split from chat outputs (default: auto, detected from the template)")
+    g_chat.add_argument("--chat-template", default=None, metavar="FILE",
+                        help="a chat template file replacing the model's, or a shipped one's name (deepseek_v3_tools)")
     add_device_argument(p, "; cuda: the host's GPUs dealt out one per worker process, in start order, "
                            "round robin when there are more workers than GPUs")
     p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
@@ -98,6 +106,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("worker_args", nargs=argparse.REMAINDER,
                    help="after `--`: extra options for every prefill and decode worker (e.g. --kv-cache-mb 256)")
     p.set_defaults(func=run)
+
+
+def _chat_args(args: argparse.Namespace) -> list[str]:
+    """The gateway's chat options that `up` was given (a template path made absolute: the gateway's working
+    folder is the same, but its command line is logged and may be rerun from elsewhere)."""
+    out = []
+    for flag, value in (("--tool-call-parser", args.tool_call_parser), ("--reasoning-parser", args.reasoning_parser),
+                        ("--chat-template", _template_arg(args.chat_template))):
+        if value:
+            out += [flag, value]
+    return out
+
+
+def _template_arg(value: str | None) -> str | None:
+    if not value or not Path(value).exists():
+        return value  # a shipped template's name (or a missing file, which the gateway reports)
+    return str(Path(value).resolve())
 
 
 class Mesh:
@@ -210,7 +235,7 @@ def _serve(args: argparse.Namespace, env: dict[str, str], extra: list[str], clie
         mesh.wait_ready([kv], deadline)
         gw_args = ["--port", str(args.grpc_port), "--http-port", str(args.http_port), "--kvtransfer", kv.address,
                    *metrics] + (["--model", args.model] if args.model else []) + (
-                      ["--router", args.router] if args.router else [])
+                      ["--router", args.router] if args.router else []) + _chat_args(args)
         gateway = mesh.start("gateway", "gateway", gw_args, {**env, **client.gateway_env})
         mesh.wait_ready([gateway, eplb], deadline)
         if args.http_port != -1:

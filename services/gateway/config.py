@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moemesh.services.gateway.admission import AdmissionConfig
+from moemesh.services.gateway.chat_output import REASONING_PARSER_CHOICES, TOOL_CALL_PARSER_CHOICES
 from moemesh.services.gateway.routers import DEFAULT_ROUTER, ROUTERS
 
 # The embedded tiny model has no folder name worth showing to clients.
@@ -19,6 +20,9 @@ class GatewayConfig:
     `model_dir` None serves the embedded tiny model (its folder is created on first use);
     `model_name` None names the model after its folder (or `moemesh-tiny` for the embedded one);
     `max_model_len` None takes the model folder's own context limit.
+    `tool_call_parser` / `reasoning_parser`: how chat outputs are split (a registered parser, "auto":
+    detected from the tokenizer, "none"); `chat_template`: a template file (or a template moemesh ships,
+    by name) replacing the model's.
     `http_port` is the OpenAI-compatible REST facade's port (0 picks one; None serves no REST, the
     default here so embedded and test gateways bind nothing unasked; `moemesh serve gateway` defaults
     to 8000); `api_key`, when set, is the bearer key every `/v1/...` REST call must present.
@@ -38,6 +42,9 @@ class GatewayConfig:
     kvtransfer: str | None = None  # watched: while it is away, requests run colocated (None: not watched)
     max_migrations: int = 2        # times one request may move on after the workers serving it failed
     router: str = DEFAULT_ROUTER   # the routing policy, a name registered in routers.py
+    tool_call_parser: str = "auto"
+    reasoning_parser: str = "auto"
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -62,6 +69,12 @@ class GatewayConfig:
             raise ValueError(f"max_model_len must be > 0, got {self.max_model_len}")
         if self.model_name is not None and not self.model_name.strip():
             raise ValueError("model_name must not be blank")
+        if self.tool_call_parser not in TOOL_CALL_PARSER_CHOICES:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSER_CHOICES)}, "
+                             f"got {self.tool_call_parser!r}")
+        if self.reasoning_parser not in REASONING_PARSER_CHOICES:
+            raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSER_CHOICES)}, "
+                             f"got {self.reasoning_parser!r}")
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
 

@@ -30,8 +30,9 @@ from opentelemetry import trace
 
 from moemesh.service.errors import InvalidArgument, ServiceError, Unavailable
 from moemesh.services.gateway.admission import Admission
+from moemesh.services.gateway.chat_output import ResponseParser
 from moemesh.services.gateway.dispatch import AbortSender, Exchange, WorkerStreamBroken
-from moemesh.services.gateway.inputs import PreparedRequest, check_model, prepare, render_messages
+from moemesh.services.gateway.inputs import PreparedRequest, check_model, prepare
 from moemesh.services.gateway.model import ServedModel
 from moemesh.services.gateway.pd_health import KvTransferHealth
 from moemesh.services.gateway.registry import DECODE, PREFILL, WorkerRegistry
@@ -77,7 +78,7 @@ class GatewayCore:
 
     def prepare(self, req: gateway_pb2.GenerateRequest) -> PreparedRequest:
         """Validate and tokenize `req` (raises InvalidArgument / NotFound)."""
-        return prepare(req, self.model.tokenizer, self.model.name, self.model.max_model_len)
+        return prepare(req, self.model.renderer, self.model.name, self.model.max_model_len)
 
     def route(self, prepared: PreparedRequest) -> Route:
         """Pick the workers of a prepared request (raises Unavailable when there are none)."""
@@ -116,7 +117,10 @@ class GatewayCore:
             end_span(span, e)
             raise
         timeout = self.default_timeout_s if timeout_s is None else max(timeout_s, 0.0)
-        return self._stream(prepared, route, timeout, span, arrival)
+        # A chat response's reasoning and tool calls are split out here, once, for REST and gRPC alike.
+        parser = self.model.chat.for_request(prepared.prompt_token_ids, prepared.tools, prepared.sampling) \
+            if prepared.chat else None
+        return self._stream(prepared, route, timeout, span, arrival, parser)
 
     async def generate(self, req: gateway_pb2.GenerateRequest,
                        timeout_s: float | None = None) -> AsyncIterator[gateway_pb2.GenerateResponse]:
@@ -125,7 +129,8 @@ class GatewayCore:
             yield response
 
     async def _stream(self, prepared: PreparedRequest, route: Route, timeout_s: float, span: trace.Span,
-                      arrival: float) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+                      arrival: float,
+                      parser: ResponseParser | None = None) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         deadline = time.monotonic() + timeout_s
         resume = Progress()
         self.num_in_flight += 1
@@ -142,7 +147,9 @@ class GatewayCore:
                     try:
                         async for response in self._attempt(prepared, route, deadline, span, resume):
                             tokens.observe(len(response.token_ids))
-                            resume.add(response)
+                            resume.add(response)  # the worker's own text: a migration resumes after it
+                            if parser is not None:
+                                response = parser.apply(response)
                             if response.finish_reason:
                                 finish = common_pb2.FinishReason.Name(response.finish_reason)
                             yield response
@@ -230,7 +237,7 @@ class GatewayCore:
         tokenizer = self.model.tokenizer
         which = req.WhichOneof("input")
         if which == "messages":
-            ids = render_messages(tokenizer, req.messages)
+            ids = self.model.renderer.render(req.messages)
         elif which == "text":
             ids = tokenizer.encode(req.text, add_special_tokens=req.add_special_tokens)
         else:

@@ -11,26 +11,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from moemesh.engine.sampling_params import InvalidParameter, SamplingParams
-from moemesh.model.tokenizer import Tokenizer, TokenizerError
+from moemesh.model.tokenizer import Tokenizer
 from moemesh.service.convert import sampling_from_pb
 from moemesh.service.errors import InvalidArgument, NotFound
+from moemesh.services.gateway.chat_input import ChatRenderer, tools_requested
 from moemesh.v1 import common_pb2, gateway_pb2
 
 # Client-chosen ids travel to every worker and into logs and errors: bounded, so no status message
 # that echoes one becomes too long for a gRPC client to read (past 8 KiB it sees RESOURCE_EXHAUSTED).
 MAX_REQUEST_ID_CHARS = 256
-# Chat roles are short words (system, user, assistant, tool); templates echo unknown ones in errors.
-MAX_ROLE_CHARS = 64
 
 
 @dataclass(frozen=True)
 class PreparedRequest:
-    """A validated request: its id, prompt token ids and sampling (proto form, defaults filled in)."""
+    """A validated request: its id, prompt token ids and sampling (proto form, defaults filled in);
+    `chat`: it came as chat messages (its output may be parsed); `tools`: its tool calls are to be parsed."""
 
     request_id: str
     prompt_token_ids: list[int]
     sampling: common_pb2.SamplingParams
     params: SamplingParams
+    chat: bool = False
+    tools: bool = False
 
 
 def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
@@ -61,23 +63,7 @@ def check_request_id(request_id: str) -> None:
                               "are allowed")
 
 
-def render_messages(tokenizer: Tokenizer, chat: gateway_pb2.ChatMessages) -> list[int]:
-    """Token ids of chat messages rendered with the chat template (which writes its own BOS)."""
-    if not chat.messages:
-        raise InvalidArgument("messages must not be empty")
-    for i, m in enumerate(chat.messages):
-        if len(m.role) > MAX_ROLE_CHARS:
-            raise InvalidArgument(f"messages[{i}].role is {len(m.role)} characters long; at most {MAX_ROLE_CHARS} "
-                                  f"are allowed (roles are words like system, user, assistant)")
-    turns = [{"role": m.role, "content": m.content} for m in chat.messages]
-    try:
-        text = tokenizer.apply_chat_template(turns, add_generation_prompt=chat.add_generation_prompt)
-    except TokenizerError as exc:
-        raise InvalidArgument(str(exc)) from None
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def prompt_token_ids(req: gateway_pb2.GenerateRequest, tokenizer: Tokenizer) -> list[int]:
+def prompt_token_ids(req: gateway_pb2.GenerateRequest, tokenizer: Tokenizer, renderer: ChatRenderer) -> list[int]:
     """The prompt of `req` as token ids: text gets BOS, chat messages their template, ids are checked."""
     which = req.WhichOneof("input")
     if which is None:
@@ -87,7 +73,7 @@ def prompt_token_ids(req: gateway_pb2.GenerateRequest, tokenizer: Tokenizer) -> 
             raise InvalidArgument("prompt must not be empty")
         return tokenizer.encode(req.prompt, add_special_tokens=True)
     if which == "messages":
-        return render_messages(tokenizer, req.messages)
+        return renderer.render(req.messages)
     ids = list(req.token_ids.ids)
     if not ids:
         raise InvalidArgument("token_ids must not be empty")
@@ -102,13 +88,17 @@ def check_token_ids(ids: Sequence[int], vocab_size: int) -> None:
             raise InvalidArgument(f"token_ids[{i}] = {t} is outside the vocabulary (size {vocab_size})")
 
 
-def prepare(req: gateway_pb2.GenerateRequest, tokenizer: Tokenizer, model_name: str,
+def prepare(req: gateway_pb2.GenerateRequest, renderer: ChatRenderer, model_name: str,
             max_model_len: int) -> PreparedRequest:
-    """Validate `req`, tokenize its prompt and give it an id (the client's, or a new one)."""
+    """Validate `req`, tokenize its prompt and give it an id (the client's, or a new one).
+
+    max_tokens unset (0): a chat request may use the rest of the context (as OpenAI's chat API), any other
+    SamplingParams' default (16). Prompt plus max_tokens beyond the context is refused, as vLLM does.
+    """
     check_model(req.model, model_name)
     check_request_id(req.request_id)
-    params = sampling_from_proto(req.sampling)
-    ids = prompt_token_ids(req, tokenizer)
+    chat = req.WhichOneof("input") == "messages"
+    ids = prompt_token_ids(req, renderer.tokenizer, renderer)
     if not ids:
         raise InvalidArgument("the prompt has no tokens")
     if len(ids) >= max_model_len:
@@ -117,6 +107,16 @@ def prepare(req: gateway_pb2.GenerateRequest, tokenizer: Tokenizer, model_name: 
             "prompt and output together, so the prompt must be shorter")
     sampling = common_pb2.SamplingParams()
     sampling.CopyFrom(req.sampling)
+    if chat and not sampling.max_tokens:
+        sampling.max_tokens = max_model_len - len(ids)
+    params = sampling_from_proto(sampling)
+    if len(ids) + params.max_tokens > max_model_len:
+        raise InvalidArgument(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the {'messages' if chat else 'prompt'}, "
+            f"{params.max_tokens} in the completion). Please reduce the length of the "
+            f"{'messages' if chat else 'prompt'} or completion.")
     sampling.max_tokens = params.max_tokens
     return PreparedRequest(request_id=req.request_id or uuid.uuid4().hex, prompt_token_ids=ids,
-                           sampling=sampling, params=params)
+                           sampling=sampling, params=params, chat=chat,
+                           tools=chat and tools_requested(req.messages))

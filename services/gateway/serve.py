@@ -14,6 +14,7 @@ from moemesh.service.config import apply_env_defaults
 from moemesh.service.server import GrpcServer, announce, install_signal_handlers
 from moemesh.service.tls import add_tls_arguments, configure_tls_from_args
 from moemesh.services.gateway.admission import Admission, add_admission_arguments, admission_config
+from moemesh.services.gateway.chat_output import REASONING_PARSER_CHOICES, TOOL_CALL_PARSER_CHOICES
 from moemesh.services.gateway.config import GatewayConfig
 from moemesh.services.gateway.core import GatewayCore
 from moemesh.services.gateway.model import ServedModel, load_served_model
@@ -131,8 +132,8 @@ async def serve(cfg: GatewayConfig, ready: asyncio.Event | Callable[[GatewayApp]
         if app.http_address is not None:
             announce("gateway", app.http_address, HTTP)
         announce_metrics()
-        log.info("serving model %s (context %d tokens) from %s", app.model.name, app.model.max_model_len,
-                 app.model.path)
+        log.info("serving model %s (context %d tokens) from %s; %s", app.model.name, app.model.max_model_len,
+                 app.model.path, app.model.chat.describe())
         if isinstance(ready, asyncio.Event):
             ready.set()
         elif ready is not None:
@@ -166,6 +167,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="routing policy: prefix_affinity (prefill by prefix-cache affinity, then shortest "
                              "queue; decode by free KV pages), least_load (load only), round_robin (in turn) "
                              "(default: %(default)s)")
+    add_chat_arguments(parser)
     parser.add_argument("--kvtransfer", default="127.0.0.1:50060",
                         help="kvtransfer address, watched: while it is unreachable requests run colocated "
                              "('' = not watched)")
@@ -184,6 +186,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_admission_arguments(parser)
     add_telemetry_arguments(parser, default_metrics_port=9101)
     apply_env_defaults(parser)
+
+
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    """The chat options (`moemesh up` passes them on to its gateway)."""
+    parser.add_argument("--tool-call-parser", default="auto", choices=TOOL_CALL_PARSER_CHOICES,
+                        help="how tool calls are read from chat outputs: a format, auto (detected from the "
+                             "tokenizer's tool-call tokens and chat template) or none (default: %(default)s)")
+    parser.add_argument("--reasoning-parser", default="auto", choices=REASONING_PARSER_CHOICES,
+                        help="how the think block is split from chat outputs into reasoning_content: a format, "
+                             "auto (on when the chat template writes <think>) or none (default: %(default)s)")
+    parser.add_argument("--chat-template", default=None, metavar="FILE",
+                        help="a Jinja chat template file replacing the model's, or the name of one moemesh ships "
+                             "(deepseek_v3_tools) (default: the model's)")
 
 
 class _KeysAction(argparse.Action):
@@ -209,7 +224,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         default_request_timeout_s=args.request_timeout_s, max_model_len=args.max_model_len,
         http_port=None if args.http_port == -1 else args.http_port, api_key=",".join(keys) or None,
         admission=admission_config(args), kvtransfer=args.kvtransfer or None, max_migrations=args.max_migrations,
-        router=args.router)
+        router=args.router, tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+        chat_template=args.chat_template)
 
 
 def run(args: argparse.Namespace) -> int:

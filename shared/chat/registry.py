@@ -26,8 +26,12 @@ REASONING_PARSERS = Registry("reasoning parser")
 REASONING_PARSERS.register("deepseek_r1", "moemesh.chat.reasoning:DeepSeekR1ReasoningParser")  # R1, R1-0528, V3.1
 
 AUTO = "auto"
+NONE = "none"
 TOOL_PARSER_CHOICES = (AUTO, *TOOL_PARSERS.names())
 REASONING_PARSER_CHOICES = (AUTO, *REASONING_PARSERS.names())
+# What a server option takes: a parser, auto, or none (off).
+TOOL_PARSER_OPTIONS = (*TOOL_PARSER_CHOICES, NONE)
+REASONING_PARSER_OPTIONS = (*REASONING_PARSER_CHOICES, NONE)
 
 
 def make_tool_parser(name: str, tokenizer: TokenizerLike, *, seed: int | None = None) -> DeepSeekToolParser | None:

@@ -25,7 +25,7 @@ from moemesh.sdk.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from moemesh.sdk.results import Chunk, Completion, ModelInfo, Usage
+from moemesh.sdk.results import Chunk, Completion, ModelInfo, ToolCall, ToolCallDelta, Usage
 from moemesh.sdk.retry import RetryPolicy
 
 __all__ = [
@@ -44,6 +44,8 @@ __all__ = [
     "RequestCancelledError",
     "ResourceExhaustedError",
     "RetryPolicy",
+    "ToolCall",
+    "ToolCallDelta",
     "UnauthenticatedError",
     "UnavailableError",
     "Usage",

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import grpc
 
 from moemesh.sdk.channel import PathOrPem, aio_channel, api_key_metadata, client_tls
+from moemesh.sdk.chat import ToolChoice
 from moemesh.sdk.errors import from_rpc_error
 from moemesh.sdk.messages import CompletionBuilder, chunk_from, generate_request, model_infos, tokenize_request
 from moemesh.sdk.results import Chunk, Completion, ModelInfo
@@ -78,29 +79,37 @@ class AsyncMeshClient:
         req = generate_request(prompt, token_ids, model=model, request_id=request_id, **sampling)
         return self._stream(req, timeout_s)
 
-    async def chat(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
+    async def chat(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+                   tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: ToolChoice = None,
+                   chat_template_kwargs: Mapping[str, Any] | None = None, continue_final_message: bool = False,
                    timeout_s: float | None = None, model: str | None = None, request_id: str | None = None,
                    **sampling: Any) -> Completion:
-        """Answer chat messages (`[{"role": "user", "content": "..."}]`) rendered with the chat template."""
-        return await _collect(self.chat_stream(messages, add_generation_prompt=add_generation_prompt,
-                                               timeout_s=timeout_s, model=model, request_id=request_id,
-                                               **sampling))
+        """Answer chat messages rendered with the chat template (tools and options as `MeshClient.chat`)."""
+        return await _collect(self.chat_stream(
+            messages, add_generation_prompt=add_generation_prompt, tools=tools, tool_choice=tool_choice,
+            chat_template_kwargs=chat_template_kwargs, continue_final_message=continue_final_message,
+            timeout_s=timeout_s, model=model, request_id=request_id, **sampling))
 
-    def chat_stream(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
+    def chat_stream(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: ToolChoice = None,
+                    chat_template_kwargs: Mapping[str, Any] | None = None, continue_final_message: bool = False,
                     timeout_s: float | None = None, model: str | None = None, request_id: str | None = None,
                     **sampling: Any) -> AsyncIterator[Chunk]:
-        """Like `chat`, yielding chunks as tokens are made."""
+        """Like `chat`, yielding chunks as tokens are made (tool calls as `ToolCallDelta` pieces)."""
         req = generate_request(messages=messages, add_generation_prompt=add_generation_prompt, model=model,
-                               request_id=request_id, **sampling)
+                               request_id=request_id, tools=tools, tool_choice=tool_choice,
+                               chat_template_kwargs=chat_template_kwargs,
+                               continue_final_message=continue_final_message, **sampling)
         return self._stream(req, timeout_s)
 
     # -- other calls
 
-    async def tokenize(self, text: str | None = None, messages: Sequence[Mapping[str, str]] | None = None, *,
+    async def tokenize(self, text: str | None = None, messages: Sequence[Mapping[str, Any]] | None = None, *,
                        add_special_tokens: bool = True, add_generation_prompt: bool = True,
+                       tools: Sequence[Mapping[str, Any]] | None = None,
                        timeout_s: float | None = None, model: str | None = None) -> list[int]:
         """Token ids of `text` (BOS first when add_special_tokens) or of chat `messages`."""
-        req = tokenize_request(text, messages, add_special_tokens, add_generation_prompt, model)
+        req = tokenize_request(text, messages, add_special_tokens, add_generation_prompt, model, tools)
         resp = await self._unary(lambda r, **kw: self._gateway().Tokenize(r, **kw), req, timeout_s)
         return list(resp.token_ids)
 

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
 
+from moemesh.sdk.chat import ToolChoice, chat_messages
 from moemesh.sdk.errors import InvalidArgumentError, error_for
-from moemesh.sdk.results import Chunk, Completion, ModelInfo, Usage
+from moemesh.sdk.results import Chunk, Completion, ModelInfo, ToolCall, ToolCallDelta, Usage
 from moemesh.v1 import common_pb2, gateway_pb2
 
 _FINISH = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_LENGTH: "length",
     common_pb2.FINISH_REASON_ABORT: "abort",
+    common_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
 
 
@@ -66,28 +68,22 @@ def sampling_message(
     return msg
 
 
-def chat_messages(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> gateway_pb2.ChatMessages:
-    """`[{"role": ..., "content": ...}]` as the wire's ChatMessages."""
-    turns = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise InvalidArgumentError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"messages[{i}] must be a dict with string 'role' and 'content'")
-        turns.append(gateway_pb2.ChatMessage(role=m["role"], content=m["content"]))
-    return gateway_pb2.ChatMessages(messages=turns, add_generation_prompt=add_generation_prompt)
-
-
 def generate_request(
     prompt: str | None = None,
     token_ids: Sequence[int] | None = None,
-    messages: Sequence[Mapping[str, str]] | None = None,
+    messages: Sequence[Mapping[str, Any]] | None = None,
     *,
     add_generation_prompt: bool = True,
     model: str | None = None,
     request_id: str | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: ToolChoice = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    continue_final_message: bool = False,
     **sampling: Any,
 ) -> gateway_pb2.GenerateRequest:
-    """A GenerateRequest with exactly one of `prompt`, `token_ids`, `messages`.
+    """A GenerateRequest with exactly one of `prompt`, `token_ids`, `messages` (`tools` and the chat options
+    with `messages` only).
 
     `sampling` are the keyword arguments of `sampling_message`; an unknown one raises TypeError.
     """
@@ -107,7 +103,9 @@ def generate_request(
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, f"token_ids: {exc}") from None
     else:
-        req.messages.CopyFrom(chat_messages(messages or (), add_generation_prompt))
+        req.messages.CopyFrom(chat_messages(messages or (), add_generation_prompt, tools=tools,
+                                            tool_choice=tool_choice, chat_template_kwargs=chat_template_kwargs,
+                                            continue_final_message=continue_final_message))
     return req
 
 
@@ -122,7 +120,9 @@ def chunk_from(resp: gateway_pb2.GenerateResponse) -> Chunk:
         finish_reason=_FINISH.get(resp.finish_reason),
         stop_reason=getattr(resp, stop_field) if stop_field else None,
         usage=Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens, resp.usage.cached_prompt_tokens)
-        if resp.HasField("usage") else None)
+        if resp.HasField("usage") else None,
+        reasoning_text=resp.reasoning_text,
+        tool_calls=[ToolCallDelta(d.index, d.id or None, d.name or None, d.arguments) for d in resp.tool_calls])
 
 
 class CompletionBuilder:
@@ -145,15 +145,27 @@ class CompletionBuilder:
             token_ids=[t for c in self._chunks for t in c.token_ids], finish_reason=last.finish_reason,
             logprobs=[lp for c in self._chunks for lp in (c.logprobs or ())] if with_logprobs else None,
             top_logprobs=[t for c in self._chunks for t in (c.top_logprobs or ())] if with_logprobs else None,
-            stop_reason=last.stop_reason, usage=last.usage)
+            stop_reason=last.stop_reason, usage=last.usage,
+            reasoning_text="".join(c.reasoning_text for c in self._chunks),
+            tool_calls=tool_calls(d for c in self._chunks for d in c.tool_calls))
+
+
+def tool_calls(deltas: Iterable[ToolCallDelta]) -> list[ToolCall]:
+    """Tool-call pieces joined as an OpenAI client joins them: by index, argument fragments appended."""
+    calls: dict[int, ToolCall] = {}
+    for d in deltas:
+        call = calls.setdefault(d.index, ToolCall(id="", name=""))
+        calls[d.index] = ToolCall(id=d.id or call.id, name=d.name or call.name, arguments=call.arguments + d.arguments)
+    return [calls[i] for i in sorted(calls)]
 
 
 def model_infos(resp: gateway_pb2.ListModelsResponse) -> list[ModelInfo]:
     return [ModelInfo(m.id, m.max_model_len, m.num_prefill_workers, m.num_decode_workers) for m in resp.models]
 
 
-def tokenize_request(text: str | None, messages: Sequence[Mapping[str, str]] | None, add_special_tokens: bool,
-                     add_generation_prompt: bool, model: str | None) -> gateway_pb2.TokenizeRequest:
+def tokenize_request(text: str | None, messages: Sequence[Mapping[str, Any]] | None, add_special_tokens: bool,
+                     add_generation_prompt: bool, model: str | None,
+                     tools: Sequence[Mapping[str, Any]] | None = None) -> gateway_pb2.TokenizeRequest:
     """A TokenizeRequest with exactly one of `text`, `messages`."""
     if (text is None) == (messages is None):
         raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, "pass exactly one of text or messages")
@@ -161,5 +173,5 @@ def tokenize_request(text: str | None, messages: Sequence[Mapping[str, str]] | N
     if text is not None:
         req.text = text
     else:
-        req.messages.CopyFrom(chat_messages(messages or (), add_generation_prompt))
+        req.messages.CopyFrom(chat_messages(messages or (), add_generation_prompt, tools=tools))
     return req

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -22,12 +23,16 @@ from moemesh.services.gateway.rest.schemas import (
     ChatDelta,
     ChatResponseMessage,
     ChatStreamChoice,
+    ChatToolCall,
+    DeltaFunctionCall,
+    DeltaToolCall,
     ErrorResponse,
+    ResponseFunctionCall,
     Usage,
 )
 from moemesh.services.gateway.rest.state import RestState, new_id, rest_state
 from moemesh.telemetry import http_trace_context
-from moemesh.v1 import common_pb2
+from moemesh.v1 import common_pb2, gateway_pb2
 
 router = APIRouter()
 
@@ -40,7 +45,7 @@ router = APIRouter()
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state = rest_state(request)
     call = _Call(state, body)
-    requests = chat_requests(body, call.id, state.core.model.max_model_len)
+    requests = chat_requests(body, call.id)
     gen = state.generation(per_prompt=body.n)  # n choices of one prompt
     with http_trace_context(request.headers):  # an incoming W3C traceparent parents the gateway's span
         await gen.start(requests)
@@ -68,9 +73,12 @@ class _Call:
         return ChatChoiceLogprobs(content=chat_logprobs(self.state.texts, token_ids, steps))
 
     def final_choice(self, c: Choice) -> ChatChoice:
-        return ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
-                          logprobs=self.logprobs(c.token_ids, c.logprobs), finish_reason=c.finish_reason,
-                          stop_reason=c.stop_reason)
+        calls = tool_calls(c.tool_calls)
+        # As OpenAI: a message that only calls tools has null content.
+        message = ChatResponseMessage(content=c.text or (None if calls else ""),
+                                      reasoning_content=c.reasoning_text or None, tool_calls=calls)
+        return ChatChoice(index=c.index, message=message, logprobs=self.logprobs(c.token_ids, c.logprobs),
+                          finish_reason=c.finish_reason, stop_reason=c.stop_reason)
 
     async def stream(self, gen: Generation) -> AsyncIterator[bytes]:
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
@@ -80,13 +88,16 @@ class _Call:
                              include_usage)
         async for c, r in gen.events():
             last = bool(r.finish_reason)
-            if not (r.text or (self.body.logprobs and r.token_ids) or last):
-                continue
-            choice = ChatStreamChoice(index=c.index, delta=ChatDelta(content=r.text or None),
-                                      logprobs=self.logprobs(r.token_ids, r.logprobs),
-                                      finish_reason=c.finish_reason if last else None,
-                                      stop_reason=c.stop_reason if last else None)
-            yield self.event([choice], include_usage)
+            logprobs = self.logprobs(r.token_ids, r.logprobs) if r.token_ids else None
+            deltas = response_deltas(r)
+            if not deltas and (logprobs or last):
+                deltas = [ChatDelta()]  # nothing new to say but logprobs, or the finish reason
+            for k, delta in enumerate(deltas):
+                final = last and k == len(deltas) - 1
+                choice = ChatStreamChoice(index=c.index, delta=delta, logprobs=logprobs if k == 0 else None,
+                                          finish_reason=c.finish_reason if final else None,
+                                          stop_reason=c.stop_reason if final else None)
+                yield self.event([choice], include_usage)
         if include_usage:
             yield self.event([], include_usage, gen.usage())
 
@@ -94,5 +105,41 @@ class _Call:
         chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.state.model_name, choices=choices,
                                     usage=usage).model_dump(mode="json", exclude=None if include_usage else {"usage"})
         for choice in chunk["choices"]:  # a delta carries only what changed, as OpenAI's do
-            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+            choice["delta"] = _without_nulls(choice["delta"])
         return sse.event(chunk)
+
+
+def response_deltas(r: gateway_pb2.GenerateResponse) -> list[ChatDelta]:
+    """The stream deltas of one core response: its text (reasoning and content) first, then one delta per
+    tool-call piece, so a call's name always comes in a chunk before its arguments, as OpenAI sends them."""
+    deltas = []
+    if r.text or r.reasoning_text:
+        deltas.append(ChatDelta(content=r.text or None, reasoning_content=r.reasoning_text or None))
+    for piece in r.tool_calls:
+        if piece.id or piece.name:  # a call's first piece
+            call = DeltaToolCall(index=piece.index, id=piece.id, type="function",
+                                 function=DeltaFunctionCall(name=piece.name, arguments=""))
+        else:
+            call = DeltaToolCall(index=piece.index, function=DeltaFunctionCall(arguments=piece.arguments))
+        deltas.append(ChatDelta(tool_calls=[call]))
+    return deltas
+
+
+def tool_calls(pieces: Sequence[gateway_pb2.ToolCallDelta]) -> list[ChatToolCall]:
+    """A choice's tool-call pieces joined into its calls, in index order."""
+    calls: dict[int, ChatToolCall] = {}
+    for piece in pieces:
+        if piece.id or piece.name:
+            calls[piece.index] = ChatToolCall(id=piece.id, function=ResponseFunctionCall(name=piece.name, arguments=""))
+        elif piece.index in calls:
+            calls[piece.index].function.arguments += piece.arguments
+    return [calls[i] for i in sorted(calls)]
+
+
+def _without_nulls(value: Any) -> Any:
+    """`value` with null members dropped at every depth (tool-call deltas included)."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value

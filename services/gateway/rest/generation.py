@@ -33,6 +33,7 @@ FINISH_REASONS = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_LENGTH: "length",
     common_pb2.FINISH_REASON_ABORT: "abort",
+    common_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
 
 
@@ -42,6 +43,8 @@ class Choice:
 
     index: int
     texts: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)  # chat, with a reasoning parser
+    tool_calls: list[gateway_pb2.ToolCallDelta] = field(default_factory=list)  # chat with tools: the pieces
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[common_pb2.StepLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
@@ -52,8 +55,14 @@ class Choice:
     def text(self) -> str:
         return "".join(self.texts)
 
+    @property
+    def reasoning_text(self) -> str:
+        return "".join(self.reasoning)
+
     def add(self, r: gateway_pb2.GenerateResponse) -> None:
         self.texts.append(r.text)
+        self.reasoning.append(r.reasoning_text)
+        self.tool_calls.extend(r.tool_calls)
         self.token_ids.extend(r.token_ids)
         self.logprobs.extend(r.logprobs)
         if r.finish_reason:

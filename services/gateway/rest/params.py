@@ -2,14 +2,28 @@
 
 A body with n choices (and, for completions, several prompts) becomes n requests per prompt; with a
 seed, choice i samples with seed + i. The core validates ranges again (and says which parameter);
-what only the REST API has (echo, best_of, tools...) is checked here.
+what only the REST API has (echo, best_of...) is checked here; chat messages, tools and tool_choice are
+checked by the core (moemesh.services.gateway.chat_input), for gRPC clients too.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+
 from moemesh.services.gateway.rest.errors import ApiError
-from moemesh.services.gateway.rest.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, _Sampling
+from moemesh.services.gateway.rest.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    ChatTool,
+    CompletionRequest,
+    NamedToolChoice,
+    _Sampling,
+)
 from moemesh.v1 import common_pb2, gateway_pb2
+
+_TOOL_CHOICES = {"auto": gateway_pb2.TOOL_CHOICE_AUTO, "none": gateway_pb2.TOOL_CHOICE_NONE,
+                 "required": gateway_pb2.TOOL_CHOICE_REQUIRED}
 
 _SEED_MOD = 2**64  # the wire's seed is a uint64: negative (int64) seeds wrap around
 _FLOAT32_TINY = 1.401298464324817e-45  # the smallest positive float32 (a subnormal)
@@ -95,8 +109,37 @@ def completion_requests(body: CompletionRequest, base_id: str) -> list[gateway_p
 
 
 def chat_messages(body: ChatCompletionRequest) -> gateway_pb2.ChatMessages:
-    turns = [gateway_pb2.ChatMessage(role=m.role, content=message_content(m, i)) for i, m in enumerate(body.messages)]
-    return gateway_pb2.ChatMessages(messages=turns, add_generation_prompt=body.add_generation_prompt)
+    """The body's conversation, tools and template options as the core's ChatMessages."""
+    chat = gateway_pb2.ChatMessages(messages=chat_turns(body.messages),
+                                    add_generation_prompt=body.add_generation_prompt, tools=chat_tools(body.tools),
+                                    continue_final_message=body.continue_final_message)
+    choice = body.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        chat.tool_choice = gateway_pb2.TOOL_CHOICE_FUNCTION
+        chat.tool_choice_function = choice.function.name
+    elif choice is not None:
+        chat.tool_choice = _TOOL_CHOICES[choice]
+    if body.chat_template_kwargs:
+        chat.chat_template_kwargs_json = json.dumps(body.chat_template_kwargs)
+    return chat
+
+
+def chat_turns(messages: Sequence[ChatMessage]) -> list[gateway_pb2.ChatMessage]:
+    """Messages as the core's ChatMessage list: text content, tool calls, the tool turns' call ids."""
+    turns = []
+    for i, m in enumerate(messages):
+        turn = gateway_pb2.ChatMessage(role=m.role, content=message_content(m, i), name=m.name or "",
+                                       tool_call_id=m.tool_call_id or "")
+        for call in m.tool_calls or ():
+            turn.tool_calls.add(id=call.id, name=call.function.name, arguments=call.function.arguments)
+        turns.append(turn)
+    return turns
+
+
+def chat_tools(tools: Sequence[ChatTool] | None) -> list[gateway_pb2.Tool]:
+    return [gateway_pb2.Tool(name=t.function.name, description=t.function.description or "",
+                             parameters_json=json.dumps(t.function.parameters) if t.function.parameters else "")
+            for t in tools or ()]
 
 
 def message_content(message: ChatMessage, i: int) -> str:
@@ -119,19 +162,16 @@ def message_content(message: ChatMessage, i: int) -> str:
     return "\n".join(texts)
 
 
-def chat_requests(body: ChatCompletionRequest, base_id: str, max_model_len: int) -> list[gateway_pb2.GenerateRequest]:
-    """One request per choice; max tokens default to the context limit (the workers stop there)."""
+def chat_requests(body: ChatCompletionRequest, base_id: str) -> list[gateway_pb2.GenerateRequest]:
+    """One request per choice; max tokens default to what the context leaves after the prompt."""
     check_common(body)
-    if body.tools:
-        raise ApiError(400, "tools are not supported", "tools")
-    if body.tool_choice not in (None, "none"):
-        raise ApiError(400, "tool_choice is not supported", "tool_choice")
     if body.response_format and body.response_format.get("type") != "text":
         raise ApiError(400, "response_format: only {\"type\": \"text\"} is supported", "response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    max_tokens = body.max_completion_tokens or body.max_tokens or max_model_len
+    # Unset: the core gives a chat request what the context has left after its prompt.
+    max_tokens = body.max_completion_tokens or body.max_tokens
     messages = chat_messages(body)
     return [gateway_pb2.GenerateRequest(model=body.model or "", request_id=f"{base_id}-{i}", messages=messages,
                                         sampling=sampling(body, max_tokens, logprobs, i))

@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from moemesh.engine.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
-from moemesh.services.gateway.inputs import MAX_ROLE_CHARS
+from moemesh.services.gateway.chat_input import MAX_ROLE_CHARS
 
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
@@ -124,12 +124,46 @@ class TextPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(_Request):
+    name: str = Field(description="The function called.")
+    arguments: str = Field("", description="Its arguments, a JSON object in text, as the model wrote it.")
+
+
+class MessageToolCall(_Request):
+    id: str = Field("", description="The call's id; the tool message with its result names it in tool_call_id.")
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: str = Field(min_length=1, max_length=MAX_ROLE_CHARS,
-                      description="system, user, assistant (or whatever the chat template knows).")
+                      description="system, user, assistant, tool (or whatever the chat template knows).")
     content: str | list[TextPart] | None = Field(None, description="A text or a list of text parts (joined "
                                                                    "with newlines); null only for assistant turns.")
-    name: str | None = Field(None, description="Accepted for compatibility; unused.")
+    name: str | None = Field(None, description="A tool turn: the function's name (for templates that show it).")
+    tool_calls: list[MessageToolCall] | None = Field(None, description="An assistant turn: the tools it called.")
+    tool_call_id: str | None = Field(None, description="A tool turn: the id of the call whose result it holds.")
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(description="The function's name: 1 to 64 letters, digits, '_', '-' or '.'.")
+    description: str | None = Field(None, description="What it does, shown to the model.")
+    parameters: dict[str, Any] | None = Field(None, description="Its parameters as a JSON Schema object.")
+    strict: Bool | None = Field(None, description="Accepted; decoding is not constrained to the schema yet.")
+
+
+class ChatTool(_Request):
+    type: Literal["function"] = Field(description="Only function tools exist.")
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Sampling):
@@ -150,8 +184,18 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                      description="With logprobs: also the most likely alternatives per token.")
     add_generation_prompt: Bool = Field(True, description="vLLM extra: open the assistant's turn in the template.")
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: must be null or empty.")
-    tool_choice: Any = Field(None, description="Not supported: only null or `none`.")
+    tools: list[ChatTool] | None = Field(None, description="Functions the model may call (the chat template shows "
+                                                           "them to the model).")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="`auto` (the default with tools): the model decides, its calls come back in "
+                          "`message.tool_calls`; `none`: calls are not parsed; `required` or a named function: "
+                          "parsed like `auto` (decoding is not constrained to the tools' schemas yet).")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="vLLM extra: more variables for the chat template (e.g. `{\"thinking\": true}` for "
+                          "DeepSeek-V3.1).")
+    continue_final_message: Bool = Field(False, description="vLLM extra: continue the last (assistant) message "
+                                                            "instead of answering it; needs add_generation_prompt "
+                                                            "false.")
     response_format: dict[str, Any] | None = Field(None, description="Only `{\"type\": \"text\"}` is supported.")
 
 
@@ -169,10 +213,10 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 StopReason = int | str | None
 _FINISH = "Why the choice ended: `stop` (EOS, a stop string or token id), `length` (max tokens or the " \
-          "context limit); null until it ends."
+          "context limit), `tool_calls` (chat: the model called tools, then stopped); null until it ends."
 _STOP = "vLLM extra: the stop token id or stop string that ended the choice; null for EOS or length."
 
 
@@ -214,9 +258,23 @@ class ChatChoiceLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="A JSON object in text, as the model wrote it (check it before use).")
+
+
+class ChatToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = Field(None, description="DeepSeek's field: the model's thinking (with a "
+                                                            "reasoning parser), kept out of content.")
+    tool_calls: list[ChatToolCall] = Field(default_factory=list, description="The tools the model called.")
 
 
 class ChatChoice(BaseModel):
@@ -236,9 +294,26 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed tool call: `id`, `type` and `function.name` on its first piece, then
+    `function.arguments` fragments (join those of one `index`)."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):
@@ -311,6 +386,7 @@ class TokenizeRequest(_Request):
     model: str | None = Field(None, description="The served model's id; default: the served one.")
     prompt: str | None = Field(None, description="A text to tokenize (give this or `messages`).")
     messages: list[ChatMessage] | None = Field(None, description="Chat messages to render and tokenize.")
+    tools: list[ChatTool] | None = Field(None, description="With `messages`: tools, rendered as for a chat call.")
     add_special_tokens: Bool = Field(True, description="Add BOS to a text (a chat template adds its own).")
     add_generation_prompt: Bool = Field(True, description="With `messages`: end with the assistant's turn opening.")
 

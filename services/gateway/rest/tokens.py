@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from moemesh.service.errors import InvalidArgument
 from moemesh.services.gateway.inputs import check_model, check_token_ids
 from moemesh.services.gateway.rest.errors import DOCUMENTED, ApiError
-from moemesh.services.gateway.rest.params import message_content
+from moemesh.services.gateway.rest.params import chat_tools, chat_turns
 from moemesh.services.gateway.rest.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -34,10 +34,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     if body.prompt is not None:
         req.text = body.prompt
     else:
-        turns = [gateway_pb2.ChatMessage(role=m.role, content=message_content(m, i))
-                 for i, m in enumerate(body.messages)]
-        req.messages.CopyFrom(gateway_pb2.ChatMessages(messages=turns,
-                                                       add_generation_prompt=body.add_generation_prompt))
+        req.messages.CopyFrom(gateway_pb2.ChatMessages(messages=chat_turns(body.messages),
+                                                       add_generation_prompt=body.add_generation_prompt,
+                                                       tools=chat_tools(body.tools)))
     out = core.tokenize(req)
     return TokenizeResponse(count=len(out.token_ids), max_model_len=out.max_model_len, tokens=list(out.token_ids))
 

@@ -157,7 +157,7 @@ class FakeWorker:
 
     def __init__(self, gateway: str, servicer: FakeDecode | FakePrefill, worker_id: str,
                  layout: common_pb2.KvLayout = LAYOUT, load: common_pb2.WorkerLoad | None = None,
-                 model_name: str = "") -> None:
+                 model_name: str = "", max_model_len: int = MAX_MODEL_LEN) -> None:
         self.gateway = gateway
         self.servicer = servicer
         self.worker_id = worker_id
@@ -166,6 +166,7 @@ class FakeWorker:
         self.layout = layout
         self.load = load if load is not None else common_pb2.WorkerLoad(num_free_pages=100, num_total_pages=100)
         self.model_name = model_name
+        self.max_model_len = max_model_len
         self.draining = False
         self.heartbeats = True
         self.registrations = 0
@@ -195,7 +196,7 @@ class FakeWorker:
         return gateway_pb2.RegisterWorkerRequest(
             protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, role=self.role, address=self.address,
             instance_id=self.worker_id, dp_rank=0, dp_size=1, model_name=self.model_name, kv_layout=self.layout,
-            load=self.load, max_model_len=MAX_MODEL_LEN)
+            load=self.load, max_model_len=self.max_model_len)
 
     async def register(self) -> None:
         resp = await self._registry.Register(self.register_request(), timeout=5)

@@ -222,7 +222,7 @@ def test_client_cancel_cancels_and_aborts_both_workers(model_dir: Path) -> None:
             await mesh.add(decode, "d1")
             await mesh.add(prefill, "p1")
             call = mesh.stub.Generate(gateway_pb2.GenerateRequest(
-                prompt="hi", request_id="cancel-me", sampling=common_pb2.SamplingParams(max_tokens=1000)))
+                prompt="hi", request_id="cancel-me", sampling=common_pb2.SamplingParams(max_tokens=200)))
             for _ in range(2):
                 assert (await call.read()).token_ids
             call.cancel()
@@ -348,7 +348,7 @@ def test_core_api_for_a_rest_facade(model_dir: Path) -> None:
             with pytest.raises(InvalidArgument, match="top_p"):
                 core.open(gateway_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(top_p=2)))
             stream = core.open(gateway_pb2.GenerateRequest(
-                prompt="hi", request_id="rest-1", sampling=common_pb2.SamplingParams(max_tokens=1000)), timeout_s=10)
+                prompt="hi", request_id="rest-1", sampling=common_pb2.SamplingParams(max_tokens=200)), timeout_s=10)
             first = await stream.__anext__()
             assert first.request_id == "rest-1" and first.token_ids
             await stream.aclose()  # the HTTP client went away
