@@ -44,6 +44,7 @@ router = APIRouter()
                **{s: {"model": ErrorResponse, "description": d} for s, d in DOCUMENTED.items()}})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state = rest_state(request)
+    state.unknown_fields.note("/v1/chat/completions", body)
     call = _Call(state, body)
     requests = chat_requests(body, call.id)
     gen = state.generation(per_prompt=body.n)  # n choices of one prompt

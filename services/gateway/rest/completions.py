@@ -34,6 +34,7 @@ router = APIRouter()
                **{s: {"model": ErrorResponse, "description": d} for s, d in DOCUMENTED.items()}})
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     state = rest_state(request)
+    state.unknown_fields.note("/v1/completions", body)
     call = _Call(state, body)
     requests = completion_requests(body, call.id)
     gen = state.generation(per_prompt=body.n)

@@ -65,6 +65,10 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
 def check_common(body: _Sampling) -> None:
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
+    if not body.skip_special_tokens:
+        raise ApiError(400, "skip_special_tokens false is not supported: special tokens are always left out of the "
+                            "text (DeepSeek's think and tool-call tokens are not special and stay)",
+                       "skip_special_tokens")
 
 
 def completion_prompts(body: CompletionRequest) -> list[str | list[int]]:
@@ -165,6 +169,8 @@ def message_content(message: ChatMessage, i: int) -> str:
 def chat_requests(body: ChatCompletionRequest, base_id: str) -> list[gateway_pb2.GenerateRequest]:
     """One request per choice; max tokens default to what the context leaves after the prompt."""
     check_common(body)
+    if body.logit_bias:
+        raise ApiError(400, "logit_bias is not supported", "logit_bias")
     if body.response_format and body.response_format.get("type") != "text":
         raise ApiError(400, "response_format: only {\"type\": \"text\"} is supported", "response_format")
     if body.top_logprobs is not None and not body.logprobs:

@@ -1,9 +1,9 @@
 """The REST facade's bodies: OpenAI's request and response shapes (with vLLM's extras), as pydantic models.
 
-Requests ignore unknown fields (clients send many we do not use) and check every field's type and range
-here, so a bad value is a 400 naming the field before anything is tokenized. Scalars are strict: "5"
-is not a number and `true` is not 1. The responses are what the handlers return and what the OpenAPI
-document shows.
+Requests accept unknown fields (clients send many we do not use; the handlers log each name once) and
+check every field's type and range here, so a bad value is a 400 naming the field before anything is
+tokenized. Scalars are strict: "5" is not a number and `true` is not 1. The responses are what the
+handlers return and what the OpenAPI document shows.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
@@ -83,6 +83,8 @@ class _Sampling(_Request):
     include_stop_str_in_output: Bool = Field(False, description="vLLM extra: keep a matched stop string.")
     max_tokens: Int | None = Field(None, ge=1, le=UINT32_MAX, description="Tokens to generate at most.")
     user: str | None = Field(None, description="Accepted for compatibility; unused.")
+    skip_special_tokens: Bool = Field(True, description="vLLM extra: leave special tokens out of the text; only "
+                                                        "true is supported.")
 
 
 class CompletionRequest(_Sampling):
@@ -197,6 +199,7 @@ class ChatCompletionRequest(_Sampling):
                                                             "instead of answering it; needs add_generation_prompt "
                                                             "false.")
     response_format: dict[str, Any] | None = Field(None, description="Only `{\"type\": \"text\"}` is supported.")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported: must be null or empty.")
 
 
 # -- responses

@@ -13,6 +13,7 @@ from moemesh.services.gateway.core import GatewayCore
 from moemesh.services.gateway.rest.generation import Generation
 from moemesh.services.gateway.rest.logprobs import TokenTexts
 from moemesh.services.gateway.rest.metrics import Exposition
+from moemesh.services.gateway.rest.unknown_fields import UnknownFields
 
 
 @dataclass
@@ -22,6 +23,7 @@ class RestState:
     texts: TokenTexts = field(init=False)
     started: int = field(default_factory=lambda: int(time.time()))
     active: set[Generation] = field(default_factory=set)  # calls in progress
+    unknown_fields: UnknownFields = field(default_factory=UnknownFields)
 
     def __post_init__(self) -> None:
         self.texts = TokenTexts(self.core.model.tokenizer)

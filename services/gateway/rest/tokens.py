@@ -27,7 +27,9 @@ _ERRORS = {s: {"model": ErrorResponse, "description": d} for s, d in DOCUMENTED.
 @router.post("/tokenize", response_model=TokenizeResponse, summary="Token ids of a text or of chat messages",
              responses=_ERRORS)
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
-    core = rest_state(request).core
+    state = rest_state(request)
+    state.unknown_fields.note("/tokenize", body)
+    core = state.core
     if (body.prompt is None) == (body.messages is None):
         raise ApiError(400, "give exactly one of prompt and messages", "prompt")
     req = gateway_pb2.TokenizeRequest(model=body.model or "", add_special_tokens=body.add_special_tokens)
