@@ -14,12 +14,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moemesh.services.eplb.policies import DEFAULT as DEFAULT_POLICY
 from moemesh.services.eplb.policies import POLICIES
 
 if TYPE_CHECKING:
     import torch
 
 EXIT_USAGE = 2
+POLICY_HELP = ("refined (the default): DeepSeek's EPLB improved by local search, never worse on any layer; auto, "
+               "hierarchical, global: DeepSeek's own; auto and refined are hierarchical when the groups divide evenly "
+               "over the nodes, else global")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,8 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_topology(r)
     r.add_argument("--num-physical", type=int, required=True, metavar="P",
                    help="physical expert slots per layer (logical experts + redundant), a multiple of R")
-    r.add_argument("--policy", choices=POLICIES.names(), default="auto",
-                   help="auto: hierarchical when the groups divide evenly over the nodes, else global")
+    r.add_argument("--policy", choices=POLICIES.names(), default=DEFAULT_POLICY, help=POLICY_HELP)
     r.add_argument("--previous", default=None, metavar="PLACEMENT.json",
                    help="the placement in use: keep it where it balances about as well (--tolerance), otherwise "
                         "permute the new one so that as few expert weights as possible move")
@@ -59,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_topology(s)
     s.add_argument("--redundant", default="0,8,16,32", metavar="N,N,...",
                    help="redundant slot counts to try (default 0,8,16,32)")
-    s.add_argument("--policy", choices=POLICIES.names(), default="auto")
+    s.add_argument("--policy", choices=POLICIES.names(), default=DEFAULT_POLICY, help=POLICY_HELP)
     s.add_argument("--png", default=None, metavar="OUT.png", help="also draw the results (needs matplotlib)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     s.set_defaults(func=run_simulate)
@@ -76,7 +79,7 @@ def _add_topology(p: argparse.ArgumentParser) -> None:
 def run_rebalance(args: argparse.Namespace) -> int:
     from moemesh.ep.placement import ExpertPlacement
     from moemesh.services.eplb.balance import balancedness
-    from moemesh.services.eplb.rebalance import minimize_moves, rebalance, resolve_policy
+    from moemesh.services.eplb.rebalance import is_hierarchical, minimize_moves, rebalance, resolve_policy
 
     try:
         weight = read_weights(args.weights)
@@ -92,7 +95,7 @@ def run_rebalance(args: argparse.Namespace) -> int:
                                  f"slots on {previous.ep_size} ranks; this rebalance is {num_layers} x "
                                  f"{args.num_physical} on {args.num_ranks}")
             report = minimize_moves(weight, new.phy2log, previous.phy2log, args.num_ranks,
-                                    args.num_nodes if policy == "hierarchical" else 1, args.tolerance)
+                                    args.num_nodes if is_hierarchical(policy) else 1, args.tolerance)
         placement = ExpertPlacement(report.phy2log if report else new.phy2log, args.num_ranks, num_logical)
         trivial = ExpertPlacement.default(num_layers, num_logical, args.num_ranks, args.num_physical - num_logical)
         bal = {"before": balancedness(weight, trivial.phy2log, args.num_ranks).tolist(),

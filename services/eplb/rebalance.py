@@ -15,7 +15,10 @@ moemesh's additions, each in its own place:
 - `moemesh.services.eplb.guards`: the arguments checked (`RebalanceError`), and a layer that would come out worse
   balanced than the trivial placement keeps the trivial one;
 - `moemesh.services.eplb.placement_moves`: given the placement in use, the slots are permuted so that as many as
-  possible keep the expert they hold, or the old placement is kept where it balances within a tolerance as well.
+  possible keep the expert they hold, or the old placement is kept where it balances within a tolerance as well;
+- `moemesh.services.eplb.refined`: the default policy, "refined": this algorithm's placement improved by a local
+  search (`moemesh.services.eplb.local_search`) within the same constraints, kept per layer only where it balances
+  strictly better.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from moemesh.ep.placement import ExpertPlacement
 from moemesh.services.eplb.guards import RebalanceError, check_shape, check_weight, never_worse_than_trivial
 from moemesh.services.eplb.placement_moves import minimize_moves
+from moemesh.services.eplb.policies import DEFAULT as DEFAULT_POLICY
 from moemesh.services.eplb.policies import POLICIES
 
 
@@ -41,18 +45,26 @@ class Rebalanced(NamedTuple):
 
 
 def resolve_policy(policy: str, num_groups: int, num_nodes: int) -> str:
-    """"auto" -> "hierarchical" when the G groups divide evenly over the N nodes, else "global"."""
+    """"auto" -> "hierarchical" when the G groups divide evenly over the N nodes, else "global"; "refined" ->
+    "refined-hierarchical" or "refined-global" the same way. Other names are checked and returned as they are."""
     if policy not in POLICIES:
         raise RebalanceError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     for name, value in (("num_groups", num_groups), ("num_nodes", num_nodes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise RebalanceError(f"{name} must be a positive int, got {value!r}")
-    if policy == "auto":
-        return "hierarchical" if num_groups % num_nodes == 0 else "global"
-    if policy == "hierarchical" and num_groups % num_nodes:
-        raise RebalanceError(f"the hierarchical policy needs num_groups = {num_groups} to be divisible by "
-                             f"num_nodes = {num_nodes}; use --policy global")
+    even = num_groups % num_nodes == 0
+    if policy in ("auto", "refined"):
+        prefix = "" if policy == "auto" else "refined-"
+        return prefix + ("hierarchical" if even else "global")
+    if is_hierarchical(policy) and not even:
+        raise RebalanceError(f"the {policy} policy needs num_groups = {num_groups} to be divisible by "
+                             f"num_nodes = {num_nodes}; use --policy {policy.replace('hierarchical', 'global')}")
     return policy
+
+
+def is_hierarchical(policy: str) -> bool:
+    """Whether a resolved policy keeps each expert group's replicas on one node (the nodes' ranks stay together)."""
+    return policy in ("hierarchical", "refined-hierarchical")
 
 
 # The policies `moemesh.services.eplb.policies` registers: weight [L, E] float64 -> phy2log [L, P] int64.
@@ -73,13 +85,16 @@ def place_auto(weight: torch.Tensor, num_physical: int, num_groups: int, num_nod
 
 
 def rebalance(weight: torch.Tensor, num_physical: int, num_groups: int, num_nodes: int, num_ranks: int,
-              policy: str = "auto", previous: torch.Tensor | None = None, tolerance: float = 0.01) -> Rebalanced:
+              policy: str = DEFAULT_POLICY, previous: torch.Tensor | None = None,
+              tolerance: float = 0.01) -> Rebalanced:
     """A placement of E logical experts on P physical slots over R ranks that balances `weight`.
 
     weight [L, E] (any real dtype, >= 0): load per logical expert, e.g. tokens routed to it.
     num_physical: P, a multiple of num_ranks, >= E. num_groups: G, dividing E (DeepSeek's expert groups).
     num_nodes: N, dividing num_ranks. num_ranks: R, the EP size.
-    policy: "auto", "hierarchical" or "global" (see `resolve_policy`).
+    policy: a name `moemesh.services.eplb.policies` registers (see `resolve_policy`): "refined" (the default:
+        DeepSeek's placement improved by local search, never worse on any layer, `moemesh.services.eplb.refined`),
+        "refined-hierarchical", "refined-global"; DeepSeek's own "auto", "hierarchical", "global".
     previous [L, P] int64: the placement in use; when given, see `minimize_moves` (with `tolerance`).
 
     Every expert gets at least one slot and every rank exactly P/R; an expert's replicas sit on distinct ranks
@@ -93,7 +108,7 @@ def rebalance(weight: torch.Tensor, num_physical: int, num_groups: int, num_node
     phy2log = never_worse_than_trivial(weight, phy2log, num_ranks)
     if previous is not None:
         phy2log = minimize_moves(weight, phy2log, previous, num_ranks,
-                                 num_nodes if policy == "hierarchical" else 1, tolerance).phy2log
+                                 num_nodes if is_hierarchical(policy) else 1, tolerance).phy2log
     placement = ExpertPlacement(phy2log, num_ranks, num_logical)
     return Rebalanced(placement.phy2log, placement.log2phy, placement.logcnt)
 

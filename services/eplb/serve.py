@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from moemesh.service.config import apply_env_defaults
 from moemesh.service.server import GrpcServer, announce, install_signal_handlers, run_service
 from moemesh.service.tls import add_tls_arguments
+from moemesh.services.eplb.policies import DEFAULT as DEFAULT_POLICY
 from moemesh.services.eplb.policies import POLICIES
 from moemesh.telemetry.metrics import announce_metrics
 from moemesh.telemetry.setup import add_telemetry_arguments
@@ -36,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="move experts only when the mean balancedness rises by at least this much")
     p.add_argument("--rebalance-min-tokens", type=int, default=1000,
                    help="routed (token, expert) pairs a group's window needs before a decision")
-    p.add_argument("--policy", default="auto", choices=POLICIES.names(),
-                   help="placement algorithm (auto: hierarchical when expert groups divide over the nodes)")
+    p.add_argument("--policy", default=DEFAULT_POLICY, choices=POLICIES.names(),
+                   help="placement algorithm (default refined: DeepSeek's EPLB improved by local search, never "
+                        "worse on a layer; auto, hierarchical, global: DeepSeek's own; auto and refined go "
+                        "hierarchical when the expert groups divide over the nodes)")
     add_tls_arguments(p)  # applied by run_service
     add_telemetry_arguments(p, DEFAULT_METRICS_PORT)
     apply_env_defaults(p)

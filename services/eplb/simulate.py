@@ -20,6 +20,7 @@ import torch
 
 from moemesh.ep.placement import ExpertPlacement
 from moemesh.services.eplb.balance import balancedness
+from moemesh.services.eplb.policies import DEFAULT as DEFAULT_POLICY
 from moemesh.services.eplb.rebalance import RebalanceError, rebalance, resolve_policy
 from moemesh.telemetry.expert_load_file import Window
 
@@ -69,7 +70,7 @@ def split_history(windows: Sequence[Window]) -> tuple[torch.Tensor, torch.Tensor
 
 
 def simulate(windows: Sequence[Window], num_ranks: int, num_groups: int, num_nodes: int,
-             redundant: Sequence[int], role: str | None = "decode", policy: str = "auto") -> Simulation:
+             redundant: Sequence[int], role: str | None = "decode", policy: str = DEFAULT_POLICY) -> Simulation:
     """Replay `windows` (only those of `role`, unless None) for each redundant slot count in `redundant`."""
     chosen = [w for w in windows if role is None or w.role == role]
     if not chosen:

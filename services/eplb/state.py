@@ -15,6 +15,7 @@ import torch
 
 from moemesh.ep.placement import ExpertPlacement
 from moemesh.services.eplb.balance import balancedness, moved_slots
+from moemesh.services.eplb.policies import DEFAULT as DEFAULT_POLICY
 from moemesh.services.eplb.rebalance import rebalance
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class Policy:
     period_s: float = 30.0          # at most one rebalance per group per period
     min_gain: float = 0.05          # mean balancedness must rise by at least this much
     min_tokens: int = 1000          # routed (token, expert) pairs in the window before deciding anything
-    policy: str = "auto"            # the algorithm's policy: auto, hierarchical, global
+    policy: str = DEFAULT_POLICY    # the algorithm's policy, by name (moemesh.services.eplb.policies)
 
 
 @dataclass

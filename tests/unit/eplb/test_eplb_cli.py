@@ -47,7 +47,8 @@ def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
 
 
 def test_rebalance_prints_the_placement(capsys: pytest.CaptureFixture, weights: Path) -> None:
-    code, out, err = run(capsys, "rebalance", "--weights", str(weights), "--num-physical", "16", *TOPOLOGY)
+    code, out, err = run(capsys, "rebalance", "--weights", str(weights), "--num-physical", "16", *TOPOLOGY,
+                         "--policy", "auto")  # DeepSeek's, whose published example this is
     assert code == 0, err
     assert out.startswith("hierarchical policy: 2 MoE layers, 12 logical experts -> 16 slots on 8 ranks")
     assert f"phy2log {EXAMPLE_PHY2LOG[0]}" in out and f"phy2log {EXAMPLE_PHY2LOG[1]}" in out
@@ -60,7 +61,7 @@ def test_rebalance_json_and_out_file(capsys: pytest.CaptureFixture, tmp_path: Pa
     bare.write_text(json.dumps(EXAMPLE_WEIGHT))  # a bare [[...]] list works too
     out_file = tmp_path / "placement.json"
     code, out, err = run(capsys, "rebalance", "--weights", str(bare), "--num-physical", "16", *TOPOLOGY,
-                         "--out", str(out_file), "--json")
+                         "--policy", "auto", "--out", str(out_file), "--json")
     assert code == 0, err
     doc = json.loads(out)
     assert doc["policy"] == "hierarchical" and doc["phy2log"] == EXAMPLE_PHY2LOG
@@ -69,6 +70,19 @@ def test_rebalance_json_and_out_file(capsys: pytest.CaptureFixture, tmp_path: Pa
     assert all(a > b for a, b in zip(after, before, strict=True))
     placement = ExpertPlacement.from_file(out_file, num_logical=12)
     assert placement.ep_size == 8 and placement.phy2log.tolist() == EXAMPLE_PHY2LOG
+
+
+def test_rebalance_defaults_to_the_refined_policy(capsys: pytest.CaptureFixture, weights: Path) -> None:
+    docs = {}
+    for policy in ("auto", None):
+        extra = ("--policy", policy) if policy else ()
+        code, out, err = run(capsys, "rebalance", "--weights", str(weights), "--num-physical", "16", *TOPOLOGY,
+                             *extra, "--json")
+        assert code == 0, err
+        docs[policy] = json.loads(out)
+    assert docs[None]["policy"] == "refined-hierarchical"
+    assert all(r >= a for r, a in zip(docs[None]["balancedness"]["after"], docs["auto"]["balancedness"]["after"],
+                                      strict=True))
 
 
 def hand_balancedness(weight: list[int], phy2log: list[int], num_ranks: int) -> float:
@@ -116,7 +130,8 @@ def test_simulate_prints_a_table_and_draws(capsys: pytest.CaptureFixture, stats:
                          "--num-nodes", "1", "--redundant", "0,8,16", "--png", str(png))
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].startswith("8 history + 8 future windows, 2 MoE layers x 16 experts; hierarchical policy")
+    assert lines[0].startswith("8 history + 8 future windows, 2 MoE layers x 16 experts; refined-hierarchical "
+                               "policy")
     assert lines[2].split() == ["redundant", "slots", "trivial", "rebalanced", "oracle"]
     assert [line.split()[:2] for line in lines[3:6]] == [["0", "16"], ["8", "24"], ["16", "32"]]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -373,7 +373,7 @@ def test_simulation_on_a_steady_load(tmp_path: Path) -> None:
             append_window(path, counts, role="decode", instance_id="d0", rank=rank, t=100.0 + step)
     append_window(path, torch.ones(2, 32, dtype=torch.int64), role="prefill", instance_id="p0", rank=0, t=1.0)
     sim = simulate(read_windows(path), num_ranks=8, num_groups=4, num_nodes=2, redundant=[0, 8, 16])
-    assert (sim.policy, sim.history_windows, sim.future_windows) == ("hierarchical", 6, 6)
+    assert (sim.policy, sim.history_windows, sim.future_windows) == ("refined-hierarchical", 6, 6)
     assert [row.num_physical for row in sim.rows] == [32, 40, 48]
     for row in sim.rows:
         trivial_mean, rebalanced, oracle = row.means()
