@@ -79,3 +79,17 @@ def test_bad_model_folder_exits_with_a_message(tmp_path: Path) -> None:
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                           timeout=20)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    (["--tool-call-parser", "deepseek_v3"], "needs <｜tool▁calls▁begin｜>"),  # the plain tiny tokenizer lacks them
+    (["--chat-template", "no/such/template.jinja"], "--chat-template: chat template 'no/such/template.jinja' is "
+                                                    "neither a file"),
+])
+def test_chat_options_the_model_cannot_serve_stop_the_start(tmp_path: Path, options: list[str], says: str) -> None:
+    model = make_tokenizer_dir(tmp_path / "tok")
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH_MAIN, "--port", "0", "--http-port", "-1", "--model",
+                           str(model), *options], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=20)
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
