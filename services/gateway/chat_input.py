@@ -79,16 +79,16 @@ class ChatRenderer:
         return tokenizer.encode(text, add_special_tokens=False)
 
     def _tokenizer_for(self, chat: gateway_pb2.ChatMessages) -> Tokenizer:
+        if tools_requested(chat) and self.tool_parser is None:  # calls that could never be read back
+            raise InvalidArgument("this gateway serves no tool calls for its model (no tool-call parser: its "
+                                  "tokenizer lacks DeepSeek's tool-call tokens, or --tool-call-parser none); "
+                                  "send no tools, or tool_choice none")
         if not chat.tools or renders_tools(self.tokenizer.chat_template):
             return self.tokenizer
         if self.tools_tokenizer is not None:
             return self.tools_tokenizer
         if not tools_requested(chat):
             return self.tokenizer  # tool_choice none: the tools are not needed, the model's template is kept
-        if self.tool_parser is None:
-            raise InvalidArgument("this gateway serves no tool calls for its model (no tool-call parser: its "
-                                  "tokenizer lacks DeepSeek's tool-call tokens, or --tool-call-parser none); "
-                                  "send no tools, or tool_choice none")
         raise InvalidArgument(f"the model's chat template ignores tools and moemesh ships none for the "
                               f"{self.tool_parser} format; start the gateway with --chat-template FILE (a template "
                               "that renders tools), or send tool_choice none")

@@ -47,6 +47,8 @@ def test_requests_with_tools_render_with_the_shipped_tool_template(tok: Tokenize
 def test_tools_without_a_parser_or_a_template_are_refused(tok: Tokenizer) -> None:
     with pytest.raises(InvalidArgument, match="no tool-call parser"):
         ChatRenderer.build(tok, None).render(_chat(tools=[TOOL]))
+    with pytest.raises(InvalidArgument, match="no tool-call parser"):  # even when the template renders tools
+        ChatRenderer.build(tok.with_chat_template("{{ tools }}", "t"), None).render(_chat(tools=[TOOL]))
     with pytest.raises(InvalidArgument, match="moemesh ships none for the deepseek_v31 format"):
         ChatRenderer.build(tok, "deepseek_v31").render(_chat(tools=[TOOL]))
     # tool_choice none: the tools are not needed, the model's template renders the messages
