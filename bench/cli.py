@@ -57,6 +57,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     add_eplb_arguments(lb)
     lb.set_defaults(func=_run_eplb)
+    lp = bsub.add_parser("eplb-policy", help="the refined EPLB policy against DeepSeek's: balancedness and run time",
+                         description="DeepSeek's EPLB (auto) and the refined policy on the same skewed synthetic "
+                                     "loads (EP 32 and EP 72) and on recorded ones (--stats); prints balancedness "
+                                     "of both, the gain per case and per layer, and each policy's run time.")
+    from moemesh.bench.eplb_policy import add_arguments as add_eplb_policy_arguments
+
+    add_eplb_policy_arguments(lp)
+    lp.set_defaults(func=_run_eplb_policy)
     pr = bsub.add_parser("profile", help="one engine's decode and prefill step: where the time goes, and the limits",
                          description="Step times and torch-profiler tables of one decode step and one prefill step, "
                                      "with this machine's read bandwidth and matmul peak measured on the spot, the "
@@ -104,6 +112,12 @@ def _run_ep(args: argparse.Namespace) -> int:
 
 def _run_eplb(args: argparse.Namespace) -> int:
     from moemesh.bench.eplb import run
+
+    return run(args)
+
+
+def _run_eplb_policy(args: argparse.Namespace) -> int:
+    from moemesh.bench.eplb_policy import run
 
     return run(args)
 

@@ -15,15 +15,19 @@ Legend: L MoE layers, E logical experts, G expert groups, N nodes, R EP ranks, P
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from moemesh.services.eplb.balance import balancedness
 from moemesh.services.eplb.local_search import improve_packing
 from moemesh.services.eplb.rebalance import rebalance_experts_hierarchical, resolve_policy
 
-# Moves per row at most. The search usually stops well before (61 layers x 288 slots on 72 ranks of skewed loads:
-# about 120 steps); the bound keeps a pathological load within the time budget of a balancer run.
-MAX_STEPS = 512
+# Moves per row at most, which bounds the run time (a step costs about 1-2 ms at 61 layers x 288 slots on 72
+# ranks). The search stops by itself well before on the loads measured (`moemesh bench eplb-policy`: the same
+# placements with a bound of 128 as of 4096 at Zipf exponents 0.4-1.2, but for one layer in 30 at 64).
+MAX_STEPS = 256
 
 
 def place_refined_hierarchical(weight: torch.Tensor, num_physical: int, num_groups: int, num_nodes: int,
@@ -59,7 +63,8 @@ def refine(weight: torch.Tensor, phy2log: torch.Tensor, num_nodes: int, num_rank
     """
     num_layers, num_physical = phy2log.shape
     rows = phy2log.reshape(num_layers * num_nodes, num_physical // num_nodes)  # [L*N, P/N]: one row per node
-    searched = improve_packing(weight.repeat_interleave(num_nodes, 0), rows, num_ranks // num_nodes, max_steps)
+    with _one_thread():
+        searched = improve_packing(weight.repeat_interleave(num_nodes, 0), rows, num_ranks // num_nodes, max_steps)
     return keep_better(weight, phy2log, searched.view(num_layers, num_physical), num_ranks)
 
 
@@ -68,3 +73,17 @@ def keep_better(weight: torch.Tensor, reference: torch.Tensor, candidate: torch.
     strictly better than `reference`, else `reference`."""
     better = balancedness(weight, candidate, num_ranks) > balancedness(weight, reference, num_ranks)
     return torch.where(better.unsqueeze(1), candidate, reference)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch's intra-op threads limited to one while the search runs. Its tensors are small (about 1e5 elements an
+    op) and it runs hundreds of ops in a row: splitting each over threads costs more in hand-offs than it saves, and
+    far more when the cores are busy (61 layers x 288 slots on 72 ranks: 0.26 s on one thread, 0.7-2.0 s on two
+    sharing two busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
