@@ -123,7 +123,7 @@ def _recorded(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _report(results: dict[str, Any], args: argparse.Namespace) -> str:
-    head = (f"  {'case':<26} {'policies':<28} {'DeepSeek':>8} {'refined':>8} {'gain':>7} {'min layer':>9} "
+    head = (f"  {'case':<26} {'policies':<36} {'DeepSeek':>8} {'refined':>8} {'gain':>7} {'min layer':>9} "
             f"{'worse':>5} {'DeepSeek ms':>11} {'refined ms':>10}")
     out = [f"moemesh bench eplb-policy: DeepSeek's EPLB (auto) against refined, same loads and constraints; "
            f"torch threads {results['threads']}",
@@ -147,6 +147,6 @@ def _report(results: dict[str, Any], args: argparse.Namespace) -> str:
 def _line(case: str, r: dict[str, Any]) -> str:
     auto, refined = r["policies"]["auto"], r["policies"]["refined"]
     policy = f"{auto['resolved']} / {refined['resolved']}"
-    return (f"  {case:<26} {policy:<28} {auto['mean']:>8.4f} {refined['mean']:>8.4f} {r['gain']:>+7.4f} "
+    return (f"  {case:<26} {policy:<36} {auto['mean']:>8.4f} {refined['mean']:>8.4f} {r['gain']:>+7.4f} "
             f"{r['min_layer_gain']:>+9.4f} {r['worse_layers']:>5} {1e3 * auto['time_s']:>11.1f} "
             f"{1e3 * refined['time_s']:>10.1f}")
