@@ -69,8 +69,9 @@ def load_ucxx() -> ModuleType:
         import ucxx
     except Exception as e:  # ImportError, or OSError when libucx itself cannot load
         raise PlaneUnavailable(
-            f"the ucx KV data plane needs the package ucxx-cu12 (pip install 'moemesh[ucx]'), which failed to "
-            f"import ({type(e).__name__}: {e}); use --transfer relay to send KV through kvtransfer instead"
+            f"the ucx KV data plane needs the package ucxx-cu12 (pip install 'moemesh[ucx]', or "
+            f"pip install -e '.[ucx]' from a checkout), which failed to import ({type(e).__name__}: {e}); "
+            f"use --transfer relay to send KV through kvtransfer instead"
         ) from e
     return ucxx
 
