@@ -17,9 +17,10 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where used: `moemesh --help` builds this parser without it
+    import torch
 
 # (a)'s cases: name, EP ranks R, nodes N; DeepSeek-V3's 256 experts in 8 groups, 32 redundant slots.
 SYNTHETIC_CASES = (("prefill-like EP 32", 32, 4), ("decode-like EP 72", 72, 9))
@@ -53,6 +54,8 @@ def synthetic_loads(num_layers: int, num_experts: int, seed: int, zipf: float = 
     drifts: each layer's ranking sorts the previous layer's log-popularity plus a normal step of std `drift`.
     `hot` experts drawn anew per layer get `hot_factor` times their share, and every count a 10% log-normal noise.
     """
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     curve = torch.arange(1, num_experts + 1, dtype=torch.float64) ** -zipf
     position = torch.randn(num_experts, generator=g, dtype=torch.float64)
@@ -91,6 +94,8 @@ def compare(weight: torch.Tensor, num_physical: int, num_groups: int, num_nodes:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     num_physical = args.experts + args.redundant
     # A warm-up run: the first torch calls of a process pay one-off costs that a running balancer has paid long ago.
     compare(synthetic_loads(2, args.experts, 0), num_physical, NUM_GROUPS, 4, 32, 1)
@@ -110,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _recorded(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import torch
+
     from moemesh.telemetry.expert_load_file import read_windows
 
     windows = read_windows(args.stats)

@@ -41,7 +41,7 @@ def test_decode_worker_dying_mid_request_ends_the_stream_with_unavailable(model_
                 address = ready.address
                 assert mesh.app.registry.get("dying") is not None
                 call = mesh.stub.Generate(gateway_pb2.GenerateRequest(
-                    prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=1000)), timeout=20)
+                    prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=200)), timeout=20)
                 assert (await call.read()).token_ids
                 proc.send_signal(signal.SIGKILL)
                 with pytest.raises(grpc.aio.AioRpcError) as excinfo:
