@@ -113,13 +113,18 @@ class PackedExperts:
 
 
 def install(model: nn.Module) -> int:
-    """Give every `Linear` and `RoutedExperts` of `model` its packed kernel; returns how many layers took one."""
+    """Give every `Linear` and `RoutedExperts` of `model` its packed kernel; returns how many layers took one.
+
+    The routed experts also take the native one-call kernel for decode-sized steps where it builds and runs
+    (`moemesh.kernels.native_experts`; `MOEMESH_NATIVE_KERNELS=0` turns it off)."""
+    from moemesh.kernels import native_experts  # it builds on PackedExperts: imported here, not at the top
+
     n = 0
     for m in model.modules():
         if isinstance(m, Linear):
             m.kernel = PackedLinear(m)
             n += 1
         elif isinstance(m, RoutedExperts) and m.num_experts and m.fp8_block is None:  # FP8 ones stay 8-bit
-            m.kernel = PackedExperts(m.w13, m.w2)
+            m.kernel = native_experts.make(m.w13, m.w2)
             n += 1
     return n

@@ -117,8 +117,9 @@ def test_every_expert_form_is_left_to_large_steps_and_large_layers() -> None:
 def test_engine_outputs_do_not_depend_on_the_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bf16 checkpoint decodes to the same tokens and logprobs with the packed kernels as eagerly:
     prefill, paged decode and prefix-cache hits (the second round reuses the first's pages). The one-pass form
-    over every expert (which rounds differently, tested above) is off here."""
+    over every expert (which rounds differently, tested above) and the native kernel (test_native.py) are off here."""
     monkeypatch.setattr(onednn, "_EVERY_EXPERT_MAX_BYTES", 0)
+    monkeypatch.setenv("MOEMESH_NATIVE_KERNELS", "0")
     from moemesh.engine.engine import Engine, EngineConfig
     from moemesh.engine.sampling_params import SamplingParams
     from moemesh.model.tiny import make_tiny

@@ -1,0 +1,57 @@
+"""The routed experts at decode sizes in one native call (`moe_bf16.c`), in front of the oneDNN forms.
+
+A decode step's MoE layer reads a few megabytes of experts; oneDNN's per-call set-up (15-20 us a matmul, two
+per expert) and the torch ops around it cost more than reading them. The native kernel takes the layer's
+tokens, their choices and the stacked weights in one call, groups the (token, expert) pairs by expert and
+streams each chosen expert's weights once, every token of that expert against each row. Measured on one layer
+(one thread, five layers' weights cycled so they come from memory; docs/benchmarks.md): 1.9-5x faster than the
+oneDNN forms at 1-4 tokens on the small shape, 1.1-1.5x at 16-64 tokens and on the compute shape's larger
+experts; larger steps (prefill chunks) keep oneDNN's AMX matmuls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from moemesh.kernels import native
+from moemesh.kernels.onednn import PackedExperts
+
+# Steps of at most this many tokens take the native kernel (measured: it wins up to 64 on both benchmark
+# shapes, by less as the rows per expert grow and AMX's matrix throughput starts to count).
+MAX_ROWS = 64
+
+
+class NativeExperts:
+    """An `ExpertsKernel` (moemesh.model.moe): the native one-call layer for steps of at most MAX_ROWS tokens,
+    the oneDNN `PackedExperts` forms otherwise. Reads the module's own weights, w13 [E, 2I, D] and w2 [E, D, I]
+    bf16, at every call (so in-place expert moves are seen)."""
+
+    def __init__(self, lib: ctypes.CDLL, w13: torch.Tensor, w2: torch.Tensor, fallback: PackedExperts) -> None:
+        self.lib = lib
+        self.w13 = w13.detach()
+        self.w2 = w2.detach()
+        self.fallback = fallback
+
+    def __call__(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The grouped SwiGLU GEMM (larger steps): xs [P, D] rows grouped by expert, counts [E] -> [P, D]."""
+        return self.fallback(xs, counts)
+
+    def every_expert(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                     counts: list[int]) -> torch.Tensor | None:
+        """x [T, D] bf16, topk_ids [T, K] int64, topk_weights [T, K] float32 -> the weighted sum of each token's
+        experts [T, D] bf16 (None where the grouped form takes the step)."""
+        if x.shape[0] <= MAX_ROWS:
+            return native.moe_experts(self.lib, x, topk_ids, topk_weights, self.w13, self.w2)
+        return self.fallback.every_expert(x, topk_ids, topk_weights, counts)
+
+
+def make(w13: torch.Tensor, w2: torch.Tensor) -> NativeExperts | PackedExperts:
+    """The experts kernel for these weights: the native one in front of oneDNN's where it can run, else
+    oneDNN's alone (with its matrices over every expert, the decode form without the native kernel)."""
+    lib = native.library()
+    if lib is None or not (w13.is_contiguous() and w2.is_contiguous()):
+        return PackedExperts(w13, w2)
+    # The native kernel takes every step the every-expert matrices would: no need for that second copy.
+    return NativeExperts(lib, w13, w2, PackedExperts(w13, w2, every_expert=False))
