@@ -81,6 +81,7 @@ class AsyncEngine:
         """Run a request to the end here (colocated); yields its outputs; abandoning the iterator aborts it."""
         q = self._open(request_id)
         try:
+            await self._compile_grammar(params)
             await self._call(self.engine.add_request, list(prompt), params, request_id, False, resume)
             async for out in self._events(q, request_id):
                 yield out
@@ -98,6 +99,7 @@ class AsyncEngine:
         q = self._open(request_id)
         self._prefill_ids.add(request_id)
         try:
+            await self._compile_grammar(params)
             await self._call(self.engine.add_request, list(prompt), params, request_id, True, resume)
             async for item in self._events(q, request_id):
                 yield item
@@ -112,6 +114,7 @@ class AsyncEngine:
         """PD decode: yields Reserved once pages are reserved, then (after `commit`) the outputs."""
         q = self._open(request_id)
         try:
+            await self._compile_grammar(params)
             await self._call(self.engine.reserve_request, list(prompt), params, request_id, resume)
             async for item in self._events(q, request_id):
                 yield item
@@ -119,6 +122,12 @@ class AsyncEngine:
                     return
         finally:
             await self._close(request_id)
+
+    async def _compile_grammar(self, params: SamplingParams) -> None:
+        """Compile a structured-output request's grammar in a worker thread: the engine thread then finds it in
+        the compiler's cache instead of stalling every other request's steps on it."""
+        if params.structured_output is not None:
+            await asyncio.to_thread(self.engine.grammars.compile, params.structured_output)
 
     def write_kv(self, request_id: str, token_start: int, rows: torch.Tensor) -> None:
         """PD decode: store received rows into the reserved pages (any thread; see the module doc)."""

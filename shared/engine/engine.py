@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moemesh.device import bind_thread
+from moemesh.engine.grammar import GrammarEngine
 from moemesh.engine.kv_cache import LatentKVCache
 from moemesh.engine.request import FinishReason, Request, RequestOutput, RequestStatus
 from moemesh.engine.runner import ModelRunner
@@ -137,6 +138,7 @@ class Engine:
             eos.update(self.tokenizer.eos_token_ids)
         self.eos_token_ids = tuple(sorted(eos))
         self.cache = LatentKVCache(mc, num_pages, cfg.page_size, dtype, next(self.model.parameters()).device)
+        self.grammars = GrammarEngine(self.tokenizer, mc.vocab_size, self.eos_token_ids)
         self.runner = ModelRunner(self.model, self.cache, Sampler(Sampler.make_generator(cfg.seed)),
                                   self.eos_token_ids)
         self.requests: dict[str, Request] = {}
@@ -198,6 +200,8 @@ class Engine:
             req.generator = Sampler.make_generator(params.seed)
         if self.tokenizer is not None:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+        if params.structured_output is not None:
+            req.grammar = self.grammars.state(params.structured_output)
         if resume is not None and resume.token_ids:
             self._resume(req, resume)
         return req
@@ -211,6 +215,8 @@ class Engine:
         if len(tokens) >= req.params.max_tokens:
             raise InvalidParameter(f"resume_token_ids: {len(tokens)} tokens already reach max_tokens "
                                    f"{req.params.max_tokens}")
+        if req.grammar is not None and not all(req.grammar.accept(t) for t in tokens):
+            raise InvalidParameter("resume_token_ids: the outputs do not follow the request's structured_output")
         req.output_token_ids = tokens
         if req.detokenizer is not None:
             for t in tokens:
@@ -360,6 +366,8 @@ class Engine:
         if req.detokenizer is not None:
             req.output_text += req.detokenizer.add(token)
         reason, stop_reason = check_stop(req, token, self.eos_token_ids, self.max_model_len)
+        if req.grammar is not None and reason is None and _grammar_ended(req.grammar, token):
+            reason, stop_reason = FinishReason.STOP, token
         if reason is not None:
             if req.detokenizer is not None and not isinstance(stop_reason, str):
                 req.output_text += req.detokenizer.flush()  # an incomplete last character, as is
@@ -401,6 +409,13 @@ class Engine:
             "num_pages": s.cfg.num_pages, "num_free_pages": s.num_free_pages, "num_cached_pages": s.cache.num_cached,
             "prefix_cache_hit_rate": s.cache.hit_rate, "num_preemptions": s.num_preemptions,
         }
+
+
+def _grammar_ended(grammar, token: int) -> bool:
+    """Advance a constrained request's grammar by its new output token: True when the output is complete (the
+    grammar took its end, e.g. EOS under ignore_eos) or the token breaks it (one sampled elsewhere, which the mask
+    did not see): either way nothing valid can follow."""
+    return not grammar.accept(token) or grammar.terminated
 
 
 def _completion(req: Request) -> Completion:

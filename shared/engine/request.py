@@ -74,6 +74,7 @@ class Request:
     prefill_only: bool = False   # PD prefill: stop after the first token and hold the pages
     num_kv_emitted: int = 0      # PD prefill: tokens whose KV rows were handed to the sender
     detokenizer: Any = None
+    grammar: Any = None          # structured output: its GrammarState (moemesh.engine.grammar), else None
     timing: RequestTiming = field(default_factory=RequestTiming)
 
     @property

@@ -102,4 +102,4 @@ class ModelRunner:
         banned: tuple[int, ...] = ()
         if req.num_output_tokens < p.min_tokens:
             banned = p.stop_token_ids + (() if p.ignore_eos else self.eos_token_ids)
-        return SamplingRow(p, req.generator, req.prompt_token_ids, req.output_token_ids, banned)
+        return SamplingRow(p, req.generator, req.prompt_token_ids, req.output_token_ids, banned, req.grammar)

@@ -1,7 +1,8 @@
 """The batched token sampler the model runner calls once per step.
 
 Order of operations per row, as in vLLM:
-raw logits -> logprobs (reported from the raw distribution) -> banned ids set to -inf -> penalties ->
+raw logits -> logprobs (reported from the raw distribution) -> banned ids set to -inf -> grammar mask
+(structured output) -> penalties ->
 greedy argmax, or temperature -> top-k -> top-p -> min-p -> one random draw.
 
 Random draws use the exponential race: with q ~ Exponential(1) i.i.d. over the vocabulary,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,7 +33,8 @@ class SamplingRow:
     `generator` is the request's own generator when `params.seed` is set (see
     `Sampler.make_generator`), else None to draw from the sampler's shared one.
     `banned_token_ids` are set to -inf before anything else, e.g. EOS and stop ids until
-    `min_tokens` is reached.
+    `min_tokens` is reached. `grammar`: a structured-output request's GrammarState, whose mask leaves only
+    the tokens its grammar allows next.
     """
 
     params: SamplingParams
@@ -39,6 +42,7 @@ class SamplingRow:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     banned_token_ids: Sequence[int] = ()
+    grammar: Any = None
 
 
 @dataclass
@@ -90,11 +94,15 @@ class Sampler:
             return SampleResult([], [], [])
 
         if all(r.params.greedy and not r.params.has_penalties and not r.banned_token_ids
-               and r.params.logprobs is None for r in rows):
+               and r.params.logprobs is None and r.grammar is None for r in rows):
             return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(rows), [None] * len(rows))
 
         x = logits.to(torch.float32, copy=True)  # [B, V] float32, ours to modify
         apply_bans(x, [r.banned_token_ids for r in rows])
+        if any(r.grammar is not None for r in rows):
+            from moemesh.engine.grammar import apply_grammar_masks
+
+            apply_grammar_masks(x, [r.grammar for r in rows])
         apply_penalties(x, rows)
 
         tokens = torch.empty(len(rows), dtype=torch.long, device=x.device)  # [B]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -12,10 +13,39 @@ GREEDY_EPSILON = 1e-5
 MAX_STOP_STRINGS = 128
 MAX_STOP_STRING_CHARS = 4096
 MAX_STOP_TOKEN_IDS = 4096
+# A structured-output spec is compiled into a token automaton per request: bound what a client can make us build.
+MAX_STRUCTURED_SPEC_CHARS = 256 * 1024
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "grammar")
 
 
 class InvalidParameter(ValueError):
     """A request parameter is out of range; the message names the parameter and the allowed range."""
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What a constrained request's output must match: `kind` one of STRUCTURED_KINDS, `spec` its text (a JSON
+    Schema, a regular expression or an EBNF grammar; empty for json_object). Checked here for shape only; the
+    grammar engine (`moemesh.engine.grammar`) compiles it and names what it cannot."""
+
+    kind: str
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in STRUCTURED_KINDS, "structured_output",
+               f"kind must be one of {', '.join(STRUCTURED_KINDS)}, got {self.kind!r}")
+        _check(len(self.spec) <= MAX_STRUCTURED_SPEC_CHARS, "structured_output",
+               f"{self.kind} must be at most {MAX_STRUCTURED_SPEC_CHARS} characters, got {len(self.spec)}")
+        if self.kind == "json_object":
+            return
+        _check(bool(self.spec.strip()), "structured_output", f"{self.kind} must not be empty")
+        if self.kind == "json_schema":
+            try:
+                schema = json.loads(self.spec)
+            except ValueError as e:
+                raise InvalidParameter(f"structured_output json_schema is not valid JSON: {e}") from None
+            _check(isinstance(schema, (dict, bool)), "structured_output",
+                   f"json_schema must be a JSON object (a schema), got {type(schema).__name__}")
 
 
 @dataclass(frozen=True)
@@ -42,6 +72,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen so the params stay hashable and immutable.

@@ -115,6 +115,11 @@ class Tokenizer:
     # -- ids and special tokens
 
     @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The `tokenizers` object underneath (for libraries that read a vocabulary, e.g. a grammar engine)."""
+        return self._backend
+
+    @property
     def vocab_size(self) -> int:
         """Number of token ids, added tokens included."""
         return self._backend.get_vocab_size(with_added_tokens=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -37,9 +38,15 @@ def sampling_message(
     min_tokens: int = 0,
     logprobs: int | None = None,
     include_stop_str_in_output: bool = False,
+    json_schema: Mapping[str, Any] | str | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    grammar: str | None = None,
 ) -> common_pb2.SamplingParams:
     """The sampling options every generate/stream/chat call takes (vLLM's names and defaults).
 
+    Structured output, at most one of: `json_schema` (a JSON Schema, as a dict or JSON text), `json_object`
+    (any JSON object), `regex`, `grammar` (EBNF): the output is constrained token by token to match.
     The gateway validates the values; this only checks what the wire format cannot carry.
     """
     if max_tokens < 1:
@@ -57,6 +64,9 @@ def sampling_message(
     if logprobs is not None:
         fields["logprobs"] = logprobs
     msg = common_pb2.SamplingParams()
+    constraint = _structured(json_schema, json_object, regex, grammar)
+    if constraint is not None:
+        msg.structured_output.CopyFrom(constraint)
     for name, value in fields.items():
         try:
             if isinstance(value, list):
@@ -66,6 +76,26 @@ def sampling_message(
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}={value!r}: {exc}") from None
     return msg
+
+
+def _structured(json_schema: Mapping[str, Any] | str | None, json_object: bool, regex: str | None,
+                grammar: str | None) -> common_pb2.StructuredOutput | None:
+    given = [name for name, v in (("json_schema", json_schema), ("json_object", json_object or None),
+                                  ("regex", regex), ("grammar", grammar)) if v is not None]
+    if len(given) > 1:
+        raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "pass at most one of json_schema, json_object, regex, grammar "
+                                   f"(got {', '.join(given)})")
+    if json_schema is not None:
+        return common_pb2.StructuredOutput(
+            json_schema=json_schema if isinstance(json_schema, str) else json.dumps(json_schema))
+    if json_object:
+        return common_pb2.StructuredOutput(json_object=True)
+    if regex is not None:
+        return common_pb2.StructuredOutput(regex=regex)
+    if grammar is not None:
+        return common_pb2.StructuredOutput(grammar=grammar)
+    return None
 
 
 def generate_request(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from moemesh.engine.request import FinishReason
-from moemesh.engine.sampling_params import SamplingParams
+from moemesh.engine.sampling_params import SamplingParams, StructuredOutput
 from moemesh.v1 import common_pb2
 
 _FINISH_TO_PB = {
@@ -33,7 +33,22 @@ def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
         min_tokens=pb.min_tokens,
         logprobs=pb.logprobs if pb.HasField("logprobs") else None,
         include_stop_str_in_output=pb.include_stop_str_in_output,
+        structured_output=structured_from_pb(pb.structured_output) if pb.HasField("structured_output") else None,
     )
+
+
+def structured_from_pb(pb: common_pb2.StructuredOutput) -> StructuredOutput | None:
+    """The oneof's case as the engine's spec; None when no case is set (an empty message constrains nothing)."""
+    kind = pb.WhichOneof("kind")
+    if kind is None:
+        return None
+    return StructuredOutput(kind, "" if kind == "json_object" else getattr(pb, kind))
+
+
+def structured_to_pb(s: StructuredOutput) -> common_pb2.StructuredOutput:
+    if s.kind == "json_object":
+        return common_pb2.StructuredOutput(json_object=True)
+    return common_pb2.StructuredOutput(**{s.kind: s.spec})
 
 
 def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
@@ -46,6 +61,8 @@ def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
         pb.seed = p.seed
     if p.logprobs is not None:
         pb.logprobs = p.logprobs
+    if p.structured_output is not None:
+        pb.structured_output.CopyFrom(structured_to_pb(p.structured_output))
     return pb
 
 

@@ -20,6 +20,7 @@ from moemesh.services.gateway.rest.schemas import (
     NamedToolChoice,
     _Sampling,
 )
+from moemesh.services.gateway.rest.structured import structured_output
 from moemesh.v1 import common_pb2, gateway_pb2
 
 _TOOL_CHOICES = {"auto": gateway_pb2.TOOL_CHOICE_AUTO, "none": gateway_pb2.TOOL_CHOICE_NONE,
@@ -47,6 +48,8 @@ def sampling(body: _Sampling, max_tokens: int | None, logprobs: int | None, choi
         pb.seed = (body.seed + choice) % _SEED_MOD
     if logprobs is not None:
         pb.logprobs = logprobs
+    if (constraint := structured_output(body)) is not None:
+        pb.structured_output.CopyFrom(constraint)
     return pb
 
 
@@ -171,8 +174,6 @@ def chat_requests(body: ChatCompletionRequest, base_id: str) -> list[gateway_pb2
     check_common(body)
     if body.logit_bias:
         raise ApiError(400, "logit_bias is not supported", "logit_bias")
-    if body.response_format and body.response_format.get("type") != "text":
-        raise ApiError(400, "response_format: only {\"type\": \"text\"} is supported", "response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None

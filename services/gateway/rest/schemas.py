@@ -85,6 +85,14 @@ class _Sampling(_Request):
     user: str | None = Field(None, description="Accepted for compatibility; unused.")
     skip_special_tokens: Bool = Field(True, description="vLLM extra: leave special tokens out of the text; only "
                                                         "true is supported.")
+    response_format: dict[str, Any] | None = Field(
+        None, description="`{\"type\": \"text\"}` (free), `{\"type\": \"json_object\"}` (any JSON object) or "
+                          "`{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}`: "
+                          "the output is constrained token by token to match (structured output; the workers need "
+                          "xgrammar).")
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM extra: exactly one of `json` (a JSON Schema), `json_object` (true), `regex` or "
+                          "`grammar` (EBNF) constrains the output; not together with a non-text response_format.")
 
 
 class CompletionRequest(_Sampling):
@@ -198,7 +206,6 @@ class ChatCompletionRequest(_Sampling):
     continue_final_message: Bool = Field(False, description="vLLM extra: continue the last (assistant) message "
                                                             "instead of answering it; needs add_generation_prompt "
                                                             "false.")
-    response_format: dict[str, Any] | None = Field(None, description="Only `{\"type\": \"text\"}` is supported.")
     logit_bias: dict[str, float] | None = Field(None, description="Not supported: must be null or empty.")
 
 

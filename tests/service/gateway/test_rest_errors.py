@@ -65,7 +65,8 @@ BAD_CHATS: list[tuple[dict[str, Any], str]] = [
     ({"messages": CHAT, "logprobs": True, "top_logprobs": 30}, "top_logprobs"),
     ({"messages": CHAT, "max_completion_tokens": -3}, "max_completion_tokens"),
     ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": CHAT, "response_format": {"type": "yaml"}}, "response_format"),
+    ({"messages": CHAT, "structured_outputs": {"regex": 5}}, "structured_outputs"),
     ({"messages": [{"role": "user", "content": "word " * MAX_MODEL_LEN}]}, "context limit"),
 ]
 
