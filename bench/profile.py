@@ -9,6 +9,7 @@ One engine, one checkpoint: B prompts are prefilled, then decode steps run at ba
   - prefill: the step's matrix FLOPs against the matmul peak of the compute dtype.
 
     moemesh bench profile --model DIR [--batch 4] [--prompt-len 128] [--dtype auto] [--num-threads 1]
+                          [--native auto|off] [--native-ab ROUNDS]
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, help="decode steps timed (the best is kept)")
     p.add_argument("--top", type=int, default=25, help="operators listed per profile")
     p.add_argument("--no-profile", action="store_true", help="step times and limits only")
+    p.add_argument("--native", choices=("auto", "off"), default="auto",
+                   help="the native routed-experts kernel (moemesh.kernels.native): where it builds, or never")
+    p.add_argument("--native-ab", type=int, default=0, metavar="ROUNDS",
+                   help="also time decode steps with and without the native kernel, interleaved, ROUNDS times")
 
 
 def read_bandwidth_gbs(mb: int = 512) -> float:
@@ -60,6 +65,32 @@ def _engine(args: argparse.Namespace):
                                max_num_seqs=max(64, args.batch), max_num_batched_tokens=args.batch * args.prompt_len,
                                num_threads=args.num_threads, kv_cache_mb=1024, record_expert_load=False,
                                kernels=args.kernels))
+
+
+def _native_ab(engine, rounds: int, steps: int) -> None:
+    """Decode steps of the same engine with the native experts kernel and without, alternating `rounds` times
+    (the machine is shared: interleaving spreads its noise over both), best of `steps` each."""
+    import os
+
+    from moemesh.kernels import native
+    from moemesh.kernels.backends import install_kernels
+
+    before = os.environ.get(native.ENV)
+    times: dict[str, list[float]] = {"native": [], "without": []}
+    try:
+        for _ in range(rounds):
+            for name, env in (("native", "1"), ("without", "0")):
+                os.environ[native.ENV] = env
+                install_kernels(engine.model, engine.kernels)
+                engine.step()
+                times[name].append(best_time(engine.step, steps))
+    finally:
+        if before is None:
+            os.environ.pop(native.ENV, None)
+        else:
+            os.environ[native.ENV] = before
+    print("decode step, native experts kernel on / off (interleaved, ms): " + "; ".join(
+        f"{a * 1e3:.2f} / {b * 1e3:.2f}" for a, b in zip(times["native"], times["without"], strict=True)))
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -133,6 +164,12 @@ def run(args: argparse.Namespace) -> int:
 
     from moemesh.engine.sampling_params import SamplingParams
 
+    if args.native == "off":
+        import os
+
+        from moemesh.kernels import native
+
+        os.environ[native.ENV] = "0"
     engine = _engine(args)
     cfg, dtype = engine.model.config, next(engine.model.parameters()).dtype
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.model}: hidden {cfg.hidden_size}, "
@@ -165,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
         engine.step()
     t_decode = best_time(engine.step, args.steps)
     last = [r.all_token_ids[-1] for r in engine.requests.values()]
+    if args.native_ab:
+        _native_ab(engine, args.native_ab, args.steps)
 
     bw = read_bandwidth_gbs()
     peak = {d: matmul_gflops(d) for d in (torch.float32, torch.bfloat16)}

@@ -4,8 +4,8 @@ A decode step's MoE layer reads a few megabytes of experts; oneDNN's per-call se
 per expert) and the torch ops around it cost more than reading them. The native kernel takes the layer's
 tokens, their choices and the stacked weights in one call, groups the (token, expert) pairs by expert and
 streams each chosen expert's weights once, every token of that expert against each row. Measured on one layer
-(one thread, five layers' weights cycled so they come from memory; docs/benchmarks.md): 1.9-5x faster than the
-oneDNN forms at 1-4 tokens on the small shape, 1.1-1.5x at 16-64 tokens and on the compute shape's larger
+(one thread, five layers' weights cycled so they come from memory; docs/benchmarks.md): 2.2-3.7x faster than the
+oneDNN forms at 1-4 tokens on the small shape, 1.6-1.7x at 16-32, 1.2-1.3x on the compute shape's larger
 experts; larger steps (prefill chunks) keep oneDNN's AMX matmuls.
 """
 
@@ -18,9 +18,10 @@ import torch
 from moemesh.kernels import native
 from moemesh.kernels.onednn import PackedExperts
 
-# Steps of at most this many tokens take the native kernel (measured: it wins up to 64 on both benchmark
-# shapes, by less as the rows per expert grow and AMX's matrix throughput starts to count).
-MAX_ROWS = 64
+# Steps of at most this many tokens take the native kernel. Measured (scripts/native_experts_ab.py): 1.2-3.7x
+# at 1-32 tokens on both benchmark shapes; at 64 still 1.46x on the small one but 0.95x on the compute one,
+# whose ~6 rows per expert of [1024, 384] make AMX's matrix throughput count more than oneDNN's call set-up.
+MAX_ROWS = 32
 
 
 class NativeExperts:
