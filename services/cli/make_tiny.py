@@ -19,6 +19,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "real layer dimensions, 1 dense + 1 MoE layer, FP8 blocks (~12 GB, written in shards)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the weights' dtype in the files (and config.json's torch_dtype)")
+    p.add_argument("--chat-tokens", action="store_true",
+                   help="give the tokenizer DeepSeek's chat tokens (<think>, </think>, the tool-call and tool-output "
+                        "markers) as its last ids: tool calls and reasoning are then parsed, and tool_choice "
+                        "required or named can force calls")
     p.set_defaults(func=run)
 
 
@@ -27,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moemesh.model.tiny import make_tiny
 
-    out = make_tiny(args.dir, seed=args.seed, preset=args.preset, dtype=getattr(torch, args.dtype))
+    out = make_tiny(args.dir, seed=args.seed, preset=args.preset, dtype=getattr(torch, args.dtype),
+                    chat_tokens=args.chat_tokens)
     print(f"wrote a {args.preset} DeepSeek-V3 checkpoint to {out}")
     return 0

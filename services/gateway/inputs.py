@@ -15,6 +15,7 @@ from moemesh.model.tokenizer import Tokenizer
 from moemesh.service.convert import sampling_from_pb
 from moemesh.service.errors import InvalidArgument, NotFound
 from moemesh.services.gateway.chat_input import ChatRenderer, tools_requested
+from moemesh.services.gateway.tool_grammar import FORCED, forced_tool_calls
 from moemesh.v1 import common_pb2, gateway_pb2
 
 # Client-chosen ids travel to every worker and into logs and errors: bounded, so no status message
@@ -109,6 +110,12 @@ def prepare(req: gateway_pb2.GenerateRequest, renderer: ChatRenderer, model_name
     sampling.CopyFrom(req.sampling)
     if chat and not sampling.max_tokens:
         sampling.max_tokens = max_model_len - len(ids)
+    if chat and req.messages.tools and req.messages.tool_choice in FORCED:
+        if sampling.structured_output.WhichOneof("kind") is not None:
+            raise InvalidArgument("tool_choice required or a named function constrains the output to tool calls "
+                                  "itself: send it without response_format or structured_outputs")
+        sampling.structured_output.CopyFrom(
+            forced_tool_calls(req.messages, renderer.tool_parser or "", renderer.tokenizer))
     params = sampling_from_proto(sampling)
     if len(ids) + params.max_tokens > max_model_len:
         raise InvalidArgument(

@@ -69,8 +69,10 @@ class GrammarEngine:
                 return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
             if spec.kind == "regex":
                 return compiler.compile_regex(spec.spec)
+            if spec.kind == "structural_tag":
+                return compiler.compile_structural_tag(spec.spec)
             return compiler.compile_grammar(spec.spec)
-        except (RuntimeError, ValueError) as e:  # xgrammar's errors for a spec it cannot compile
+        except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's errors for a spec it cannot compile
             raise InvalidParameter(f"structured_output {spec.kind} could not be compiled: {_first_line(e)}") from None
 
     def state(self, spec: StructuredOutput) -> GrammarState:

@@ -15,7 +15,7 @@ MAX_STOP_STRING_CHARS = 4096
 MAX_STOP_TOKEN_IDS = 4096
 # A structured-output spec is compiled into a token automaton per request: bound what a client can make us build.
 MAX_STRUCTURED_SPEC_CHARS = 256 * 1024
-STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "grammar")
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "grammar", "structural_tag")
 
 
 class InvalidParameter(ValueError):
@@ -25,8 +25,9 @@ class InvalidParameter(ValueError):
 @dataclass(frozen=True)
 class StructuredOutput:
     """What a constrained request's output must match: `kind` one of STRUCTURED_KINDS, `spec` its text (a JSON
-    Schema, a regular expression or an EBNF grammar; empty for json_object). Checked here for shape only; the
-    grammar engine (`moemesh.engine.grammar`) compiles it and names what it cannot."""
+    Schema, a regular expression, an EBNF grammar or an xgrammar structural tag in JSON; empty for json_object).
+    Checked here for shape only; the grammar engine (`moemesh.engine.grammar`) compiles it and names what it
+    cannot."""
 
     kind: str
     spec: str = ""
@@ -39,13 +40,13 @@ class StructuredOutput:
         if self.kind == "json_object":
             return
         _check(bool(self.spec.strip()), "structured_output", f"{self.kind} must not be empty")
-        if self.kind == "json_schema":
+        if self.kind in ("json_schema", "structural_tag"):
             try:
-                schema = json.loads(self.spec)
+                value = json.loads(self.spec)
             except ValueError as e:
-                raise InvalidParameter(f"structured_output json_schema is not valid JSON: {e}") from None
-            _check(isinstance(schema, (dict, bool)), "structured_output",
-                   f"json_schema must be a JSON object (a schema), got {type(schema).__name__}")
+                raise InvalidParameter(f"structured_output {self.kind} is not valid JSON: {e}") from None
+            _check(isinstance(value, (dict, bool)) if self.kind == "json_schema" else isinstance(value, dict),
+                   "structured_output", f"{self.kind} must be a JSON object, got {type(value).__name__}")
 
 
 @dataclass(frozen=True)

@@ -120,8 +120,10 @@ def random_weights(cfg: ModelConfig, seed: int, dtype: torch.dtype = torch.float
 
 
 def write_checkpoint(out_dir: str | Path, config: dict[str, Any], seed: int = 0,
-                     dtype: torch.dtype = torch.float32, shards: int = 1, tokenizer: bool = True) -> Path:
-    """Write config.json, safetensors (one file, or `shards` files with an index) and the tokenizer."""
+                     dtype: torch.dtype = torch.float32, shards: int = 1, tokenizer: bool = True,
+                     chat_tokens: bool = False) -> Path:
+    """Write config.json, safetensors (one file, or `shards` files with an index) and the tokenizer (with
+    DeepSeek's chat tokens, think and tool-call markers, as the last ids of its vocabulary if `chat_tokens`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig.from_hf_dict(config)
@@ -143,16 +145,20 @@ def write_checkpoint(out_dir: str | Path, config: dict[str, Any], seed: int = 0,
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     if tokenizer:
-        build_tiny_tokenizer(out, vocab_size=config["vocab_size"])
+        build_tiny_tokenizer(out, vocab_size=config["vocab_size"], chat_tokens=chat_tokens)
     return out
 
 
-def make_tiny(out_dir: str | Path, seed: int = 0, preset: str = "tiny", dtype: torch.dtype = torch.float32) -> Path:
+def make_tiny(out_dir: str | Path, seed: int = 0, preset: str = "tiny", dtype: torch.dtype = torch.float32,
+              chat_tokens: bool = False) -> Path:
     """Write the embedded default model (or another preset) to `out_dir`, its weights in `dtype` (a STREAMED
-    preset: FP8 projections, the rest in `dtype`)."""
+    preset: FP8 projections, the rest in `dtype`); `chat_tokens`: a tokenizer with DeepSeek's chat tokens."""
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     if preset in STREAMED:
+        if chat_tokens:
+            raise ValueError(f"the {preset} preset writes its own tokenizer; chat tokens are for the other presets")
         from moemesh.model.streamed_checkpoint import write_streamed_checkpoint
 
         return write_streamed_checkpoint(out_dir, tiny_config(preset, torch_dtype=name), seed=seed)
-    return write_checkpoint(out_dir, tiny_config(preset, torch_dtype=name), seed=seed, dtype=dtype)
+    return write_checkpoint(out_dir, tiny_config(preset, torch_dtype=name), seed=seed, dtype=dtype,
+                            chat_tokens=chat_tokens)

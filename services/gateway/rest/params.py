@@ -120,6 +120,8 @@ def chat_messages(body: ChatCompletionRequest) -> gateway_pb2.ChatMessages:
     chat = gateway_pb2.ChatMessages(messages=chat_turns(body.messages),
                                     add_generation_prompt=body.add_generation_prompt, tools=chat_tools(body.tools),
                                     continue_final_message=body.continue_final_message)
+    if body.parallel_tool_calls is not None:
+        chat.parallel_tool_calls = body.parallel_tool_calls
     choice = body.tool_choice
     if isinstance(choice, NamedToolChoice):
         chat.tool_choice = gateway_pb2.TOOL_CHOICE_FUNCTION

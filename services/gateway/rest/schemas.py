@@ -203,6 +203,8 @@ class ChatCompletionRequest(_Sampling):
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="vLLM extra: more variables for the chat template (e.g. `{\"thinking\": true}` for "
                           "DeepSeek-V3.1).")
+    parallel_tool_calls: Bool | None = Field(None, description="With tool_choice required: false forces exactly one "
+                                                               "call; default true (one or more).")
     continue_final_message: Bool = Field(False, description="vLLM extra: continue the last (assistant) message "
                                                             "instead of answering it; needs add_generation_prompt "
                                                             "false.")

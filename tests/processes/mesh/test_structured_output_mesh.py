@@ -20,7 +20,7 @@ from tests.processes.mesh.launch import RunningMesh, start_mesh
 PERSON = {
     "type": "object",
     "properties": {
-        "name": {"type": "string", "maxLength": 10},
+        "name": {"type": "string", "pattern": "^[a-z]{1,10}$"},
         "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "pets": {"type": "array", "items": {"enum": ["cat", "dog", "fox"]}, "maxItems": 3},
     },

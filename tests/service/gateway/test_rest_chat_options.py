@@ -28,7 +28,7 @@ def test_unknown_fields_are_accepted_and_logged_once_per_name(model_dir: Path,
             await mesh.add(FakeDecode(), "d1")
             for _ in range(2):
                 r = await client.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 2,
-                                                                    "frobnicate": 1, "parallel_tool_calls": True})
+                                                                    "frobnicate": 1, "prediction": {"type": "content"}})
                 assert r.status_code == 200, r.text
             r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "frobnicate": 1})
             assert r.status_code == 200, r.text
@@ -37,7 +37,7 @@ def test_unknown_fields_are_accepted_and_logged_once_per_name(model_dir: Path,
         asyncio.run(main())
     lines = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
     assert lines == [
-        "/v1/chat/completions: ignoring request fields this gateway does not know: frobnicate, parallel_tool_calls "
+        "/v1/chat/completions: ignoring request fields this gateway does not know: frobnicate, prediction "
         "(logged once per field)",
         "/v1/completions: ignoring request fields this gateway does not know: frobnicate (logged once per field)"]
 

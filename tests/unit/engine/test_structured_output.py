@@ -19,7 +19,7 @@ from moemesh.engine.sampling_params import InvalidParameter, SamplingParams, Str
 PERSON = {
     "type": "object",
     "properties": {
-        "name": {"type": "string", "maxLength": 12},
+        "name": {"type": "string", "pattern": "^[a-z]{1,12}$"},
         "ok": {"type": "boolean"},
         "n": {"type": "integer", "minimum": 0, "maximum": 99},
         "colour": {"enum": ["red", "green", "blue"]},
