@@ -190,6 +190,9 @@ class Engine:
             bad = [t for t in prompt_ids if not 0 <= t < vocab]
             if bad:
                 raise InvalidParameter(f"prompt: token ids must be in [0, {vocab}), got {bad[:5]}")
+        if params.logit_bias and params.logit_bias[-1][0] >= self.model.config.vocab_size:
+            raise InvalidParameter(f"logit_bias: token id {params.logit_bias[-1][0]} is outside the vocabulary "
+                                   f"(size {self.model.config.vocab_size})")
         if params.stop and self.tokenizer is None:
             raise InvalidParameter("stop: stop strings need a tokenizer; use stop_token_ids")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"

@@ -1,8 +1,8 @@
 """The batched token sampler the model runner calls once per step.
 
 Order of operations per row, as in vLLM:
-raw logits -> logprobs (reported from the raw distribution) -> banned ids set to -inf -> grammar mask
-(structured output) -> penalties ->
+raw logits -> logprobs (reported from the raw distribution) -> logit_bias added -> banned ids set to -inf ->
+grammar mask (structured output) -> penalties ->
 greedy argmax, or temperature -> top-k -> top-p -> min-p -> one random draw.
 
 Random draws use the exponential race: with q ~ Exponential(1) i.i.d. over the vocabulary,
@@ -94,10 +94,11 @@ class Sampler:
             return SampleResult([], [], [])
 
         if all(r.params.greedy and not r.params.has_penalties and not r.banned_token_ids
-               and r.params.logprobs is None and r.grammar is None for r in rows):
+               and r.params.logprobs is None and r.grammar is None and not r.params.logit_bias for r in rows):
             return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(rows), [None] * len(rows))
 
         x = logits.to(torch.float32, copy=True)  # [B, V] float32, ours to modify
+        apply_logit_bias(x, [r.params.logit_bias for r in rows])
         apply_bans(x, [r.banned_token_ids for r in rows])
         if any(r.grammar is not None for r in rows):
             from moemesh.engine.grammar import apply_grammar_masks
@@ -160,6 +161,17 @@ class Sampler:
             if n > 0:
                 top[i] = list(zip(top_ids_l[j][:n], top_vals_l[j][:n], strict=True))
         return logprobs, top
+
+
+def apply_logit_bias(logits: torch.Tensor, biases: Sequence[Sequence[tuple[int, float]]]) -> None:
+    """Add each row's (token id, bias) pairs to its logits, in place. logits: [B, V] float32."""
+    if not any(biases):
+        return
+    rows = torch.tensor([i for i, b in enumerate(biases) for _ in b], dtype=torch.long)
+    cols = torch.tensor([t for b in biases for t, _ in b], dtype=torch.long)
+    _check_ids(cols, logits.shape[1], "logit_bias token ids")
+    values = torch.tensor([v for b in biases for _, v in b], dtype=torch.float32)
+    logits.index_put_((rows.to(logits.device), cols.to(logits.device)), values.to(logits.device), accumulate=True)
 
 
 def apply_bans(logits: torch.Tensor, banned: Sequence[Sequence[int]]) -> None:

@@ -15,6 +15,7 @@ MAX_STOP_STRING_CHARS = 4096
 MAX_STOP_TOKEN_IDS = 4096
 # A structured-output spec is compiled into a token automaton per request: bound what a client can make us build.
 MAX_STRUCTURED_SPEC_CHARS = 256 * 1024
+MAX_LOGIT_BIAS_TOKENS = 4096
 STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "grammar", "structural_tag")
 
 
@@ -74,10 +75,13 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     structured_output: StructuredOutput | None = None
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen so the params stay hashable and immutable.
         object.__setattr__(self, "stop", tuple(self.stop))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         _check(self.max_tokens >= 1, "max_tokens", f"must be >= 1, got {self.max_tokens}")
         _check(_finite(self.temperature) and self.temperature >= 0, "temperature",
@@ -106,6 +110,11 @@ class SamplingParams:
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative token ids")
         _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
                f"must hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
+        _check(len(self.logit_bias) <= MAX_LOGIT_BIAS_TOKENS, "logit_bias",
+               f"must hold at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(self.logit_bias)}")
+        _check(all(t >= 0 for t, _ in self.logit_bias), "logit_bias", "keys must be non-negative token ids")
+        _check(all(_finite(b) and -100 <= b <= 100 for _, b in self.logit_bias), "logit_bias",
+               "values must be in [-100, 100]")
 
     @property
     def greedy(self) -> bool:

@@ -34,6 +34,7 @@ def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
         logprobs=pb.logprobs if pb.HasField("logprobs") else None,
         include_stop_str_in_output=pb.include_stop_str_in_output,
         structured_output=structured_from_pb(pb.structured_output) if pb.HasField("structured_output") else None,
+        logit_bias=tuple(pb.logit_bias.items()),
     )
 
 
@@ -63,6 +64,8 @@ def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
         pb.logprobs = p.logprobs
     if p.structured_output is not None:
         pb.structured_output.CopyFrom(structured_to_pb(p.structured_output))
+    for token, bias in p.logit_bias:
+        pb.logit_bias[token] = bias
     return pb
 
 

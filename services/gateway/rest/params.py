@@ -50,6 +50,10 @@ def sampling(body: _Sampling, max_tokens: int | None, logprobs: int | None, choi
         pb.logprobs = logprobs
     if (constraint := structured_output(body)) is not None:
         pb.structured_output.CopyFrom(constraint)
+    for key, bias in (body.logit_bias or {}).items():
+        if not key.isdigit() or int(key) > 2**32 - 1:
+            raise ApiError(400, f"logit_bias keys must be token ids, got {key[:32]!r}", "logit_bias")
+        pb.logit_bias[int(key)] = bias
     return pb
 
 
@@ -91,8 +95,6 @@ def completion_requests(body: CompletionRequest, base_id: str) -> list[gateway_p
     check_common(body)
     if body.suffix:
         raise ApiError(400, "suffix is not supported", "suffix")
-    if body.logit_bias:
-        raise ApiError(400, "logit_bias is not supported", "logit_bias")
     if body.best_of is not None and body.best_of != body.n:
         raise ApiError(400, f"best_of must equal n ({body.n}) or be null: best-of selection is not supported",
                        "best_of")
@@ -174,8 +176,6 @@ def message_content(message: ChatMessage, i: int) -> str:
 def chat_requests(body: ChatCompletionRequest, base_id: str) -> list[gateway_pb2.GenerateRequest]:
     """One request per choice; max tokens default to what the context leaves after the prompt."""
     check_common(body)
-    if body.logit_bias:
-        raise ApiError(400, "logit_bias is not supported", "logit_bias")
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None

@@ -85,6 +85,9 @@ class _Sampling(_Request):
     user: str | None = Field(None, description="Accepted for compatibility; unused.")
     skip_special_tokens: Bool = Field(True, description="vLLM extra: leave special tokens out of the text; only "
                                                         "true is supported.")
+    logit_bias: dict[str, Float] | None = Field(
+        None, description="Added to the logits of the given token ids (keys: ids as strings) before sampling, each "
+                          "in [-100, 100].")
     response_format: dict[str, Any] | None = Field(
         None, description="`{\"type\": \"text\"}` (free), `{\"type\": \"json_object\"}` (any JSON object) or "
                           "`{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}`: "
@@ -113,7 +116,6 @@ class CompletionRequest(_Sampling):
     echo: Bool = Field(False, description="Put the prompt's text before the completion's.")
     best_of: Int | None = Field(None, ge=1, le=MAX_N, description="Only null or equal to n is supported.")
     suffix: str | None = Field(None, description="Not supported: must be null.")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported: must be null or empty.")
 
     @field_validator("prompt", mode="wrap")
     @classmethod
@@ -208,7 +210,6 @@ class ChatCompletionRequest(_Sampling):
     continue_final_message: Bool = Field(False, description="vLLM extra: continue the last (assistant) message "
                                                             "instead of answering it; needs add_generation_prompt "
                                                             "false.")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported: must be null or empty.")
 
 
 # -- responses

@@ -1,7 +1,7 @@
-"""Structured output on the real mesh (`moemesh up`, prefill and decode workers: the first token is sampled under
-the grammar on the prefill worker, the rest on the decode worker after it follows that token), with the real
-random tiny model, through the `openai` client and the SDK: every output matches its schema or regex; specs that
-are malformed or do not compile are a 400 naming the field."""
+"""Structured output and logit_bias on the real mesh (`moemesh up`, prefill and decode workers: the first token
+is sampled on the prefill worker under the grammar or bias, the rest on the decode worker, its grammar following
+that token), with the real random tiny model, through the `openai` client and the SDK: every output matches its
+schema or regex; specs that are malformed or do not compile are a 400 naming the field."""
 
 from __future__ import annotations
 
@@ -88,3 +88,18 @@ def test_bad_specs_are_400s(client: openai.OpenAI, extra: dict, says: str) -> No
     with pytest.raises(openai.BadRequestError, match=re.escape(says)):
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
                                        extra_body=extra)
+
+
+def test_logit_bias_reaches_both_workers(client: openai.OpenAI, mesh: RunningMesh) -> None:
+    """PD: the prefill worker samples the first token, the decode worker the rest; a +100 bias picks every one."""
+    model = client.models.list().data[0].id
+    with MeshClient(mesh.gateway, timeout_s=120) as sdk:
+        target = sdk.tokenize("fox")[-1]
+        free = sdk.generate("Once upon a time", max_tokens=5, temperature=0, ignore_eos=True)
+        assert free.token_ids != [target] * 5
+        biased = sdk.generate("Once upon a time", max_tokens=5, temperature=0, ignore_eos=True,
+                              logit_bias={target: 100.0})
+        assert biased.token_ids == [target] * 5
+    out = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, temperature=0,
+                                    logit_bias={str(target): 100}, extra_body={"ignore_eos": True})
+    assert out.choices[0].text == biased.text

@@ -69,9 +69,11 @@ def test_unsupported_options_are_refused(model_dir: Path) -> None:
             for url, body, param in [
                 ("/v1/chat/completions", {"messages": ASK, "skip_special_tokens": False}, "skip_special_tokens"),
                 ("/v1/completions", {"prompt": "hi", "skip_special_tokens": False}, "skip_special_tokens"),
-                ("/v1/chat/completions", {"messages": ASK, "logit_bias": {"5": 1.0}}, "logit_bias"),
+                ("/v1/chat/completions", {"messages": ASK, "logit_bias": {"five": 1.0}}, "logit_bias"),
+                ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
             ]:
-                assert error_of(await client.post(url, json=body), 400)["param"] == param
+                err = error_of(await client.post(url, json=body), 400)
+                assert err["param"] == param or err["message"].startswith(param), err  # the edge's or the core's
             r = await client.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 2,
                                                                 "skip_special_tokens": True, "logit_bias": {}})
             assert r.status_code == 200, r.text
