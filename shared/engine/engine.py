@@ -202,7 +202,7 @@ class Engine:
         if params.seed is not None:
             req.generator = Sampler.make_generator(params.seed)
         if self.tokenizer is not None:
-            req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         if params.structured_output is not None:
             req.grammar = self.grammars.state(params.structured_output)
         if resume is not None and resume.token_ids:

@@ -76,6 +76,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     structured_output: StructuredOutput | None = None
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen so the params stay hashable and immutable.

@@ -43,12 +43,14 @@ def sampling_message(
     regex: str | None = None,
     grammar: str | None = None,
     logit_bias: Mapping[int, float] | None = None,
+    skip_special_tokens: bool = True,
 ) -> common_pb2.SamplingParams:
     """The sampling options every generate/stream/chat call takes (vLLM's names and defaults).
 
     Structured output, at most one of: `json_schema` (a JSON Schema, as a dict or JSON text), `json_object`
     (any JSON object), `regex`, `grammar` (EBNF): the output is constrained token by token to match.
     `logit_bias`: token id -> a value in [-100, 100] added to its logit before sampling.
+    `skip_special_tokens=False` keeps special tokens (BOS, EOS) in the text.
     The gateway validates the values; this only checks what the wire format cannot carry.
     """
     if max_tokens < 1:
@@ -69,6 +71,8 @@ def sampling_message(
     constraint = _structured(json_schema, json_object, regex, grammar)
     if constraint is not None:
         msg.structured_output.CopyFrom(constraint)
+    if not skip_special_tokens:
+        msg.skip_special_tokens = False
     try:
         for token, bias in (logit_bias or {}).items():
             msg.logit_bias[token] = bias

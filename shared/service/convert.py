@@ -35,6 +35,7 @@ def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
         include_stop_str_in_output=pb.include_stop_str_in_output,
         structured_output=structured_from_pb(pb.structured_output) if pb.HasField("structured_output") else None,
         logit_bias=tuple(pb.logit_bias.items()),
+        skip_special_tokens=pb.skip_special_tokens if pb.HasField("skip_special_tokens") else True,
     )
 
 
@@ -66,6 +67,8 @@ def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
         pb.structured_output.CopyFrom(structured_to_pb(p.structured_output))
     for token, bias in p.logit_bias:
         pb.logit_bias[token] = bias
+    if not p.skip_special_tokens:
+        pb.skip_special_tokens = False
     return pb
 
 

@@ -50,6 +50,8 @@ def sampling(body: _Sampling, max_tokens: int | None, logprobs: int | None, choi
         pb.logprobs = logprobs
     if (constraint := structured_output(body)) is not None:
         pb.structured_output.CopyFrom(constraint)
+    if not body.skip_special_tokens:
+        pb.skip_special_tokens = False
     for key, bias in (body.logit_bias or {}).items():
         if not key.isdigit() or int(key) > 2**32 - 1:
             raise ApiError(400, f"logit_bias keys must be token ids, got {key[:32]!r}", "logit_bias")
@@ -72,10 +74,6 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
 def check_common(body: _Sampling) -> None:
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
-    if not body.skip_special_tokens:
-        raise ApiError(400, "skip_special_tokens false is not supported: special tokens are always left out of the "
-                            "text (DeepSeek's think and tool-call tokens are not special and stay)",
-                       "skip_special_tokens")
 
 
 def completion_prompts(body: CompletionRequest) -> list[str | list[int]]:

@@ -83,8 +83,8 @@ class _Sampling(_Request):
     include_stop_str_in_output: Bool = Field(False, description="vLLM extra: keep a matched stop string.")
     max_tokens: Int | None = Field(None, ge=1, le=UINT32_MAX, description="Tokens to generate at most.")
     user: str | None = Field(None, description="Accepted for compatibility; unused.")
-    skip_special_tokens: Bool = Field(True, description="vLLM extra: leave special tokens out of the text; only "
-                                                        "true is supported.")
+    skip_special_tokens: Bool = Field(True, description="vLLM extra: leave special tokens (BOS, EOS) out of the "
+                                                        "text; false keeps them.")
     logit_bias: dict[str, Float] | None = Field(
         None, description="Added to the logits of the given token ids (keys: ids as strings) before sampling, each "
                           "in [-100, 100].")

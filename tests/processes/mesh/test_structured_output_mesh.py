@@ -14,6 +14,7 @@ import jsonschema
 import openai
 import pytest
 
+from moemesh.model.tiny_tokenizer import EOS_TOKEN
 from moemesh.sdk import MeshClient
 from tests.processes.mesh.launch import RunningMesh, start_mesh
 
@@ -103,3 +104,13 @@ def test_logit_bias_reaches_both_workers(client: openai.OpenAI, mesh: RunningMes
     out = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, temperature=0,
                                     logit_bias={str(target): 100}, extra_body={"ignore_eos": True})
     assert out.choices[0].text == biased.text
+
+
+def test_skip_special_tokens_false_keeps_eos_in_the_text(client: openai.OpenAI) -> None:
+    """A +100 bias on EOS (id 1 in the tiny model, as in DeepSeek-V3) ends the choice at once; its text is
+    empty unless special tokens are kept."""
+    model = client.models.list().data[0].id
+    for skip, text in ((True, ""), (False, EOS_TOKEN)):
+        out = client.completions.create(model=model, prompt="Once", max_tokens=4, temperature=0,
+                                        logit_bias={"1": 100}, extra_body={"skip_special_tokens": skip})
+        assert (out.choices[0].text, out.choices[0].finish_reason) == (text, "stop")

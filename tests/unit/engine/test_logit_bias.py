@@ -46,3 +46,13 @@ def test_ids_outside_the_vocabulary_are_refused(engine: Engine) -> None:
     vocab = engine.model.config.vocab_size
     with pytest.raises(InvalidParameter, match="outside the vocabulary"):
         engine.add_request("x", SamplingParams(logit_bias={vocab: 1.0}))
+
+
+def test_special_tokens_stay_in_the_text_when_asked(engine: Engine) -> None:
+    eos = engine.eos_token_ids[0]
+    params = {"max_tokens": 3, "temperature": 0.0, "logit_bias": {eos: 100.0}}  # EOS first: the request stops
+    kept = engine.generate(["hello"], SamplingParams(skip_special_tokens=False, **params))[0]
+    dropped = engine.generate(["hello"], SamplingParams(**params))[0]
+    assert kept.token_ids == dropped.token_ids == [eos] and kept.finish_reason == "stop"
+    assert (kept.text, dropped.text) == (engine.tokenizer.decode([eos], skip_special_tokens=False), "")
+    assert kept.text
