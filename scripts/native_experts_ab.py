@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from moemesh.kernels import native, native_experts, onednn
+from moemesh.kernels import native, onednn
 from moemesh.model.moe import RoutedExperts
 
 SHAPES = {"small": (24, 384, 192, 4), "compute": (64, 1024, 384, 6)}
@@ -41,7 +41,7 @@ def main() -> None:
         with torch.no_grad():
             m.w13.copy_(torch.randn(m.w13.shape, generator=g) * 0.05)
             m.w2.copy_(torch.randn(m.w2.shape, generator=g) * 0.05)
-        layers.append((m, {"native": native_experts.make(m.w13, m.w2), "oneDNN": onednn.PackedExperts(m.w13, m.w2)}))
+        layers.append((m, {"native": onednn.experts_kernel(m.w13, m.w2), "oneDNN": onednn.PackedExperts(m.w13, m.w2)}))
     print(f"{args.shape}: {e} experts of [{d}, {i}], top-{k}; {args.layers} layers cycled; one thread")
     for t in (int(s) for s in args.tokens.split(",")):
         x = torch.randn(t, d, generator=g).to(torch.bfloat16)

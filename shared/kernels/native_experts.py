@@ -16,7 +16,7 @@ import ctypes
 import torch
 
 from moemesh.kernels import native
-from moemesh.kernels.onednn import PackedExperts
+from moemesh.model.moe import ExpertsKernel
 
 # Steps of at most this many tokens take the native kernel. Measured (scripts/native_experts_ab.py): 1.2-3.7x
 # at 1-32 tokens on both benchmark shapes; at 64 still 1.46x on the small one but 0.95x on the compute one,
@@ -26,10 +26,10 @@ MAX_ROWS = 32
 
 class NativeExperts:
     """An `ExpertsKernel` (moemesh.model.moe): the native one-call layer for steps of at most MAX_ROWS tokens,
-    the oneDNN `PackedExperts` forms otherwise. Reads the module's own weights, w13 [E, 2I, D] and w2 [E, D, I]
-    bf16, at every call (so in-place expert moves are seen)."""
+    `fallback`'s forms (oneDNN's `PackedExperts`) otherwise. Reads the module's own weights, w13 [E, 2I, D] and
+    w2 [E, D, I] bf16, at every call (so in-place expert moves are seen)."""
 
-    def __init__(self, lib: ctypes.CDLL, w13: torch.Tensor, w2: torch.Tensor, fallback: PackedExperts) -> None:
+    def __init__(self, lib: ctypes.CDLL, w13: torch.Tensor, w2: torch.Tensor, fallback: ExpertsKernel) -> None:
         self.lib = lib
         self.w13 = w13.detach()
         self.w2 = w2.detach()
@@ -47,12 +47,3 @@ class NativeExperts:
             return native.moe_experts(self.lib, x, topk_ids, topk_weights, self.w13, self.w2)
         return self.fallback.every_expert(x, topk_ids, topk_weights, counts)
 
-
-def make(w13: torch.Tensor, w2: torch.Tensor) -> NativeExperts | PackedExperts:
-    """The experts kernel for these weights: the native one in front of oneDNN's where it can run, else
-    oneDNN's alone (with its matrices over every expert, the decode form without the native kernel)."""
-    lib = native.library()
-    if lib is None or not (w13.is_contiguous() and w2.is_contiguous()):
-        return PackedExperts(w13, w2)
-    # The native kernel takes every step the every-expert matrices would: no need for that second copy.
-    return NativeExperts(lib, w13, w2, PackedExperts(w13, w2, every_expert=False))

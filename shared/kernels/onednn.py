@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moemesh.kernels import native
+from moemesh.kernels.native_experts import NativeExperts
 from moemesh.model.layers import Linear
 from moemesh.model.moe import RoutedExperts
 
@@ -112,19 +114,28 @@ class PackedExperts:
         return packed_linear(act.view(t, -1), self.all2)
 
 
+def experts_kernel(w13: torch.Tensor, w2: torch.Tensor) -> NativeExperts | PackedExperts:
+    """The kernel for routed experts w13 [E, 2I, D], w2 [E, D, I] bf16: the native one in front of the packed
+    forms where it can run, else the packed forms alone (with their matrices over every expert: the decode form
+    without the native kernel)."""
+    lib = native.library()
+    if lib is None or not (w13.is_contiguous() and w2.is_contiguous()):
+        return PackedExperts(w13, w2)
+    # The native kernel takes every step the every-expert matrices would: no need for that second copy.
+    return NativeExperts(lib, w13, w2, PackedExperts(w13, w2, every_expert=False))
+
+
 def install(model: nn.Module) -> int:
     """Give every `Linear` and `RoutedExperts` of `model` its packed kernel; returns how many layers took one.
 
     The routed experts also take the native one-call kernel for decode-sized steps where it builds and runs
     (`moemesh.kernels.native_experts`; `MOEMESH_NATIVE_KERNELS=0` turns it off)."""
-    from moemesh.kernels import native_experts  # it builds on PackedExperts: imported here, not at the top
-
     n = 0
     for m in model.modules():
         if isinstance(m, Linear):
             m.kernel = PackedLinear(m)
             n += 1
         elif isinstance(m, RoutedExperts) and m.num_experts and m.fp8_block is None:  # FP8 ones stay 8-bit
-            m.kernel = native_experts.make(m.w13, m.w2)
+            m.kernel = experts_kernel(m.w13, m.w2)
             n += 1
     return n

@@ -99,7 +99,7 @@ def test_routed_experts_take_it_at_decode_sizes_and_oneDNN_beyond() -> None:
     with torch.no_grad():
         experts.w13.copy_(w13)
         experts.w2.copy_(w2)
-    kernel = experts.kernel = native_experts.make(experts.w13, experts.w2)
+    kernel = experts.kernel = onednn.experts_kernel(experts.w13, experts.w2)
     assert isinstance(kernel, native_experts.NativeExperts)
     assert kernel.fallback.all13 is None  # no second copy of every expert: the native kernel takes those steps
     big = native_experts.MAX_ROWS + 1
@@ -141,7 +141,7 @@ def test_without_a_compiler_it_stays_out_and_says_why(monkeypatch: pytest.Monkey
         assert "no C compiler ('/nonexistent/cc' from $CC" in lines[0]
     w13, w2 = _weights(4, 64, 32, seed=0)
     if onednn.supported(torch.bfloat16, torch.device("cpu")) is None:
-        assert isinstance(native_experts.make(w13, w2), onednn.PackedExperts)
+        assert isinstance(onednn.experts_kernel(w13, w2), onednn.PackedExperts)
 
 
 @needs_native
