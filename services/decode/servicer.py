@@ -19,7 +19,7 @@ import grpc
 from moemesh.engine.async_engine import AsyncEngine, Reserved
 from moemesh.engine.engine import Resume
 from moemesh.engine.request import RequestOutput
-from moemesh.service.convert import finish_to_pb, logprobs_to_pb, sampling_from_pb
+from moemesh.service.convert import finish_to_pb, logprobs_to_pb, prompt_logprobs_to_pb, sampling_from_pb
 from moemesh.service.errors import DeadlineExceeded, InvalidArgument, PeerUnavailable
 from moemesh.service.version import PROTOCOL_VERSION
 from moemesh.telemetry import metrics
@@ -156,7 +156,8 @@ def _response(out: RequestOutput) -> decode_pb2.DecodeResponse:
     resp = decode_pb2.DecodeResponse(
         token_ids=out.new_token_ids, text=out.new_text,
         logprobs=logprobs_to_pb(out.new_logprobs, out.new_top_logprobs),
-        num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens)
+        num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens,
+        prompt_logprobs=prompt_logprobs_to_pb(out.prompt_logprobs))
     if out.finished:
         resp.finish_reason = finish_to_pb(out.finish_reason)
         if isinstance(out.stop_reason, str):

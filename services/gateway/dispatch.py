@@ -130,6 +130,8 @@ class Exchange:
         self.resume_text_chars = resume_text_chars
         self.completion_tokens = len(self.resume_token_ids)  # usage counts the whole request's outputs
         self.trace_context = trace_context
+        # Prompt logprobs go out with the first response; in PD the prefill worker computed them.
+        self._prompt_logprobs_due = request.sampling.HasField("prompt_logprobs") and not self.resume_token_ids
 
     async def run(self) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         """Call both workers, relay decode's stream; raises a ServiceError when either side fails."""
@@ -168,7 +170,11 @@ class Exchange:
                 ok = msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
                 if not ok:
                     read = asyncio.ensure_future(decode_call.read())
-                elif prefill_task is not None and self.prefill_response is None:
+                if self._prompt_logprobs_due and prefill_task is not None and self.prefill_response is None:
+                    # They come in prefill's reply, which follows the KV decode already has: wait for it.
+                    await asyncio.wait({prefill_task})
+                    self.prefill_response = self._prefill_result(prefill_task)
+                elif ok and prefill_task is not None and self.prefill_response is None:
                     await self._await_prefill_reply(prefill_task)
                 yield self._response(msg, ok)
                 if ok:
@@ -240,6 +246,10 @@ class Exchange:
         self.completion_tokens += len(msg.token_ids)
         out = gateway_pb2.GenerateResponse(request_id=self.request.request_id, token_ids=msg.token_ids,
                                            text=msg.text, logprobs=msg.logprobs)
+        if self._prompt_logprobs_due:
+            self._prompt_logprobs_due = False
+            out.prompt_logprobs.extend(msg.prompt_logprobs or (
+                self.prefill_response.prompt_logprobs if self.prefill_response is not None else ()))
         if not last:
             return out
         out.finish_reason = msg.finish_reason

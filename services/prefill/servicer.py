@@ -17,7 +17,7 @@ import grpc
 
 from moemesh.engine.async_engine import AsyncEngine, KvRows
 from moemesh.engine.engine import Resume
-from moemesh.service.convert import logprobs_to_pb, sampling_from_pb
+from moemesh.service.convert import logprobs_to_pb, prompt_logprobs_to_pb, sampling_from_pb
 from moemesh.service.errors import FailedPrecondition, InvalidArgument, PeerUnavailable
 from moemesh.service.version import PROTOCOL_VERSION
 from moemesh.telemetry import metrics
@@ -88,9 +88,10 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
         blocks: asyncio.Queue[RowBlock | None] = asyncio.Queue()
         first: asyncio.Future[FirstToken] = asyncio.get_running_loop().create_future()
         cached = 0
+        prompt_logprobs = None
 
         async def compute() -> None:
-            nonlocal cached
+            nonlocal cached, prompt_logprobs
             resume = Resume(list(request.resume_token_ids), request.resume_text_chars)
             async for item in self.engine.prefill(list(request.prompt_token_ids), params, rid, resume):
                 if isinstance(item, KvRows):
@@ -99,6 +100,7 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
                 else:
                     telemetry.on_output(item)
                     cached = item.num_cached_tokens
+                    prompt_logprobs = item.prompt_logprobs
                     times["first_token"] = time.perf_counter_ns()
                     top = tuple(item.new_top_logprobs[0]) if item.new_top_logprobs else None
                     lp = item.new_logprobs[0] if item.new_logprobs else None
@@ -159,6 +161,6 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
             else None,
             num_cached_tokens=cached, queue_ns=times.get("first_rows", t0) - t0,
             forward_ns=times["first_token"] - times.get("first_rows", t0), transfer_ns=done - times["first_token"],
-            kv_bytes=nbytes)
+            kv_bytes=nbytes, prompt_logprobs=prompt_logprobs_to_pb(prompt_logprobs))
 
 

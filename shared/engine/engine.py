@@ -205,6 +205,8 @@ class Engine:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         if params.structured_output is not None:
             req.grammar = self.grammars.state(params.structured_output)
+        if params.prompt_logprobs is not None and not (resume is not None and resume.token_ids):
+            req.prompt_logprobs = [None] * len(prompt_ids)
         if resume is not None and resume.token_ids:
             self._resume(req, resume)
         return req
@@ -355,7 +357,8 @@ class Engine:
             new_logprobs=[logprob] if logprob is not None else [],
             new_top_logprobs=[top] if top is not None else [], finished=False,
             num_prompt_tokens=len(req.prompt_token_ids), num_output_tokens=0,
-            num_cached_tokens=req.num_cached_tokens, prefill_done=True, time_ns=now_ns, timing=req.timing)
+            num_cached_tokens=req.num_cached_tokens, prefill_done=True, time_ns=now_ns, timing=req.timing,
+            prompt_logprobs=req.prompt_logprobs)
 
     def _postprocess(self, req: Request, token: int, logprob: float | None,
                      top: list[tuple[int, float]] | None, now_ns: int) -> RequestOutput:
@@ -390,7 +393,8 @@ class Engine:
             new_top_logprobs=[top] if top is not None else [],
             finished=reason is not None, finish_reason=reason, stop_reason=stop_reason,
             num_prompt_tokens=len(req.prompt_token_ids), num_output_tokens=req.num_output_tokens,
-            num_cached_tokens=req.num_cached_tokens, time_ns=now_ns, timing=req.timing)
+            num_cached_tokens=req.num_cached_tokens, time_ns=now_ns, timing=req.timing,
+            prompt_logprobs=req.prompt_logprobs if len(req.output_token_ids) == 1 else None)
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:

@@ -75,6 +75,8 @@ class Request:
     num_kv_emitted: int = 0      # PD prefill: tokens whose KV rows were handed to the sender
     detokenizer: Any = None
     grammar: Any = None          # structured output: its GrammarState (moemesh.engine.grammar), else None
+    # prompt_logprobs: per prompt position, (logprob, top) of that token given the ones before; [0] stays None
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
     timing: RequestTiming = field(default_factory=RequestTiming)
 
     @property
@@ -110,5 +112,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     prefill_done: bool = False   # PD prefill: the first token is sampled; the request holds its pages
+    # With the first token of a request that asked for prompt_logprobs: Request.prompt_logprobs
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
     time_ns: int = 0             # time.monotonic_ns() when the step that produced it ended
     timing: RequestTiming | None = None  # the request's timestamps (the engine's own object, read-only)

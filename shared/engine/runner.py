@@ -72,6 +72,8 @@ class ModelRunner:
         `split`: as two micro-batches whose MoE communication overlaps the other's compute (same tokens).
         """
         hidden, sample_rows = self._forward(list(batch.seqs), split)
+        if any(s.request.prompt_logprobs is not None for s in batch.seqs):
+            self._prompt_logprobs(batch.seqs, hidden)
         rows = [self._sampling_row(s.request) for s in batch.seqs if s.sample]
         if not rows:
             return SampleResult([], [], [])
@@ -96,6 +98,27 @@ class ModelRunner:
             sample_rows += [offset + r for r in rows]
             offset += input_ids.shape[0]
         return torch.cat(two_batch_forward(self.model, parts)), sample_rows
+
+    def _prompt_logprobs(self, seqs: Sequence[ScheduledSeq], hidden: torch.Tensor) -> None:
+        """For requests that asked for prompt logprobs: each prompt token's logprob (and top-N) given the tokens
+        before it, from this step's rows of hidden [T, D], into `request.prompt_logprobs` by position."""
+        row = 0
+        for s in seqs:
+            req = s.request
+            last = min(s.start + s.num_new_tokens, len(req.prompt_token_ids) - 1)  # positions with a prompt next
+            if req.prompt_logprobs is not None and last > s.start:
+                k = last - s.start
+                lp = torch.log_softmax(self.model.compute_logits(hidden[row:row + k]), dim=-1)  # [k, V] float32
+                targets = torch.tensor(req.prompt_token_ids[s.start + 1:last + 1], device=lp.device)
+                chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+                n_top = req.params.prompt_logprobs or 0
+                tops: list[list[tuple[int, float]]] = [[] for _ in range(k)]
+                if n_top:
+                    vals, ids = lp.topk(min(n_top, lp.shape[1]), dim=-1)
+                    tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), vals.tolist(), strict=True)]
+                for j in range(k):
+                    req.prompt_logprobs[s.start + 1 + j] = (chosen[j], tops[j])
+            row += s.num_new_tokens
 
     def _sampling_row(self, req) -> SamplingRow:
         p = req.params

@@ -55,8 +55,10 @@ class SamplingParams:
     """How one request picks its tokens; field names and defaults follow vLLM's `SamplingParams`.
 
     `logprobs`: None returns no logprobs; 0 returns the chosen token's logprob; N > 0 also returns the
-    N most likely tokens at each step. Logprobs are those of the model's raw distribution (before
-    temperature, penalties and truncation), as the OpenAI API reports them.
+    N most likely tokens at each step. `prompt_logprobs`: the same for every prompt token after the first (each
+    one's logprob given the tokens before it); such a request computes its whole prompt (no prefix-cache hit).
+    Logprobs are those of the model's raw distribution (before temperature, penalties and truncation), as the
+    OpenAI API reports them.
     """
 
     max_tokens: int = 16
@@ -77,6 +79,7 @@ class SamplingParams:
     structured_output: StructuredOutput | None = None
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen so the params stay hashable and immutable.
@@ -102,6 +105,8 @@ class SamplingParams:
                f"({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs",
                f"must be between 0 and 20, got {self.logprobs}")
+        _check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
+               f"must be between 0 and 20, got {self.prompt_logprobs}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         _check(len(self.stop) <= MAX_STOP_STRINGS, "stop",
                f"must hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")

@@ -216,8 +216,9 @@ class Scheduler:
 
     def _admit(self, req: Request) -> bool:
         tokens = req.all_token_ids
-        # Keep at least the last token out of the match: its logits must be computed to sample.
-        match = self.cache.match_prefix(tokens[:-1])
+        # Keep at least the last token out of the match: its logits must be computed to sample. Prompt logprobs
+        # need every prompt position's logits: nothing cached is reused.
+        match = self.cache.match_prefix([] if req.params.prompt_logprobs is not None else tokens[:-1])
         self.cache.lock(match.node)  # pin before counting what is free: pinned pages are not
         need = self.pages_for(len(tokens)) - len(match.pages)
         reserve = self._watermark_pages if (self.running or self.prefilling) else 0

@@ -44,13 +44,15 @@ def sampling_message(
     grammar: str | None = None,
     logit_bias: Mapping[int, float] | None = None,
     skip_special_tokens: bool = True,
+    prompt_logprobs: int | None = None,
 ) -> common_pb2.SamplingParams:
     """The sampling options every generate/stream/chat call takes (vLLM's names and defaults).
 
     Structured output, at most one of: `json_schema` (a JSON Schema, as a dict or JSON text), `json_object`
     (any JSON object), `regex`, `grammar` (EBNF): the output is constrained token by token to match.
     `logit_bias`: token id -> a value in [-100, 100] added to its logit before sampling.
-    `skip_special_tokens=False` keeps special tokens (BOS, EOS) in the text.
+    `skip_special_tokens=False` keeps special tokens (BOS, EOS) in the text. `prompt_logprobs=N`: each prompt
+    token's logprob given the ones before it (and N alternatives), in the first chunk and the Completion.
     The gateway validates the values; this only checks what the wire format cannot carry.
     """
     if max_tokens < 1:
@@ -74,10 +76,12 @@ def sampling_message(
     if not skip_special_tokens:
         msg.skip_special_tokens = False
     try:
+        if prompt_logprobs is not None:
+            msg.prompt_logprobs = prompt_logprobs
         for token, bias in (logit_bias or {}).items():
             msg.logit_bias[token] = bias
     except (TypeError, ValueError) as exc:
-        raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, f"logit_bias: {exc}") from None
+        raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, f"logit_bias or prompt_logprobs: {exc}") from None
     for name, value in fields.items():
         try:
             if isinstance(value, list):
@@ -163,7 +167,9 @@ def chunk_from(resp: gateway_pb2.GenerateResponse) -> Chunk:
         usage=Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens, resp.usage.cached_prompt_tokens)
         if resp.HasField("usage") else None,
         reasoning_text=resp.reasoning_text,
-        tool_calls=[ToolCallDelta(d.index, d.id or None, d.name or None, d.arguments) for d in resp.tool_calls])
+        tool_calls=[ToolCallDelta(d.index, d.id or None, d.name or None, d.arguments) for d in resp.tool_calls],
+        prompt_logprobs=[(s.logprob, [(t.token_id, t.logprob) for t in s.top]) for s in resp.prompt_logprobs]
+        if resp.prompt_logprobs else None)
 
 
 class CompletionBuilder:
@@ -188,7 +194,8 @@ class CompletionBuilder:
             top_logprobs=[t for c in self._chunks for t in (c.top_logprobs or ())] if with_logprobs else None,
             stop_reason=last.stop_reason, usage=last.usage,
             reasoning_text="".join(c.reasoning_text for c in self._chunks),
-            tool_calls=tool_calls(d for c in self._chunks for d in c.tool_calls))
+            tool_calls=tool_calls(d for c in self._chunks for d in c.tool_calls),
+            prompt_logprobs=next((c.prompt_logprobs for c in self._chunks if c.prompt_logprobs is not None), None))
 
 
 def tool_calls(deltas: Iterable[ToolCallDelta]) -> list[ToolCall]:

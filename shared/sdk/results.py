@@ -58,6 +58,8 @@ class Chunk:
     usage: Usage | None = None
     reasoning_text: str = ""
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    # The first chunk of a request made with prompt_logprobs: per prompt token after the first, (logprob, top).
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class Completion:
     usage: Usage | None = None
     reasoning_text: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass(frozen=True)

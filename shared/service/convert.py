@@ -36,6 +36,7 @@ def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
         structured_output=structured_from_pb(pb.structured_output) if pb.HasField("structured_output") else None,
         logit_bias=tuple(pb.logit_bias.items()),
         skip_special_tokens=pb.skip_special_tokens if pb.HasField("skip_special_tokens") else True,
+        prompt_logprobs=pb.prompt_logprobs if pb.HasField("prompt_logprobs") else None,
     )
 
 
@@ -69,11 +70,23 @@ def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
         pb.logit_bias[token] = bias
     if not p.skip_special_tokens:
         pb.skip_special_tokens = False
+    if p.prompt_logprobs is not None:
+        pb.prompt_logprobs = p.prompt_logprobs
     return pb
 
 
 def finish_to_pb(reason: FinishReason | None) -> int:
     return _FINISH_TO_PB.get(reason, common_pb2.FINISH_REASON_UNSPECIFIED) if reason else 0
+
+
+def prompt_logprobs_to_pb(entries: Sequence[tuple[float, Sequence[tuple[int, float]]] | None] | None
+                          ) -> list[common_pb2.StepLogprobs]:
+    """A request's prompt logprobs (the engine's per-position list, [0] None) as the wire's entries for the prompt
+    tokens after the first."""
+    if not entries:
+        return []
+    done = [e for e in entries[1:] if e is not None]
+    return logprobs_to_pb([lp for lp, _ in done], [top for _, top in done])
 
 
 def logprobs_to_pb(logprobs: Sequence[float], tops: Sequence[Sequence[tuple[int, float]]]

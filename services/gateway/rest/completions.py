@@ -11,11 +11,12 @@ from fastapi.responses import JSONResponse, Response
 from moemesh.services.gateway.rest import sse
 from moemesh.services.gateway.rest.errors import DOCUMENTED
 from moemesh.services.gateway.rest.generation import Choice, Generation
-from moemesh.services.gateway.rest.logprobs import completion_logprobs
+from moemesh.services.gateway.rest.logprobs import completion_logprobs, echo_logprobs, merge_logprobs
 from moemesh.services.gateway.rest.params import completion_prompts, completion_requests
 from moemesh.services.gateway.rest.schemas import (
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
@@ -45,7 +46,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         return sse.event_stream(call.stream(gen), on_close=gen.close)
     choices = await gen.collect(request)
     response = CompletionResponse(id=call.id, created=call.created, model=state.model_name,
-                                  choices=[call.final_choice(c) for c in choices], usage=gen.usage())
+                                  choices=[call.final_choice(c) for c in choices], usage=call.usage(gen))
     return JSONResponse(response.model_dump(mode="json"))
 
 
@@ -57,44 +58,79 @@ class _Call:
         self.body = body
         self.id = new_id("cmpl")
         self.created = int(time.time())
-        self.prefixes = [self._echo(p) for p in completion_prompts(body)] if body.echo else None
+        prompts = completion_prompts(body)
+        self.prefixes = [self._echo(p) for p in prompts] if body.echo else None
+        # Echo with logprobs: the prompts' token ids, tokenized as the core tokenizes them.
+        self.prompt_ids = [self._ids(p) for p in prompts] if body.echo and body.logprobs is not None else None
         self.offsets: dict[int, int] = {}
+        # max_tokens 0 with echo scores the prompt: the one token the workers make is not shown or counted.
+        self.score_only = body.echo and body.max_tokens == 0
 
     def _echo(self, prompt: str | list[int]) -> str:
         return prompt if isinstance(prompt, str) else self.state.core.model.tokenizer.decode(prompt)
+
+    def _ids(self, prompt: str | list[int]) -> list[int]:
+        return self.state.core.model.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) \
+            else list(prompt)
+
+    def _echo_logprobs(self, index: int, steps: list) -> tuple[CompletionLogprobs | None, int]:
+        """The echoed prompt's logprobs for choice `index` and the offset after it; (None, 0) without echo."""
+        if self.prompt_ids is None:
+            return None, 0
+        return echo_logprobs(self.state.texts, self.prompt_ids[index // self.body.n], steps)
 
     def prefix(self, index: int) -> str:
         return self.prefixes[index // self.body.n] if self.prefixes else ""
 
     def final_choice(self, c: Choice) -> CompletionChoice:
         logprobs = None
+        token_ids, steps, text = (c.token_ids, c.logprobs, c.text) if not self.score_only else ([], [], "")
         if self.body.logprobs is not None:
-            logprobs, _ = completion_logprobs(self.state.texts, c.token_ids, c.logprobs)
-        return CompletionChoice(index=c.index, text=self.prefix(c.index) + c.text, logprobs=logprobs,
+            echoed, offset = self._echo_logprobs(c.index, c.prompt_logprobs)
+            logprobs, _ = completion_logprobs(self.state.texts, token_ids, steps, offset)
+            if echoed is not None:
+                logprobs = merge_logprobs(echoed, logprobs)
+        if self.score_only:
+            return CompletionChoice(index=c.index, text=self.prefix(c.index), logprobs=logprobs,
+                                    finish_reason="length", stop_reason=None)
+        return CompletionChoice(index=c.index, text=self.prefix(c.index) + text, logprobs=logprobs,
                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+
+    def usage(self, gen: Generation) -> Usage:
+        """The call's usage; scoring only (max_tokens 0) generated nothing the client sees."""
+        usage = gen.usage()
+        if self.score_only:
+            usage.completion_tokens, usage.total_tokens = 0, usage.prompt_tokens
+        return usage
 
     async def stream(self, gen: Generation) -> AsyncIterator[bytes]:
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
         exclude = None if include_usage else {"usage"}
         echoed: set[int] = set()
         async for c, r in gen.events():
-            text = r.text
+            text = r.text if not self.score_only else ""
+            token_ids, steps = (r.token_ids, r.logprobs) if not self.score_only else ([], [])
+            prompt_lps = None
             if c.index not in echoed:
                 echoed.add(c.index)
                 text = self.prefix(c.index) + text
+                if self.body.logprobs is not None:
+                    prompt_lps, self.offsets[c.index] = self._echo_logprobs(c.index, list(r.prompt_logprobs))
             logprobs = None
             if self.body.logprobs is not None:
                 logprobs, self.offsets[c.index] = completion_logprobs(
-                    self.state.texts, r.token_ids, r.logprobs, self.offsets.get(c.index, 0))
+                    self.state.texts, token_ids, steps, self.offsets.get(c.index, 0))
+                if prompt_lps is not None:
+                    logprobs = merge_logprobs(prompt_lps, logprobs)
             last = bool(r.finish_reason)
             if not (text or (logprobs and logprobs.tokens) or last):
                 continue
-            choice = CompletionChoice(index=c.index, text=text, logprobs=logprobs,
-                                      finish_reason=c.finish_reason if last else None,
-                                      stop_reason=c.stop_reason if last else None)
+            finish = ("length" if self.score_only else c.finish_reason) if last else None
+            choice = CompletionChoice(index=c.index, text=text, logprobs=logprobs, finish_reason=finish,
+                                      stop_reason=c.stop_reason if last and not self.score_only else None)
             yield sse.event(self.chunk([choice]), exclude)
         if include_usage:
-            yield sse.event(self.chunk([], gen.usage()))
+            yield sse.event(self.chunk([], self.usage(gen)))
 
     def chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionChunk:
         return CompletionChunk(id=self.id, created=self.created, model=self.state.model_name, choices=choices,

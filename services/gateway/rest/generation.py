@@ -47,6 +47,7 @@ class Choice:
     tool_calls: list[gateway_pb2.ToolCallDelta] = field(default_factory=list)  # chat with tools: the pieces
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[common_pb2.StepLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[common_pb2.StepLogprobs] = field(default_factory=list)  # echo with logprobs
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     usage: gateway_pb2.Usage | None = None
@@ -65,6 +66,7 @@ class Choice:
         self.tool_calls.extend(r.tool_calls)
         self.token_ids.extend(r.token_ids)
         self.logprobs.extend(r.logprobs)
+        self.prompt_logprobs.extend(r.prompt_logprobs)
         if r.finish_reason:
             self.finish_reason = FINISH_REASONS.get(r.finish_reason, "stop")
             which = r.WhichOneof("stop_reason")

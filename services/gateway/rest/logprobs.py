@@ -49,6 +49,23 @@ def completion_logprobs(texts: TokenTexts, token_ids: Sequence[int], steps: Sequ
     return out, offset
 
 
+def echo_logprobs(texts: TokenTexts, prompt_ids: Sequence[int], steps: Sequence[common_pb2.StepLogprobs]
+                  ) -> tuple[CompletionLogprobs, int]:
+    """The echoed prompt's logprobs: its first token has none (null, as OpenAI writes it), each later one its
+    logprob given the tokens before it; and the text offset after the prompt."""
+    first = texts(prompt_ids[0]) if prompt_ids else ""
+    rest, offset = completion_logprobs(texts, prompt_ids[1:], steps, len(first))
+    out = CompletionLogprobs(tokens=[first, *rest.tokens], token_logprobs=[None, *rest.token_logprobs],
+                             top_logprobs=[None, *rest.top_logprobs], text_offset=[0, *rest.text_offset])
+    return (out, offset) if prompt_ids else (rest, 0)
+
+
+def merge_logprobs(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
+    """`a` then `b` (b's offsets already continue a's)."""
+    return CompletionLogprobs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
+                              top_logprobs=a.top_logprobs + b.top_logprobs, text_offset=a.text_offset + b.text_offset)
+
+
 def chat_logprobs(texts: TokenTexts, token_ids: Sequence[int],
                   steps: Sequence[common_pb2.StepLogprobs]) -> list[ChatTokenLogprob]:
     """One object per token: its text, logprob, UTF-8 bytes and top alternatives."""

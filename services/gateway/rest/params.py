@@ -96,8 +96,8 @@ def completion_requests(body: CompletionRequest, base_id: str) -> list[gateway_p
     if body.best_of is not None and body.best_of != body.n:
         raise ApiError(400, f"best_of must equal n ({body.n}) or be null: best-of selection is not supported",
                        "best_of")
-    if body.echo and body.logprobs is not None:
-        raise ApiError(400, "echo with logprobs needs prompt logprobs, which are not supported", "echo")
+    if body.max_tokens == 0 and not body.echo:
+        raise ApiError(400, "max_tokens 0 is for scoring a prompt: it needs echo (with logprobs)", "max_tokens")
     prompts = completion_prompts(body)
     if len(prompts) * body.n > MAX_CHOICES:
         raise ApiError(400, f"{len(prompts)} prompts times n={body.n} exceeds {MAX_CHOICES} choices per call",
@@ -106,7 +106,10 @@ def completion_requests(body: CompletionRequest, base_id: str) -> list[gateway_p
     for p, prompt in enumerate(prompts):
         for i in range(body.n):
             req = gateway_pb2.GenerateRequest(model=body.model or "", request_id=f"{base_id}-{p * body.n + i}",
-                                              sampling=sampling(body, body.max_tokens, body.logprobs, i))
+                                              sampling=sampling(body, 1 if body.max_tokens == 0 else body.max_tokens,
+                                                                body.logprobs, i))
+            if body.echo and body.logprobs is not None:  # the echoed prompt's logprobs too
+                req.sampling.prompt_logprobs = body.logprobs
             if isinstance(prompt, str):
                 req.prompt = prompt
             else:

@@ -110,7 +110,9 @@ class CompletionRequest(_Sampling):
     prompt: (PromptText | PromptIds | Annotated[list[PromptText], Field(min_length=1)]
              | Annotated[list[PromptIds], Field(min_length=1)]) = Field(
         description="A text, a list of token ids, or a batch of either (one set of choices per prompt).")
-    max_tokens: Int | None = Field(16, ge=1, le=UINT32_MAX, description="Tokens to generate at most (default 16).")
+    max_tokens: Int | None = Field(16, ge=0, le=UINT32_MAX, description="Tokens to generate at most (default 16); "
+                                                                      "0 only with echo: the prompt is scored, "
+                                                                      "nothing generated.")
     logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Return each token's logprob and this "
                                                                            "many most likely alternatives.")
     echo: Bool = Field(False, description="Put the prompt's text before the completion's.")
@@ -235,8 +237,8 @@ _STOP = "vLLM extra: the stop token id or stop string that ended the choice; nul
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None] = Field(description="null for the first prompt token of an echo")
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int] = Field(description="Where each token starts in the choice's text.")
 
 

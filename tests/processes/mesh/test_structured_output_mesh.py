@@ -114,3 +114,58 @@ def test_skip_special_tokens_false_keeps_eos_in_the_text(client: openai.OpenAI) 
         out = client.completions.create(model=model, prompt="Once", max_tokens=4, temperature=0,
                                         logit_bias={"1": 100}, extra_body={"skip_special_tokens": skip})
         assert (out.choices[0].text, out.choices[0].finish_reason) == (text, "stop")
+
+
+def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI, mesh: RunningMesh) -> None:
+    """PD: the prefill worker computes the prompt's logprobs; they reach the client with the echo, streamed and
+    not, equal to an in-process engine's (the same embedded tiny model) and to the SDK's prompt_logprobs."""
+    import torch
+
+    from moemesh.engine.engine import Engine, EngineConfig
+    from moemesh.model.mla import NoCacheAttention
+
+    model = client.models.list().data[0].id
+    prompt = "The quick brown fox jumps over the lazy dog"
+    with MeshClient(mesh.gateway, timeout_s=120) as sdk:
+        ids = sdk.tokenize(prompt)
+        via_sdk = sdk.generate(prompt, max_tokens=2, temperature=0, prompt_logprobs=2)
+    engine = Engine(EngineConfig(kv_cache_mb=16))
+    with torch.inference_mode():
+        hidden = engine.model(torch.tensor(ids), torch.arange(len(ids)), NoCacheAttention([len(ids)]))
+        ref = torch.log_softmax(engine.model.compute_logits(hidden[:-1]), dim=-1)
+    want = [float(ref[p - 1, ids[p]]) for p in range(1, len(ids))]
+    assert [lp for lp, _ in via_sdk.prompt_logprobs] == pytest.approx(want, abs=1e-4)
+
+    out = client.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=2)
+    lps = out.choices[0].logprobs
+    assert out.choices[0].text.startswith(prompt)
+    assert len(lps.tokens) == len(ids) + 2 and lps.token_logprobs[0] is None and lps.top_logprobs[0] is None
+    assert lps.token_logprobs[1:len(ids)] == pytest.approx(want, abs=1e-4)
+    assert all(len(top) <= 2 for top in lps.top_logprobs[1:])
+
+    streamed = [c for c in client.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0,
+                                                     echo=True, logprobs=2, stream=True) if c.choices]
+    tokens = [lp for c in streamed if c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+    assert tokens[0] is None and tokens[1:] == pytest.approx(lps.token_logprobs[1:], abs=1e-6)
+
+
+def test_max_tokens_0_with_echo_scores_the_prompt_only(client: openai.OpenAI) -> None:
+    model = client.models.list().data[0].id
+    prompt = "The quick brown fox jumps over the lazy dog"
+    full = client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    for stream in (False, True):
+        if stream:
+            chunks = [c for c in client.completions.create(model=model, prompt=prompt, max_tokens=0, echo=True,
+                                                           logprobs=1, stream=True) if c.choices]
+            text = "".join(c.choices[0].text for c in chunks)
+            lps = [lp for c in chunks if c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            out = client.completions.create(model=model, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+            choice = out.choices[0]
+            text, lps, finish = choice.text, choice.logprobs.token_logprobs, choice.finish_reason
+            assert out.usage.completion_tokens == 0
+        assert (text, finish) == (prompt, "length")
+        assert lps == full.choices[0].logprobs.token_logprobs[:-1]  # the prompt's, without the generated token's
+    with pytest.raises(openai.BadRequestError, match="needs echo"):
+        client.completions.create(model=model, prompt=prompt, max_tokens=0)

@@ -248,7 +248,7 @@ def test_models_health_metrics_and_openapi(model_dir: Path) -> None:
                 assert set(op["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
             schemas = doc["components"]["schemas"]
             max_tokens = schemas["CompletionRequest"]["properties"]["max_tokens"]["anyOf"][0]
-            assert max_tokens["minimum"] == 1 and schemas["CompletionRequest"]["properties"]["max_tokens"][
+            assert max_tokens["minimum"] == 0 and schemas["CompletionRequest"]["properties"]["max_tokens"][
                 "description"]
             assert {"CompletionChunk", "ChatCompletionChunk", "ErrorResponse"} <= set(schemas)
 

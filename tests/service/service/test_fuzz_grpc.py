@@ -245,6 +245,17 @@ def _count(rng: random.Random, f: FieldDescriptor) -> int:
 
 
 def fill_field(rng: random.Random, msg: Message, f: FieldDescriptor, depth: int) -> None:
+    if f.message_type is not None and f.message_type.GetOptions().map_entry:  # a map: random keys to values
+        target = getattr(msg, f.name)
+        target.clear()
+        key_f, value_f = f.message_type.fields_by_name["key"], f.message_type.fields_by_name["value"]
+        for _ in range(min(_count(rng, f), 200)):
+            key = scalar(rng, key_f)
+            if value_f.type == T.TYPE_MESSAGE:
+                random_message(rng, value_f.message_type, depth + 1, target[key])
+            else:
+                target[key] = scalar(rng, value_f)
+        return
     if f.is_repeated:
         target = getattr(msg, f.name)
         del target[:]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/common.proto\x12\nmoemesh.v1\"\x8d\x05\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x04\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x0f \x01(\x08\x12\x37\n\x11structured_output\x18\x10 \x01(\x0b\x32\x1c.moemesh.v1.StructuredOutput\x12=\n\nlogit_bias\x18\x11 \x03(\x0b\x32).moemesh.v1.SamplingParams.LogitBiasEntry\x12 \n\x13skip_special_tokens\x18\x12 \x01(\x08H\x05\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\x86\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x18\n\x0estructural_tag\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"F\n\x0cStepLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12%\n\x03top\x18\x02 \x03(\x0b\x32\x18.moemesh.v1.TokenLogprob\"\xa7\x01\n\x08KvLayout\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x18\n\x10page_size_tokens\x18\x03 \x01(\r\x12\x14\n\x0ckv_lora_rank\x18\x04 \x01(\r\x12\x18\n\x10qk_rope_head_dim\x18\x05 \x01(\r\x12\"\n\x05\x64type\x18\x06 \x01(\x0e\x32\x13.moemesh.v1.KvDtype\"\x98\x01\n\nWorkerLoad\x12\x1c\n\x14num_running_requests\x18\x01 \x01(\r\x12\x1c\n\x14num_waiting_requests\x18\x02 \x01(\r\x12\x16\n\x0enum_free_pages\x18\x03 \x01(\r\x12\x17\n\x0fnum_total_pages\x18\x04 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x05 \x01(\x02\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest*L\n\x0fProtocolVersion\x12 \n\x1cPROTOCOL_VERSION_UNSPECIFIED\x10\x00\x12\x17\n\x13PROTOCOL_VERSION_V1\x10\x01*\x96\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02*f\n\x07KvDtype\x12\x18\n\x14KV_DTYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10KV_DTYPE_FLOAT32\x10\x01\x12\x15\n\x11KV_DTYPE_BFLOAT16\x10\x02\x12\x14\n\x10KV_DTYPE_FLOAT16\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/common.proto\x12\nmoemesh.v1\"\xbf\x05\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x04\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x0f \x01(\x08\x12\x37\n\x11structured_output\x18\x10 \x01(\x0b\x32\x1c.moemesh.v1.StructuredOutput\x12=\n\nlogit_bias\x18\x11 \x03(\x0b\x32).moemesh.v1.SamplingParams.LogitBiasEntry\x12 \n\x13skip_special_tokens\x18\x12 \x01(\x08H\x05\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x13 \x01(\rH\x06\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x12\n\x10_prompt_logprobs\"\x86\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x18\n\x0estructural_tag\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"F\n\x0cStepLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12%\n\x03top\x18\x02 \x03(\x0b\x32\x18.moemesh.v1.TokenLogprob\"\xa7\x01\n\x08KvLayout\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x18\n\x10page_size_tokens\x18\x03 \x01(\r\x12\x14\n\x0ckv_lora_rank\x18\x04 \x01(\r\x12\x18\n\x10qk_rope_head_dim\x18\x05 \x01(\r\x12\"\n\x05\x64type\x18\x06 \x01(\x0e\x32\x13.moemesh.v1.KvDtype\"\x98\x01\n\nWorkerLoad\x12\x1c\n\x14num_running_requests\x18\x01 \x01(\r\x12\x1c\n\x14num_waiting_requests\x18\x02 \x01(\r\x12\x16\n\x0enum_free_pages\x18\x03 \x01(\r\x12\x17\n\x0fnum_total_pages\x18\x04 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x05 \x01(\x02\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest*L\n\x0fProtocolVersion\x12 \n\x1cPROTOCOL_VERSION_UNSPECIFIED\x10\x00\x12\x17\n\x13PROTOCOL_VERSION_V1\x10\x01*\x96\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02*f\n\x07KvDtype\x12\x18\n\x14KV_DTYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10KV_DTYPE_FLOAT32\x10\x01\x12\x15\n\x11KV_DTYPE_BFLOAT16\x10\x02\x12\x14\n\x10KV_DTYPE_FLOAT16\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_PROTOCOLVERSION']._serialized_start=1368
-  _globals['_PROTOCOLVERSION']._serialized_end=1444
-  _globals['_FINISHREASON']._serialized_start=1447
-  _globals['_FINISHREASON']._serialized_end=1597
-  _globals['_WORKERROLE']._serialized_start=1599
-  _globals['_WORKERROLE']._serialized_end=1689
-  _globals['_KVDTYPE']._serialized_start=1691
-  _globals['_KVDTYPE']._serialized_end=1793
+  _globals['_PROTOCOLVERSION']._serialized_start=1418
+  _globals['_PROTOCOLVERSION']._serialized_end=1494
+  _globals['_FINISHREASON']._serialized_start=1497
+  _globals['_FINISHREASON']._serialized_end=1647
+  _globals['_WORKERROLE']._serialized_start=1649
+  _globals['_WORKERROLE']._serialized_end=1739
+  _globals['_KVDTYPE']._serialized_start=1741
+  _globals['_KVDTYPE']._serialized_end=1843
   _globals['_SAMPLINGPARAMS']._serialized_start=40
-  _globals['_SAMPLINGPARAMS']._serialized_end=693
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=550
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=598
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=696
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=830
-  _globals['_TOKENLOGPROB']._serialized_start=832
-  _globals['_TOKENLOGPROB']._serialized_end=881
-  _globals['_STEPLOGPROBS']._serialized_start=883
-  _globals['_STEPLOGPROBS']._serialized_end=953
-  _globals['_KVLAYOUT']._serialized_start=956
-  _globals['_KVLAYOUT']._serialized_end=1123
-  _globals['_WORKERLOAD']._serialized_start=1126
-  _globals['_WORKERLOAD']._serialized_end=1278
-  _globals['_ABORTREQUEST']._serialized_start=1280
-  _globals['_ABORTREQUEST']._serialized_end=1314
-  _globals['_ABORTRESPONSE']._serialized_start=1316
-  _globals['_ABORTRESPONSE']._serialized_end=1348
-  _globals['_GETLOADREQUEST']._serialized_start=1350
-  _globals['_GETLOADREQUEST']._serialized_end=1366
+  _globals['_SAMPLINGPARAMS']._serialized_end=743
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=580
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=628
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=746
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=880
+  _globals['_TOKENLOGPROB']._serialized_start=882
+  _globals['_TOKENLOGPROB']._serialized_end=931
+  _globals['_STEPLOGPROBS']._serialized_start=933
+  _globals['_STEPLOGPROBS']._serialized_end=1003
+  _globals['_KVLAYOUT']._serialized_start=1006
+  _globals['_KVLAYOUT']._serialized_end=1173
+  _globals['_WORKERLOAD']._serialized_start=1176
+  _globals['_WORKERLOAD']._serialized_end=1328
+  _globals['_ABORTREQUEST']._serialized_start=1330
+  _globals['_ABORTREQUEST']._serialized_end=1364
+  _globals['_ABORTRESPONSE']._serialized_start=1366
+  _globals['_ABORTRESPONSE']._serialized_end=1398
+  _globals['_GETLOADREQUEST']._serialized_start=1400
+  _globals['_GETLOADREQUEST']._serialized_end=1416
 # @@protoc_insertion_point(module_scope)

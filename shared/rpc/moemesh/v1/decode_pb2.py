@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from moemesh.v1 import common_pb2 as moemesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/decode.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"\xb1\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.moemesh.v1.SamplingParams\x12\x0f\n\x07room_id\x18\x04 \x01(\t\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\r\x12\x19\n\x11resume_text_chars\x18\x06 \x01(\r\"\x83\x02\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.moemesh.v1.StepLogprobs\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.moemesh.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x05 \x01(\rH\x00\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\rB\r\n\x0bstop_reason2\xca\x01\n\x06\x44\x65\x63ode\x12\x43\n\x08Generate\x12\x19.moemesh.v1.DecodeRequest\x1a\x1a.moemesh.v1.DecodeResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.moemesh.v1.AbortRequest\x1a\x19.moemesh.v1.AbortResponse\x12=\n\x07GetLoad\x12\x1a.moemesh.v1.GetLoadRequest\x1a\x16.moemesh.v1.WorkerLoadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/decode.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"\xb1\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.moemesh.v1.SamplingParams\x12\x0f\n\x07room_id\x18\x04 \x01(\t\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\r\x12\x19\n\x11resume_text_chars\x18\x06 \x01(\r\"\xb6\x02\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.moemesh.v1.StepLogprobs\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.moemesh.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x05 \x01(\rH\x00\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\r\x12\x31\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x18.moemesh.v1.StepLogprobsB\r\n\x0bstop_reason2\xca\x01\n\x06\x44\x65\x63ode\x12\x43\n\x08Generate\x12\x19.moemesh.v1.DecodeRequest\x1a\x1a.moemesh.v1.DecodeResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.moemesh.v1.AbortRequest\x1a\x19.moemesh.v1.AbortResponse\x12=\n\x07GetLoad\x12\x1a.moemesh.v1.GetLoadRequest\x1a\x16.moemesh.v1.WorkerLoadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEREQUEST']._serialized_start=65
   _globals['_DECODEREQUEST']._serialized_end=242
   _globals['_DECODERESPONSE']._serialized_start=245
-  _globals['_DECODERESPONSE']._serialized_end=504
-  _globals['_DECODE']._serialized_start=507
-  _globals['_DECODE']._serialized_end=709
+  _globals['_DECODERESPONSE']._serialized_end=555
+  _globals['_DECODE']._serialized_start=558
+  _globals['_DECODE']._serialized_end=760
 # @@protoc_insertion_point(module_scope)
