@@ -3,9 +3,12 @@ seen the way the tests read it (name -> (address, pid), with "NAME-http" entries
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from moemesh.service.launch import MeshProcess
 from moemesh.service.launch import start_mesh as launch_mesh
@@ -55,3 +58,24 @@ def start_mesh(*args: str, timeout_s: float = 240, env: dict[str, str] | None = 
         if r.metrics_address:
             running.metrics[r.name] = r.metrics_address
     return running
+
+
+@contextlib.contextmanager
+def running_mesh(*args: str) -> Iterator[RunningMesh]:
+    """`start_mesh(*args)` for the length of a `with` block (a module fixture's body), stopped however it ends."""
+    running = start_mesh(*args)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@contextlib.contextmanager
+def openai_client(mesh: RunningMesh) -> Iterator[Any]:
+    """The `openai` client on the mesh's REST port (it needs `--http-port`); no proxy, no retries."""
+    import httpx
+    import openai
+
+    with httpx.Client(trust_env=False) as http:  # loopback: no proxy from the environment
+        yield openai.OpenAI(base_url=f"http://{mesh.services['gateway-http'][0]}/v1", api_key="unused",
+                            http_client=http, max_retries=0, timeout=120)

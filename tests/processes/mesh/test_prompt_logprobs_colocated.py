@@ -11,16 +11,13 @@ import torch
 from moemesh.engine.engine import Engine, EngineConfig
 from moemesh.model.mla import NoCacheAttention
 from moemesh.sdk import MeshClient
-from tests.processes.mesh.launch import RunningMesh, start_mesh
+from tests.processes.mesh.launch import RunningMesh, running_mesh
 
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[RunningMesh]:
-    running = start_mesh("--prefill", "0", "--decode", "1")
-    try:
+    with running_mesh("--prefill", "0", "--decode", "1") as running:
         yield running
-    finally:
-        running.stop()
 
 
 def test_colocated_prompt_logprobs(mesh: RunningMesh) -> None:

@@ -9,14 +9,13 @@ import json
 import re
 from collections.abc import Iterator
 
-import httpx
 import jsonschema
 import openai
 import pytest
 
 from moemesh.model.tiny_tokenizer import EOS_TOKEN
 from moemesh.sdk import MeshClient
-from tests.processes.mesh.launch import RunningMesh, start_mesh
+from tests.processes.mesh.launch import RunningMesh, openai_client, running_mesh
 
 PERSON = {
     "type": "object",
@@ -33,18 +32,14 @@ FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PER
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[RunningMesh]:
-    running = start_mesh("--prefill", "1", "--decode", "1", "--http-port", "0")
-    try:
+    with running_mesh("--prefill", "1", "--decode", "1", "--http-port", "0") as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture()
 def client(mesh: RunningMesh) -> Iterator[openai.OpenAI]:
-    with httpx.Client(trust_env=False) as http:
-        yield openai.OpenAI(base_url=f"http://{mesh.services['gateway-http'][0]}/v1", api_key="unused",
-                            http_client=http, max_retries=0, timeout=120)
+    with openai_client(mesh) as c:
+        yield c
 
 
 def test_json_schema_outputs_validate_20_of_20(client: openai.OpenAI) -> None:

@@ -10,13 +10,12 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import jsonschema
 import openai
 import pytest
 
 from moemesh.model.tiny import make_tiny
-from tests.processes.mesh.launch import RunningMesh, start_mesh
+from tests.processes.mesh.launch import RunningMesh, openai_client, running_mesh
 
 WEATHER_ARGS = {
     "type": "object",
@@ -40,18 +39,14 @@ ASK = [{"role": "user", "content": "What is the weather in Paris, and the time?"
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
     model = make_tiny(Path(tmp_path_factory.mktemp("chat-tiny")), chat_tokens=True)
-    running = start_mesh("--model", str(model), "--prefill", "1", "--decode", "1", "--http-port", "0")
-    try:
+    with running_mesh("--model", str(model), "--prefill", "1", "--decode", "1", "--http-port", "0") as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture()
 def client(mesh: RunningMesh) -> Iterator[openai.OpenAI]:
-    with httpx.Client(trust_env=False) as http:
-        yield openai.OpenAI(base_url=f"http://{mesh.services['gateway-http'][0]}/v1", api_key="unused",
-                            http_client=http, max_retries=0, timeout=120)
+    with openai_client(mesh) as c:
+        yield c
 
 
 def _check_calls(calls: list) -> None:
