@@ -173,6 +173,7 @@ class Engine:
         `commit_transfer` starts decoding with the prefill's first token.
         """
         req = self._new_request(prompt, params, request_id, resume)
+        req.prompt_logprobs = None  # the prefill worker computes the prompt, and its logprobs
         self.scheduler.reserve(req)
         self.requests[req.request_id] = req
         return req.request_id

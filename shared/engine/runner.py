@@ -11,7 +11,7 @@ import torch
 
 from moemesh.engine.attention import PagedAttention, StepLayout
 from moemesh.engine.kv_cache import LatentKVCache
-from moemesh.engine.sampling import Sampler, SampleResult, SamplingRow
+from moemesh.engine.sampling import Sampler, SampleResult, SamplingRow, logprobs_of
 from moemesh.engine.scheduler import ScheduledBatch, ScheduledSeq
 from moemesh.ep.tbo import split_point, two_batch_forward
 from moemesh.model.deepseek import DeepseekForCausalLM
@@ -108,14 +108,9 @@ class ModelRunner:
             last = min(s.start + s.num_new_tokens, len(req.prompt_token_ids) - 1)  # positions with a prompt next
             if req.prompt_logprobs is not None and last > s.start:
                 k = last - s.start
-                lp = torch.log_softmax(self.model.compute_logits(hidden[row:row + k]), dim=-1)  # [k, V] float32
-                targets = torch.tensor(req.prompt_token_ids[s.start + 1:last + 1], device=lp.device)
-                chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
-                n_top = req.params.prompt_logprobs or 0
-                tops: list[list[tuple[int, float]]] = [[] for _ in range(k)]
-                if n_top:
-                    vals, ids = lp.topk(min(n_top, lp.shape[1]), dim=-1)
-                    tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), vals.tolist(), strict=True)]
+                targets = torch.tensor(req.prompt_token_ids[s.start + 1:last + 1], device=hidden.device)
+                chosen, tops = logprobs_of(self.model.compute_logits(hidden[row:row + k]), targets,
+                                           req.params.prompt_logprobs or 0)
                 for j in range(k):
                     req.prompt_logprobs[s.start + 1 + j] = (chosen[j], tops[j])
             row += s.num_new_tokens

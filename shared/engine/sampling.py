@@ -147,20 +147,26 @@ class Sampler:
         if not want:
             return logprobs, top
         w = _index(want, logits.device)
-        lp = torch.log_softmax(logits[w].to(torch.float32), dim=-1)  # [W, V] float32
-        chosen = lp.gather(1, tokens[w].unsqueeze(1)).squeeze(1).tolist()
-        n_max = min(max(rows[i].params.logprobs or 0 for i in want), lp.shape[1])
-        top_vals_l: list[list[float]] = []
-        top_ids_l: list[list[int]] = []
-        if n_max > 0:
-            top_vals, top_ids = lp.topk(n_max, dim=-1)  # [W, N] sorted descending
-            top_vals_l, top_ids_l = top_vals.tolist(), top_ids.tolist()
+        chosen, tops = logprobs_of(logits[w], tokens[w], max(rows[i].params.logprobs or 0 for i in want))
         for j, i in enumerate(want):
             logprobs[i] = chosen[j]
             n = rows[i].params.logprobs or 0
             if n > 0:
-                top[i] = list(zip(top_ids_l[j][:n], top_vals_l[j][:n], strict=True))
+                top[i] = tops[j][:n]
         return logprobs, top
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, n_top: int
+                ) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """logits [N, V] (any float dtype), tokens [N] long -> each token's logprob under its row's distribution, and
+    each row's `n_top` most likely (token, logprob) pairs sorted descending (empty lists when n_top is 0)."""
+    lp = torch.log_softmax(logits.to(torch.float32), dim=-1)  # [N, V] float32
+    chosen = lp.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+    n = min(n_top, lp.shape[1])
+    if n <= 0:
+        return chosen, [[] for _ in chosen]
+    vals, ids = lp.topk(n, dim=-1)  # [N, n] sorted descending
+    return chosen, [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), vals.tolist(), strict=True)]
 
 
 def apply_logit_bias(logits: torch.Tensor, biases: Sequence[Sequence[tuple[int, float]]]) -> None:
