@@ -151,6 +151,26 @@ class EPExperts(nn.Module):
         self._weights = self._prepare()
         self.placement = placement
 
+    def switch_slots(self, placement: ExpertPlacement, slots: list[int], rows: torch.Tensor) -> None:
+        """Serve `placement` from now on, local slots `slots` holding the experts staged in `rows` [M, W] uint8
+        (each row: the slot's tensors' bytes, in `slot_tensors` order). Between two forwards only: the weights
+        and the routing table change together, so no token meets a slot whose weights and map disagree.
+
+        The staged rows are copied into the layer's own tensors (a local copy of the moved slots only, what the
+        staging bound bounds); a backend holding its own form of the weights prepares it again."""
+        if slots:
+            index = torch.tensor(slots, dtype=torch.int64, device=rows.device)
+            base = 0
+            with torch.no_grad():
+                for t in self.slot_tensors():
+                    view = t.reshape(t.shape[0], -1).view(torch.uint8)  # [S, W_t], the same memory
+                    view.index_copy_(0, index, rows[:, base:base + view.shape[1]])
+                    base += view.shape[1]
+            if base != rows.shape[1]:
+                raise ValueError(f"staged rows of {rows.shape[1]} bytes do not fit this layer's {base}-byte slots")
+            self._weights = self._prepare()
+        self.placement = placement
+
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, D]; topk_ids [T, K] int64 logical experts; topk_weights [T, K] float32 -> [T, D] in x's dtype."""
         return run_stages(self.stages(x, topk_ids, topk_weights))

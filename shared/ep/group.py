@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,10 @@ from torch import nn
 
 from moemesh.device import bind_thread
 from moemesh.ep.apply import apply_expert_parallel
+from moemesh.ep.migrate import slot_width
+from moemesh.ep.move_plan import Round
 from moemesh.ep.placement import ExpertPlacement
+from moemesh.ep.stager import Stager
 from moemesh.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,8 @@ class EPConfig:
     enable_tbo: bool = False
     timeout_s: float = 120.0
     device: str = "cpu"              # this rank's device ("cuda:N": its GPU, bound before joining the group)
+    max_staging_mb: float = 256.0    # a placement switch stages at most this much of the moving experts at once
+    switch_chunk_mb: float = 1.0     # a switch's copies move at most this much per rank and serving step
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -53,6 +59,9 @@ class EPConfig:
             raise ValueError(f"redundant experts must be >= 0, got {self.redundant_experts}")
         if self.ll_budget < 1:
             raise ValueError(f"the low-latency budget must be >= 1 token per rank, got {self.ll_budget}")
+        if self.max_staging_mb <= 0 or self.switch_chunk_mb <= 0:
+            raise ValueError(f"the staging bound and the switch's chunk must be > 0 MB, got {self.max_staging_mb} "
+                             f"and {self.switch_chunk_mb}")
         if self.size > 1 and not self.init_addr:
             raise ValueError("an EP group of more than one rank needs the rendezvous address (host:port)")
 
@@ -64,16 +73,23 @@ class StepVote:
     split: bool          # run it as two micro-batches (two-batch overlap is on and all can split)
     all_stopping: bool   # every rank is stopping: leave the loop together
     offered: int = 0     # the newest placement version every rank has been offered (0: none agreed)
+    staged: int = 0      # a switch's rounds every rank has staged
+    switch_failed: bool = False  # a switch's round failed on some rank: every rank gives the switch up
 
 
 @dataclass
 class Migration:
-    """A switch to a new placement in progress: MoE layers before `next_layer` have moved."""
+    """A switch to a new placement in progress: MoE layers before `next_layer` have moved; `rows` [L, P] is what
+    each layer serves now (some layers switched, one maybe part-way in whole rounds, the rest not yet)."""
 
     version: int
     placement: ExpertPlacement
+    stager: Stager
+    rows: torch.Tensor
     next_layer: int = 0
     received: int = 0
+    switched: int = 0    # rounds switched in
+    moved_slots: int = 0
 
 
 class GroupFailed(RuntimeError):
@@ -88,7 +104,11 @@ class EPGroup:
         self.placement: ExpertPlacement | None = None
         self.placement_version = 0   # 0: the start-up placement; then the balancer's versions
         self.migration: Migration | None = None
-        self.last_switch_s = 0.0     # how long the last switch paused serving, summed over its layers
+        self.last_switch_s = 0.0     # how long the last switch held the step thread, summed over its boundaries
+        self.last_staging_bytes = 0  # the largest round the last switch staged on this rank
+        self.last_switch_rounds = 0  # rounds the last switch took (at least one a MoE layer)
+        self.last_switch_received = 0  # expert weights this rank received from others in the last switch
+        self.switch_fault: Callable[[Round], None] | None = None  # tests: raise here to fail a round on this rank
         self._offers: dict[int, torch.Tensor] = {}  # version -> phy2log [L, P], offered by the balancer
         self._experts: list = []
         self.max_step_tokens = 0  # tokens one forward of this rank may carry, set by `apply`
@@ -106,7 +126,10 @@ class EPGroup:
             options.pop("device_id", None)  # binds NCCL's communicator; gloo has none
         dist.init_process_group(backend, init_method=f"tcp://{cfg.init_addr}", rank=cfg.rank,
                                 world_size=cfg.size, timeout=datetime.timedelta(seconds=cfg.timeout_s), **options)
-        self._vote = torch.zeros(5, dtype=torch.int64)
+        self._vote = torch.zeros(7, dtype=torch.int64)
+        # A second group for a switch's copies, so that they never interleave with the serving all-to-alls
+        # (collectives of one group run in call order; the copies run in a thread of their own).
+        self._switch_group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
         log.info("joined EP group at %s as rank %d of %d", cfg.init_addr, cfg.rank, cfg.size)
 
     @property
@@ -170,8 +193,16 @@ class EPGroup:
         from moemesh.ep.experts import EPExperts
 
         self._experts = [m for m in model.modules() if isinstance(m, EPExperts)]
+        self._check_staging_bound()
         self._warm_up(budget * (model.config.num_experts_per_tok or 1))
         return model
+
+    def _check_staging_bound(self) -> None:
+        """A switch stages at least one slot's expert at a time: a bound below that fails at start-up."""
+        width = max((slot_width(e.slot_tensors()) for e in self._experts), default=0)
+        if width > self.cfg.max_staging_mb * (1 << 20):
+            raise ValueError(f"--eplb-max-staging-mb {self.cfg.max_staging_mb:g} is below one expert's weights "
+                             f"({width / (1 << 20):.2f} MiB): a placement switch could not stage any")
 
     def _warm_up(self, contiguous_rows: int) -> None:
         """Run each layer's grouped GEMM at the shapes serving will use, where the backend can (DeepGEMM compiles
@@ -202,41 +233,118 @@ class EPGroup:
         self._offers[version] = new.phy2log
 
     def advance(self, vote: StepVote) -> None:
-        """After each vote: start a switch all ranks agreed on, or move its next layer (a collective)."""
+        """After each vote, at the step boundary: start a switch all ranks agreed on, switch in a round every rank
+        has staged (the vote says so), give the copy thread its credit for the coming step, or give up a switch
+        that failed on some rank. With no batch anywhere there is nothing to overlap: the next layer is staged and
+        switched here, whole."""
         if self.migration is None:
             if vote.offered <= self.placement_version or vote.offered not in self._offers:
                 return
-            new = ExpertPlacement(self._offers[vote.offered], self.size, self.placement.num_logical)
-            self.migration = Migration(vote.offered, new)
-            self.last_switch_s = 0.0
-        from moemesh.ep.migrate import migrate_layer
-
+            self._start(vote.offered)
         m = self.migration
         t0 = time.perf_counter()
-        m.received += self.collective(migrate_layer, self._experts[m.next_layer], m.placement)
-        self.last_switch_s += time.perf_counter() - t0
-        m.next_layer += 1
-        if m.next_layer == len(self._experts):
-            self.placement, self.placement_version, self.migration = m.placement, m.version, None
-            self._offers = {v: p for v, p in self._offers.items() if v > m.version}
-            log.info("EP rank %d now serves placement %d (%d expert weights received, %.1f ms of pauses)",
-                     self.rank, m.version, m.received, 1e3 * self.last_switch_s)
+        try:
+            if vote.switch_failed:
+                self._give_up()
+            elif not vote.any_batch:
+                self._switch_layer_now(m)
+            else:
+                if vote.staged > m.switched:
+                    self._switch_next(m)
+                if self.migration is not None:
+                    m.stager.allow()
+        finally:
+            self.last_switch_s += time.perf_counter() - t0
+
+    def _start(self, version: int) -> None:
+        new = ExpertPlacement(self._offers[version], self.size, self.placement.num_logical)
+        mib = 1 << 20
+        stager = Stager(self._experts, self.placement.phy2log, new, self.rank, self._switch_group,
+                        int(self.cfg.max_staging_mb * mib), int(self.cfg.switch_chunk_mb * mib), self.switch_fault)
+        self.migration = Migration(version, new, stager, self.placement.phy2log.clone())
+        self.last_switch_s, self.last_staging_bytes = 0.0, 0
+
+    def _switch_layer_now(self, m: Migration) -> None:
+        """Idle group: stage and switch every round of the next layer now (ranks agree through the rounds' own
+        agreement: each round's outcome is the same on every rank)."""
+        m.stager.run_free(True)
+        try:
+            layer = m.next_layer
+            while self.migration is m and m.next_layer == layer:
+                if not m.stager.wait_staged(m.switched + 1):
+                    self._give_up()
+                    return
+                self._switch_next(m)
+        finally:
+            m.stager.run_free(False)
+
+    def _switch_next(self, m: Migration) -> None:
+        """Switch the staged round in: its layer's weights and routing table together, between two forwards."""
+        staged, after, done = m.stager.take()
+        rnd = staged.round
+        self._experts[rnd.layer].switch_slots(after, staged.slots, staged.rows)
+        m.rows[rnd.layer] = after.phy2log[rnd.layer]
+        m.switched += 1
+        m.moved_slots += len(rnd.moves)
+        per_rank = self.placement.slots_per_rank
+        m.received += sum(1 for mv in rnd.moves if mv.slot // per_rank == self.rank != mv.source // per_rank)
+        if rnd.last_of_layer:
+            m.next_layer = rnd.layer + 1
+        if done:
+            self._finish(m)
+
+    def _finish(self, m: Migration) -> None:
+        m.stager.join()
+        self._record(m)
+        self.placement, self.placement_version, self.migration = m.placement, m.version, None
+        self._offers = {v: p for v, p in self._offers.items() if v > m.version}
+        log.info("EP rank %d now serves placement %d (%d expert weights received, %d rounds, staging peak %.1f MiB "
+                 "of %.0f MiB allowed%s, %.1f ms at step boundaries)", self.rank, m.version, m.received, m.switched,
+                 m.stager.peak_bytes / (1 << 20), self.cfg.max_staging_mb,
+                 f", {m.stager.over_bound_rounds} round(s) over it" if m.stager.over_bound_rounds else "",
+                 1e3 * self.last_switch_s)
+
+    def _give_up(self) -> None:
+        """A round failed on some rank: every rank stops the switch at this same boundary. Rounds already switched
+        stay (each layer serves a whole placement row, never a half-switched one); the rest keep their weights."""
+        m = self.migration
+        m.stager.cancel()
+        self._record(m)
+        if not torch.equal(m.rows, self.placement.phy2log):
+            self.placement = ExpertPlacement(m.rows.clone(), self.size, self.placement.num_logical)
+        self.migration = None
+        self._offers = {v: p for v, p in self._offers.items() if v > m.version}
+        log.warning("EP rank %d gave up the switch to placement %d after %d rounds (%d of %d MoE layers whole); "
+                    "serving on with the placement as it stands", self.rank, m.version, m.switched, m.next_layer,
+                    len(self._experts))
+
+    def _record(self, m: Migration) -> None:
+        self.last_staging_bytes = m.stager.peak_bytes
+        self.last_switch_rounds, self.last_switch_received = m.switched, m.received
+
+    @property
+    def switching(self) -> bool:
+        return self.migration is not None
 
     # ---- the step -----------------------------------------------------------------------------------------------
 
     def vote(self, has_batch: bool, can_split: bool, stopping: bool) -> StepVote:
         """The step's collective decision: one all-reduce MAX of [has_batch, cannot split, not stopping,
-        newest offered placement, minus the newest offered placement] (the last two give the newest and
-        the oldest of the ranks' newest offers: a switch starts only when all ranks hold the same one)."""
+        newest offered placement, minus the newest offered placement, minus the switch's rounds staged, the
+        switch failed] (the newest and the oldest of the ranks' newest offers: a switch starts only when all
+        ranks hold the same one; a staged round is switched in only when every rank has it)."""
         v = self._vote
         newest = max(self._offers, default=self.placement_version)
+        m = self.migration
+        staged, failed = (m.stager.staged, m.stager.failed) if m is not None else (0, False)
         v[0], v[1], v[2], v[3], v[4] = int(has_batch), int(not can_split), int(not stopping), newest, -newest
+        v[5], v[6] = -staged, int(failed)  # minus: MAX gives the fewest rounds any rank has staged
         self.collective(dist.all_reduce, v, op=dist.ReduceOp.MAX)
         any_batch, all_can_split = bool(v[0]), not v[1]
         offered = int(v[3]) if int(v[3]) == -int(v[4]) else 0
         return StepVote(any_batch=any_batch, all_can_split=all_can_split,
                         split=self.cfg.enable_tbo and any_batch and all_can_split, all_stopping=not v[2],
-                        offered=offered)
+                        offered=offered, staged=-int(v[5]), switch_failed=bool(v[6]))
 
     def barrier(self) -> None:
         self.collective(dist.barrier)
@@ -255,6 +363,8 @@ class EPGroup:
         one they are left alone, as a barrier of theirs would wait on the dead peer."""
         if not dist.is_initialized():
             return
+        if self.migration is not None:  # every rank leaves at the same boundary: the copy threads stop alike
+            self.migration.stager.cancel()
         try:
             dist.barrier()
         except RuntimeError as e:

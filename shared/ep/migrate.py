@@ -1,68 +1,154 @@
-"""Moving expert weights to a new placement, one MoE layer at a time, between the ranks of an EP group.
+"""Staging one round of a placement switch: the new experts of this rank's changed slots, copied into a buffer of
+their own while the layer keeps serving its current weights. A collective over the switch's own process group.
 
-Every rank computes the same plan from the old and the new placement: a new slot's expert is copied
-locally when the rank already holds it, else received from the lowest rank that holds it; one uneven
-`all_to_all_single` per layer carries all of it. Replicas are exact copies, so outputs do not change.
+Every rank runs the same schedule, computed from the round alone: a changed slot copies its expert locally when
+its rank holds it, else receives it from the source the plan chose. Each slot's expert travels as one row of
+bytes (weights, and FP8 block scales where kept); the rows between two ranks form a byte stream, cut into pieces
+so that one call moves at most `chunk_bytes` per rank, and every call waits for `turn()` first: that is how the
+copies are paced against serving steps. A rank whose part fails (the fault hook, a bad allocation) keeps joining
+the calls with zeros, so no peer waits on it, and the round ends in one agreement whether every rank staged it.
 
-Legend: S local slots, I expert intermediate size, D hidden.
+Legend: S local slots, M this rank's changed slots in the round, W bytes of one slot's expert.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
-from moemesh.ep.experts import EPExperts
-from moemesh.ep.placement import ExpertPlacement
+from moemesh.ep.move_plan import Round
+
+log = logging.getLogger(__name__)
 
 
-def migrate_layer(experts: EPExperts, new: ExpertPlacement, group: dist.ProcessGroup | None = None) -> int:
-    """Give `experts` (this rank's slots of one MoE layer) the weights `new` puts there; a collective.
+@dataclass
+class Staged:
+    """A round staged on this rank: rows [M, W] uint8 are the new experts of local slots `slots` (slot order)."""
 
-    Returns the number of expert weights this rank received from others.
+    round: Round
+    slots: list[int]
+    rows: torch.Tensor
+    ok: bool  # every rank staged its part (agreed)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.numel()
+
+
+def slot_rows(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """parts: a layer's slot tensors, each [S, ...] contiguous -> each as [S, W_part] uint8 views (no copy)."""
+    return [t.reshape(t.shape[0], -1).view(torch.uint8) for t in parts]
+
+
+def slot_width(parts: list[torch.Tensor]) -> int:
+    """W: bytes of one slot's expert over all of `parts`."""
+    return sum(t[0].numel() * t.element_size() for t in parts) if parts and parts[0].shape[0] else 0
+
+
+class _Stream:
+    """A run of byte rows read or written as one stream (rows: 1-D uint8 views, in stream order)."""
+
+    def __init__(self, rows: list[torch.Tensor]) -> None:
+        self.rows = rows
+        self.size = sum(r.numel() for r in rows)
+
+    def pieces(self, start: int, stop: int) -> list[tuple[torch.Tensor, int]]:
+        """The parts of rows covering bytes [start, stop): (row slice, offset within [start, stop))."""
+        out, base = [], 0
+        for r in self.rows:
+            lo, hi = max(start, base), min(stop, base + r.numel())
+            if lo < hi:
+                out.append((r[lo - base:hi - base], lo - start))
+            base += r.numel()
+            if base >= stop:
+                break
+        return out
+
+
+def stage_round(rnd: Round, parts: list[torch.Tensor], rank: int, ep_size: int, group: dist.ProcessGroup | None,
+                chunk_bytes: int, turn: Callable[[], None], fault: Callable[[Round], None] | None = None) -> Staged:
+    """Stage this rank's share of `rnd`; a collective over `group` (every rank calls it for the same round).
+
+    parts: the layer's slot tensors as `EPExperts.slot_tensors` lists them (each [S, ...]), read, never written.
+    Returns the staged rows, to be switched in by `EPExperts.switch_slots` once every rank has them.
     """
-    old, layer = experts.placement, experts.layer
-    rank, size = experts.dispatcher.rank, experts.dispatcher.ep_size
-    if (new.num_physical, new.ep_size, new.num_logical) != (old.num_physical, old.ep_size, old.num_logical):
-        raise ValueError("a new placement must keep the number of slots, ranks and experts")
-    per_rank = old.slots_per_rank
-    old_row, new_row = old.phy2log[layer].tolist(), new.phy2log[layer].tolist()
-    held = [old_row[r * per_rank:(r + 1) * per_rank] for r in range(size)]
+    per_rank = parts[0].shape[0]
+    width = slot_width(parts)
+    byte_rows = slot_rows(parts)
+    mine = [m for m in rnd.moves if m.slot // per_rank == rank]
+    rows = torch.empty(len(mine), width, dtype=torch.uint8, device=parts[0].device)
+    ok = True
+    try:
+        if fault is not None:
+            fault(rnd)
+        for i, m in enumerate(mine):  # local copies: this rank already holds the expert
+            if m.source // per_rank == rank:
+                _copy_slot(byte_rows, m.source - rank * per_rank, rows[i])
+    except Exception:  # any local failure fails the round on every rank, never the serving
+        log.exception("EP rank %d: staging MoE layer %d failed here", rank, rnd.layer)
+        ok = False
 
-    def source(dest: int, expert: int) -> int:
-        return dest if expert in held[dest] else next(r for r in range(size) if expert in held[r])
+    def own(slot: int) -> list[torch.Tensor]:
+        return [t[slot - rank * per_rank] for t in byte_rows]
 
-    # Each slot's expert as one row of bytes (weights, and FP8 block scales where kept), whatever the dtypes.
-    parts = experts.slot_tensors()
-    flat = torch.cat([t.contiguous().view(torch.uint8).reshape(per_rank, -1) for t in parts], dim=1)
-    send_rows: list[torch.Tensor] = []
-    send_counts, recv_counts = [0] * size, [0] * size
-    for dest in range(size):
-        for expert in new_row[dest * per_rank:(dest + 1) * per_rank]:
-            src = source(dest, expert)
-            if src == rank and dest != rank:
-                send_rows.append(flat[held[rank].index(expert)])
-                send_counts[dest] += 1
-            elif dest == rank and src != rank:
-                recv_counts[src] += 1
-    width = flat.shape[1]
-    send = torch.stack(send_rows) if send_rows else flat.new_empty(0, width)
-    recv = flat.new_empty(sum(recv_counts), width)
-    dist.all_to_all_single(recv.view(-1), send.reshape(-1), [c * width for c in recv_counts],
-                           [c * width for c in send_counts], group=group)
-    # Received rows arrive grouped by source rank, each group in this rank's slot order.
-    offsets = [sum(recv_counts[:r]) for r in range(size)]
-    rows = []
-    for expert in new_row[rank * per_rank:(rank + 1) * per_rank]:
-        src = source(rank, expert)
-        if src == rank:
-            rows.append(flat[held[rank].index(expert)])
-        else:
-            rows.append(recv[offsets[src]])
-            offsets[src] += 1
-    new_flat = torch.stack(rows)
-    widths = [t[0].numel() * t.element_size() for t in parts]
-    pieces = new_flat.split(widths, dim=1)
-    experts.set_weights(new, *(piece.contiguous().view(t.dtype).reshape(t.shape)
-                               for piece, t in zip(pieces, parts, strict=True)))
-    return sum(recv_counts)
+    # Streams between this rank and each peer, rows in the receiver's slot order (both sides list them alike).
+    send = [_Stream([r for m in rnd.moves if m.source // per_rank == rank and m.slot // per_rank == d
+                     for r in own(m.source)]) if d != rank else _Stream([]) for d in range(ep_size)]
+    recv = [_Stream([rows[i] for i, m in enumerate(mine) if m.source // per_rank == s]) if s != rank
+            else _Stream([]) for s in range(ep_size)]
+    piece, calls = _schedule(rnd, per_rank, ep_size, width, chunk_bytes)
+    for c in range(calls):
+        turn()
+        lo, hi = c * piece, (c + 1) * piece
+        send_sizes = [max(0, min(hi, s.size) - lo) for s in send]
+        recv_sizes = [max(0, min(hi, s.size) - lo) for s in recv]
+        out = rows.new_zeros(sum(send_sizes))
+        if ok:
+            try:
+                base = 0
+                for s, n in zip(send, send_sizes, strict=True):
+                    for view, off in s.pieces(lo, lo + n):
+                        out[base + off:base + off + view.numel()].copy_(view)
+                    base += n
+            except Exception:  # as above: zeros go out, the agreement fails the round
+                log.exception("EP rank %d: staging MoE layer %d failed here", rank, rnd.layer)
+                ok = False
+        into = rows.new_empty(sum(recv_sizes))
+        dist.all_to_all_single(into, out, recv_sizes, send_sizes, group=group)
+        base = 0
+        for s, n in zip(recv, recv_sizes, strict=True):
+            for view, off in s.pieces(lo, lo + n):
+                view.copy_(into[base + off:base + off + view.numel()])
+            base += n
+    if rows.is_cuda:
+        torch.cuda.current_stream(rows.device).synchronize()  # the rows are whole before anyone switches to them
+    flag = torch.tensor([int(ok)], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)  # gloo beside NCCL on GPU
+    return Staged(rnd, [m.slot - rank * per_rank for m in mine], rows, ok=bool(flag))
+
+
+def _copy_slot(byte_rows: list[torch.Tensor], slot: int, into: torch.Tensor) -> None:
+    """into [W] uint8 <- local slot `slot`'s expert, part after part."""
+    base = 0
+    for t in byte_rows:
+        into[base:base + t.shape[1]].copy_(t[slot])
+        base += t.shape[1]
+
+
+def _schedule(rnd: Round, per_rank: int, ep_size: int, width: int, chunk_bytes: int) -> tuple[int, int]:
+    """(bytes per peer per call, calls), the same on every rank: no rank moves more than `chunk_bytes` a call."""
+    sends: dict[tuple[int, int], int] = {}
+    for m in rnd.moves:
+        src, dst = m.source // per_rank, m.slot // per_rank
+        if src != dst:
+            sends[src, dst] = sends.get((src, dst), 0) + width
+    if not sends:
+        return 1, 0
+    peers = max(max(sum(1 for s, _ in sends if s == r), sum(1 for _, d in sends if d == r)) for r in range(ep_size))
+    piece = max(1, chunk_bytes // peers)
+    return piece, -(-max(sends.values()) // piece)
+

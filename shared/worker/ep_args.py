@@ -45,6 +45,12 @@ def add_ep_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ep-gemm", default="torch", choices=GEMMS.names(), help="grouped expert GEMM backend")
     g.add_argument("--enable-tbo", action="store_true",
                    help="two-batch overlap: split each step in two micro-batches, overlapping MoE communication")
+    g.add_argument("--eplb-max-staging-mb", type=float, default=256.0,
+                   help="a live placement switch stages the moving experts' weights in the background, at most this "
+                        "many MiB per rank at once (more moves go in several rounds); at least one expert's weights")
+    g.add_argument("--eplb-switch-chunk-mb", type=float, default=1.0,
+                   help="a live placement switch copies at most this many MiB per rank during one serving step "
+                        "(smaller: steps less disturbed, the switch takes longer)")
     g.add_argument("--ep-timeout-s", type=float, default=300.0,
                    help="how long a collective may wait on a peer rank before the group is declared failed")
 
@@ -62,7 +68,8 @@ def ep_config(args: argparse.Namespace) -> EPConfig | None:
         redundant_experts=args.redundant_experts, placement_file=args.expert_placement,
         dispatcher=args.ep_dispatcher, dispatcher_mode=args.ep_dispatcher_mode,
         ll_budget=args.ep_low_latency_budget, gemm=args.ep_gemm,
-        enable_tbo=args.enable_tbo, timeout_s=args.ep_timeout_s, device=device_of(args))
+        enable_tbo=args.enable_tbo, timeout_s=args.ep_timeout_s, device=device_of(args),
+        max_staging_mb=args.eplb_max_staging_mb, switch_chunk_mb=args.eplb_switch_chunk_mb)
 
 
 def validate_ep_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -79,6 +86,8 @@ def validate_ep_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) 
         p.error("--dist-init-addr (node 0's host:port) is required with --nnodes > 1")
     if args.redundant_experts < 0:
         p.error(f"--redundant-experts must be >= 0, got {args.redundant_experts}")
+    if args.eplb_max_staging_mb <= 0 or args.eplb_switch_chunk_mb <= 0:
+        p.error("--eplb-max-staging-mb and --eplb-switch-chunk-mb must be > 0")
     if args.ep_low_latency_budget < 1:
         p.error(f"--ep-low-latency-budget must be >= 1, got {args.ep_low_latency_budget}")
 

@@ -85,7 +85,7 @@ class ExpertLoadReporter:
 
     async def _send_forever(self) -> None:
         """One client stream at a time. A report carries the rank's placement (L x P slots) only when the
-        stream has not carried that version yet: a new stream's first report (so a restarted balancer
+        stream has not carried that version and those rows yet: a new stream's first report (so a restarted balancer
         learns what the group runs) and the first after a switch."""
         backoff = 0.5
         pending: eplb_pb2.ExpertLoadReport | None = None  # taken from the queue, not yet written
@@ -93,17 +93,19 @@ class ExpertLoadReporter:
             channel = mesh_channel(self.eplb, options=CHANNEL_OPTIONS)
             try:
                 call = eplb_pb2_grpc.EplbStub(channel).ReportExpertLoad()
-                sent_version: int | None = None
+                sent_version: tuple[int, tuple[int, ...]] | None = None
                 while True:
                     if pending is None:
                         pending = await self._queue.get()
                     out = pending
-                    if pending.placement_version == sent_version:
+                    # The rows too: a switch given up part-way serves its version's number with other rows.
+                    key = (pending.placement_version, tuple(pending.phy2log))
+                    if key == sent_version:
                         out = eplb_pb2.ExpertLoadReport()
                         out.CopyFrom(pending)
                         del out.phy2log[:]
                     await call.write(out)
-                    sent_version, pending = pending.placement_version, None
+                    sent_version, pending = key, None
                     backoff = 0.5
             except grpc.aio.AioRpcError as e:
                 log.info("expert load to eplb %s: %s; retrying", self.eplb, e.code().name)
