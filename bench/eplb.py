@@ -4,7 +4,10 @@ An EP group (rank processes over gloo) serves a model whose routing favours expe
 rank 0 at start-up. Each rank decodes its batch; the group's expert load is counted; the balancer's
 algorithm places the experts again (with redundant slots); the group switches live (one MoE layer per
 step boundary, weights over all-to-all); the same decode runs again. Printed: balancedness of each
-phase's own traffic, decode tokens/s before and after, and the pause the switch cost.
+phase's own traffic, decode tokens/s before and after, and what the switch cost the serving steps: it runs under
+load (the moving experts staged in the background, each layer switched at a step boundary), and its steps are
+compared with a run of the same load without a switch (longest step, p99 inter-token latency), with the
+staging memory it held.
 
 The file doubles as the rank script: `python -m moemesh.bench.eplb RANK SIZE ADDR CKPT OUT OPTIONS_JSON`.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -28,6 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bias", type=float, default=0.3, help="routing bias added to the favoured experts")
     p.add_argument("--batch-sizes", default="8,32", help="sequences per rank in the decode timings")
     p.add_argument("--decode-steps", type=int, default=12)
+    p.add_argument("--load-batch", type=int, default=8, help="sequences per rank decoding while the switch runs")
+    p.add_argument("--load-steps", type=int, default=200,
+                   help="decode steps of the run without a switch (compared step for step with the switch's)")
+    p.add_argument("--eplb-max-staging-mb", type=float, default=256.0, help="the switch's staging bound per rank")
+    p.add_argument("--eplb-switch-chunk-mb", type=float, default=1.0, help="the switch's copies per rank and step")
     p.add_argument("--json", default=None, metavar="FILE")
 
 
@@ -49,7 +58,9 @@ def skewed_checkpoint(out: Path, preset: str, favoured: int, bias: float) -> Pat
 def run(args: argparse.Namespace) -> int:
     from moemesh.bench.ep import run_group
 
-    options = {"batch_sizes": [int(b) for b in args.batch_sizes.split(",")], "decode_steps": args.decode_steps}
+    options = {"batch_sizes": [int(b) for b in args.batch_sizes.split(",")], "decode_steps": args.decode_steps,
+               "load_batch": args.load_batch, "load_steps": args.load_steps,
+               "max_staging_mb": args.eplb_max_staging_mb, "switch_chunk_mb": args.eplb_switch_chunk_mb}
     results: dict[int, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = skewed_checkpoint(Path(tmp) / "model", args.preset, args.favoured, args.bias)
@@ -74,9 +85,19 @@ def _report(results: dict[int, Any], args: argparse.Namespace) -> str:
         for b, (before, after) in r["decode_tok_s"].items():
             out.append(f"  {size:>3} {r['num_physical']:>5} {bal:>19} {b:>9} {before:>12.1f} {after:>9.1f} "
                        f"{after / before:>6.2f}x")
-    out.append(f"\n  {'EP':>3} {'moved slots':>11} {'switch pause, total ms':>22} {'longest step ms':>15}")
+    out.append(f"\n  The switch under load ({args.load_batch} sequences per rank decoding), against the same load "
+               f"without a switch; ITL = one decode step; staging bound {args.eplb_max_staging_mb:g} MiB per rank, "
+               f"copies {args.eplb_switch_chunk_mb:g} MiB per rank and step")
+    out.append(f"  {'EP':>3} {'moved slots':>11} {'rounds':>6} {'steps':>5} {'normal step ms':>14} "
+               f"{'longest ms: no switch':>21} {'switch':>7} {'ratio':>6} {'p99 ITL ms: no switch':>21} "
+               f"{'switch':>7} {'ratio':>6} {'staging MiB':>11} {'switch pause ms':>15} {'longest boundary ms':>19}")
     for size, r in results.items():
-        out.append(f"  {size:>3} {r['moved_slots']:>11} {1e3 * r['pause_s']:>22.1f} {1e3 * r['max_step_s']:>15.1f}")
+        ld = r["load"]
+        out.append(f"  {size:>3} {r['moved_slots']:>11} {ld['rounds']:>6} {ld['switch_steps']:>5} "
+                   f"{ld['normal_step_ms']:>14.1f} {ld['base_max_ms']:>21.1f} {ld['switch_max_ms']:>7.1f} "
+                   f"{ld['switch_max_ms'] / ld['normal_step_ms']:>5.2f}x {ld['base_p99_ms']:>21.1f} "
+                   f"{ld['switch_p99_ms']:>7.1f} {ld['switch_p99_ms'] / ld['base_p99_ms']:>5.2f}x "
+                   f"{ld['staging_mib']:>11.2f} {1e3 * r['pause_s']:>15.1f} {ld['longest_boundary_ms']:>19.1f}")
     return "\n".join(out)
 
 
@@ -93,7 +114,8 @@ def _rank(rank: int, size: int, addr: str, ckpt: str, out: str, options: dict[st
     from moemesh.services.eplb.rebalance import rebalance
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-    group = EPGroup(EPConfig(size=size, rank=rank, init_addr=addr, redundant_experts=size))
+    group = EPGroup(EPConfig(size=size, rank=rank, init_addr=addr, redundant_experts=size,
+                             max_staging_mb=options["max_staging_mb"], switch_chunk_mb=options["switch_chunk_mb"]))
     engine = Engine(EngineConfig(model=ckpt, dtype="float32", kv_cache_mb=256, max_num_seqs=256), ep=group)
     recorder = engine.expert_load
 
@@ -110,24 +132,80 @@ def _rank(rank: int, size: int, addr: str, ckpt: str, out: str, options: dict[st
     old = group.placement.phy2log.clone()
     cfg = engine.model.config
     new = rebalance(load_before, group.placement.num_physical, cfg.n_group or 1, 1, size, previous=old).phy2log
-    group.offer(1, new)
-    pause, longest = 0.0, 0.0
-    while group.placement_version < 1:
-        t0 = time.perf_counter()
-        group.advance(group.vote(False, True, False))
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-        pause, longest = pause + float(dt), max(longest, float(dt))
+    base, _ = _under_load(engine, group, options["load_batch"], options["load_steps"], None)
+    during, window = _under_load(engine, group, options["load_batch"], 0, new)
+    staging = torch.tensor([group.last_staging_bytes, group.last_switch_s * 1e9, group.last_switch_longest_s * 1e9],
+                           dtype=torch.float64)
+    dist.all_reduce(staging, op=dist.ReduceOp.MAX)
     tps_after, load_after = phase()
     if rank == 0:
+        # Against the run without a switch over the same steps (the same context lengths: steps slow as it grows).
+        switch_steps = during[window[0]:window[1]]
+        same = base[window[0]:window[1]] if len(base) >= window[1] else base
         Path(out).write_text(json.dumps({
             "num_physical": group.placement.num_physical,
             "balancedness_before": float(balancedness(load_before, old, size).mean()),
             "balancedness_after": float(balancedness(load_after, new, size).mean()),
             "decode_tok_s": {b: (tps_before[b], tps_after[b]) for b in options["batch_sizes"]},
-            "moved_slots": int(moved_slots(old, new).sum()), "pause_s": pause, "max_step_s": longest}))
+            "moved_slots": int(moved_slots(old, new).sum()), "pause_s": float(staging[1]) / 1e9,
+            "max_step_s": max(switch_steps),
+            "load": {"rounds": group.last_switch_rounds, "switch_steps": len(switch_steps),
+                     "normal_step_ms": 1e3 * statistics.median(same), "base_max_ms": 1e3 * max(same),
+                     "switch_max_ms": 1e3 * max(switch_steps), "base_p99_ms": 1e3 * _p99(same),
+                     "switch_p99_ms": 1e3 * _p99(switch_steps), "staging_mib": float(staging[0]) / (1 << 20),
+                     "longest_boundary_ms": float(staging[2]) / 1e6,
+                     "base_steps_s": base, "switch_run_steps_s": during, "switch_window": window}}))
     group.barrier()
     group.close()
+
+
+def _under_load(engine: Any, group: Any, batch: int, steps: int, new: Any) -> tuple[list[float], tuple[int, int]]:
+    """Decode `batch` sequences per rank as the worker's step loop does (vote, advance, execute), timing each step
+    (the slowest rank's: the group steps together). With `new` (phy2log [L, P]) the placement is offered at the
+    fifth step and the run lasts until the switch is done plus five steps; else `steps` steps. Returns the step
+    times in seconds and the switch's window [offered, done] as step indexes."""
+    import torch
+    import torch.distributed as dist
+
+    from moemesh.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=100_000, temperature=0, ignore_eos=True)
+    ids = [engine.add_request([(11 * i + j) % 1000 + 1 for j in range(32)], params) for i in range(batch)]
+    while group.vote(any(engine.requests[i].num_output_tokens == 0 for i in ids), True, False).any_batch:
+        b = engine.schedule()
+        group.vote(b is not None, True, False)
+        engine.execute(b)
+    version = group.placement_version
+    times: list[float] = []
+    window = [0, 0]
+    while True:
+        t0 = time.perf_counter()
+        if new is not None and len(times) == 4:
+            group.offer(version + 1, new)
+            window[0] = len(times)
+        b = engine.schedule()
+        vote = group.vote(b is not None, engine.can_split(b), False)
+        group.advance(vote)
+        engine.execute(b)
+        times.append(time.perf_counter() - t0)
+        if new is not None and not window[1] and group.placement_version > version:
+            window[1] = len(times)
+        if (new is None and len(times) >= steps) or (window[1] and len(times) >= window[1] + 5):
+            break
+    for i in ids:
+        engine.abort(i)
+    slowest = torch.tensor(times, dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return slowest.tolist(), (window[0], window[1])
+
+
+def _p99(times: list[float]) -> float:
+    """The 99th percentile (linear interpolation between the closest ranks)."""
+    ordered = sorted(times)
+    pos = 0.99 * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 if __name__ == "__main__":

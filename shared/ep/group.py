@@ -105,6 +105,7 @@ class EPGroup:
         self.placement_version = 0   # 0: the start-up placement; then the balancer's versions
         self.migration: Migration | None = None
         self.last_switch_s = 0.0     # how long the last switch held the step thread, summed over its boundaries
+        self.last_switch_longest_s = 0.0  # the longest the last switch held one step boundary
         self.last_staging_bytes = 0  # the largest round the last switch staged on this rank
         self.last_switch_rounds = 0  # rounds the last switch took (at least one a MoE layer)
         self.last_switch_received = 0  # expert weights this rank received from others in the last switch
@@ -254,7 +255,9 @@ class EPGroup:
                 if self.migration is not None:
                     m.stager.allow()
         finally:
-            self.last_switch_s += time.perf_counter() - t0
+            held = time.perf_counter() - t0
+            self.last_switch_s += held
+            self.last_switch_longest_s = max(self.last_switch_longest_s, held)
 
     def _start(self, version: int) -> None:
         new = ExpertPlacement(self._offers[version], self.size, self.placement.num_logical)
@@ -262,7 +265,7 @@ class EPGroup:
         stager = Stager(self._experts, self.placement.phy2log, new, self.rank, self._switch_group,
                         int(self.cfg.max_staging_mb * mib), int(self.cfg.switch_chunk_mb * mib), self.switch_fault)
         self.migration = Migration(version, new, stager, self.placement.phy2log.clone())
-        self.last_switch_s, self.last_staging_bytes = 0.0, 0
+        self.last_switch_s, self.last_switch_longest_s, self.last_staging_bytes = 0.0, 0.0, 0
 
     def _switch_layer_now(self, m: Migration) -> None:
         """Idle group: stage and switch every round of the next layer now (ranks agree through the rounds' own
