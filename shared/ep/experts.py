@@ -159,6 +159,8 @@ class EPExperts(nn.Module):
         The staged rows are copied into the layer's own tensors (a local copy of the moved slots only, what the
         staging bound bounds); a backend holding its own form of the weights prepares it again."""
         if slots:
+            if rows.is_cuda:  # made on the copy thread's stream: not to be reused before this stream has read it
+                rows.record_stream(torch.cuda.current_stream(rows.device))
             index = torch.tensor(slots, dtype=torch.int64, device=rows.device)
             base = 0
             with torch.no_grad():

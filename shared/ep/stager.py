@@ -148,6 +148,8 @@ class Stager:
                 after = self.new if done else ExpertPlacement(self.rows.clone(), self.new.ep_size,
                                                               self.new.num_logical)
                 after._tables(parts[0].device)  # routing tables on the device now, not in the serving step
+                if parts[0].is_cuda:
+                    torch.cuda.current_stream(parts[0].device).synchronize()  # ready for the serving stream
                 with self._cond:
                     self.peak_bytes = max(self.peak_bytes, staged.nbytes)
                     self.over_bound_rounds += int(rnd.over_bound)
