@@ -68,12 +68,12 @@ def _engine(args: argparse.Namespace):
 
 
 def _native_ab(engine, rounds: int, steps: int) -> None:
-    """Decode steps of the same engine with the native experts kernel and without, alternating `rounds` times
+    """Decode steps of the same engine with the native kernels and without, alternating `rounds` times
     (the machine is shared: interleaving spreads its noise over both), best of `steps` each."""
     import os
 
     from moemesh.kernels import native
-    from moemesh.kernels.backends import install_kernels
+    from moemesh.kernels.backends import decode_attention, install_kernels
 
     before = os.environ.get(native.ENV)
     times: dict[str, list[float]] = {"native": [], "without": []}
@@ -82,6 +82,7 @@ def _native_ab(engine, rounds: int, steps: int) -> None:
             for name, env in (("native", "1"), ("without", "0")):
                 os.environ[native.ENV] = env
                 install_kernels(engine.model, engine.kernels)
+                engine.runner.decode_kernel = decode_attention(engine.kernels)
                 engine.step()
                 times[name].append(best_time(engine.step, steps))
     finally:
@@ -89,7 +90,7 @@ def _native_ab(engine, rounds: int, steps: int) -> None:
             os.environ.pop(native.ENV, None)
         else:
             os.environ[native.ENV] = before
-    print("decode step, native experts kernel on / off (interleaved, ms): " + "; ".join(
+    print("decode step, native kernels on / off (interleaved, ms): " + "; ".join(
         f"{a * 1e3:.2f} / {b * 1e3:.2f}" for a, b in zip(times["native"], times["without"], strict=True)))
 
 

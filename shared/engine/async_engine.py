@@ -195,6 +195,10 @@ class AsyncEngine:
         if q is not None:
             q.put_nowait(item)
 
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self._deliver(out.request_id, out)
+
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(fn, *args)
@@ -261,8 +265,10 @@ class AsyncEngine:
             req = self.engine.requests.get(rid)
             self._post(self._deliver, rid, Reserved(req.timing if req is not None else None))
         self._emit_kv_rows()
-        for out in outputs:
-            self._post(self._deliver, out.request_id, out)
+        if outputs:
+            # One wake-up of the loop for the whole step: a call per output made the event loop's thread take
+            # the GIL once per token, each time while this thread wanted it back for the next step.
+            self._post(self._deliver_all, outputs)
         self.load = self._snapshot()
         if self.engine.expert_load is not None:
             # Counters to the host at most once a second, and when the engine goes idle.

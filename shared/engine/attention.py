@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from moemesh.engine.kv_cache import LatentKVCache
+from moemesh.kernels.backends import DecodeKernel
 from moemesh.model.mla import MLAttention, causal_attention
 
 
@@ -27,22 +28,25 @@ class StepLayout:
     prefill: per multi-token sequence, (token slice in the batch, KV slots [N] int64 or None when the
       sequence has no cached prefix and attends only to its new tokens).
     decode_rows [Bd] int64: batch rows of the single-token sequences; decode_pages [Bd, Pmax] int64 (their
-      page tables, padded) and decode_mask [Bd, Pmax * page_size] bool (True where a token is real).
+      page tables, padded), decode_lens [Bd] int64 (their KV lengths, new token included) and decode_mask
+      [Bd, Pmax * page_size] bool (True where a token is real).
     """
 
     slot_mapping: torch.Tensor
     prefill: list[tuple[slice, torch.Tensor | None]]
     decode_rows: torch.Tensor | None = None
     decode_pages: torch.Tensor | None = None
+    decode_lens: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None
 
 
 class PagedAttention:
     """The attention backend the model runner hands to the model for one step."""
 
-    def __init__(self, cache: LatentKVCache, layout: StepLayout) -> None:
+    def __init__(self, cache: LatentKVCache, layout: StepLayout, decode_kernel: DecodeKernel | None = None) -> None:
         self.cache = cache
         self.layout = layout
+        self.decode_kernel = decode_kernel
         self._decode_bias: torch.Tensor | None = None
 
     def attend(self, layer: MLAttention, q_nope: torch.Tensor, q_pe: torch.Tensor,
@@ -68,8 +72,15 @@ class PagedAttention:
 
         Both products keep the gathered cache rows [Bd, N, C + R] as they lie (keys times queries, then the
         probabilities' transpose times the same rows, dropping the rope columns after): a transposed or sliced
-        view of them would make the batched matmul copy N rows per layer.
+        view of them would make the batched matmul copy N rows per layer. A kernel set's decode kernel takes the
+        step first where it can.
         """
+        if self.decode_kernel is not None:
+            lay = self.layout
+            out = self.decode_kernel(layer, q_nope, q_pe, self.cache.data[layer.layer_idx], lay.decode_pages,
+                                     lay.decode_lens, self.cache.page_size)
+            if out is not None:
+                return out
         kv = self.cache.read_pages(layer.layer_idx, self.layout.decode_pages).to(q_nope.dtype)  # [Bd, N, C + R]
         q = torch.cat((layer.absorb_q(q_nope), q_pe), dim=-1)  # [Bd, H, C + R]
         scores = torch.bmm(kv, q.transpose(1, 2))  # [Bd, N, H]

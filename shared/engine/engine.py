@@ -24,7 +24,7 @@ from moemesh.engine.sampling import Sampler
 from moemesh.engine.sampling_params import InvalidParameter, SamplingParams
 from moemesh.engine.scheduler import RequestTooLong, ScheduledBatch, Scheduler, SchedulerConfig
 from moemesh.engine.stop import check_stop, streamable_len
-from moemesh.kernels.backends import install_kernels
+from moemesh.kernels.backends import decode_attention, install_kernels
 from moemesh.model.config import ModelConfig
 from moemesh.model.deepseek import DeepseekForCausalLM
 from moemesh.model.default import default_model_dir
@@ -140,7 +140,7 @@ class Engine:
         self.cache = LatentKVCache(mc, num_pages, cfg.page_size, dtype, next(self.model.parameters()).device)
         self.grammars = GrammarEngine(self.tokenizer, mc.vocab_size, self.eos_token_ids)
         self.runner = ModelRunner(self.model, self.cache, Sampler(Sampler.make_generator(cfg.seed)),
-                                  self.eos_token_ids)
+                                  self.eos_token_ids, decode_attention(self.kernels))
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.expert_load = None

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from moemesh.engine.attention import PagedAttention, StepLayout
+from moemesh.engine.attention import DecodeKernel, PagedAttention, StepLayout
 from moemesh.engine.kv_cache import LatentKVCache
 from moemesh.engine.sampling import Sampler, SampleResult, SamplingRow, logprobs_of
 from moemesh.engine.scheduler import ScheduledBatch, ScheduledSeq
@@ -19,8 +19,10 @@ from moemesh.model.deepseek import DeepseekForCausalLM
 
 class ModelRunner:
     def __init__(self, model: DeepseekForCausalLM, cache: LatentKVCache, sampler: Sampler,
-                 eos_token_ids: Sequence[int] = ()) -> None:
+                 eos_token_ids: Sequence[int] = (), decode_kernel: DecodeKernel | None = None) -> None:
+        """`decode_kernel`: the kernel set's decode attention over the paged cache, if it has one."""
         self.model = model
+        self.decode_kernel = decode_kernel
         self.cache = cache
         self.sampler = sampler
         self.eos_token_ids = tuple(eos_token_ids)
@@ -57,9 +59,10 @@ class ModelRunner:
             p_max = max(-(-n // ps) for _, n in decode_seqs)
             # Padding repeats page 0: its rows are read but masked out.
             table = [pages[: -(-n // ps)] + [0] * (p_max - -(-n // ps)) for pages, n in decode_seqs]
-            lens = torch.tensor([n for _, n in decode_seqs], device=self.device)
+            lens = torch.tensor([n for _, n in decode_seqs], dtype=torch.int64, device=self.device)
             layout.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=self.device)
             layout.decode_pages = torch.tensor(table, dtype=torch.int64, device=self.device)
+            layout.decode_lens = lens
             layout.decode_mask = torch.arange(p_max * ps, device=self.device)[None, :] < lens[:, None]
         input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
         pos = torch.cat(positions) if positions else torch.empty(0, dtype=torch.int64, device=self.device)
@@ -89,12 +92,12 @@ class ModelRunner:
         """-> final hidden states [T, D] of the batch's tokens, and the rows to sample."""
         if not split:
             input_ids, positions, layout, sample_rows = self.prepare(seqs)
-            return self.model(input_ids, positions, PagedAttention(self.cache, layout)), sample_rows
+            return self.model(input_ids, positions, PagedAttention(self.cache, layout, self.decode_kernel)), sample_rows
         k = split_point([s.num_new_tokens for s in seqs]) if len(seqs) >= 2 else len(seqs)
         parts, sample_rows, offset = [], [], 0
         for half in (seqs[:k], seqs[k:]):
             input_ids, positions, layout, rows = self.prepare(half)
-            parts.append((input_ids, positions, PagedAttention(self.cache, layout)))
+            parts.append((input_ids, positions, PagedAttention(self.cache, layout, self.decode_kernel)))
             sample_rows += [offset + r for r in rows]
             offset += input_ids.shape[0]
         return torch.cat(two_batch_forward(self.model, parts)), sample_rows

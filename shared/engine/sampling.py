@@ -266,9 +266,12 @@ def truncated_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
 def _draw_exponential(
     shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
 ) -> torch.Tensor:
-    """Exponential(1) float32 of `shape` on `device`, drawn on the generator's own device."""
+    """Exponential(1) float32 of `shape` on `device`, drawn on the generator's own device.
+
+    As -log(U) of uniforms: on a CPU `exponential_` costs ~20 ns an element (1.2 ms a step for 16 rows of a 4096
+    vocabulary, measured), uniforms and a vectorised log a quarter of that. U = 0 gives +inf, a weight of 0."""
     where = generator.device if generator is not None else device
-    return torch.empty(shape, dtype=torch.float32, device=where).exponential_(generator=generator).to(device)
+    return torch.rand(shape, dtype=torch.float32, device=where, generator=generator).log_().neg_().to(device)
 
 
 def _pad(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:

@@ -1,24 +1,38 @@
 """The kernel sets by name, one registration line each; `install_kernels` puts the chosen one into a model.
 
 A kernel set is a module with `supported(dtype, device) -> str | None` (None when it can run, else why not)
-and `install(model) -> int` (the layers it took over). "auto" picks the first set that supports the
-model's dtype and device; "torch" is the model's own eager math and always runs.
+and `install(model) -> int` (the layers it took over), and optionally `paged_decode() -> DecodeKernel | None`,
+its decode attention over the paged KV cache (which `moemesh.engine.attention` calls). "auto" picks the first
+set that supports the model's dtype and device; "torch" is the model's own eager math and always runs.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from moemesh.registry import Registry
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
+
+    from moemesh.model.mla import MLAttention
 
 KERNELS = Registry("kernel set")
 KERNELS.register("onednn", "moemesh.kernels.onednn", auto=True)
 KERNELS.register("torch", "moemesh.kernels.eager", auto=True)
 
 CHOICES = ("auto", *KERNELS.names())
+
+
+class DecodeKernel(Protocol):
+    """A faster form of the absorbed decode attention that a kernel set provides (`moemesh.kernels`), reading the
+    paged cache in place."""
+
+    def __call__(self, layer: MLAttention, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                 pages: torch.Tensor, lens: torch.Tensor, page_size: int) -> torch.Tensor | None:
+        """q_nope [Bd, H, Dn], q_pe [Bd, H, R]; cache [S, C + R] (one layer); pages [Bd, P] int64; lens [Bd] int64
+        -> [Bd, H, V], or None where it cannot take these tensors (the torch form then runs)."""
 
 
 def install_kernels(model: nn.Module, name: str = "auto") -> str:
@@ -39,3 +53,9 @@ def install_kernels(model: nn.Module, name: str = "auto") -> str:
         if name != "auto":
             raise ValueError(f"kernel set {name!r} cannot run this model: {why_not}")
     raise AssertionError("the eager kernel set supports everything")
+
+
+def decode_attention(name: str) -> DecodeKernel | None:
+    """The decode-attention kernel of installed kernel set `name` (as `install_kernels` returned it), if any."""
+    make = getattr(KERNELS.load(name), "paged_decode", None)
+    return None if make is None else make()

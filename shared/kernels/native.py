@@ -1,6 +1,9 @@
-"""The optional native CPU kernels (`moe_bf16.c`): built with the system C compiler at first use, loaded with ctypes.
+"""The optional native CPU kernels (`*.c` here): built with the system C compiler at first use, loaded with ctypes.
 
-No torch headers and no torch extension build (minutes): the C file is plain C with AVX-512 BF16 intrinsics,
+The routed experts of a MoE layer (`moe_bf16.c`), absorbed MLA decode over the paged cache (`mla_bf16.c`),
+linear layers (`linear_bf16.c`) and RMSNorm (`norm_bf16.c`), each at decode sizes, in bf16 on one core.
+
+No torch headers and no torch extension build (minutes): the C files are plain C with AVX-512 BF16 intrinsics,
 compiled in about a second into a per-user cache (`$MOEMESH_CACHE_DIR/kernels`, default
 `~/.cache/moemesh/kernels`) under a name keyed by a hash of the source, the flags and the compiler's version,
 written to a temporary file and renamed into place, so that workers starting at once never load half a file.
@@ -28,7 +31,9 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV = "MOEMESH_NATIVE_KERNELS"  # 0 / off / false / no: never build or use the native kernels
-SOURCE = Path(__file__).with_name("moe_bf16.c")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "moe_bf16.c", HERE / "mla_bf16.c", HERE / "linear_bf16.c", HERE / "norm_bf16.c")
+HEADERS = (HERE / "bf16_common.h",)
 # Explicit ISA flags rather than -march=native: the library then runs on any CPU with these features, so a
 # shared cache folder cannot hand one machine another's build.
 FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma")
@@ -75,12 +80,19 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         path = _build(cc)
         lib = ctypes.CDLL(str(path))
     except Exception as exc:  # whatever stops the build, the oneDNN forms still serve: say why and go on
-        return None, f"building {SOURCE.name} failed: {exc}"
-    fn = lib.moe_bf16_experts
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 7
+        return None, f"building the native kernels failed: {exc}"
+    _declare(lib.moe_bf16_experts, ctypes.c_int, [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 7)
+    _declare(lib.mla_decode_bf16, ctypes.c_int,
+             [ctypes.c_int64] * 9 + [ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_void_p])
+    _declare(lib.linear_bf16, None, [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4)
+    _declare(lib.rms_norm_bf16, None, [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_float, ctypes.c_void_p])
     log.info("native CPU kernels loaded from %s", path)
     return lib, None
+
+
+def _declare(fn: ctypes._CFuncPtr, restype: type | None, argtypes: list) -> None:
+    fn.restype = restype
+    fn.argtypes = argtypes
 
 
 def compiler() -> str | None:
@@ -103,20 +115,22 @@ def _missing_cpu_flags() -> str | None:
 
 
 def _build(cc: str) -> Path:
-    """Compile SOURCE with `cc` into the cache (once per source, flags and compiler); returns the library's path."""
+    """Compile SOURCES with `cc` into one library in the cache (once per sources, flags and compiler); returns
+    the library's path."""
     from moemesh.model.default import cache_root
 
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version]).encode()).hexdigest()[:16]
+    texts = [p.read_text() for p in (*SOURCES, *HEADERS)]
+    key = hashlib.sha256("\0".join([*texts, *FLAGS, version]).encode()).hexdigest()[:16]
     folder = cache_root() / "kernels"
-    target = folder / f"{SOURCE.stem}-{key}.so"
+    target = folder / f"moemesh_bf16-{key}.so"
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".so", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode:
             first = (done.stderr.strip().splitlines() or ["no message"])[0]
             raise RuntimeError(f"{Path(cc).name} exited with {done.returncode}: {first}")
@@ -148,3 +162,49 @@ def moe_experts(lib: ctypes.CDLL, x: torch.Tensor, topk_ids: torch.Tensor, topk_
     if rc:
         raise ValueError("an expert id outside the layer's experts" if rc == -1 else "out of memory")
     return out
+
+
+def mla_decode(lib: ctypes.CDLL, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b: torch.Tensor, cache: torch.Tensor,
+               pages: torch.Tensor, lens: torch.Tensor, page_size: int, scale: float) -> torch.Tensor:
+    """Absorbed MLA decode over the paged latent cache in one call (`mla_decode_bf16` in mla_bf16.c).
+
+    q_nope [B, H, Dn], q_pe [B, H, R] bf16 (roped); kv_b [H, Dn + V, C] bf16 (kv_b_proj's weight, viewed per
+    head); cache [S, C + R] bf16 (one layer's slots, contiguous); pages [B, P] int64; lens [B] int64, each
+    sequence's KV length, new token included. Returns [B, H, V] bf16.
+    """
+    q_nope, q_pe = q_nope.contiguous(), q_pe.contiguous()
+    pages, lens = pages.to(torch.int64).contiguous(), lens.to(torch.int64).contiguous()
+    b, h, dn = q_nope.shape
+    _, rows, c = kv_b.shape
+    v = rows - dn
+    out = q_nope.new_empty(b, h, v)
+    rc = lib.mla_decode_bf16(b, h, dn, c, q_pe.shape[2], v, page_size, pages.shape[1], cache.shape[0],
+                             q_nope.data_ptr(), q_pe.data_ptr(), kv_b.data_ptr(), cache.data_ptr(), pages.data_ptr(),
+                             lens.data_ptr(), scale, out.data_ptr())
+    if rc:
+        raise ValueError("a KV length or page outside the cache" if rc == -1 else "out of memory")
+    return out
+
+
+def linear(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] bf16, weight [N, K] bf16 (contiguous), bias [N] bf16 or None -> x W^T + bias, [..., N] bf16
+    (`linear_bf16` in linear_bf16.c: float32 sums, one rounding)."""
+    k = x.shape[-1]
+    flat = x.reshape(-1, k).contiguous()
+    n = weight.shape[0]
+    out = flat.new_empty(flat.shape[0], n)
+    lib.linear_bf16(flat.shape[0], k, n, flat.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                    out.data_ptr())
+    return out.view(*x.shape[:-1], n)
+
+
+def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D] bf16, weight [D] bf16 (contiguous) -> weight * bf16(x / rms(x)), [..., D] bf16 (`rms_norm_bf16` in
+    norm_bf16.c: the normalisation in float32, rounded to bf16 before the product, as the model's torch form)."""
+    d = x.shape[-1]
+    flat = x.reshape(-1, d)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    out = torch.empty_like(flat)
+    lib.rms_norm_bf16(flat.shape[0], d, flat.data_ptr(), weight.data_ptr(), eps, out.data_ptr())
+    return out.view(x.shape)

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from moemesh.kernels import native
+from moemesh.kernels.native_attention import paged_decode  # noqa: F401  (this set's decode attention)
 from moemesh.kernels.native_experts import NativeExperts
-from moemesh.model.layers import Linear
+from moemesh.kernels.native_layers import NativeRMSNorm
+from moemesh.model.layers import Linear, RMSNorm
 from moemesh.model.moe import RoutedExperts
 
 # The row count oneDNN is told to expect: decode-sized; the packed layout serves any row count.
@@ -128,11 +130,16 @@ def experts_kernel(w13: torch.Tensor, w2: torch.Tensor) -> NativeExperts | Packe
 def install(model: nn.Module) -> int:
     """Give every `Linear` and `RoutedExperts` of `model` its packed kernel; returns how many layers took one.
 
-    The routed experts also take the native one-call kernel for decode-sized steps where it builds and runs
-    (`moemesh.kernels.native_experts`; `MOEMESH_NATIVE_KERNELS=0` turns it off)."""
+    The routed experts also take the native one-call kernel for decode-sized steps, and RMSNorms their native
+    kernel, where the native kernels build and run (`moemesh.kernels.native`; `MOEMESH_NATIVE_KERNELS=0` turns
+    them off)."""
     n = 0
+    lib = native.library()
     for m in model.modules():
-        if isinstance(m, Linear):
+        if isinstance(m, RMSNorm):
+            m.kernel = None if lib is None else NativeRMSNorm(lib, m)
+            n += lib is not None
+        elif isinstance(m, Linear):
             m.kernel = PackedLinear(m)
             n += 1
         elif isinstance(m, RoutedExperts) and m.num_experts and m.fp8_block is None:  # FP8 ones stay 8-bit

@@ -152,7 +152,9 @@ def test_engine_greedy_tokens_agree_with_the_eager_ones(tmp_path: Path) -> None:
     Not the same bits (float32 sums in another order), and on this random-weight model any change of rounding
     flips some later expert choice and then the tokens: measured over 24 tokens on seeds 3, 0 and 1, the native
     kernel's first differing token is the 8th or 17th on one prompt of three (and none on seed 1), as oneDNN's
-    own every-expert decode form differs from the eager one at the 7th (seed 3). Hence 6 tokens, not 24."""
+    own every-expert decode form differs from the eager one at the 7th (seed 3). Hence 6 tokens, not 24. The
+    native decode attention, which rounds differently again, is off here (test_native_attention.py checks it
+    against the float32 math inside a real engine's steps); the native RMSNorm computes the eager bits."""
     from moemesh.engine.engine import Engine, EngineConfig
     from moemesh.engine.sampling_params import SamplingParams
     from moemesh.model.tiny import make_tiny
@@ -166,6 +168,7 @@ def test_engine_greedy_tokens_agree_with_the_eager_ones(tmp_path: Path) -> None:
         engine = Engine(EngineConfig(model=str(path), page_size=4, kv_cache_mb=16, kernels=kernels))
         kinds = {type(m.kernel) for m in engine.model.modules() if isinstance(m, RoutedExperts) and m.num_experts}
         assert kinds == ({native_experts.NativeExperts} if kernels == "onednn" else {type(None)})
+        engine.runner.decode_kernel = None
         outs[kernels] = [c.token_ids for c in engine.generate(prompts, params)]
     assert outs["onednn"] == outs["torch"]
     assert len({tuple(t) for t in outs["torch"]}) == 3
