@@ -1,19 +1,32 @@
-"""Native kernels for the model's small layers at bf16 (`norm_bf16.c`): RMSNorm in one call.
+"""Native kernels for the model's small layers at bf16: RMSNorm (`norm_bf16.c`) and small linear layers at one to
+four rows (`linear_bf16.c`).
 
 The torch form of a bf16 RMSNorm is five ops (to float32, the fused norm, back to bf16, the weight's product) at
 12-25 us a call on this machine at decode sizes; the native call takes 5-10 us, most of it the call itself, and
 computes the same bits (the normalisation in float32, rounded to bf16 before the product, as the reference).
+
+A oneDNN matmul on a prepacked weight costs 18-22 us at one row whatever the weight's size up to a megabyte; the
+native dot products stream the weight at that size in 8-15 us (scripts/native_linear_ab.py; docs/benchmarks.md).
+From 4 rows oneDNN's blocked kernels catch up on all but the smallest weights, and on weights of several
+megabytes they read memory faster than these kernels at every row count, hence the bounds below.
 """
 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from moemesh.kernels import native
-from moemesh.model.layers import RMSNorm
+from moemesh.model.layers import Linear, RMSNorm
+
+# Measured bounds (one thread, weights cycled from memory; docs/benchmarks.md): the native kernel wins at one row
+# up to about a megabyte of weight (level at 1-1.5 MB, behind beyond), and at 2-4 rows up to 640 KiB.
+_ONE_ROW_MAX_BYTES = 1280 * 2**10
+_FEW_ROWS_MAX_BYTES = 640 * 2**10
+_FEW_ROWS = 4
 
 
 class NativeRMSNorm:
@@ -29,3 +42,22 @@ class NativeRMSNorm:
         if x.dtype == w.dtype == torch.bfloat16 and x.device.type == w.device.type == "cpu" and w.is_contiguous():
             return native.rms_norm(self.lib, x, w.detach(), self.norm.eps)
         return w * F.rms_norm(x.float(), (x.shape[-1],), eps=self.norm.eps).to(x.dtype)
+
+
+class NativeLinear:
+    """A `Linear`'s kernel: the native dot products for steps of a few rows where they win, `fallback` (the oneDNN
+    packed matmul) otherwise. Reads the layer's weight at every call."""
+
+    def __init__(self, lib: ctypes.CDLL, layer: Linear, fallback: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.lib = lib
+        self.layer = layer
+        self.fallback = fallback
+        nbytes = layer.weight.numel() * layer.weight.element_size()
+        self.max_rows = _FEW_ROWS if nbytes <= _FEW_ROWS_MAX_BYTES else 1 if nbytes <= _ONE_ROW_MAX_BYTES else 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] bf16 -> [..., out] bf16."""
+        if x.numel() <= self.max_rows * x.shape[-1] and x.numel():
+            w, b = self.layer.weight, self.layer.bias
+            return native.linear(self.lib, x, w.detach(), None if b is None else b.detach())
+        return self.fallback(x)

@@ -18,7 +18,7 @@ from torch import nn
 from moemesh.kernels import native
 from moemesh.kernels.native_attention import paged_decode  # noqa: F401  (this set's decode attention)
 from moemesh.kernels.native_experts import NativeExperts
-from moemesh.kernels.native_layers import NativeRMSNorm
+from moemesh.kernels.native_layers import NativeLinear, NativeRMSNorm
 from moemesh.model.layers import Linear, RMSNorm
 from moemesh.model.moe import RoutedExperts
 
@@ -130,9 +130,9 @@ def experts_kernel(w13: torch.Tensor, w2: torch.Tensor) -> NativeExperts | Packe
 def install(model: nn.Module) -> int:
     """Give every `Linear` and `RoutedExperts` of `model` its packed kernel; returns how many layers took one.
 
-    The routed experts also take the native one-call kernel for decode-sized steps, and RMSNorms their native
-    kernel, where the native kernels build and run (`moemesh.kernels.native`; `MOEMESH_NATIVE_KERNELS=0` turns
-    them off)."""
+    The routed experts also take the native one-call kernel for decode-sized steps, linear layers the native dot
+    products at one to four rows, and RMSNorms their native kernel, where the native kernels build and run
+    (`moemesh.kernels.native`; `MOEMESH_NATIVE_KERNELS=0` turns them off)."""
     n = 0
     lib = native.library()
     for m in model.modules():
@@ -140,7 +140,9 @@ def install(model: nn.Module) -> int:
             m.kernel = None if lib is None else NativeRMSNorm(lib, m)
             n += lib is not None
         elif isinstance(m, Linear):
-            m.kernel = PackedLinear(m)
+            packed = PackedLinear(m)
+            usable = lib is not None and m.weight.is_contiguous() and (m.bias is None or m.bias.is_contiguous())
+            m.kernel = NativeLinear(lib, m, packed) if usable else packed
             n += 1
         elif isinstance(m, RoutedExperts) and m.num_experts and m.fp8_block is None:  # FP8 ones stay 8-bit
             m.kernel = experts_kernel(m.w13, m.w2)

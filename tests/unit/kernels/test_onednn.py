@@ -55,7 +55,9 @@ def test_auto_takes_onednn_for_bf16_on_cpu_and_eager_otherwise() -> None:
     model = torch.nn.Sequential(Linear(8, 8))
     assert install_kernels(model) == "torch" and model[0].kernel is None  # float32
     model = model.to(torch.bfloat16)
-    assert install_kernels(model) == "onednn" and isinstance(model[0].kernel, onednn.PackedLinear)
+    assert install_kernels(model) == "onednn"
+    kernel = model[0].kernel  # the packed matmul, behind the native kernel where that builds
+    assert isinstance(getattr(kernel, "fallback", kernel), onednn.PackedLinear)
     assert "cuda" in onednn.supported(torch.bfloat16, torch.device("cuda"))
     with pytest.raises(ValueError, match="bfloat16 weights"):
         install_kernels(torch.nn.Sequential(Linear(8, 8)), "onednn")

@@ -1,0 +1,77 @@
+"""The native RMSNorm (norm_bf16.c: the eager bits) and linear layer (linear_bf16.c: the float32 math of the same
+bf16 inputs, rounded once), and where the onednn kernel set puts them.
+
+Runs wherever a C compiler and AVX-512 BF16 exist; elsewhere the tests that need the build skip and say why.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moemesh.kernels import native, onednn
+from moemesh.kernels.native_layers import NativeLinear, NativeRMSNorm
+from moemesh.model.layers import Linear, RMSNorm
+
+needs_native = pytest.mark.skipif(native.why_not() is not None, reason=f"native kernels: {native.why_not()}")
+
+
+@pytest.fixture(autouse=True)
+def _native_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(native.ENV, raising=False)
+
+
+@needs_native
+@pytest.mark.parametrize(("rows", "dim"), [(1, 384), (4, 384), (5, 100), (300, 1024)])
+def test_native_rms_norm_computes_the_eager_bits(rows: int, dim: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    norm = RMSNorm(dim, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(dim, generator=g) + 0.5)
+    x = (torch.randn(rows, dim, generator=g) * 3).to(torch.bfloat16)
+    eager = norm(x)
+    norm.kernel = NativeRMSNorm(native.library(), norm)
+    assert torch.equal(norm(x), eager)
+    assert torch.equal(norm(x[:, None, :]), eager[:, None, :])  # any leading shape
+    assert torch.equal(norm(x.float()), norm.weight * F.rms_norm(x.float(), (dim,), eps=1e-6).float())
+
+
+@needs_native
+@pytest.mark.parametrize(("rows", "n", "k", "bias"), [
+    (1, 768, 192, False), (4, 384, 384, True), (3, 100, 37, True), (2, 17, 64, False), (1, 1024, 384, False)])
+def test_native_linear_is_the_float32_math_rounded_once(rows: int, n: int, k: int, bias: bool) -> None:
+    g = torch.Generator().manual_seed(n + k)
+    layer = Linear(k, n, bias=bias).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(n, k, generator=g) / k**0.5)
+        if bias:
+            layer.bias.copy_(torch.randn(n, generator=g))
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    truth = x.float() @ layer.weight.float().T + (layer.bias.float() if bias else 0)
+    layer.kernel = NativeLinear(native.library(), layer, onednn.PackedLinear(layer))
+    with torch.inference_mode():
+        got = layer(x)
+        batched = layer(x.view(1, rows, k))
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n) and torch.equal(batched[0], got)
+    # one rounding of the float32 sum: within half a bf16 step, plus float32 summation-order noise
+    assert ((got.float() - truth).abs() <= truth.abs() * 2**-8 + 1e-5).all()
+
+
+@needs_native
+def test_native_linear_leaves_larger_steps_and_weights_to_onednn() -> None:
+    lib = native.library()
+    small = Linear(384, 384).to(torch.bfloat16)   # 288 KiB: up to 4 rows natively
+    mid = Linear(1024, 512).to(torch.bfloat16)    # 1 MiB: one row natively
+    big = Linear(1024, 2048).to(torch.bfloat16)   # 4 MiB: never
+    calls: list[str] = []
+
+    def fallback(name: str):
+        return lambda x: calls.append(name) or torch.zeros(*x.shape[:-1], 1)
+
+    for layer, name in ((small, "small"), (mid, "mid"), (big, "big")):
+        layer.kernel = NativeLinear(lib, layer, fallback(name))
+        with torch.inference_mode():
+            for rows in (1, 4, 5):
+                layer(torch.zeros(rows, layer.in_features, dtype=torch.bfloat16))
+    assert calls == ["small", "mid", "mid", "big", "big", "big"]
