@@ -1,7 +1,8 @@
 """The optional native CPU kernels (`*.c` here): built with the system C compiler at first use, loaded with ctypes.
 
-The routed experts of a MoE layer (`moe_bf16.c`), absorbed MLA decode over the paged cache (`mla_bf16.c`),
-linear layers (`linear_bf16.c`) and RMSNorm (`norm_bf16.c`), each at decode sizes, in bf16 on one core.
+The routed experts of a MoE layer at decode sizes (`moe_bf16.c`) and larger steps (`moe_gemm_bf16.c`), absorbed
+MLA decode over the paged cache (`mla_bf16.c`), linear layers at a few rows (`linear_bf16.c`) and RMSNorm
+(`norm_bf16.c`), in bf16 on one core.
 
 No torch headers and no torch extension build (minutes): the C files are plain C with AVX-512 BF16 intrinsics,
 compiled in about a second into a per-user cache (`$MOEMESH_CACHE_DIR/kernels`, default
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 ENV = "MOEMESH_NATIVE_KERNELS"  # 0 / off / false / no: never build or use the native kernels
 HERE = Path(__file__).parent
-SOURCES = (HERE / "moe_bf16.c", HERE / "mla_bf16.c", HERE / "linear_bf16.c", HERE / "norm_bf16.c")
+SOURCES = (HERE / "moe_bf16.c", HERE / "moe_gemm_bf16.c", HERE / "mla_bf16.c", HERE / "linear_bf16.c",
+           HERE / "norm_bf16.c")
 HEADERS = (HERE / "bf16_common.h",)
 # Explicit ISA flags rather than -march=native: the library then runs on any CPU with these features, so a
 # shared cache folder cannot hand one machine another's build.
@@ -82,6 +84,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     except Exception as exc:  # whatever stops the build, the oneDNN forms still serve: say why and go on
         return None, f"building the native kernels failed: {exc}"
     _declare(lib.moe_bf16_experts, ctypes.c_int, [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 7)
+    _declare(lib.moe_bf16_experts_pairs, ctypes.c_int, [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 6)
     _declare(lib.mla_decode_bf16, ctypes.c_int,
              [ctypes.c_int64] * 9 + [ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_void_p])
     _declare(lib.linear_bf16, None, [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4)
@@ -159,6 +162,34 @@ def moe_experts(lib: ctypes.CDLL, x: torch.Tensor, topk_ids: torch.Tensor, topk_
     rc = lib.moe_bf16_experts(t, d, two_i // 2, e, ids.shape[1], x.data_ptr(), ids.data_ptr(), weights.data_ptr(),
                               w13.data_ptr(), w2.data_ptr(), 0 if shared is None else shared.data_ptr(),
                               out.data_ptr())
+    if rc:
+        raise ValueError("an expert id outside the layer's experts" if rc == -1 else "out of memory")
+    return out
+
+
+def pairs(w: torch.Tensor) -> torch.Tensor:
+    """Weights [..., N, K] bf16 (K even) -> pair-interleaved [..., K/2, N] int32, each the bf16 bits of w[n, 2k] (low
+    half) and w[n, 2k + 1]: the layout `moe_bf16_experts_pairs` reads (one dot-product instruction per 16 columns
+    and two inputs)."""
+    *lead, n, k = w.shape
+    return w.detach().reshape(*lead, n, k // 2, 2).transpose(-3, -2).contiguous().view(torch.int32).squeeze(-1)
+
+
+def moe_experts_pairs(lib: ctypes.CDLL, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                      p13: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    """The routed experts' weighted sum in one call at any step size (`moe_bf16_experts_pairs`, moe_gemm_bf16.c).
+
+    x [T, D] bf16; topk_ids [T, K] int64; topk_weights [T, K] float32; p13 [E, D/2, 2I] and p2 [E, I/2, D] int32,
+    `pairs` of w13 [E, 2I, D] and w2 [E, D, I]; D and I multiples of 16. Returns [T, D] bf16.
+    """
+    x = x.contiguous()
+    ids = topk_ids.to(torch.int64).contiguous()
+    weights = topk_weights.to(torch.float32).contiguous()
+    t, d = x.shape
+    e, _, two_i = p13.shape
+    out = torch.empty_like(x)
+    rc = lib.moe_bf16_experts_pairs(t, d, two_i // 2, e, ids.shape[1], x.data_ptr(), ids.data_ptr(),
+                                    weights.data_ptr(), p13.data_ptr(), p2.data_ptr(), out.data_ptr())
     if rc:
         raise ValueError("an expert id outside the layer's experts" if rc == -1 else "out of memory")
     return out

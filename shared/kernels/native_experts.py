@@ -1,4 +1,4 @@
-"""The routed experts at decode sizes in one native call (`moe_bf16.c`), in front of the oneDNN forms.
+"""The routed experts in one native call per layer: `moe_bf16.c` at decode sizes, `moe_gemm_bf16.c` beyond.
 
 A decode step's MoE layer reads a few megabytes of experts; oneDNN's per-call set-up (15-20 us a matmul, two
 per expert) and the torch ops around it cost more than reading them. The native kernel takes the layer's
@@ -6,7 +6,14 @@ tokens, their choices and the stacked weights in one call, groups the (token, ex
 streams each chosen expert's weights once, every token of that expert against each row. Measured on one layer
 (one thread, five layers' weights cycled so they come from memory; docs/benchmarks.md): 2.2-3.7x faster than the
 oneDNN forms at 1-4 tokens on the small shape, 1.6-1.7x at 16-32, 1.2-1.3x on the compute shape's larger
-experts; larger steps (prefill chunks) keep oneDNN's AMX matmuls.
+experts.
+
+Larger steps (prefill chunks) take the second kernel, over a copy of the weights kept pair-interleaved, which
+replaces oneDNN's packed copy (so the layer still holds its weights twice): measured on the small shape's experts,
+2.1-2.8x oneDNN's per-expert matmuls at 64-128 tokens and 1.6x at 512; level on the compute shape's at 128-512
+tokens, 0.8x at 2048 (~190 rows per expert, where oneDNN's cache blocking pays; the CPU default prefill chunk
+is 512 tokens). Layers whose dimensions the second kernel cannot take (hidden or intermediate size not a
+multiple of 16) keep the oneDNN forms for larger steps.
 """
 
 from __future__ import annotations
@@ -24,20 +31,41 @@ from moemesh.model.moe import ExpertsKernel
 MAX_ROWS = 32
 
 
-class NativeExperts:
-    """An `ExpertsKernel` (moemesh.model.moe): the native one-call layer for steps of at most MAX_ROWS tokens,
-    `fallback`'s forms (oneDNN's `PackedExperts`) otherwise. Reads the module's own weights, w13 [E, 2I, D] and
-    w2 [E, D, I] bf16, at every call (so in-place expert moves are seen)."""
+def pairs_fit(w13: torch.Tensor) -> bool:
+    """Whether `moe_gemm_bf16.c` takes experts w13 [E, 2I, D]: D and I multiples of 16."""
+    _, two_i, d = w13.shape
+    return d % 16 == 0 and two_i % 32 == 0
 
-    def __init__(self, lib: ctypes.CDLL, w13: torch.Tensor, w2: torch.Tensor, fallback: ExpertsKernel) -> None:
+
+class NativeExperts:
+    """An `ExpertsKernel` (moemesh.model.moe): the native one-call layer, `moe_bf16.c` for steps of at most
+    MAX_ROWS tokens and `moe_gemm_bf16.c` beyond; `fallback`'s forms (oneDNN's `PackedExperts`) for larger steps
+    where the second cannot run (`fallback` is None where it can). Reads the module's weights, w13 [E, 2I, D] and
+    w2 [E, D, I] bf16, at every call, and remakes its pair-interleaved copy whenever they were written (their
+    version counters move), so in-place expert moves are seen."""
+
+    def __init__(self, lib: ctypes.CDLL, w13: torch.Tensor, w2: torch.Tensor,
+                 fallback: ExpertsKernel | None) -> None:
         self.lib = lib
         self.w13 = w13.detach()
         self.w2 = w2.detach()
         self.fallback = fallback
+        self._pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pairs_key: tuple[int, int] | None = None
 
     def __call__(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """The grouped SwiGLU GEMM (larger steps): xs [P, D] rows grouped by expert, counts [E] -> [P, D]."""
+        """The grouped SwiGLU GEMM: xs [P, D] rows grouped by expert, counts [E] -> [P, D]. Only the fallback's:
+        every_expert takes every step when there is no fallback."""
+        assert self.fallback is not None
         return self.fallback(xs, counts)
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights pair-interleaved for `moe_gemm_bf16.c` (made at first use, remade after a weight write)."""
+        key = (self.w13._version, self.w2._version)
+        if self._pairs is None or self._pairs_key != key:
+            self._pairs = (native.pairs(self.w13), native.pairs(self.w2))
+            self._pairs_key = key
+        return self._pairs
 
     def every_expert(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                      counts: list[int]) -> torch.Tensor | None:
@@ -45,5 +73,7 @@ class NativeExperts:
         experts [T, D] bf16 (None where the grouped form takes the step)."""
         if x.shape[0] <= MAX_ROWS:
             return native.moe_experts(self.lib, x, topk_ids, topk_weights, self.w13, self.w2)
+        if self.fallback is None:
+            return native.moe_experts_pairs(self.lib, x, topk_ids, topk_weights, *self.pairs())
         return self.fallback.every_expert(x, topk_ids, topk_weights, counts)
 

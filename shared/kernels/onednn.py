@@ -17,7 +17,7 @@ from torch import nn
 
 from moemesh.kernels import native
 from moemesh.kernels.native_attention import paged_decode  # noqa: F401  (this set's decode attention)
-from moemesh.kernels.native_experts import NativeExperts
+from moemesh.kernels.native_experts import NativeExperts, pairs_fit
 from moemesh.kernels.native_layers import NativeLinear, NativeRMSNorm
 from moemesh.model.layers import Linear, RMSNorm
 from moemesh.model.moe import RoutedExperts
@@ -123,7 +123,10 @@ def experts_kernel(w13: torch.Tensor, w2: torch.Tensor) -> NativeExperts | Packe
     lib = native.library()
     if lib is None or not (w13.is_contiguous() and w2.is_contiguous()):
         return PackedExperts(w13, w2)
-    # The native kernel takes every step the every-expert matrices would: no need for that second copy.
+    # The native kernels take every step the every-expert matrices would, and every larger one where their
+    # pair-interleaved copy can be made (it replaces oneDNN's packed copy).
+    if pairs_fit(w13):
+        return NativeExperts(lib, w13, w2, None)
     return NativeExperts(lib, w13, w2, PackedExperts(w13, w2, every_expert=False))
 
 
