@@ -54,6 +54,8 @@ class PagedAttention:
         """q_nope [T, H, Dn], q_pe [T, H, R], c_kv [T, C], k_pe [T, R] -> [T, H, V]."""
         lay, li = self.layout, layer.layer_idx
         self.cache.write(li, lay.slot_mapping, c_kv, k_pe)
+        if lay.decode_rows is not None and not lay.prefill:  # every row decodes, in order: no gather or scatter
+            return self._decode(layer, q_nope, q_pe)
         out = q_nope.new_empty(q_nope.shape[0], layer.num_heads, layer.v_dim)
         for rows, kv_slots in lay.prefill:
             if kv_slots is None:

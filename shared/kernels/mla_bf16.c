@@ -12,6 +12,13 @@
 /* Cache rows the scores prefetch ahead (a block of 4 is ~0.1-0.3 us of work). */
 #define ROWS_AHEAD 4
 
+/* Ask for [p, p + bytes) into L2 ahead of use: the next head's weights, the next sequence's pages. Rows that lie
+ * kilobytes apart (a head's W_UK rows, pages of the cache) are beyond the hardware prefetcher's reach. Measured on
+ * the small shape's layer, weights and cache cold: 167-181 -> 133-146 us; compute shape, batch 16: ~12%. */
+static inline void prefetch_l2(const void *p, int64_t bytes) {
+    for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch((const char *)p + off, _MM_HINT_T1);
+}
+
 /* o[h][c] for HB heads and 32 columns from c0 (fewer at the end: w columns): sum over the n positions of
  * p[h][s] * latent[s][c], in AVX-512 BF16 dot products over pairs of positions. pp [HB rows of npairs] holds
  * each head's probabilities as bf16 pairs (even position in the low half); a pair's two latent rows are
@@ -154,6 +161,9 @@ int mla_decode_bf16(int64_t B, int64_t H, int64_t Dn, int64_t C, int64_t R, int6
     }
     /* the absorbed queries, head by head (each head's W_UK read once for the batch), rounded to bf16 */
     for (int64_t h = 0; h < H; h++) {
+        /* the next head's W_UK while this one computes; after the last, the first head's W_UV for the way out */
+        if (h + 1 < H) prefetch_l2(kv_b + (h + 1) * (Dn + V) * C, Dn * C * 2);
+        else prefetch_l2(kv_b + Dn * C, V * C * 2);
         for (int64_t d = 0; d < Dn; d++) rows[d] = kv_b + (h * (Dn + V) + d) * C;
         for (int64_t b = 0; b < B; b++) pairs_of(q_nope + (b * H + h) * Dn, Dn, qpairs + b * ((Dn + 1) / 2));
         weigh(B, C, qpairs, rows, Dn, acc);
@@ -166,6 +176,9 @@ int mla_decode_bf16(int64_t B, int64_t H, int64_t Dn, int64_t C, int64_t R, int6
     for (int64_t b = 0; b < B; b++) {
         for (int64_t s = 0; s < lens[b]; s++)
             rows[s] = cache + (pages[b * P + s / page_size] * page_size + s % page_size) * W;
+        if (b + 1 < B)  /* the next sequence's pages while this one computes */
+            for (int64_t i = 0; i < (lens[b + 1] + page_size - 1) / page_size; i++)
+                prefetch_l2(cache + pages[(b + 1) * P + i] * page_size * W, page_size * W * 2);
         attend_one(H, C, R, lens[b], q + b * H * W, rows, scale, scores, pp, acc, ol + b * H * C);
     }
     /* out of the latent space: each head's W_UV rows against the batch's weighted latents, 4 at a time */

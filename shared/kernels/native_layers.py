@@ -35,29 +35,30 @@ class NativeRMSNorm:
     def __init__(self, lib: ctypes.CDLL, norm: RMSNorm) -> None:
         self.lib = lib
         self.norm = norm
+        self.weight = norm.weight.detach()  # a view: in-place weight writes are seen
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> [..., D], same dtype."""
-        w = self.norm.weight
+        w = self.weight
         if x.dtype == w.dtype == torch.bfloat16 and x.device.type == w.device.type == "cpu" and w.is_contiguous():
-            return native.rms_norm(self.lib, x, w.detach(), self.norm.eps)
+            return native.rms_norm(self.lib, x, w, self.norm.eps)
         return w * F.rms_norm(x.float(), (x.shape[-1],), eps=self.norm.eps).to(x.dtype)
 
 
 class NativeLinear:
     """A `Linear`'s kernel: the native dot products for steps of a few rows where they win, `fallback` (the oneDNN
-    packed matmul) otherwise. Reads the layer's weight at every call."""
+    packed matmul) otherwise. Reads the layer's weight where it lies (in-place writes are seen)."""
 
     def __init__(self, lib: ctypes.CDLL, layer: Linear, fallback: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.lib = lib
-        self.layer = layer
         self.fallback = fallback
-        nbytes = layer.weight.numel() * layer.weight.element_size()
+        self.weight = layer.weight.detach()
+        self.bias = None if layer.bias is None else layer.bias.detach()
+        nbytes = self.weight.numel() * self.weight.element_size()
         self.max_rows = _FEW_ROWS if nbytes <= _FEW_ROWS_MAX_BYTES else 1 if nbytes <= _ONE_ROW_MAX_BYTES else 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] bf16 -> [..., out] bf16."""
         if x.numel() <= self.max_rows * x.shape[-1] and x.numel():
-            w, b = self.layer.weight, self.layer.bias
-            return native.linear(self.lib, x, w.detach(), None if b is None else b.detach())
+            return native.linear(self.lib, x, self.weight, self.bias)
         return self.fallback(x)
