@@ -36,9 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=25, help="operators listed per profile")
     p.add_argument("--no-profile", action="store_true", help="step times and limits only")
     p.add_argument("--native", choices=("auto", "off"), default="auto",
-                   help="the native routed-experts kernel (moemesh.kernels.native): where it builds, or never")
+                   help="the native CPU kernels (moemesh.kernels.native): where they build, or never")
     p.add_argument("--native-ab", type=int, default=0, metavar="ROUNDS",
-                   help="also time decode steps with and without the native kernel, interleaved, ROUNDS times")
+                   help="also time decode steps with and without the native kernels, interleaved, ROUNDS times")
 
 
 def read_bandwidth_gbs(mb: int = 512) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from moemesh.engine.sampling_params import SamplingParams
 from moemesh.ep.group import describe_failure
 
 log = logging.getLogger(__name__)
+
+SWITCH_INTERVAL_S = 0.0002  # the longest the engine thread waits for the GIL while the event loop holds it
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,11 @@ class AsyncEngine:
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
+        # The engine thread gives the GIL up in every torch op and native call; when the event loop's thread
+        # takes it then, the engine thread waits until the loop blocks again or the switch interval (5 ms by
+        # default) passes. A short interval bounds that wait: measured on the small benchmark shape, PD, 48
+        # prompts, 5 interleaved pairs: median 478 against 444 output tok/s, mean ITL 6.5-7.0 against 7.0-9.4 ms.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
