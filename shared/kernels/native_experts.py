@@ -10,10 +10,9 @@ experts.
 
 Larger steps (prefill chunks) take the second kernel, over a copy of the weights kept pair-interleaved, which
 replaces oneDNN's packed copy (so the layer still holds its weights twice): measured on the small shape's experts,
-2.1-2.8x oneDNN's per-expert matmuls at 64-128 tokens and 1.6x at 512; level on the compute shape's at 128-512
-tokens, 0.8x at 2048 (~190 rows per expert, where oneDNN's cache blocking pays; the CPU default prefill chunk
-is 512 tokens). Layers whose dimensions the second kernel cannot take (hidden or intermediate size not a
-multiple of 16) keep the oneDNN forms for larger steps.
+1.7-2.0x oneDNN's per-expert matmuls at 32-512 tokens. Without input blocking it loses to oneDNN on wider
+experts (the compute shape's: 0.86x at 128 tokens, 0.75x at 2048), so layers with a hidden or intermediate size
+above PAIRS_MAX_INPUT, or not a multiple of 16, keep the oneDNN forms for larger steps.
 """
 
 from __future__ import annotations
@@ -31,10 +30,18 @@ from moemesh.model.moe import ExpertsKernel
 MAX_ROWS = 32
 
 
+# The widest input (hidden size for gate-up, intermediate for down) the larger-steps kernel takes. It keeps no
+# input blocking: a block of 64 output columns over K inputs is K x 128 bytes of weights, re-read per 4 tokens,
+# which must stay in the L1 cache. Measured: the small shape (384 and 192) 1.7-2.0x oneDNN at 32-512 tokens; the
+# compute shape (1024 and 384) 0.86x at 128 tokens, level at 512, 0.75x at 2048.
+PAIRS_MAX_INPUT = 384
+
+
 def pairs_fit(w13: torch.Tensor) -> bool:
-    """Whether `moe_gemm_bf16.c` takes experts w13 [E, 2I, D]: D and I multiples of 16."""
+    """Whether `moe_gemm_bf16.c` takes experts w13 [E, 2I, D]: D and I multiples of 16, neither above
+    PAIRS_MAX_INPUT."""
     _, two_i, d = w13.shape
-    return d % 16 == 0 and two_i % 32 == 0
+    return d % 16 == 0 and two_i % 32 == 0 and max(d, two_i // 2) <= PAIRS_MAX_INPUT
 
 
 class NativeExperts:

@@ -142,16 +142,17 @@ def test_routed_experts_take_them_at_every_size_and_follow_weight_writes() -> No
 
 
 @needs_native
-def test_layers_the_larger_steps_kernel_cannot_take_keep_oneDNN_beyond_decode_sizes() -> None:
-    experts = RoutedExperts(16, 256, 40).to(torch.bfloat16)  # intermediate 40: not a multiple of 16
-    w13, w2 = _weights(16, 256, 40, seed=3)
+@pytest.mark.parametrize(("hidden", "inter"), [(256, 40), (512, 64)])  # not a multiple of 16; too wide
+def test_layers_the_larger_steps_kernel_cannot_take_keep_oneDNN_beyond_decode_sizes(hidden: int, inter: int) -> None:
+    experts = RoutedExperts(16, hidden, inter).to(torch.bfloat16)
+    w13, w2 = _weights(16, hidden, inter, seed=3)
     with torch.no_grad():
         experts.w13.copy_(w13)
         experts.w2.copy_(w2)
     kernel = experts.kernel = onednn.experts_kernel(experts.w13, experts.w2)
     assert isinstance(kernel.fallback, onednn.PackedExperts) and kernel.fallback.all13 is None
     big = native_experts.MAX_ROWS + 1
-    x = torch.randn(big, 256, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    x = torch.randn(big, hidden, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     ids, weights = _routing(big, 16, 4, seed=5)
     with torch.inference_mode():
         large = experts(x, ids, weights)
