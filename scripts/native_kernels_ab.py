@@ -6,8 +6,10 @@
 For each linear layer of the shape (random bf16 weights, several copies cycled so that each call reads its weight
 from memory as a model's step does): the native dot products against oneDNN's prepacked matmul at 1, 2, 4 and 8
 rows. For decode attention: the native kernel against the torch form (pages gathered, four batched matmuls) over
-a paged cache, at the shape's heads, batch 1/4/16 and 128-300 tokens. Each round times every case once with each
-kernel (the machine is shared: interleaving spreads its noise over both); prints the median per call and the gain.
+a paged cache, at the shape's heads, batch 1/4/16 and 128-300 tokens. For one MoE layer's routed experts at
+`--expert-tokens` tokens: the native kernels (the installed `NativeExperts`) against oneDNN's forms. Each round
+times every case once with each kernel (the machine is shared: interleaving spreads its noise over both); prints
+the median per call and the gain.
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ from collections.abc import Callable
 import torch
 
 from moemesh.kernels import native, onednn
+from moemesh.model.moe import RoutedExperts
 
-# name: (linear layers as (rows out, rows in), heads, nope dim, v dim)
+# name: (linear layers as (rows out, rows in), heads, nope dim, v dim, routed experts as (E, D, I, top-k))
 SHAPES = {
     "small": ({"q_a": (192, 384), "q_b": (768, 192), "kv_a": (576, 384), "o_proj": (384, 384),
-               "shared gate_up": (384, 384), "shared down": (384, 192), "lm_head": (1024, 384)}, 6, 64, 64),
+               "shared gate_up": (384, 384), "shared down": (384, 192), "lm_head": (1024, 384)}, 6, 64, 64,
+              (24, 384, 192, 4)),
     "compute": ({"q_a": (512, 1024), "q_b": (3072, 512), "kv_a": (576, 1024), "o_proj": (1024, 2048),
-                 "shared gate_up": (768, 1024), "shared down": (1024, 384), "lm_head": (4096, 1024)}, 16, 128, 128),
+                 "shared gate_up": (768, 1024), "shared down": (1024, 384), "lm_head": (4096, 1024)}, 16, 128, 128,
+                (64, 1024, 384, 6)),
 }
 
 
@@ -63,18 +68,25 @@ def _torch_decode(q_nope, q_pe, kv_b, cache, pages, lens, page_size, scale):
     return torch.bmm(o.transpose(0, 1), w_uv_t).transpose(0, 1)
 
 
+def _experts(layer: tuple, which: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One MoE layer's routed experts with kernel `layer[which]` installed."""
+    layer[0].kernel = layer[which]
+    return layer[0](x, ids, weights)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=SHAPES, default="small")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--copies", type=int, default=6, help="weights / caches cycled per case")
     p.add_argument("--calls", type=int, default=50, help="calls per timing")
+    p.add_argument("--expert-tokens", default="1,4,32,128,512", help="step sizes of the routed-experts cases")
     args = p.parse_args()
     torch.set_num_threads(1)
     lib = native.library()
     if lib is None:
         raise SystemExit(f"no native kernel here: {native.why_not() or 'turned off'}")
-    linears, heads, dn, dv = SHAPES[args.shape]
+    linears, heads, dn, dv, (e, d, inter, top_k) = SHAPES[args.shape]
     g = torch.Generator().manual_seed(0)
     cases: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {}
     for name, (n, k) in linears.items():
@@ -101,6 +113,21 @@ def main() -> None:
         cases[f"decode attention {heads} heads, batch {batch} x {tokens} tokens"] = (
             _cycled(lambda i, inputs=inputs: lambda: native.mla_decode(lib, *inputs[i]), args.copies),
             _cycled(lambda i, inputs=inputs: lambda: _torch_decode(*inputs[i]), args.copies))
+    layers = []
+    for _ in range(args.copies):
+        m = RoutedExperts(e, d, inter).to(torch.bfloat16)
+        with torch.no_grad():
+            m.w13.copy_(torch.randn(m.w13.shape, generator=g) * 0.05)
+            m.w2.copy_(torch.randn(m.w2.shape, generator=g) * 0.05)
+        layers.append((m, onednn.experts_kernel(m.w13, m.w2), onednn.PackedExperts(m.w13, m.w2)))
+    for tokens in (int(t) for t in args.expert_tokens.split(",")):
+        x = torch.randn(tokens, d, generator=g).to(torch.bfloat16)
+        ids = torch.stack([torch.randperm(e, generator=g)[:top_k] for _ in range(tokens)])
+        weights = torch.rand(tokens, top_k, generator=g)
+        step = (x, ids, weights)
+        cases[f"routed experts {e} x [{d}, {inter}], {tokens} tokens"] = tuple(
+            _cycled(lambda i, which=which, step=step: lambda: _experts(layers[i], which, *step), args.copies)
+            for which in (1, 2))
     times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in cases}
     with torch.inference_mode():
         for _ in range(args.rounds):

@@ -24,7 +24,7 @@ import torch
 from moemesh.kernels import native
 from moemesh.model.moe import ExpertsKernel
 
-# Steps of at most this many tokens take the native kernel. Measured (scripts/native_experts_ab.py): 1.2-3.7x
+# Steps of at most this many tokens take the native kernel. Measured (scripts/native_kernels_ab.py): 1.2-3.7x
 # at 1-32 tokens on both benchmark shapes; at 64 still 1.46x on the small one but 0.95x on the compute one,
 # whose ~6 rows per expert of [1024, 384] make AMX's matrix throughput count more than oneDNN's call set-up.
 MAX_ROWS = 32
