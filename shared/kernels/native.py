@@ -1,8 +1,8 @@
 """The optional native CPU kernels (`*.c` here): built with the system C compiler at first use, loaded with ctypes.
 
 The routed experts of a MoE layer at decode sizes (`moe_bf16.c`) and larger steps (`moe_gemm_bf16.c`), absorbed
-MLA decode over the paged cache (`mla_bf16.c`), linear layers at a few rows (`linear_bf16.c`) and RMSNorm
-(`norm_bf16.c`), in bf16 on one core.
+MLA decode over the paged cache (`mla_bf16.c`), linear layers at a few rows (`linear_bf16.c`), RMSNorm
+(`norm_bf16.c`) and DeepSeek-V3's router (`router_bf16.c`), in bf16 on one core.
 
 No torch headers and no torch extension build (minutes): the C files are plain C with AVX-512 BF16 intrinsics,
 compiled in about a second into a per-user cache (`$MOEMESH_CACHE_DIR/kernels`, default
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 ENV = "MOEMESH_NATIVE_KERNELS"  # 0 / off / false / no: never build or use the native kernels
 HERE = Path(__file__).parent
 SOURCES = (HERE / "moe_bf16.c", HERE / "moe_gemm_bf16.c", HERE / "mla_bf16.c", HERE / "linear_bf16.c",
-           HERE / "norm_bf16.c")
+           HERE / "norm_bf16.c", HERE / "router_bf16.c")
 HEADERS = (HERE / "bf16_common.h",)
 # Explicit ISA flags rather than -march=native: the library then runs on any CPU with these features, so a
 # shared cache folder cannot hand one machine another's build.
@@ -88,6 +88,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     _declare(lib.mla_decode_bf16, ctypes.c_int,
              [ctypes.c_int64] * 9 + [ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_void_p])
     _declare(lib.linear_bf16, None, [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4)
+    _declare(lib.router_noaux_bf16, ctypes.c_int,
+             [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_float] + [ctypes.c_void_p] * 2)
     _declare(lib.rms_norm_bf16, None, [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_float, ctypes.c_void_p])
     log.info("native CPU kernels loaded from %s", path)
     return lib, None
@@ -239,3 +241,18 @@ def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float
     out = torch.empty_like(flat)
     lib.rms_norm_bf16(flat.shape[0], d, flat.data_ptr(), weight.data_ptr(), eps, out.data_ptr())
     return out.view(x.shape)
+
+
+def router_noaux(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
+                 topk_group: int, top_k: int, norm: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's router in one call (`router_noaux_bf16` in router_bf16.c): x [T, D] bf16, weight [E, D] and
+    bias [E] float32 (contiguous) -> (topk_ids [T, K] int64, topk_weights [T, K] float32), as `Router.forward`."""
+    x = x.contiguous()
+    t, d = x.shape
+    ids = torch.empty(t, top_k, dtype=torch.int64)
+    weights = torch.empty(t, top_k, dtype=torch.float32)
+    rc = lib.router_noaux_bf16(t, d, weight.shape[0], groups, topk_group, top_k, x.data_ptr(), weight.data_ptr(),
+                               bias.data_ptr(), int(norm), scaling, ids.data_ptr(), weights.data_ptr())
+    if rc:
+        raise ValueError("the router's groups cannot hold its choice" if rc == -1 else "out of memory")
+    return ids, weights

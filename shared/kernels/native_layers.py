@@ -1,5 +1,5 @@
-"""Native kernels for the model's small layers at bf16: RMSNorm (`norm_bf16.c`) and small linear layers at one to
-four rows (`linear_bf16.c`).
+"""Native kernels for the model's small layers at bf16: RMSNorm (`norm_bf16.c`), small linear layers at one to
+four rows (`linear_bf16.c`) and DeepSeek-V3's router at decode sizes (`router_bf16.c`).
 
 The torch form of a bf16 RMSNorm is five ops (to float32, the fused norm, back to bf16, the weight's product) at
 12-25 us a call on this machine at decode sizes; the native call takes 5-10 us, most of it the call itself, and
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from moemesh.kernels import native
 from moemesh.model.layers import Linear, RMSNorm
+from moemesh.model.moe import Router
 
 # Measured bounds (one thread, weights cycled from memory; docs/benchmarks.md): the native kernel wins at one row
 # up to about a megabyte of weight (level at 1-1.5 MB, behind beyond), and at 2-4 rows up to 640 KiB.
@@ -62,3 +63,35 @@ class NativeLinear:
         if x.numel() <= self.max_rows * x.shape[-1] and x.numel():
             return native.linear(self.lib, x, self.weight, self.bias)
         return self.fallback(x)
+
+
+# Steps of at most this many tokens take the native router; its per-token loops are scalar where the torch form's
+# matmul is not, and at prefill sizes the ~18 ops' set-up no longer matters.
+ROUTER_MAX_ROWS = 64
+
+
+class NativeRouter:
+    """A `Router`'s kernel for the `noaux_tc` method with sigmoid scores (DeepSeek-V3's): bf16 steps of at most
+    ROUTER_MAX_ROWS tokens on the CPU natively; None (the module's torch form) otherwise."""
+
+    def __init__(self, lib: ctypes.CDLL, router: Router) -> None:
+        self.lib = lib
+        self.router = router
+
+    @staticmethod
+    def takes(router: Router) -> bool:
+        """Whether the router's method and groups are the ones the native kernel computes."""
+        e, g = router.num_experts, router.n_group
+        return (router.method == "noaux_tc" and router.scoring == "sigmoid" and e > 0 and g >= 1 and e % g == 0
+                and e // g >= 2 and 1 <= router.topk_group <= g and 1 <= router.top_k <= router.topk_group * (e // g))
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """x [T, D] -> (topk_ids [T, K] int64, topk_weights [T, K] float32), or None to leave it to the module."""
+        r = self.router
+        if not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and 0 < x.shape[0] <= ROUTER_MAX_ROWS):
+            return None
+        w, bias = r.weight.detach(), r.e_score_correction_bias
+        if w.dtype != torch.float32 or bias is None or bias.dtype != torch.float32 or not w.is_contiguous():
+            return None
+        return native.router_noaux(self.lib, x, w, bias.contiguous(), r.n_group, r.topk_group, r.top_k,
+                                   bool(r.norm_topk_prob), float(r.scaling))

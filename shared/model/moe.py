@@ -5,6 +5,7 @@ Legend: T tokens, D hidden, E routed experts, K experts per token, I expert inte
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -36,7 +37,10 @@ class ExpertsKernel(Protocol):
 
 
 class Router(nn.Module):
-    """Chooses K experts per token and their weights, exactly as the checkpoint's routing method says."""
+    """Chooses K experts per token and their weights, exactly as the checkpoint's routing method says. A runtime
+    may install a `kernel` of the same math (`moemesh.kernels`), which returns None for steps it leaves to this."""
+
+    kernel: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -58,6 +62,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (topk_ids [T, K] int64, topk_weights [T, K] float32)."""
+        if self.kernel is not None and (chosen := self.kernel(x)) is not None:
+            return chosen
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
         if self.method == "greedy":

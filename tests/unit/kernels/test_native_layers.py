@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from moemesh.kernels import native, onednn
-from moemesh.kernels.native_layers import NativeLinear, NativeRMSNorm
+from moemesh.kernels.native_layers import ROUTER_MAX_ROWS, NativeLinear, NativeRMSNorm, NativeRouter
 from moemesh.model.layers import Linear, RMSNorm
+from moemesh.model.moe import Router
 
 needs_native = pytest.mark.skipif(native.why_not() is not None, reason=f"native kernels: {native.why_not()}")
 
@@ -75,3 +76,48 @@ def test_native_linear_leaves_larger_steps_and_weights_to_onednn() -> None:
             for rows in (1, 4, 5):
                 layer(torch.zeros(rows, layer.in_features, dtype=torch.bfloat16))
     assert calls == ["small", "mid", "mid", "big", "big", "big"]
+
+
+def _router(e: int, groups: int, topk_group: int, k: int, method: str = "noaux_tc", scoring: str = "sigmoid",
+            seed: int = 0) -> Router:
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(n_routed_experts=e, num_experts_per_tok=k, scoring_func=scoring, topk_method=method,
+                          n_group=groups, topk_group=topk_group, norm_topk_prob=True, routed_scaling_factor=2.5,
+                          hidden_size=96)
+    router = Router(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(e, 96, generator=g) * 0.2)
+        if router.e_score_correction_bias is not None:
+            router.e_score_correction_bias.copy_(torch.randn(e, generator=g) * 0.1)
+    return router
+
+
+@needs_native
+@pytest.mark.parametrize(("e", "groups", "topk_group", "k", "tokens"), [
+    (24, 4, 2, 4, 4), (64, 8, 4, 6, 16), (256, 8, 4, 8, 3), (8, 1, 1, 2, 64)])
+def test_native_router_chooses_as_the_torch_form(e: int, groups: int, topk_group: int, k: int, tokens: int) -> None:
+    router = _router(e, groups, topk_group, k, seed=e + tokens)
+    assert NativeRouter.takes(router)
+    x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+    with torch.inference_mode():
+        ref_ids, ref_w = router(x)
+        router.kernel = NativeRouter(native.library(), router)
+        ids, w = router(x)
+    assert ids.shape == ref_ids.shape and ids.dtype == torch.int64 and w.dtype == torch.float32
+    for t in range(tokens):  # the same experts with the same weights, in whatever order each lists them
+        ours = dict(zip(ids[t].tolist(), w[t].tolist(), strict=True))
+        theirs = dict(zip(ref_ids[t].tolist(), ref_w[t].tolist(), strict=True))
+        assert ours.keys() == theirs.keys()
+        assert all(abs(ours[i] - theirs[i]) <= 1e-5 * abs(theirs[i]) + 1e-7 for i in ours)
+
+
+@needs_native
+def test_native_router_leaves_other_methods_and_large_steps_to_the_torch_form() -> None:
+    assert not NativeRouter.takes(_router(24, 4, 2, 4, scoring="softmax"))
+    assert not NativeRouter.takes(_router(24, 1, 1, 4, method="greedy"))
+    router = _router(24, 4, 2, 4)
+    kernel = NativeRouter(native.library(), router)
+    assert kernel(torch.zeros(ROUTER_MAX_ROWS + 1, 96, dtype=torch.bfloat16)) is None
+    assert kernel(torch.zeros(3, 96)) is None  # float32 steps
