@@ -60,7 +60,7 @@ class NativeLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] bf16 -> [..., out] bf16."""
-        if x.numel() <= self.max_rows * x.shape[-1] and x.numel():
+        if x.numel() <= self.max_rows * x.shape[-1] and x.numel() and x.dtype == torch.bfloat16:
             return native.linear(self.lib, x, self.weight, self.bias)
         return self.fallback(x)
 

@@ -147,7 +147,9 @@ def install(model: nn.Module) -> int:
             n += m.kernel is not None
         elif isinstance(m, Linear):
             packed = PackedLinear(m)
-            usable = lib is not None and m.weight.is_contiguous() and (m.bias is None or m.bias.is_contiguous())
+            bf16 = torch.bfloat16
+            usable = (lib is not None and m.weight.dtype == bf16 and m.weight.is_contiguous()
+                      and (m.bias is None or (m.bias.dtype == bf16 and m.bias.is_contiguous())))
             m.kernel = NativeLinear(lib, m, packed) if usable else packed
             n += 1
         elif isinstance(m, RoutedExperts) and m.num_experts and m.fp8_block is None:  # FP8 ones stay 8-bit
