@@ -9,11 +9,12 @@ from collections.abc import Sequence
 
 import torch
 
-from moemesh.engine.attention import DecodeKernel, PagedAttention, StepLayout
+from moemesh.engine.attention import PagedAttention, StepLayout
 from moemesh.engine.kv_cache import LatentKVCache
 from moemesh.engine.sampling import Sampler, SampleResult, SamplingRow, logprobs_of
 from moemesh.engine.scheduler import ScheduledBatch, ScheduledSeq
 from moemesh.ep.tbo import split_point, two_batch_forward
+from moemesh.kernels.backends import DecodeKernel
 from moemesh.model.deepseek import DeepseekForCausalLM
 
 

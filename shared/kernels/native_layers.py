@@ -6,7 +6,7 @@ The torch form of a bf16 RMSNorm is five ops (to float32, the fused norm, back t
 computes the same bits (the normalisation in float32, rounded to bf16 before the product, as the reference).
 
 A oneDNN matmul on a prepacked weight costs 18-22 us at one row whatever the weight's size up to a megabyte; the
-native dot products stream the weight at that size in 8-15 us (scripts/native_linear_ab.py; docs/benchmarks.md).
+native dot products stream the weight at that size in 8-15 us (scripts/native_kernels_ab.py; docs/benchmarks.md).
 From 4 rows oneDNN's blocked kernels catch up on all but the smallest weights, and on weights of several
 megabytes they read memory faster than these kernels at every row count, hence the bounds below.
 """
@@ -17,7 +17,6 @@ import ctypes
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from moemesh.kernels import native
 from moemesh.model.layers import Linear, RMSNorm
@@ -31,19 +30,19 @@ _FEW_ROWS = 4
 
 
 class NativeRMSNorm:
-    """An RMSNorm's kernel: bf16 rows on the CPU natively, anything else in the module's torch form."""
+    """An RMSNorm's kernel: bf16 rows on the CPU natively; None (the module's torch form) for anything else."""
 
     def __init__(self, lib: ctypes.CDLL, norm: RMSNorm) -> None:
         self.lib = lib
-        self.norm = norm
+        self.eps = norm.eps
         self.weight = norm.weight.detach()  # a view: in-place weight writes are seen
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., D] -> [..., D], same dtype."""
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [..., D] -> [..., D], same dtype, or None to leave it to the module."""
         w = self.weight
         if x.dtype == w.dtype == torch.bfloat16 and x.device.type == w.device.type == "cpu" and w.is_contiguous():
-            return native.rms_norm(self.lib, x, w, self.norm.eps)
-        return w * F.rms_norm(x.float(), (x.shape[-1],), eps=self.norm.eps).to(x.dtype)
+            return native.rms_norm(self.lib, x, w, self.eps)
+        return None
 
 
 class NativeLinear:
@@ -77,6 +76,10 @@ class NativeRouter:
     def __init__(self, lib: ctypes.CDLL, router: Router) -> None:
         self.lib = lib
         self.router = router
+        # Views: in-place writes (a loader, a weight update) are seen.
+        self.weight = router.weight.detach()
+        bias = router.e_score_correction_bias
+        self.bias = None if bias is None else bias.detach()
 
     @staticmethod
     def takes(router: Router) -> bool:
@@ -87,11 +90,11 @@ class NativeRouter:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """x [T, D] -> (topk_ids [T, K] int64, topk_weights [T, K] float32), or None to leave it to the module."""
-        r = self.router
+        r, w, bias = self.router, self.weight, self.bias
         if not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and 0 < x.shape[0] <= ROUTER_MAX_ROWS):
             return None
-        w, bias = r.weight.detach(), r.e_score_correction_bias
-        if w.dtype != torch.float32 or bias is None or bias.dtype != torch.float32 or not w.is_contiguous():
+        if not (w.dtype == torch.float32 and w.is_contiguous() and bias is not None and bias.dtype == torch.float32
+                and bias.is_contiguous()):
             return None
-        return native.router_noaux(self.lib, x, w, bias.contiguous(), r.n_group, r.topk_group, r.top_k,
+        return native.router_noaux(self.lib, x, w, bias, r.n_group, r.topk_group, r.top_k,
                                    bool(r.norm_topk_prob), float(r.scaling))

@@ -22,9 +22,9 @@ class Linear(nn.Linear):
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 as the reference does, returned in the input dtype. A runtime may
-    install a `kernel` of the same math (`moemesh.kernels`)."""
+    install a `kernel` of the same math (`moemesh.kernels`), which returns None for inputs it leaves to this."""
 
-    kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
+    kernel: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -33,8 +33,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> [..., D], same dtype."""
-        if self.kernel is not None:
-            return self.kernel(x)
+        if self.kernel is not None and (out := self.kernel(x)) is not None:
+            return out
         # One fused op instead of five: decode at small batch is bound by per-op overhead.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
