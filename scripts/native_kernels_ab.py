@@ -7,7 +7,8 @@ For each linear layer of the shape (random bf16 weights, several copies cycled s
 from memory as a model's step does): the native dot products against oneDNN's prepacked matmul at 1, 2, 4 and 8
 rows. For decode attention: the native kernel against the torch form (pages gathered, four batched matmuls) over
 a paged cache, at the shape's heads, batch 1/4/16 and 128-300 tokens. For one MoE layer's routed experts at
-`--expert-tokens` tokens: the native kernels (the installed `NativeExperts`) against oneDNN's forms. Each round
+`--expert-tokens` tokens: the native kernels (the installed `NativeExperts`) against oneDNN's forms. For the
+rotary embedding at 1-64 tokens: the native kernel against the module's torch form. Each round
 times every case once with each kernel (the machine is shared: interleaving spreads its noise over both); prints
 the median per call and the gain.
 """
@@ -23,7 +24,10 @@ from collections.abc import Callable
 import torch
 
 from moemesh.kernels import native, onednn
+from moemesh.kernels.native_layers import NativeRope
+from moemesh.model.config import RopeConfig
 from moemesh.model.moe import RoutedExperts
+from moemesh.model.rope import RotaryEmbedding
 
 # name: (linear layers as (rows out, rows in), heads, nope dim, v dim, routed experts as (E, D, I, top-k))
 SHAPES = {
@@ -128,6 +132,16 @@ def main() -> None:
         cases[f"routed experts {e} x [{d}, {inter}], {tokens} tokens"] = tuple(
             _cycled(lambda i, which=which, step=step: lambda: _experts(layers[i], which, *step), args.copies)
             for which in (1, 2))
+    rope = RotaryEmbedding(RopeConfig(), r, 4096, interleave=True)
+    kernel = NativeRope(lib, rope)
+    for tokens in (1, 4, 16, 64):
+        q_pe = torch.randn(tokens, heads, dn + r, generator=g).to(torch.bfloat16)[..., dn:]  # views, as in the model
+        k_pe = torch.randn(tokens, c + r, generator=g).to(torch.bfloat16)[:, c:]
+        positions = torch.randint(0, 4096, (tokens,), generator=g)
+        # The torch form's rotations are made once per step's positions tensor: a layer after the first reuses them.
+        cases[f"rotary embedding {heads} heads, {tokens} tokens"] = (
+            lambda positions=positions, q_pe=q_pe, k_pe=k_pe: kernel(positions, q_pe, k_pe),
+            lambda positions=positions, q_pe=q_pe, k_pe=k_pe: rope(positions, q_pe, k_pe))
     times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in cases}
     with torch.inference_mode():
         for _ in range(args.rounds):

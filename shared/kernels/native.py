@@ -2,7 +2,8 @@
 
 The routed experts of a MoE layer at decode sizes (`moe_bf16.c`) and larger steps (`moe_gemm_bf16.c`), absorbed
 MLA decode over the paged cache (`mla_bf16.c`), linear layers at a few rows (`linear_bf16.c`), RMSNorm
-(`norm_bf16.c`) and DeepSeek-V3's router (`router_bf16.c`), in bf16 on one core.
+(`norm_bf16.c`), DeepSeek-V3's router (`router_bf16.c`) and MLA's rotary embedding (`rope_bf16.c`), in bf16 on one
+core.
 
 No torch headers and no torch extension build (minutes): the C files are plain C with AVX-512 BF16 intrinsics,
 compiled in about a second into a per-user cache (`$MOEMESH_CACHE_DIR/kernels`, default
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 ENV = "MOEMESH_NATIVE_KERNELS"  # 0 / off / false / no: never build or use the native kernels
 HERE = Path(__file__).parent
 SOURCES = (HERE / "moe_bf16.c", HERE / "moe_gemm_bf16.c", HERE / "mla_bf16.c", HERE / "linear_bf16.c",
-           HERE / "norm_bf16.c", HERE / "router_bf16.c")
+           HERE / "norm_bf16.c", HERE / "router_bf16.c", HERE / "rope_bf16.c")
 HEADERS = (HERE / "bf16_common.h",)
 # Explicit ISA flags rather than -march=native: the library then runs on any CPU with these features, so a
 # shared cache folder cannot hand one machine another's build.
@@ -91,6 +92,9 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     _declare(lib.router_noaux_bf16, ctypes.c_int,
              [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_float] + [ctypes.c_void_p] * 2)
     _declare(lib.rms_norm_bf16, None, [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_float, ctypes.c_void_p])
+    _declare(lib.rope_bf16, ctypes.c_int,
+             [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+             + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 2)
     log.info("native CPU kernels loaded from %s", path)
     return lib, None
 
@@ -256,3 +260,19 @@ def router_noaux(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: 
     if rc:
         raise ValueError("the router's groups cannot hold its choice" if rc == -1 else "out of memory")
     return ids, weights
+
+
+def rope(lib: ctypes.CDLL, positions: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor,
+         sin: torch.Tensor, interleave: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """MLA's rotary embedding in one call (`rope_bf16` in rope_bf16.c): positions [T] int64, q_pe [T, H, R] and
+    k_pe [T, R] bf16 (any row and head strides, unit inner stride), cos/sin [L, R/2] float32 contiguous -> rotated
+    (q_pe [T, H, R], k_pe [T, R]) bf16, contiguous, as `RotaryEmbedding.forward`; None when a position is past
+    the tables (the module grows them)."""
+    t, h, r = q_pe.shape
+    positions = positions.contiguous()
+    q_out = q_pe.new_empty(t, h, r)
+    k_out = k_pe.new_empty(t, r)
+    rc = lib.rope_bf16(t, h, r, q_pe.data_ptr(), q_pe.stride(0), q_pe.stride(1), k_pe.data_ptr(), k_pe.stride(0),
+                       cos.data_ptr(), sin.data_ptr(), cos.shape[0], positions.data_ptr(), int(interleave),
+                       q_out.data_ptr(), k_out.data_ptr())
+    return None if rc else (q_out, k_out)

@@ -1,5 +1,6 @@
 """Native kernels for the model's small layers at bf16: RMSNorm (`norm_bf16.c`), small linear layers at one to
-four rows (`linear_bf16.c`) and DeepSeek-V3's router at decode sizes (`router_bf16.c`).
+four rows (`linear_bf16.c`), DeepSeek-V3's router at decode sizes (`router_bf16.c`) and MLA's rotary embedding
+(`rope_bf16.c`).
 
 The torch form of a bf16 RMSNorm is five ops (to float32, the fused norm, back to bf16, the weight's product) at
 12-25 us a call on this machine at decode sizes; the native call takes 5-10 us, most of it the call itself, and
@@ -21,6 +22,7 @@ import torch
 from moemesh.kernels import native
 from moemesh.model.layers import Linear, RMSNorm
 from moemesh.model.moe import Router
+from moemesh.model.rope import RotaryEmbedding
 
 # Measured bounds (one thread, weights cycled from memory; docs/benchmarks.md): the native kernel wins at one row
 # up to about a megabyte of weight (level at 1-1.5 MB, behind beyond), and at 2-4 rows up to 640 KiB.
@@ -98,3 +100,28 @@ class NativeRouter:
             return None
         return native.router_noaux(self.lib, x, w, bias, r.n_group, r.topk_group, r.top_k,
                                    bool(r.norm_topk_prob), float(r.scaling))
+
+
+# Steps of at most this many tokens take the native rotary embedding: the torch form's ~18 small ops cost ~50 us a
+# layer at decode sizes; at prefill sizes its vectorised complex product beats the kernel's scalar loop.
+ROPE_MAX_ROWS = 64
+
+
+class NativeRope:
+    """A `RotaryEmbedding`'s kernel: bf16 steps of at most ROPE_MAX_ROWS tokens on the CPU natively; None (the
+    module's torch form) otherwise, and for positions past its tables (which the module then grows)."""
+
+    def __init__(self, lib: ctypes.CDLL, rope: RotaryEmbedding) -> None:
+        self.lib = lib
+        self.rope = rope  # its tables are read at each call: the module replaces them when it grows them
+
+    def __call__(self, positions: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """positions [T] int64, q_pe [T, H, R], k_pe [T, R] -> rotated (q_pe, k_pe), or None."""
+        cos, sin = self.rope.cos_cached, self.rope.sin_cached
+        if not (q_pe.dtype == k_pe.dtype == torch.bfloat16 and 0 < q_pe.shape[0] <= ROPE_MAX_ROWS
+                and q_pe.device.type == "cpu" and positions.dtype == torch.int64 and q_pe.stride(-1) == 1
+                and k_pe.stride(-1) == 1 and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous()
+                and sin.is_contiguous() and q_pe.shape[-1] % 2 == 0):
+            return None
+        return native.rope(self.lib, positions, q_pe, k_pe, cos, sin, self.rope.interleave)

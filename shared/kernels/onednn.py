@@ -18,9 +18,10 @@ from torch import nn
 from moemesh.kernels import native
 from moemesh.kernels.native_attention import paged_decode  # noqa: F401  (this set's decode attention)
 from moemesh.kernels.native_experts import NativeExperts, pairs_fit
-from moemesh.kernels.native_layers import NativeLinear, NativeRMSNorm, NativeRouter
+from moemesh.kernels.native_layers import NativeLinear, NativeRMSNorm, NativeRope, NativeRouter
 from moemesh.model.layers import Linear, RMSNorm
 from moemesh.model.moe import RoutedExperts, Router
+from moemesh.model.rope import RotaryEmbedding
 
 # The row count oneDNN is told to expect: decode-sized; the packed layout serves any row count.
 _ROWS_HINT = 16
@@ -134,8 +135,8 @@ def install(model: nn.Module) -> int:
     """Give every `Linear` and `RoutedExperts` of `model` its packed kernel; returns how many layers took one.
 
     The routed experts also take the native one-call kernels, linear layers the native dot products at one to
-    four rows, RMSNorms and V3's router their native kernels, where the native kernels build and run
-    (`moemesh.kernels.native`; `MOEMESH_NATIVE_KERNELS=0` turns them off)."""
+    four rows, RMSNorms, V3's router and the rotary embedding their native kernels, where the native kernels build
+    and run (`moemesh.kernels.native`; `MOEMESH_NATIVE_KERNELS=0` turns them off)."""
     n = 0
     lib = native.library()
     for m in model.modules():
@@ -145,6 +146,9 @@ def install(model: nn.Module) -> int:
         elif isinstance(m, Router):
             m.kernel = NativeRouter(lib, m) if lib is not None and NativeRouter.takes(m) else None
             n += m.kernel is not None
+        elif isinstance(m, RotaryEmbedding):
+            m.kernel = None if lib is None else NativeRope(lib, m)
+            n += lib is not None
         elif isinstance(m, Linear):
             packed = PackedLinear(m)
             bf16 = torch.bfloat16

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -42,6 +43,10 @@ class RotaryEmbedding(nn.Module):
     product equals the interleaved form's, and the cached k_pe uses this layout throughout.
     """
 
+    # A runtime may install a kernel of the same math (`moemesh.kernels`): (positions, q_pe, k_pe) -> the rotated
+    # pair, or None for inputs it leaves to this module.
+    kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None] | None = None
+
     def __init__(self, rope: RopeConfig, dim: int, max_positions: int, interleave: bool) -> None:
         super().__init__()
         self.interleave = interleave
@@ -65,6 +70,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] int64; q_pe [T, H, R]; k_pe [T, R] -> rotated (q_pe, k_pe), same shapes and dtype."""
+        if self.kernel is not None and (out := self.kernel(positions, q_pe, k_pe)) is not None:
+            return out
         if positions.numel() and int(positions.max()) >= self._cache_len:
             self._build(int(positions.max()) * 2 + 1, positions.device)
         cis = self._cis(positions)  # [T, R/2] complex64

@@ -11,9 +11,18 @@ import torch
 import torch.nn.functional as F
 
 from moemesh.kernels import native, onednn
-from moemesh.kernels.native_layers import ROUTER_MAX_ROWS, NativeLinear, NativeRMSNorm, NativeRouter
+from moemesh.kernels.native_layers import (
+    ROPE_MAX_ROWS,
+    ROUTER_MAX_ROWS,
+    NativeLinear,
+    NativeRMSNorm,
+    NativeRope,
+    NativeRouter,
+)
+from moemesh.model.config import RopeConfig
 from moemesh.model.layers import Linear, RMSNorm
 from moemesh.model.moe import Router
+from moemesh.model.rope import RotaryEmbedding
 
 needs_native = pytest.mark.skipif(native.why_not() is not None, reason=f"native kernels: {native.why_not()}")
 
@@ -121,3 +130,60 @@ def test_native_router_leaves_other_methods_and_large_steps_to_the_torch_form() 
     kernel = NativeRouter(native.library(), router)
     assert kernel(torch.zeros(ROUTER_MAX_ROWS + 1, 96, dtype=torch.bfloat16)) is None
     assert kernel(torch.zeros(3, 96)) is None  # float32 steps
+
+
+def _rope_reference(rope: RotaryEmbedding, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The textbook rotation of x [..., R] (pairs adjacent or split in halves), each product in float32, the
+    result rounded once to bf16, laid out as the module keeps it: rotated first members, then second members."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    a, b = (xf[..., 0::2], xf[..., 1::2]) if rope.interleave else (xf[..., :half], xf[..., half:])
+    cos, sin = rope.cos_cached[positions], rope.sin_cached[positions]
+    if x.dim() == 3:
+        cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1).to(torch.bfloat16)
+
+
+@needs_native
+@pytest.mark.parametrize(("tokens", "heads", "interleave", "yarn"), [
+    (1, 6, True, True), (4, 16, True, False), (37, 3, False, True), (ROPE_MAX_ROWS, 1, True, False)])
+def test_native_rope_is_the_float32_rotation_rounded_once(tokens: int, heads: int, interleave: bool,
+                                                          yarn: bool) -> None:
+    g = torch.Generator().manual_seed(tokens * heads)
+    cfg = RopeConfig(rope_type="yarn", factor=4.0, original_max_position_embeddings=512) if yarn else RopeConfig()
+    rope = RotaryEmbedding(cfg, 64, 2048, interleave)
+    # The model's layout: q_pe and k_pe are views into wider projections (row and head strides, unit inner stride).
+    q = torch.randn(tokens, heads, 192, generator=g).to(torch.bfloat16)[..., 128:]
+    kv = torch.randn(tokens, 576, generator=g).to(torch.bfloat16)
+    k = kv[:, 512:]
+    positions = torch.randint(0, 2048, (tokens,), generator=g)
+    eager_q, eager_k = rope(positions, q, k)
+    rope.kernel = NativeRope(native.library(), rope)
+    native_q, native_k = rope(positions, q, k)
+    assert native_q.is_contiguous() and native_k.is_contiguous()
+    assert torch.equal(native_q, _rope_reference(rope, positions, q))
+    assert torch.equal(native_k, _rope_reference(rope, positions, k))
+    # The module's own form (a complex product) rounds the same float32 values: at most a bf16 ulp apart.
+    torch.testing.assert_close(native_q, eager_q, atol=0, rtol=2**-7)
+    torch.testing.assert_close(native_k, eager_k, atol=0, rtol=2**-7)
+
+
+@needs_native
+def test_native_rope_leaves_large_steps_other_dtypes_and_unknown_positions_to_the_module() -> None:
+    rope = RotaryEmbedding(RopeConfig(), 64, 128, True)
+    kernel = NativeRope(native.library(), rope)
+    q = torch.randn(ROPE_MAX_ROWS + 1, 2, 64).to(torch.bfloat16)
+    k = torch.randn(ROPE_MAX_ROWS + 1, 64).to(torch.bfloat16)
+    assert kernel(torch.arange(ROPE_MAX_ROWS + 1), q, k) is None
+    assert kernel(torch.arange(4), q[:4].float(), k[:4].float()) is None
+    # A position past the tables: the kernel writes nothing and declines; the module grows its tables and rotates.
+    far = torch.tensor([3, 500])
+    assert kernel(far, q[:2], k[:2]) is None
+    rope.kernel = kernel
+    out_q, out_k = rope(far, q[:2], k[:2])
+    assert rope.cos_cached.shape[0] > 500
+    assert torch.equal(out_q, _rope_reference(rope, far, q[:2]))
+    assert torch.equal(out_k, _rope_reference(rope, far, k[:2]))
+    # Now inside the grown tables, the kernel itself takes the same step with the same result.
+    assert kernel(far, q[:2], k[:2]) is not None
+    assert torch.equal(kernel(far, q[:2], k[:2])[0], out_q)
