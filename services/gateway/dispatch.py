@@ -14,7 +14,7 @@ by both workers: BOOTSTRAPPING -> WAITING_FOR_INPUT -> TRANSFERRING -> SUCCESS |
     worker, or kvtransfer away (pd_health.py): the decode worker runs the request colocated (no room).
  3. Admission. `Admission.acquire` (admission.py): bounded in-flight requests and KV pages, else
     RESOURCE_EXHAUSTED with a retry hint.
- 4. Fan-out (this file, `Exchange.run`). A fresh room id; `Decode.Generate` and `Prefill.Prefill` are sent
+ 4. Fan-out (this file, `Exchange.run`). A fresh room id; `Decode.Generate` and `Prefill.PrefillStream` are sent
     at once with that room and one worker-side request id. The gateway does not sequence the two sides.
  5. Decode reserves (services/decode/servicer.py -> `Engine.reserve`): the request waits for pages
     (RESERVING), then registers the room's receiver at kvtransfer (`RegisterReceiver`: its data-plane
@@ -25,6 +25,9 @@ by both workers: BOOTSTRAPPING -> WAITING_FOR_INPUT -> TRANSFERRING -> SUCCESS |
  7. KV handoff (shared/transfer/: the data plane chosen by the receiver, UCX or the kvtransfer relay): each
     prefill chunk's KV rows go out as soon as they are computed, CRC-checked, written straight into the
     decode worker's reserved pages (`Engine.write_kv`); the last chunk carries the first token.
+ 7b. Early first token: when the prefill worker knows the decode worker's first output will be exactly its
+    first token and text (no stop string, no resume; `Engine._early_text`), it streams them to the gateway at
+    once and the gateway relays them to the client; decode's first output then goes out without them.
  8. Decode runs: the receiver reports SUCCESS, the engine commits the first token (RUNNING) and the request
     joins the continuous batch; each step's tokens stream back as `DecodeResponse`s, relayed here to the
     client (core.py adds usage, metrics and the finish reason). The prefill worker frees its pages.
@@ -41,7 +44,6 @@ cancelled and aborted on both workers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -134,11 +136,16 @@ class Exchange:
         self._prompt_logprobs_due = request.sampling.HasField("prompt_logprobs") and not self.resume_token_ids
 
     async def run(self) -> AsyncIterator[gateway_pb2.GenerateResponse]:
-        """Call both workers, relay decode's stream; raises a ServiceError when either side fails."""
+        """Call both workers, relay decode's stream; raises a ServiceError when either side fails.
+
+        In PD the prefill worker's first token goes to the client as soon as it is sampled, when the prefill
+        worker says the decode worker's first output will repeat it (`PrefillStream`'s `first` event): that output
+        then goes out without it. Otherwise the first token comes with decode's stream, after the KV handoff.
+        """
         req = self.request
         decode = self.route.decode
         prefill_call: Any = None
-        prefill_task: asyncio.Future[Any] | None = None
+        prefill_task: asyncio.Future[Any] | None = None  # the prefill stream's next event
         # The calls' interceptors (which write `traceparent`) run in tasks that copy the context now.
         with attached(self.trace_context):
             decode_call = decode.stub().Generate(decode_pb2.DecodeRequest(
@@ -146,20 +153,28 @@ class Exchange:
                 room_id=self.room_id, resume_token_ids=self.resume_token_ids,
                 resume_text_chars=self.resume_text_chars), timeout=self.timeout_s)
             if self.route.prefill is not None:
-                prefill_call = self.route.prefill.stub().Prefill(prefill_pb2.PrefillRequest(
+                prefill_call = self.route.prefill.stub().PrefillStream(prefill_pb2.PrefillRequest(
                     request_id=self.worker_request_id, room_id=self.room_id, prompt_token_ids=req.prompt_token_ids,
                     sampling=req.sampling, resume_token_ids=self.resume_token_ids,
                     resume_text_chars=self.resume_text_chars), timeout=self.timeout_s)
-                prefill_task = asyncio.ensure_future(prefill_call)
+                prefill_task = asyncio.ensure_future(prefill_call.read())
         read: asyncio.Future[Any] = asyncio.ensure_future(decode_call.read())
         ok = False  # the request finished: nothing to cancel or abort
+        early: prefill_pb2.FirstTokenEvent | None = None  # the first token, sent before decode's stream had it
+        relayed = False  # a response went to the client
         try:
             while True:
                 waiting = {read} if prefill_task is None or self.prefill_response is not None \
                     else {read, prefill_task}
                 done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if prefill_task is not None and prefill_task in done and self.prefill_response is None:
-                    self.prefill_response = self._prefill_result(prefill_task)
+                    first = self._prefill_event(prefill_task)
+                    if self.prefill_response is None:
+                        prefill_task = asyncio.ensure_future(prefill_call.read())
+                    if first is not None and not relayed and not self._prompt_logprobs_due:
+                        early = first
+                        relayed = True
+                        yield self._early_response(first)
                 if read not in done:
                     continue
                 msg = self._decode_result(read)
@@ -170,12 +185,17 @@ class Exchange:
                 ok = msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
                 if not ok:
                     read = asyncio.ensure_future(decode_call.read())
+                if early is not None and len(msg.token_ids):
+                    msg = self._without_early(msg, early)
+                    early = None
+                    if not len(msg.token_ids) and not msg.text and not ok:
+                        continue  # it only repeated the first token
                 if self._prompt_logprobs_due and prefill_task is not None and self.prefill_response is None:
                     # They come in prefill's reply, which follows the KV decode already has: wait for it.
-                    await asyncio.wait({prefill_task})
-                    self.prefill_response = self._prefill_result(prefill_task)
+                    await self._await_prefill_reply(prefill_call, prefill_task, None)
                 elif ok and prefill_task is not None and self.prefill_response is None:
-                    await self._await_prefill_reply(prefill_task)
+                    await self._await_prefill_reply(prefill_call, prefill_task, PREFILL_REPLY_GRACE_S)
+                relayed = True
                 yield self._response(msg, ok)
                 if ok:
                     await _close_gracefully(decode_call)
@@ -186,19 +206,68 @@ class Exchange:
             if not ok:
                 self.aborts.send(decode, self.worker_request_id)
             if prefill_task is not None:
-                if not prefill_task.done() or not ok:
+                if self.prefill_response is None or not ok:
                     prefill_call.cancel()
                     self.aborts.send(self.route.prefill, self.worker_request_id)
                 _settle(prefill_task)
 
-    async def _await_prefill_reply(self, task: asyncio.Future[Any]) -> None:
-        """Decode finished before prefill's reply came (a short request; the reply follows the KV it already
-        sent): wait for it briefly, since it carries the cached prefix the usage reports. Any failure of it now
-        is moot: the request is done."""
-        await asyncio.wait({task}, timeout=PREFILL_REPLY_GRACE_S)
-        if task.done():
-            with contextlib.suppress(Exception):
-                self.prefill_response = self._prefill_result(task)
+    async def _await_prefill_reply(self, call: Any, task: asyncio.Future[Any], timeout_s: float | None) -> None:
+        """Wait for prefill's reply (after a first-token event, if one is still to come).
+
+        With a timeout: decode finished before the reply came (a short request; the reply follows the KV it
+        already sent). It carries the cached prefix the usage reports; any failure of it now is moot: the request
+        is done. Without: the reply carries prompt logprobs the first response needs, and its failure is the
+        request's."""
+        deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+        while self.prefill_response is None:
+            left = None if deadline is None else deadline - asyncio.get_running_loop().time()
+            if left is not None and left <= 0:
+                return
+            await asyncio.wait({task}, timeout=left)
+            if not task.done():
+                return
+            if timeout_s is None:
+                self._prefill_event(task)
+            else:
+                try:
+                    self._prefill_event(task)
+                except Exception:
+                    return
+            if self.prefill_response is None:
+                task = asyncio.ensure_future(call.read())
+
+    def _prefill_event(self, task: asyncio.Future[Any]) -> prefill_pb2.FirstTokenEvent | None:
+        """The prefill stream's event in `task`: keeps its reply (`done`), returns a first-token event."""
+        event = self._prefill_result(task)
+        if event is grpc.aio.EOF:
+            broken = WorkerStreamBroken(f"{self.route.prefill.name} ended the stream without a reply")
+            broken.worker_id = self.route.prefill.worker_id
+            raise broken
+        if event.WhichOneof("event") == "done":
+            self.prefill_response = event.done
+            return None
+        return event.first if event.HasField("first") else None
+
+    def _early_response(self, first: prefill_pb2.FirstTokenEvent) -> gateway_pb2.GenerateResponse:
+        self.completion_tokens += 1
+        return gateway_pb2.GenerateResponse(
+            request_id=self.request.request_id, token_ids=[first.token_id], text=first.text,
+            logprobs=[first.logprobs] if first.HasField("logprobs") else [])
+
+    def _without_early(self, msg: decode_pb2.DecodeResponse, first: prefill_pb2.FirstTokenEvent
+                       ) -> decode_pb2.DecodeResponse:
+        """Decode's first output less the first token the client already has (its text is a prefix of it)."""
+        if msg.token_ids[0] != first.token_id or not msg.text.startswith(first.text):
+            raise DownstreamError(
+                f"{self.route.decode.name} began with token {msg.token_ids[0]} {msg.text!r}, not the prefill "
+                f"worker's {first.token_id} {first.text!r}", grpc.StatusCode.INTERNAL)
+        rest = decode_pb2.DecodeResponse()
+        rest.CopyFrom(msg)
+        del rest.token_ids[0]
+        rest.text = msg.text[len(first.text):]
+        if len(rest.logprobs):
+            del rest.logprobs[0]
+        return rest
 
     def _prefill_result(self, task: asyncio.Future[Any]) -> prefill_pb2.PrefillResponse:
         if task.cancelled():

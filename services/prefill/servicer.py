@@ -62,12 +62,35 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
                       ) -> prefill_pb2.PrefillResponse:
         self.ready()
+        return await self._job(request, context, None)
+
+    async def PrefillStream(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[prefill_pb2.PrefillEvent]:
+        """Prefill's job, with its first token sent as soon as it is sampled where the decode worker's first
+        output will repeat it exactly (the engine's `first_text`); cancelling the stream cancels the job."""
+        self.ready()
+        early: asyncio.Queue[prefill_pb2.FirstTokenEvent] = asyncio.Queue()
+        job = asyncio.ensure_future(self._job(request, context, early.put_nowait))
+        first = asyncio.ensure_future(early.get())
+        try:
+            await asyncio.wait({job, first}, return_when=asyncio.FIRST_COMPLETED)
+            if first.done():
+                yield prefill_pb2.PrefillEvent(first=first.result())
+            yield prefill_pb2.PrefillEvent(done=await job)
+        finally:
+            first.cancel()
+            if not job.done():
+                job.cancel()
+            await asyncio.gather(job, first, return_exceptions=True)
+
+    async def _job(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext,
+                   early: Callable[[prefill_pb2.FirstTokenEvent], None] | None) -> prefill_pb2.PrefillResponse:
         rid = request.request_id or uuid.uuid4().hex
         with request_log_context(rid, room_id=request.room_id or None):
             telemetry = RequestTelemetry("prefill", rid, len(request.prompt_token_ids))
             error: BaseException | None = None
             try:
-                return await self._prefill(request, rid, context, telemetry)
+                return await self._prefill(request, rid, context, telemetry, early)
             except BaseException as e:
                 error = e
                 raise
@@ -76,7 +99,8 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
                 log.debug("prefill ended: %s", telemetry.outcome or "ok")
 
     async def _prefill(self, request: prefill_pb2.PrefillRequest, rid: str, context: grpc.aio.ServicerContext,
-                       telemetry: RequestTelemetry) -> prefill_pb2.PrefillResponse:
+                       telemetry: RequestTelemetry, early: Callable[[prefill_pb2.FirstTokenEvent], None] | None
+                       ) -> prefill_pb2.PrefillResponse:
         params = sampling_from_pb(request.sampling)
         room = request.room_id
         if not room:
@@ -105,6 +129,10 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
                     top = tuple(item.new_top_logprobs[0]) if item.new_top_logprobs else None
                     lp = item.new_logprobs[0] if item.new_logprobs else None
                     first.set_result(FirstToken(item.new_token_ids[0], lp, top))
+                    if early is not None and item.first_text is not None:
+                        early(prefill_pb2.FirstTokenEvent(
+                            token_id=item.new_token_ids[0], text=item.first_text,
+                            logprobs=logprobs_to_pb([lp], [top or ()])[0] if lp is not None else None))
             blocks.put_nowait(None)
 
         computing = asyncio.ensure_future(compute())

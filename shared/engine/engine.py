@@ -359,7 +359,23 @@ class Engine:
             new_top_logprobs=[top] if top is not None else [], finished=False,
             num_prompt_tokens=len(req.prompt_token_ids), num_output_tokens=0,
             num_cached_tokens=req.num_cached_tokens, prefill_done=True, time_ns=now_ns, timing=req.timing,
-            prompt_logprobs=req.prompt_logprobs)
+            prompt_logprobs=req.prompt_logprobs, first_text=self._early_text(req, token))
+
+    @staticmethod
+    def _early_text(req: Request, token: int) -> str | None:
+        """PD prefill: the text of the first token that the decode worker's first output will begin with, so that
+        the client can have it before the KV handoff; None where that is not sure.
+
+        The decode worker runs the same detokenizer over the same prompt, so its first text is this piece, plus
+        the detokenizer's flushed tail if the token ends the request (an EOS, a stop token, max_tokens, a grammar's
+        end): this is a prefix of it in every case but two, left out: a stop string (the decode side may cut or
+        hold back text) and a resumed request (the client's text there is counted by characters already sent).
+        Prompt logprobs go out with the first response, which must then wait for the prefill's reply: left out.
+        """
+        p = req.params
+        if req.detokenizer is None or req.output_token_ids or p.stop or p.prompt_logprobs is not None:
+            return None
+        return req.detokenizer.add(token)  # this side's detokenizer: the request ends here, nothing else reads it
 
     def _postprocess(self, req: Request, token: int, logprob: float | None,
                      top: list[tuple[int, float]] | None, now_ns: int) -> RequestOutput:

@@ -112,6 +112,9 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     prefill_done: bool = False   # PD prefill: the first token is sampled; the request holds its pages
+    # PD prefill: the first token's text when the decode worker's first output will begin with exactly it (None
+    # when a stop string, a resumed request or prompt logprobs make that unsure); see Engine._early_text
+    first_text: str | None = None
     # With the first token of a request that asked for prompt_logprobs: Request.prompt_logprobs
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
     time_ns: int = 0             # time.monotonic_ns() when the step that produced it ended

@@ -26,7 +26,7 @@ SERVICES = {"moemesh-gateway", "moemesh-prefill", "moemesh-kvtransfer", "moemesh
 NAMED_SPANS = {
     "moemesh.v1.Gateway/Generate": "moemesh-gateway",
     "gateway.generate": "moemesh-gateway",
-    "moemesh.v1.Prefill/Prefill": "moemesh-prefill",
+    "moemesh.v1.Prefill/PrefillStream": "moemesh-prefill",
     "prefill.queue_wait": "moemesh-prefill",
     "prefill.forward": "moemesh-prefill",
     "prefill.kv_send": "moemesh-prefill",
@@ -130,9 +130,9 @@ def test_one_trace_spans_gateway_prefill_kvtransfer_and_decode(mesh: RunningMesh
         assert named[name][0] == service, (name, named[name][0])
     # The workers' calls are children of the gateway's request span, the engine's spans of the calls.
     request = named["gateway.generate"][1]
-    assert named["moemesh.v1.Prefill/Prefill"][1].parent_span_id == request.span_id
+    assert named["moemesh.v1.Prefill/PrefillStream"][1].parent_span_id == request.span_id
     assert named["moemesh.v1.Decode/Generate"][1].parent_span_id == request.span_id
-    assert named["prefill.forward"][1].parent_span_id == named["moemesh.v1.Prefill/Prefill"][1].span_id
+    assert named["prefill.forward"][1].parent_span_id == named["moemesh.v1.Prefill/PrefillStream"][1].span_id
     assert named["decode.first_token"][1].parent_span_id == named["moemesh.v1.Decode/Generate"][1].span_id
     assert len({s.trace_id for _, s in spans}) == 1
 

@@ -2,7 +2,8 @@
 
 `FakeDecode` echoes deterministic tokens (prompt's last id + 1, + 2, ...) and records what reached
 it (requests, their deadlines, cancellations, Aborts); `FakePrefill` records requests and answers or
-fails as told. `FakeWorker` serves one of them on 127.0.0.1 and joins the gateway through the real
+fails as told (over `PrefillStream`, with the first token at once when `early`). `FakeWorker` serves
+one of them on 127.0.0.1 and joins the gateway through the real
 WorkerRegistry RPCs (Register, Heartbeat, Deregister). Run as a script, the module serves one fake
 decode worker until killed (for the test of a worker that dies mid-request).
 
@@ -120,7 +121,8 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
     prefill service marks a failed KV handoff)."""
 
     def __init__(self, delay_s: float = 0.0, fail_code: grpc.StatusCode | None = None,
-                 peer_failure: bool = False) -> None:
+                 peer_failure: bool = False, early: bool = False) -> None:
+        self.early = early  # PrefillStream sends FakeDecode's first token (and text) at once, before its delay
         self.delay_s = delay_s
         self.fail_code = fail_code
         self.peer_failure = peer_failure
@@ -142,6 +144,16 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
             await context.abort(self.fail_code, "fake prefill failure", trailing_metadata=marker)
         return prefill_pb2.PrefillResponse(first_token_id=fake_token(list(request.prompt_token_ids), 0),
                                            num_cached_tokens=3)
+
+    async def PrefillStream(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext) -> Any:
+        if self.early:
+            token = fake_token(list(request.prompt_token_ids), 0)
+            logprobs = common_pb2.StepLogprobs(
+                logprob=-0.5, top=[common_pb2.TokenLogprob(token_id=token, logprob=-0.5)])
+            yield prefill_pb2.PrefillEvent(first=prefill_pb2.FirstTokenEvent(
+                token_id=token, text=f"<{token}>",
+                logprobs=logprobs if request.sampling.HasField("logprobs") else None))
+        yield prefill_pb2.PrefillEvent(done=await self.Prefill(request, context))
 
     async def Abort(self, request: common_pb2.AbortRequest, context: grpc.aio.ServicerContext) -> Any:
         self.aborts.append(request.request_id)

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from moemesh.services.gateway.serve import add_arguments, config_from_args
-from moemesh.v1 import common_pb2, gateway_pb2
+from moemesh.v1 import common_pb2, gateway_pb2, prefill_pb2
 from tests.service.gateway.doubles import (
     MAX_MODEL_LEN,
     VOCAB,
@@ -63,6 +63,54 @@ def test_pd_request_goes_to_both_workers_with_one_room(model_dir: Path) -> None:
             # A finished request ends cleanly on the workers: no cancel, no abort; in-flight counts drop.
             assert all(w.in_flight == 0 for w in mesh.app.registry.workers())
             assert not decode.cancelled.is_set() and decode.aborts == prefill.aborts == []
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("logprobs", [False, True])
+def test_prefill_first_token_reaches_the_client_before_decode_repeats_it(model_dir: Path, logprobs: bool) -> None:
+    """PrefillStream's early first token goes out at once; decode's first output, which repeats it, goes out
+    without it: every token (and its text and logprobs) exactly once, in order, with the usage counting each once."""
+    async def main() -> None:
+        async with Mesh(model_dir) as mesh:
+            await mesh.add(FakeDecode(token_delay_s=0.4), "d1")
+            await mesh.add(FakePrefill(early=True), "p1")
+            sampling = common_pb2.SamplingParams(max_tokens=3, **({"logprobs": 1} if logprobs else {}))
+            call = mesh.stub.Generate(gateway_pb2.GenerateRequest(prompt="hello world", sampling=sampling))
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            out, times = [], []
+            async for r in call:
+                out.append(r)
+                times.append(loop.time() - start)
+            prompt = mesh.app.model.tokenizer.encode("hello world")
+            tokens = [fake_token(prompt, i) for i in range(3)]
+            assert times[0] < 0.3, f"the first token waited for decode ({times[0]:.2f} s)"
+            assert [t for r in out for t in r.token_ids] == tokens
+            assert "".join(r.text for r in out) == "".join(f"<{t}>" for t in tokens)
+            assert sum(len(r.logprobs) for r in out) == (3 if logprobs else 0)
+            assert all(len(r.token_ids) == 1 for r in out)  # decode's repeat of the first token was dropped
+            assert out[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+            assert out[-1].usage.completion_tokens == 3
+
+    asyncio.run(main())
+
+
+def test_a_decode_output_that_contradicts_the_early_first_token_fails_the_request(model_dir: Path) -> None:
+    """Decode commits the prefill worker's token, so a different one is a bug: an error, never a garbled stream."""
+    class Contrary(FakePrefill):
+        async def PrefillStream(self, request, context):  # type: ignore[no-untyped-def]
+            yield prefill_pb2.PrefillEvent(first=prefill_pb2.FirstTokenEvent(token_id=7, text="<7>"))
+            yield prefill_pb2.PrefillEvent(done=await self.Prefill(request, context))
+
+    async def main() -> None:
+        async with Mesh(model_dir, max_migrations=0) as mesh:
+            await mesh.add(FakeDecode(token_delay_s=0.2), "d1")
+            await mesh.add(Contrary(), "p1")
+            with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+                await mesh.generate(prompt="hello world", sampling=common_pb2.SamplingParams(max_tokens=2))
+            code, details = _rpc_error(excinfo)
+            assert code == grpc.StatusCode.INTERNAL and "not the prefill worker's 7" in details
 
     asyncio.run(main())
 

@@ -155,6 +155,8 @@ VALID: dict[str, Callable[[], Message]] = {
     "/moemesh.v1.Decode/GetLoad": common_pb2.GetLoadRequest,
     "/moemesh.v1.Prefill/Prefill": lambda: prefill_pb2.PrefillRequest(request_id="fuzz-p", room_id="fuzz-p-room",
                                                                       prompt_token_ids=[1, 5, 9], sampling=SAMPLING),
+    "/moemesh.v1.Prefill/PrefillStream": lambda: prefill_pb2.PrefillRequest(
+        request_id="fuzz-ps", room_id="fuzz-ps-room", prompt_token_ids=[1, 5, 9], sampling=SAMPLING),
     "/moemesh.v1.Prefill/Abort": lambda: common_pb2.AbortRequest(request_id="fuzz-p"),
     "/moemesh.v1.Prefill/GetLoad": common_pb2.GetLoadRequest,
     "/moemesh.v1.KvTransfer/RegisterReceiver": lambda: kvtransfer_pb2.RegisterReceiverRequest(
@@ -418,7 +420,8 @@ def cases() -> list[Case]:
 
 # Requests that start work on a worker under their request_id. Concurrent requests sharing one collide
 # (`test_requests_sharing_a_client_request_id_are_independent`, a known bug), so each case gets its own.
-_STARTS_WORK = {"/moemesh.v1.Gateway/Generate", "/moemesh.v1.Decode/Generate", "/moemesh.v1.Prefill/Prefill"}
+_STARTS_WORK = {"/moemesh.v1.Gateway/Generate", "/moemesh.v1.Decode/Generate", "/moemesh.v1.Prefill/Prefill",
+                "/moemesh.v1.Prefill/PrefillStream"}
 
 
 def own_request_id(method: Method, payload: bytes, tag: str) -> bytes:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from moemesh.v1 import common_pb2 as moemesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18moemesh/v1/prefill.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"\xb2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07room_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.moemesh.v1.SamplingParams\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\r\x12\x19\n\x11resume_text_chars\x18\x06 \x01(\r\"\xf6\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x30\n\x0e\x66irst_logprobs\x18\x02 \x01(\x0b\x32\x18.moemesh.v1.StepLogprobs\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x10\n\x08queue_ns\x18\x04 \x01(\x04\x12\x12\n\nforward_ns\x18\x05 \x01(\x04\x12\x13\n\x0btransfer_ns\x18\x06 \x01(\x04\x12\x10\n\x08kv_bytes\x18\x07 \x01(\x04\x12\x31\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x18.moemesh.v1.StepLogprobs2\xca\x01\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.moemesh.v1.PrefillRequest\x1a\x1b.moemesh.v1.PrefillResponse\x12<\n\x05\x41\x62ort\x12\x18.moemesh.v1.AbortRequest\x1a\x19.moemesh.v1.AbortResponse\x12=\n\x07GetLoad\x12\x1a.moemesh.v1.GetLoadRequest\x1a\x16.moemesh.v1.WorkerLoadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18moemesh/v1/prefill.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"\xb2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07room_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.moemesh.v1.SamplingParams\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\r\x12\x19\n\x11resume_text_chars\x18\x06 \x01(\r\"\xf6\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x30\n\x0e\x66irst_logprobs\x18\x02 \x01(\x0b\x32\x18.moemesh.v1.StepLogprobs\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x10\n\x08queue_ns\x18\x04 \x01(\x04\x12\x12\n\nforward_ns\x18\x05 \x01(\x04\x12\x13\n\x0btransfer_ns\x18\x06 \x01(\x04\x12\x10\n\x08kv_bytes\x18\x07 \x01(\x04\x12\x31\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x18.moemesh.v1.StepLogprobs\"]\n\x0f\x46irstTokenEvent\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x08logprobs\x18\x03 \x01(\x0b\x32\x18.moemesh.v1.StepLogprobs\"r\n\x0cPrefillEvent\x12,\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x1b.moemesh.v1.FirstTokenEventH\x00\x12+\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1b.moemesh.v1.PrefillResponseH\x00\x42\x07\n\x05\x65vent2\x93\x02\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.moemesh.v1.PrefillRequest\x1a\x1b.moemesh.v1.PrefillResponse\x12G\n\rPrefillStream\x12\x1a.moemesh.v1.PrefillRequest\x1a\x18.moemesh.v1.PrefillEvent0\x01\x12<\n\x05\x41\x62ort\x12\x18.moemesh.v1.AbortRequest\x1a\x19.moemesh.v1.AbortResponse\x12=\n\x07GetLoad\x12\x1a.moemesh.v1.GetLoadRequest\x1a\x16.moemesh.v1.WorkerLoadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,6 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_end=244
   _globals['_PREFILLRESPONSE']._serialized_start=247
   _globals['_PREFILLRESPONSE']._serialized_end=493
-  _globals['_PREFILL']._serialized_start=496
-  _globals['_PREFILL']._serialized_end=698
+  _globals['_FIRSTTOKENEVENT']._serialized_start=495
+  _globals['_FIRSTTOKENEVENT']._serialized_end=588
+  _globals['_PREFILLEVENT']._serialized_start=590
+  _globals['_PREFILLEVENT']._serialized_end=704
+  _globals['_PREFILL']._serialized_start=707
+  _globals['_PREFILL']._serialized_end=982
 # @@protoc_insertion_point(module_scope)

@@ -42,3 +42,21 @@ class PrefillResponse(_message.Message):
     kv_bytes: int
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.StepLogprobs]
     def __init__(self, first_token_id: _Optional[int] = ..., first_logprobs: _Optional[_Union[_common_pb2.StepLogprobs, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., queue_ns: _Optional[int] = ..., forward_ns: _Optional[int] = ..., transfer_ns: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.StepLogprobs, _Mapping]]] = ...) -> None: ...
+
+class FirstTokenEvent(_message.Message):
+    __slots__ = ("token_id", "text", "logprobs")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    text: str
+    logprobs: _common_pb2.StepLogprobs
+    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Union[_common_pb2.StepLogprobs, _Mapping]] = ...) -> None: ...
+
+class PrefillEvent(_message.Message):
+    __slots__ = ("first", "done")
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    first: FirstTokenEvent
+    done: PrefillResponse
+    def __init__(self, first: _Optional[_Union[FirstTokenEvent, _Mapping]] = ..., done: _Optional[_Union[PrefillResponse, _Mapping]] = ...) -> None: ...

@@ -40,6 +40,11 @@ class PrefillStub:
                 request_serializer=moemesh_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=moemesh_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.PrefillStream = channel.unary_stream(
+                '/moemesh.v1.Prefill/PrefillStream',
+                request_serializer=moemesh_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_prefill__pb2.PrefillEvent.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/moemesh.v1.Prefill/Abort',
                 request_serializer=moemesh_dot_v1_dot_common__pb2.AbortRequest.SerializeToString,
@@ -60,6 +65,15 @@ class PrefillServicer:
         its first token, and send KV and first token to the room's receiver through kvtransfer's
         rendezvous. Returns once the KV is handed off. The call's deadline bounds the whole job;
         cancelling the call cancels the job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PrefillStream(self, request, context):
+        """The same job, streamed: a `first` event as soon as the first token is sampled, when the decode worker's
+        first output will be exactly that token and its text (the gateway relays it then, rather than after the KV
+        handoff and the decode worker's commit), then `done` with what Prefill returns.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,6 +100,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=moemesh_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=moemesh_dot_v1_dot_prefill__pb2.PrefillResponse.SerializeToString,
+            ),
+            'PrefillStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.PrefillStream,
+                    request_deserializer=moemesh_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_prefill__pb2.PrefillEvent.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -125,6 +144,33 @@ class Prefill:
             '/moemesh.v1.Prefill/Prefill',
             moemesh_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
             moemesh_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefillStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moemesh.v1.Prefill/PrefillStream',
+            moemesh_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
+            moemesh_dot_v1_dot_prefill__pb2.PrefillEvent.FromString,
             options,
             channel_credentials,
             insecure,
