@@ -333,7 +333,7 @@ def bench_mesh(setup: str, wl: Workload, args: argparse.Namespace
                             yield ch.token_ids, ch.usage.cached_prompt_tokens if ch.usage else None
 
                 rows, outputs = await run_levels(setup, stream, wl, args)
-                for r in rows:  # what `moemesh up` gives each engine (MOEMESH_PROCS_PER_HOST)
+                for r in rows:  # what `moemesh up` gives each engine (--procs-per-host)
                     r["threads_per_engine"] = max(1, (os.cpu_count() or 1) // max(1, prefill + decode))
                 probe = None
                 if wl.probe:
@@ -462,8 +462,8 @@ def run(args: argparse.Namespace) -> int:
           f"{' / '.join(str(len(wl.prompts[c])) for c in wl.levels)} requests per level", flush=True)
     print(f"threads: {cores} cores; the in-process engine uses torch's default ({torch.get_num_threads()} "
           f"threads, the whole machine); in the mesh `moemesh up` splits the cores among the engines "
-          f"(MOEMESH_PROCS_PER_HOST): colocated 1 engine x {cores}, PD 2 engines x {max(1, cores // 2)} threads; "
-          f"gateway, kvtransfer, eplb and this client share the same cores", flush=True)
+          f"(--procs-per-host): colocated 1 engine x {cores}, PD 2 engines x {max(1, cores // 2)} threads, the "
+          f"decode worker alone on its cores and the other services on the rest", flush=True)
     rows: list[dict] = []
     outputs: dict[str, dict[int, list[list[int]]]] = {}
     probes: dict[str, dict] = {}

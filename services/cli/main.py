@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from moemesh.bench import cli as bench
+from moemesh.service import cpus
 from moemesh.services.cli import complete, down, eplb_cmd, generate, make_tiny, serve, up
 from moemesh.version import package_version
 
@@ -25,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cpus.apply_from_env()  # before any thread starts, so that every thread inherits the cores
+    except ValueError as e:
+        print(f"moemesh: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     # As typed: `up --detach` runs it again in the background, options exactly as they were given.

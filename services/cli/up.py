@@ -34,6 +34,8 @@ from typing import IO
 
 from moemesh.chat.registry import REASONING_PARSER_OPTIONS, TOOL_PARSER_OPTIONS
 from moemesh.device import add_device_argument
+from moemesh.service import cpus
+from moemesh.service.cpus import CpuPlan
 from moemesh.service.launch import ServiceProcess, start_service
 from moemesh.services.cli import detach
 from moemesh.services.gateway.routers import ROUTERS
@@ -73,6 +75,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="a chat template file replacing the model's, or a shipped one's name (deepseek_v3_tools)")
     add_device_argument(p, "; cuda: the host's GPUs dealt out one per worker process, in start order, "
                            "round robin when there are more workers than GPUs")
+    p.add_argument("--pin", default="auto", choices=("auto", "off"),
+                   help="on a CPU host, give each decode worker cores of its own and every other process the rest "
+                        "(auto: when a core is left for the others; off: the OS places every process)")
     p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
     p.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for every service")
     p.add_argument("--ready-file", default=None, metavar="PATH",
@@ -179,11 +184,9 @@ class Mesh:
 def run(args: argparse.Namespace) -> int:
     extra = [a for a in args.worker_args if a != "--"]
     env = dict(os.environ)
-    # Engines split the cores among themselves instead of each taking them all.
     if args.ep_size < 1:
         print(f"moemesh up: --ep-size must be >= 1, got {args.ep_size}", file=sys.stderr)
         return 2
-    env["MOEMESH_PROCS_PER_HOST"] = str(max(1, (args.prefill + args.decode) * args.ep_size))
     # Everything a user can get wrong is checked here, before any process starts (with --detach, before the
     # background one does: the error reaches the terminal).
     try:
@@ -220,6 +223,9 @@ def _serve(args: argparse.Namespace, env: dict[str, str], extra: list[str], clie
     """Start the mesh, serve until SIGINT/SIGTERM (or the gateway's death), stop it; the exit code."""
     mesh = Mesh(args.host, log)
     stopping = False
+    plan = HostCores.for_mesh(args, extra)
+    if plan.pinned is not None:
+        env = plan.env(env, "service", 0)  # gateway, kvtransfer, the balancer: the shared cores
 
     def on_signal(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -245,7 +251,8 @@ def _serve(args: argparse.Namespace, env: dict[str, str], extra: list[str], clie
                   "--transfer", args.transfer, *(["--model", args.model] if args.model else []), *extra]
         devices = iter(worker_devices(args.device, (args.prefill + args.decode) * args.ep_size))
         workers = [w for role, count in (("prefill", args.prefill), ("decode", args.decode)) for i in range(count)
-                   for w in _start_instance(mesh, role, i, args.ep_size, common, env, devices)]
+                   for w in _start_instance(mesh, role, i, args.ep_size, common + plan.worker_args(role, i),
+                                            plan.env(env, role, i), devices)]
         mesh.wait_ready(workers, deadline)
         # Workers register in the background once they listen; until they have, a first request would
         # find no prefill worker and run colocated. Every rank of an EP group is a worker.
@@ -365,6 +372,49 @@ def _start_instance(mesh: Mesh, role: str, index: int, ep_size: int, common: lis
     group = ["--ep-size", str(ep_size), "--dist-init-addr", free_local_addr(), "--instance-id", name]
     return [mesh.start(f"{name}-dp{r}", role, ["--device", next(devices), *common, *group, "--ep-rank", str(r)], env)
             for r in range(ep_size)]
+
+
+@dataclass
+class HostCores:
+    """How `up` splits this host's cores: engine threads per worker process (the cores divided among the engine
+    processes, so that none spins against another), and, when pinned, the cores of each process (`cpus.plan_cpus`:
+    decode workers alone on theirs, everything else sharing the rest)."""
+
+    procs_per_host: int
+    threads: int | None  # the workers' --num-threads when `up` sets it (pinned); None: theirs or the default
+    pinned: CpuPlan | None
+
+    @staticmethod
+    def for_mesh(args: argparse.Namespace, extra: list[str]) -> HostCores:
+        from moemesh.worker.engine_args import default_threads
+
+        procs = max(1, (args.prefill + args.decode) * args.ep_size)
+        given = _option_value(extra, "--num-threads")
+        threads = int(given) if given and given.isdigit() else default_threads(procs, len(cpus.available_cpus()))
+        plan = None
+        if args.pin == "auto" and args.device == "cpu" and args.ep_size == 1:
+            plan = cpus.plan_cpus(cpus.available_cpus(), args.decode, threads)
+        return HostCores(procs, threads if plan is not None and not given else None, plan)
+
+    def worker_args(self, role: str, index: int) -> list[str]:
+        out = ["--procs-per-host", str(self.procs_per_host)]
+        return out + (["--num-threads", str(self.threads)] if self.threads is not None else [])
+
+    def env(self, env: dict[str, str], role: str, index: int) -> dict[str, str]:
+        if self.pinned is None:
+            return env
+        cores = self.pinned.decode[index] if role == "decode" else self.pinned.shared
+        return {**env, cpus.ENV: cpus.format_cpus(cores)}
+
+
+def _option_value(argv: list[str], flag: str) -> str | None:
+    """The value of `flag` in an argument list (`--flag V` or `--flag=V`), or None."""
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
 
 
 @dataclass

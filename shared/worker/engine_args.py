@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from moemesh.device import add_device_argument
 from moemesh.engine.engine import EngineConfig
@@ -67,6 +66,11 @@ def default_batched_tokens(device: str) -> int:
     return 512 if device == "cpu" else 2048
 
 
-def default_threads(procs_per_host: int) -> int:
-    """Threads for one engine process when `procs_per_host` of them share the cores evenly."""
-    return max(1, (os.cpu_count() or 1) // max(1, procs_per_host))
+def default_threads(procs_per_host: int, cores: int | None = None) -> int:
+    """Threads for one engine process when `procs_per_host` of them share `cores` evenly (default: the cores this
+    process may run on)."""
+    if cores is None:
+        from moemesh.service.cpus import available_cpus
+
+        cores = len(available_cpus())
+    return max(1, cores // max(1, procs_per_host))

@@ -1,0 +1,71 @@
+"""Where `moemesh up` runs its processes on a CPU host: each decode worker alone on cores of its own, every other
+service on the rest, the engines' threads sized to their cores; `--pin off` leaves placement to the OS."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from moemesh.service import cpus
+from moemesh.services.cli.detach import alive, read_pid
+from moemesh.telemetry.readiness import read_ready_file
+from tests.processes.cli.test_detach import moemesh, stopped_after
+from tests.processes.mesh.waits import until
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this OS")
+
+
+def _placement(tmp_path: Path, tiny_dir: Path, *extra: str) -> dict[str, tuple[set[int], list[str]]]:
+    """Start a detached mesh on the first two cores this test may use; each service's cores and command line."""
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    pid_file = tmp_path / "mesh.pid"
+    env = {**os.environ, cpus.ENV: cpus.format_cpus(cores)}
+    with stopped_after(pid_file):
+        r = moemesh("up", "--detach", "--model", str(tiny_dir), "--grpc-port", "0", "--http-port", "0",
+                    "--pid-file", str(pid_file), *extra, env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        records = {s.name: s for s in read_ready_file(tmp_path / "mesh.ready.json")}
+        out = {name: (os.sched_getaffinity(s.pid), Path(f"/proc/{s.pid}/cmdline").read_text().split("\0"))
+               for name, s in records.items()}
+        # The mesh serves as placed.
+        body = json.dumps({"prompt": "hello", "max_tokens": 3}).encode()
+        req = urllib.request.Request(f"http://{records['gateway'].http_address}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert json.loads(resp.read())["usage"]["completion_tokens"] == 3
+        pid = read_pid(pid_file)
+        assert moemesh("down", "--pid-file", str(pid_file)).returncode == 0
+    until(lambda: [p for p in {s.pid for s in records.values()} | {pid} if alive(p)], lambda left: left == [], 15,
+          "the mesh's processes gone")
+    return out
+
+
+def _threads(cmdline: list[str]) -> str | None:
+    return cmdline[cmdline.index("--num-threads") + 1] if "--num-threads" in cmdline else None
+
+
+def test_decode_workers_run_alone_on_their_cores(tmp_path: Path, tiny_dir: Path) -> None:
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    placed = _placement(tmp_path, tiny_dir)
+    assert set(placed) == {"kvtransfer", "eplb", "gateway", "prefill-0", "decode-0"}
+    for name, (_, cmdline) in placed.items():
+        if name.startswith(("prefill", "decode")):  # two engines share the host's cores: one thread's worth each
+            assert cmdline[cmdline.index("--procs-per-host") + 1] == "2", cmdline
+    if len(cores) < 2:  # one core: nothing left for the others, so nothing is pinned
+        assert all(c == set(cores) for c, _ in placed.values()), placed
+        return
+    decode, shared = {cores[1]}, {cores[0]}
+    assert placed["decode-0"][0] == decode
+    assert all(placed[n][0] == shared for n in ("kvtransfer", "eplb", "gateway", "prefill-0")), placed
+    assert _threads(placed["decode-0"][1]) == _threads(placed["prefill-0"][1]) == "1"
+
+
+def test_pin_off_leaves_every_process_on_every_core(tmp_path: Path, tiny_dir: Path) -> None:
+    cores = set(sorted(os.sched_getaffinity(0))[:2])
+    placed = _placement(tmp_path, tiny_dir, "--pin", "off")
+    assert all(c == cores for c, _ in placed.values()), placed
+    assert _threads(placed["decode-0"][1]) is None  # the workers size their own threads
