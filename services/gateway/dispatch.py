@@ -192,9 +192,9 @@ class Exchange:
                         continue  # it only repeated the first token
                 if self._prompt_logprobs_due and prefill_task is not None and self.prefill_response is None:
                     # They come in prefill's reply, which follows the KV decode already has: wait for it.
-                    await self._await_prefill_reply(prefill_call, prefill_task, None)
+                    prefill_task = await self._await_prefill_reply(prefill_call, prefill_task, None)
                 elif ok and prefill_task is not None and self.prefill_response is None:
-                    await self._await_prefill_reply(prefill_call, prefill_task, PREFILL_REPLY_GRACE_S)
+                    prefill_task = await self._await_prefill_reply(prefill_call, prefill_task, PREFILL_REPLY_GRACE_S)
                 relayed = True
                 yield self._response(msg, ok)
                 if ok:
@@ -211,8 +211,10 @@ class Exchange:
                     self.aborts.send(self.route.prefill, self.worker_request_id)
                 _settle(prefill_task)
 
-    async def _await_prefill_reply(self, call: Any, task: asyncio.Future[Any], timeout_s: float | None) -> None:
-        """Wait for prefill's reply (after a first-token event, if one is still to come).
+    async def _await_prefill_reply(self, call: Any, task: asyncio.Future[Any], timeout_s: float | None
+                                   ) -> asyncio.Future[Any]:
+        """Wait for prefill's reply (after a first-token event, if one is still to come); returns the stream's
+        last read (the caller settles it).
 
         With a timeout: decode finished before the reply came (a short request; the reply follows the KV it
         already sent). It carries the cached prefix the usage reports; any failure of it now is moot: the request
@@ -222,19 +224,20 @@ class Exchange:
         while self.prefill_response is None:
             left = None if deadline is None else deadline - asyncio.get_running_loop().time()
             if left is not None and left <= 0:
-                return
+                break
             await asyncio.wait({task}, timeout=left)
             if not task.done():
-                return
+                break
             if timeout_s is None:
                 self._prefill_event(task)
             else:
                 try:
                     self._prefill_event(task)
                 except Exception:
-                    return
+                    break
             if self.prefill_response is None:
                 task = asyncio.ensure_future(call.read())
+        return task
 
     def _prefill_event(self, task: asyncio.Future[Any]) -> prefill_pb2.FirstTokenEvent | None:
         """The prefill stream's event in `task`: keeps its reply (`done`), returns a first-token event."""

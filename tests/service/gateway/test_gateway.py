@@ -96,6 +96,22 @@ def test_prefill_first_token_reaches_the_client_before_decode_repeats_it(model_d
     asyncio.run(main())
 
 
+def test_an_early_first_token_waits_when_prompt_logprobs_must_lead(model_dir: Path) -> None:
+    """Prompt logprobs go out with the first response and come in prefill's reply: a first-token event is not
+    relayed on its own then, and decode's first output is relayed whole."""
+    async def main() -> None:
+        async with Mesh(model_dir) as mesh:
+            await mesh.add(FakeDecode(token_delay_s=0.1), "d1")
+            await mesh.add(FakePrefill(early=True), "p1")
+            out = await mesh.generate(prompt="hello world",
+                                      sampling=common_pb2.SamplingParams(max_tokens=3, prompt_logprobs=0))
+            prompt = mesh.app.model.tokenizer.encode("hello world")
+            assert [t for r in out for t in r.token_ids] == [fake_token(prompt, i) for i in range(3)]
+            assert out[-1].usage.completion_tokens == 3
+
+    asyncio.run(main())
+
+
 def test_a_decode_output_that_contradicts_the_early_first_token_fails_the_request(model_dir: Path) -> None:
     """Decode commits the prefill worker's token, so a different one is a bug: an error, never a garbled stream."""
     class Contrary(FakePrefill):
