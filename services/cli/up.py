@@ -380,24 +380,25 @@ class HostCores:
     processes, so that none spins against another), and, when pinned, the cores of each process (`cpus.plan_cpus`:
     decode workers alone on theirs, everything else sharing the rest)."""
 
-    procs_per_host: int
+    procs_per_host: int | None  # None: the workers were given their own
     threads: int | None  # the workers' --num-threads when `up` sets it (pinned); None: theirs or the default
     pinned: CpuPlan | None
 
     @staticmethod
     def for_mesh(args: argparse.Namespace, extra: list[str]) -> HostCores:
-        from moemesh.worker.engine_args import default_threads
-
-        procs = max(1, (args.prefill + args.decode) * args.ep_size)
+        own_procs = _option_value(extra, "--procs-per-host")
+        procs = int(own_procs) if own_procs and own_procs.isdigit() and int(own_procs) > 0 \
+            else max(1, (args.prefill + args.decode) * args.ep_size)
         given = _option_value(extra, "--num-threads")
-        threads = int(given) if given and given.isdigit() else default_threads(procs, len(cpus.available_cpus()))
+        threads = int(given) if given and given.isdigit() else cpus.default_threads(procs, len(cpus.available_cpus()))
         plan = None
         if args.pin == "auto" and args.device == "cpu" and args.ep_size == 1:
             plan = cpus.plan_cpus(cpus.available_cpus(), args.decode, threads)
-        return HostCores(procs, threads if plan is not None and not given else None, plan)
+        return HostCores(None if own_procs is not None else procs, threads if plan is not None and not given else None,
+                         plan)
 
     def worker_args(self, role: str, index: int) -> list[str]:
-        out = ["--procs-per-host", str(self.procs_per_host)]
+        out = [] if self.procs_per_host is None else ["--procs-per-host", str(self.procs_per_host)]
         return out + (["--num-threads", str(self.threads)] if self.threads is not None else [])
 
     def env(self, env: dict[str, str], role: str, index: int) -> dict[str, str]:

@@ -58,6 +58,13 @@ def available_cpus() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
+def default_threads(procs_per_host: int, cores: int | None = None) -> int:
+    """Threads for one engine process when `procs_per_host` of them share `cores` evenly (default: the cores this
+    process may run on)."""
+    cores = len(available_cpus()) if cores is None else cores
+    return max(1, cores // max(1, procs_per_host))
+
+
 def apply_from_env(environ: Mapping[str, str] | None = None) -> list[int] | None:
     """Confine this process to `MOEMESH_CPUS` when it is set (None when not); ValueError for a bad list or cores
     this process may not use."""

@@ -7,6 +7,7 @@ import argparse
 from moemesh.device import add_device_argument
 from moemesh.engine.engine import EngineConfig
 from moemesh.kernels.backends import CHOICES as KERNEL_CHOICES
+from moemesh.service import cpus
 
 # A worker queues at most this many requests beyond its running batch (SGLang's --max-queued-requests):
 # a few batches' worth (--max-num-seqs defaults to 64), so that a flood is refused in milliseconds
@@ -44,7 +45,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens or default_batched_tokens(args.device),
         enable_prefix_caching=not args.no_prefix_caching,
-        num_threads=args.num_threads or default_threads(args.procs_per_host), device=device_of(args),
+        num_threads=args.num_threads or cpus.default_threads(args.procs_per_host), device=device_of(args),
         max_waiting_requests=args.max_waiting_requests, kernels=args.kernels)
 
 
@@ -64,13 +65,3 @@ def default_batched_tokens(device: str) -> int:
     steps instead of a few long ones: measured on the compute-bound benchmark shape (docs/benchmarks.md), 512
     against 2048 gave 1.1-1.3x the output tokens/s, half the mean TTFT and a lower p99 TTFT."""
     return 512 if device == "cpu" else 2048
-
-
-def default_threads(procs_per_host: int, cores: int | None = None) -> int:
-    """Threads for one engine process when `procs_per_host` of them share `cores` evenly (default: the cores this
-    process may run on)."""
-    if cores is None:
-        from moemesh.service.cpus import available_cpus
-
-        cores = len(available_cpus())
-    return max(1, cores // max(1, procs_per_host))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import pytest
 
 from moemesh.service import cpus
 from moemesh.service.cpus import CpuPlan, apply_from_env, format_cpus, parse_cpus, plan_cpus
+from moemesh.services.cli.main import main
+from moemesh.services.cli.up import HostCores
 
 
 @pytest.mark.parametrize(("text", "cores"), [("0", [0]), ("3,1", [1, 3]), ("0-2,5", [0, 1, 2, 5]),
@@ -53,9 +56,33 @@ def test_the_environment_confines_this_process_and_refuses_cores_it_may_not_use(
 
 def test_the_cli_refuses_a_bad_cpu_list_in_one_line(monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from moemesh.services.cli.main import main
-
     monkeypatch.setenv(cpus.ENV, "0-x")
     assert main(["--version"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("moemesh: error: MOEMESH_CPUS='0-x'") and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("cores", "extra", "device", "want_args", "want_decode", "want_shared"), [
+    (4, [], "cpu", ["--procs-per-host", "2", "--num-threads", "2"], "2-3", "0-1"),
+    (2, [], "cpu", ["--procs-per-host", "2", "--num-threads", "1"], "1", "0"),
+    (1, [], "cpu", ["--procs-per-host", "2"], None, None),  # nothing left for the others: not pinned
+    (2, [], "cuda", ["--procs-per-host", "2"], None, None),
+    (4, ["--num-threads", "3"], "cpu", ["--procs-per-host", "2"], "3-5", None),  # 3 of 4 cores: pins 1-3
+    (8, ["--procs-per-host=4"], "cpu", ["--num-threads", "2"], "6-7", "0-5"),  # the user's count, not repeated
+])
+def test_up_gives_workers_their_threads_and_cores(monkeypatch: pytest.MonkeyPatch, cores: int, extra: list[str],
+                                                  device: str, want_args: list[str], want_decode: str | None,
+                                                  want_shared: str | None) -> None:
+    monkeypatch.setattr(cpus, "available_cpus", lambda: list(range(cores)))
+    args = argparse.Namespace(prefill=1, decode=1, ep_size=1, pin="auto", device=device)
+    plan = HostCores.for_mesh(args, extra)
+    assert plan.worker_args("decode", 0) == want_args
+    if want_decode is None:
+        assert plan.pinned is None and plan.env({"A": "1"}, "decode", 0) == {"A": "1"}
+        return
+    if extra[:1] == ["--num-threads"]:  # the user's 3 threads: 3 cores of 4 for decode, 1 shared
+        assert plan.env({}, "decode", 0)[cpus.ENV] == "1-3" and plan.env({}, "gateway", 0)[cpus.ENV] == "0"
+        return
+    assert plan.env({}, "decode", 0)[cpus.ENV] == want_decode
+    assert plan.env({}, "prefill", 0)[cpus.ENV] == plan.env({}, "service", 0)[cpus.ENV] == want_shared
+    assert HostCores.for_mesh(argparse.Namespace(**{**vars(args), "pin": "off"}), extra).pinned is None
