@@ -390,10 +390,11 @@ class HostCores:
         procs = int(own_procs) if own_procs and own_procs.isdigit() and int(own_procs) > 0 \
             else max(1, (args.prefill + args.decode) * args.ep_size)
         given = _option_value(extra, "--num-threads")
-        threads = int(given) if given and given.isdigit() else cpus.default_threads(procs, len(cpus.available_cpus()))
+        cores = cpus.available_cpus()
+        threads = int(given) if given and given.isdigit() else cpus.default_threads(procs, len(cores))
         plan = None
         if args.pin == "auto" and args.device == "cpu" and args.ep_size == 1:
-            plan = cpus.plan_cpus(cpus.available_cpus(), args.decode, threads)
+            plan = cpus.plan_cpus(cores, args.decode, threads)
         return HostCores(None if own_procs is not None else procs, threads if plan is not None and not given else None,
                          plan)
 

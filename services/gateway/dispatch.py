@@ -228,13 +228,12 @@ class Exchange:
             await asyncio.wait({task}, timeout=left)
             if not task.done():
                 break
-            if timeout_s is None:
+            try:
                 self._prefill_event(task)
-            else:
-                try:
-                    self._prefill_event(task)
-                except Exception:
-                    break
+            except Exception:
+                if timeout_s is None:
+                    raise
+                break
             if self.prefill_response is None:
                 task = asyncio.ensure_future(call.read())
         return task
