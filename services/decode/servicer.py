@@ -121,11 +121,14 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
             first, nbytes = recv.result()
             metrics.KV_TRANSFER_BYTES.labels("receiver", plane).inc(nbytes)
             metrics.KV_TRANSFER_LATENCY.labels("receiver", plane).observe(time.perf_counter() - t_start)
-            await self.kv.ReportTransfer(kvtransfer_pb2.ReportTransferRequest(
-                room_id=room, state=kvtransfer_pb2.ROOM_STATE_SUCCESS, bytes=nbytes), timeout=10)
             log.debug("room %s: %d bytes in %.1f ms", room, nbytes, (time.perf_counter() - t0) * 1e3)
             top = list(first.top_logprobs) if first.top_logprobs is not None else None
+            # Decoding starts before kvtransfer hears of it: its round trip (on a core the gateway and the
+            # prefill worker share) is not in the first decode step's way. A failed report still fails the
+            # request, whose pages the stream's close then frees.
             await self.engine.commit(rid, first.token_id, first.logprob, top)
+            await self.kv.ReportTransfer(kvtransfer_pb2.ReportTransferRequest(
+                room_id=room, state=kvtransfer_pb2.ROOM_STATE_SUCCESS, bytes=nbytes), timeout=10)
             ok = True
         except TransferError as e:
             if "timed out" in str(e) or "timeout" in str(e):

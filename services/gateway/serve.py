@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from moemesh.model.tokenizer import TokenizerError
 from moemesh.service.auth import ApiKeyInterceptor, ApiKeys, parse_api_keys
 from moemesh.service.config import apply_env_defaults
+from moemesh.service.heap import run_settled
 from moemesh.service.server import GrpcServer, announce, install_signal_handlers
 from moemesh.service.tls import add_tls_arguments, configure_tls_from_args
 from moemesh.services.gateway.admission import Admission, add_admission_arguments, admission_config
@@ -234,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         configure_tls_from_args(args)  # every gRPC server and channel of the process: mTLS or none
         setup_telemetry("gateway", args)  # logs, tracing, /metrics on --host:--metrics-port
-        asyncio.run(serve(cfg))
+        run_settled(serve, cfg)
     except (ValueError, TokenizerError, OSError, RuntimeError) as exc:  # RuntimeError: a missing OTLP exporter
         print(f"moemesh serve gateway: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

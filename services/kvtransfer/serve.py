@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from moemesh.service.config import apply_env_defaults, env_name
+from moemesh.service.heap import run_settled
 from moemesh.service.server import announce, install_signal_handlers, remove_signal_handlers
 from moemesh.service.tls import add_tls_arguments, configure_tls_from_args
 from moemesh.services.kvtransfer.config import KvTransferConfig
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"moemesh: error: {e}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(cfg))
+        run_settled(serve, cfg)
     except OSError as e:  # the port is taken, the host cannot be bound
         print(f"moemesh: error: {e}", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from moemesh.service.channel import MAX_MESSAGE_BYTES, message_size_options
 from moemesh.service.errors import status_of, trailing_metadata_of
+from moemesh.service.heap import run_settled
 from moemesh.service.tls import TlsConfig, configure_tls_from_args, process_tls
 from moemesh.telemetry import readiness
 from moemesh.telemetry.grpc_tracing import TracingServerInterceptor
@@ -237,5 +238,5 @@ def run_service(serve: Callable[[Any], Awaitable[None]], args: Any, name: str) -
     except (OSError, RuntimeError, ValueError) as e:
         print(f"moemesh serve {name}: error: {e}", file=sys.stderr)
         return 2
-    asyncio.run(serve(args))
+    run_settled(serve, args)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -41,6 +42,9 @@ def test_process_starts_answers_health_and_exits_on_sigterm():
         assert proc.wait(timeout=5) == 0
         assert time.monotonic() - t0 < 5
         assert proc.stdout.read() == ""  # the metrics and listening lines are the only stdout
+        # Ready, its start-up objects were frozen out of the collector's full passes (moemesh.service.heap).
+        settled = [json.loads(line) for line in proc.stderr.read().splitlines() if "heap settled" in line]
+        assert len(settled) == 1 and int(settled[0]["event"].split()[2]) > 1000, settled
     finally:
         if proc.poll() is None:
             proc.kill()
