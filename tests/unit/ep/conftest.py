@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 
-from tests.net import free_port
-
 
 @pytest.fixture
-def gloo_world() -> Iterator[None]:
-    """A one-rank gloo group in this process (a dispatcher needs an initialized group to exist)."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+def gloo_world(tmp_path: Path) -> Iterator[None]:
+    """A one-rank gloo group in this process (a dispatcher needs an initialized group to exist). Its rendezvous
+    is a file: a free TCP port picked beforehand could be taken by another process before the store bound it."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         yield
     finally:
