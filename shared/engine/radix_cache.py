@@ -258,6 +258,11 @@ class RadixCache:
         self._heap.clear()
         self._pool.free(pages)
 
+    def reset_stats(self) -> None:
+        """Start `hit_rate` over (after a warm-up whose queries no request made)."""
+        self._queried_tokens = 0
+        self._hit_tokens = 0
+
     def _tick(self) -> int:
         self._clock += 1
         return self._clock

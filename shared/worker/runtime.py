@@ -16,6 +16,7 @@ import grpc
 
 from moemesh.engine.async_engine import AsyncEngine
 from moemesh.engine.engine import Engine
+from moemesh.engine.warmup import warm_up
 from moemesh.service.channel import CHANNEL_OPTIONS, mesh_channel
 from moemesh.service.errors import Unavailable
 from moemesh.service.server import GrpcServer, announce, install_signal_handlers
@@ -115,6 +116,8 @@ class Worker:
         mode = "normal" if role == common_pb2.WORKER_ROLE_PREFILL else "low_latency"
         # Loading weights must not block the event loop.
         engine = await asyncio.to_thread(Engine, cfg, None, None, ep, mode)
+        if ep is None and not getattr(args, "no_warmup", False):
+            await asyncio.to_thread(warm_up, engine)  # before it registers: no request pays the one-time costs
         if ep is not None:
             await asyncio.to_thread(ep.barrier)  # every rank loaded: the first vote will not wait on a load
         dtype = next(engine.model.parameters()).dtype

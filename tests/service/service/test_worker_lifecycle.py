@@ -68,3 +68,30 @@ def test_not_serving_while_loading_then_serving_then_draining(small_dir: Path, m
         await asyncio.wait_for(task, 30)
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("flags, warmed", [([], True), (["--no-warmup"], False)])
+def test_a_worker_warms_its_engine_up_before_it_is_ready_unless_told_not_to(
+        small_dir: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str], warmed: bool) -> None:
+    args = decode_serve.build_parser().parse_args(
+        ["--port", str(free_port()), "--gateway", "", "--transfer", "inproc", "--model", str(small_dir),
+         "--kv-cache-mb", "8", *flags])
+    calls: list[tuple[bool, int]] = []
+    real_warm_up = worker_mod.warm_up
+
+    async def run() -> None:
+        ready, stop = asyncio.Event(), asyncio.Event()
+
+        def recorded(engine):  # runs in a thread: records whether the worker was ready yet, and what it ran
+            done = real_warm_up(engine)
+            calls.append((ready.is_set(), len(done.prefill_sizes)))
+            return done
+
+        monkeypatch.setattr(worker_mod, "warm_up", recorded)
+        task = asyncio.create_task(decode_serve.serve(args, ready, stop))
+        await asyncio.wait_for(ready.wait(), 60)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+    asyncio.run(run())
+    assert calls == ([(False, 2)] if warmed else [])
