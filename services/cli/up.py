@@ -225,7 +225,7 @@ def _serve(args: argparse.Namespace, env: dict[str, str], extra: list[str], clie
     stopping = False
     plan = HostCores.for_mesh(args, extra)
     if plan.pinned is not None:
-        env = plan.env(env, "service", 0)  # gateway, kvtransfer, the balancer: the shared cores
+        env = plan.env(env, "service", 0)  # the gateway and the balancer: the shared cores
 
     def on_signal(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -236,7 +236,7 @@ def _serve(args: argparse.Namespace, env: dict[str, str], extra: list[str], clie
     deadline = time.monotonic() + args.ready_timeout
     try:
         metrics = ["--metrics-port", "0"]  # several services on one host: no fixed metrics ports
-        kv = mesh.start("kvtransfer", "kvtransfer", ["--port", "0", *metrics], env)
+        kv = mesh.start("kvtransfer", "kvtransfer", ["--port", "0", *metrics], plan.env(env, "kvtransfer", 0))
         eplb = mesh.start("eplb", "eplb", ["--port", "0", *metrics], env)
         mesh.wait_ready([kv], deadline)
         gw_args = ["--port", str(args.grpc_port), "--http-port", str(args.http_port), "--kvtransfer", kv.address,
@@ -378,7 +378,7 @@ def _start_instance(mesh: Mesh, role: str, index: int, ep_size: int, common: lis
 class HostCores:
     """How `up` splits this host's cores: engine threads per worker process (the cores divided among the engine
     processes, so that none spins against another), and, when pinned, the cores of each process (`cpus.plan_cpus`:
-    decode workers alone on theirs, everything else sharing the rest)."""
+    decode workers on theirs, with kvtransfer beside a one-thread decode worker, everything else sharing the rest)."""
 
     procs_per_host: int | None  # None: the workers were given their own
     threads: int | None  # the workers' --num-threads when `up` sets it (pinned); None: theirs or the default
@@ -405,7 +405,8 @@ class HostCores:
     def env(self, env: dict[str, str], role: str, index: int) -> dict[str, str]:
         if self.pinned is None:
             return env
-        cores = self.pinned.decode[index] if role == "decode" else self.pinned.shared
+        cores = self.pinned.decode[index] if role == "decode" else self.pinned.kvtransfer if role == "kvtransfer" \
+            else self.pinned.shared
         return {**env, cpus.ENV: cpus.format_cpus(cores)}
 
 

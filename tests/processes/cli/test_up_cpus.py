@@ -1,5 +1,6 @@
-"""Where `moemesh up` runs its processes on a CPU host: each decode worker alone on cores of its own, every other
-service on the rest, the engines' threads sized to their cores; `--pin off` leaves placement to the OS."""
+"""Where `moemesh up` runs its processes on a CPU host: each decode worker on cores of its own (kvtransfer beside a
+one-thread one), every other service on the rest, the engines' threads sized to their cores; `--pin off` leaves
+placement to the OS."""
 
 from __future__ import annotations
 
@@ -59,8 +60,8 @@ def test_decode_workers_run_alone_on_their_cores(tmp_path: Path, tiny_dir: Path)
         assert all(c == set(cores) for c, _ in placed.values()), placed
         return
     decode, shared = {cores[1]}, {cores[0]}
-    assert placed["decode-0"][0] == decode
-    assert all(placed[n][0] == shared for n in ("kvtransfer", "eplb", "gateway", "prefill-0")), placed
+    assert placed["decode-0"][0] == placed["kvtransfer"][0] == decode  # kvtransfer beside a one-thread decode worker
+    assert all(placed[n][0] == shared for n in ("eplb", "gateway", "prefill-0")), placed
     assert _threads(placed["decode-0"][1]) == _threads(placed["prefill-0"][1]) == "1"
 
 

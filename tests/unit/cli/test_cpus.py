@@ -28,10 +28,11 @@ def test_a_bad_cpu_list_is_refused_by_name(text: str) -> None:
 
 
 def test_the_plan_gives_decode_workers_cores_of_their_own_and_the_rest_to_everything_else() -> None:
-    assert plan_cpus([0, 1], 1, 1) == CpuPlan([[1]], [0])
-    assert plan_cpus([0, 1, 2, 3], 2, 1) == CpuPlan([[2], [3]], [0, 1])
-    assert plan_cpus(range(16), 1, 8) == CpuPlan([list(range(8, 16))], list(range(8)))
-    assert plan_cpus([4, 6, 5, 7], 1, 2) == CpuPlan([[6, 7]], [4, 5])  # whatever cores the host offers, in order
+    # kvtransfer beside the first decode worker when it runs one thread; on the shared cores otherwise.
+    assert plan_cpus([0, 1], 1, 1) == CpuPlan([[1]], [0], [1])
+    assert plan_cpus([0, 1, 2, 3], 2, 1) == CpuPlan([[2], [3]], [0, 1], [2])
+    assert plan_cpus(range(16), 1, 8) == CpuPlan([list(range(8, 16))], list(range(8)), list(range(8)))
+    assert plan_cpus([4, 6, 5, 7], 1, 2) == CpuPlan([[6, 7]], [4, 5], [4, 5])  # the host's cores, in order
     # Nothing would be left for the others (or there is no decode worker): nothing is pinned.
     assert plan_cpus([0], 1, 1) is None
     assert plan_cpus([0, 1], 2, 1) is None
@@ -62,17 +63,17 @@ def test_the_cli_refuses_a_bad_cpu_list_in_one_line(monkeypatch: pytest.MonkeyPa
     assert err.startswith("moemesh: error: MOEMESH_CPUS='0-x'") and "Traceback" not in err
 
 
-@pytest.mark.parametrize(("cores", "extra", "device", "want_args", "want_decode", "want_shared"), [
-    (4, [], "cpu", ["--procs-per-host", "2", "--num-threads", "2"], "2-3", "0-1"),
-    (2, [], "cpu", ["--procs-per-host", "2", "--num-threads", "1"], "1", "0"),
-    (1, [], "cpu", ["--procs-per-host", "2"], None, None),  # nothing left for the others: not pinned
-    (2, [], "cuda", ["--procs-per-host", "2"], None, None),
-    (4, ["--num-threads", "3"], "cpu", ["--procs-per-host", "2"], "3-5", None),  # 3 of 4 cores: pins 1-3
-    (8, ["--procs-per-host=4"], "cpu", ["--num-threads", "2"], "6-7", "0-5"),  # the user's count, not repeated
+@pytest.mark.parametrize(("cores", "extra", "device", "want_args", "want_decode", "want_shared", "want_kv"), [
+    (4, [], "cpu", ["--procs-per-host", "2", "--num-threads", "2"], "2-3", "0-1", "0-1"),
+    (2, [], "cpu", ["--procs-per-host", "2", "--num-threads", "1"], "1", "0", "1"),
+    (1, [], "cpu", ["--procs-per-host", "2"], None, None, None),  # nothing left for the others: not pinned
+    (2, [], "cuda", ["--procs-per-host", "2"], None, None, None),
+    (4, ["--num-threads", "3"], "cpu", ["--procs-per-host", "2"], "3-5", None, None),  # 3 of 4 cores: pins 1-3
+    (8, ["--procs-per-host=4"], "cpu", ["--num-threads", "2"], "6-7", "0-5", "0-5"),  # the user's count, not repeated
 ])
 def test_up_gives_workers_their_threads_and_cores(monkeypatch: pytest.MonkeyPatch, cores: int, extra: list[str],
                                                   device: str, want_args: list[str], want_decode: str | None,
-                                                  want_shared: str | None) -> None:
+                                                  want_shared: str | None, want_kv: str | None) -> None:
     monkeypatch.setattr(cpus, "available_cpus", lambda: list(range(cores)))
     args = argparse.Namespace(prefill=1, decode=1, ep_size=1, pin="auto", device=device)
     plan = HostCores.for_mesh(args, extra)
@@ -85,4 +86,5 @@ def test_up_gives_workers_their_threads_and_cores(monkeypatch: pytest.MonkeyPatc
         return
     assert plan.env({}, "decode", 0)[cpus.ENV] == want_decode
     assert plan.env({}, "prefill", 0)[cpus.ENV] == plan.env({}, "service", 0)[cpus.ENV] == want_shared
+    assert plan.env({}, "kvtransfer", 0)[cpus.ENV] == want_kv
     assert HostCores.for_mesh(argparse.Namespace(**{**vars(args), "pin": "off"}), extra).pinned is None
