@@ -3,7 +3,7 @@
 The first forward of a process pays one-time costs that no later one does: the thread pool's start, lazy
 initialisation in torch and the kernels, and on a CPU oneDNN's creation of a primitive for every new matrix
 shape. Measured on the small benchmark shape (docs/benchmarks.md): the first 128-token prefill of a fresh engine
-took 123 ms against 24 ms for the next, and each new step size cost another 8-13 ms the first time. A server's
+took 123 ms against 24 ms for the next, and each new step size cost another 7-13 ms the first time. A server's
 first users should not pay that, so a worker runs, before it registers: a prefill of a typical prompt and one of
 its whole step budget, and a shrinking decode batch (B, B-1, ... 1 sequences), all greedy (the shared sampling
 generator is not drawn from, so sampled outputs stay as they would have been). Then it empties the prefix cache
