@@ -97,9 +97,10 @@ def plan_cpus(cores: Sequence[int], num_decode: int, threads: int) -> CpuPlan | 
 
     kvtransfer joins the first decode worker's core when that worker runs one thread: its relay carries the KV
     into the decode worker in short bursts that fit between decode steps, whereas on the shared cores they wait
-    behind the prefill worker's long steps and the gateway (on 2 cores: mean TTFT 15-30% and p99 TTFT 20-54%
-    lower, output tokens/s and ITL no worse; docs/benchmarks.md). A decode worker of several threads keeps its
-    cores alone: one thread preempted there holds up the others at every barrier of a parallel region.
+    behind the prefill worker's long steps and the gateway (on 2 cores, three A/B pairs: mean TTFT 16-31% and p99
+    TTFT 16-54% lower, output tokens/s and mean ITL better in two pairs of three; docs/benchmarks.md). A decode
+    worker of several threads keeps its cores alone: one thread preempted there holds up the others at every
+    barrier of a parallel region.
     """
     cores = sorted(cores)
     need = num_decode * threads
