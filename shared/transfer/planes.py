@@ -19,6 +19,7 @@ PLANES.register("relay", "moemesh.transfer.relay", receiver="RelayReceiver", sen
                 cross_process=True)
 PLANES.register("inproc", "moemesh.transfer.inproc", receiver="InprocReceiver", sender="InprocSender",
                 cross_process=False)
+PLANES.register("tcp", "moemesh.transfer.tcp", receiver="TcpReceiver", sender="TcpSender", cross_process=True)
 
 _ENUM_PREFIX = "DATA_PLANE_"
 

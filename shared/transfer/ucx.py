@@ -3,10 +3,8 @@ otherwise. The decode worker listens on a port; the prefill worker keeps one end
 address and sends every room for that receiver over it.
 
 Wire format, per chunk, two UCX tag messages on the endpoint's default tag (UCX keeps their order):
-  1. frame: `<4sHHIQ` = magic b"MMKV", version 1, flags 0, header length H, data length D;
-     then H bytes: the serialized KvChunk with `data` empty (checksum and shape included).
-     At most MAX_FRAME_BYTES in all, so the receiver can post one fixed buffer for it.
-  2. data: the D raw row bytes (see chunk.py), sent straight from the rows' buffer; omitted when D == 0.
+  1. the frame and header of frames.py (at most MAX_FRAME_BYTES, so the receiver posts one fixed buffer);
+  2. the row bytes, sent straight from the rows' buffer; omitted when there are none.
 A sender holds a per-endpoint lock around each pair so chunks of rooms sent concurrently never interleave.
 
 Closing: a completed UCX send only means the buffer was handed to the transport, and ucxx closes an
@@ -24,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import struct
 from collections.abc import AsyncIterator, Awaitable
 from types import ModuleType
 from typing import Any
@@ -35,20 +32,24 @@ from moemesh.transfer.assembler import IncomingTransfers
 from moemesh.transfer.base import FirstToken, KvReceiver, KvSender, PlaneUnavailable, RowBlock, RowWriter, TransferError
 from moemesh.transfer.chunk import EncodedChunk, decode_chunk, discard, iter_chunks
 from moemesh.transfer.faults import FaultInjector, KvFaults
+from moemesh.transfer.frames import (
+    FRAME,
+    MAX_FRAME_BYTES,
+    CorruptFrame,
+    chunk_frame,
+    control_frame,
+    frame_lengths,
+    parse_address,
+    parse_header,
+)
 from moemesh.v1 import kvtransfer_pb2
 
 log = logging.getLogger(__name__)
 
-FRAME = struct.Struct("<4sHHIQ")
-MAGIC = b"MMKV"
-VERSION = 1
-MAX_FRAME_BYTES = 64 * 2**10
 FLAG_BYE = 1  # sender -> receiver: no more chunks on this endpoint; answer when all before it arrived
 FLAG_BYE_ACK = 2  # receiver -> sender: everything before the bye was read
 # UCX moves big buffers without protobuf's copies, so chunks can be larger than the relay's.
 DEFAULT_CHUNK_BYTES = 16 * 2**20
-# The receiver refuses to allocate more than this for one chunk (a corrupt frame, not a real chunk).
-MAX_CHUNK_BYTES = 2**30
 # Rooms one connection tracks as started-but-unfinished before it prunes ended ones.
 _MAX_OPEN_ROOMS = 1024
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
@@ -76,54 +77,16 @@ def load_ucxx() -> ModuleType:
     return ucxx
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """"host:port" (IPv6 hosts in brackets) -> (host, port); TransferError when malformed."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise TransferError(f"bad UCX address {address!r}: expected host:port")
-    return host.strip("[]"), int(port)
-
-
-def _frame(chunk: EncodedChunk) -> bytearray:
-    header = chunk.header.SerializeToString()
-    if FRAME.size + len(header) > MAX_FRAME_BYTES:
-        raise TransferError(f"room {chunk.header.room_id!r}: chunk header of {len(header)} bytes is too large")
-    frame = bytearray(FRAME.size + len(header))
-    FRAME.pack_into(frame, 0, MAGIC, VERSION, 0, len(header), chunk.nbytes)
-    frame[FRAME.size:] = header
-    return frame
-
-
-def _control_frame(flags: int) -> bytearray:
-    """A frame with no header and no data: FLAG_BYE or FLAG_BYE_ACK."""
-    frame = bytearray(FRAME.size)
-    FRAME.pack_into(frame, 0, MAGIC, VERSION, flags, 0, 0)
-    return frame
-
-
-class _CorruptFrame(Exception):
-    pass
-
-
 def _frame_flags(frame: bytearray) -> int:
-    """The frame's flags after checking magic and version; _CorruptFrame when it is no moemesh frame."""
-    magic, version, flags, _header_len, _data_len = FRAME.unpack_from(frame)
-    if magic != MAGIC or version != VERSION:
-        raise _CorruptFrame(f"not a moemesh KV frame (magic {magic!r}, version {version})")
-    return flags
+    """The flags of a frame whose header and data are not needed (the bye and its answer)."""
+    return frame_lengths(frame)[0]
 
 
 def _parse_frame(frame: bytearray) -> tuple[kvtransfer_pb2.KvChunk, int]:
-    _magic, _version, flags, header_len, data_len = FRAME.unpack_from(frame)
+    flags, header_len, data_len = frame_lengths(frame)
     if flags:
-        raise _CorruptFrame(f"a chunk frame with flags {flags:#x}")
-    if header_len > MAX_FRAME_BYTES - FRAME.size or data_len > MAX_CHUNK_BYTES:
-        raise _CorruptFrame(f"frame announces a {header_len}-byte header and {data_len} data bytes")
-    try:
-        header = kvtransfer_pb2.KvChunk.FromString(bytes(frame[FRAME.size:FRAME.size + header_len]))
-    except Exception as e:  # protobuf's DecodeError
-        raise _CorruptFrame(f"bad chunk header: {e}") from e
-    return header, data_len
+        raise CorruptFrame(f"a chunk frame with flags {flags:#x}")
+    return parse_header(memoryview(frame)[FRAME.size:FRAME.size + header_len]), data_len
 
 
 class UcxReceiver(KvReceiver):
@@ -170,7 +133,7 @@ class UcxReceiver(KvReceiver):
                 if _frame_flags(frame) == FLAG_BYE:
                     # Keep reading after the answer: closing here could drop the answer itself; the
                     # sender closes the endpoint once it has it, which ends this loop.
-                    await ep.send(_control_frame(FLAG_BYE_ACK))
+                    await ep.send(control_frame(FLAG_BYE_ACK))
                     why = "the sender closed the connection"
                     continue
                 header, data_len = _parse_frame(frame)
@@ -188,7 +151,7 @@ class UcxReceiver(KvReceiver):
                     self._incoming.deliver(decode_chunk(header, data))
                 except TransferError as e:
                     self._incoming.fail(room_id, e)
-        except _CorruptFrame as e:
+        except CorruptFrame as e:
             why = f"corrupt frame from the sender ({e})"
             log.warning("closing a UCX connection: %s", why)
         except asyncio.CancelledError:
@@ -264,7 +227,7 @@ class _Peer:
         async with self.lock:
             if not self.usable:
                 return False
-            await self.ep.send(_control_frame(FLAG_BYE))
+            await self.ep.send(control_frame(FLAG_BYE))
             await self.ep.recv(answer)
             return _frame_flags(answer) == FLAG_BYE_ACK
 
@@ -314,7 +277,7 @@ class UcxSender(KvSender):
         peer = self._peers.get(address)
         if peer is not None and peer.usable:
             return peer
-        host, port = parse_address(address)
+        host, port = parse_address(address, "UCX")
         async with self._connecting.setdefault(address, asyncio.Lock()):
             peer = self._peers.get(address)
             if peer is not None and peer.usable:
@@ -335,7 +298,7 @@ class UcxSender(KvSender):
     async def _send_chunk(self, room_id: str, address: str, peer: _Peer, chunk: EncodedChunk) -> None:
         # The pair runs in its own task, shielded: a cancelled room still finishes the chunk on the wire
         # (bounded by send_timeout_s) rather than leave half of it and break every room on the endpoint.
-        task = asyncio.ensure_future(peer.send_pair(_frame(chunk), chunk.data))
+        task = asyncio.ensure_future(peer.send_pair(chunk_frame(chunk), chunk.data))
         self._pending.add(task)
         task.add_done_callback(self._settled)
         try:

@@ -125,7 +125,7 @@ def launch_ranks(service: str, argv: Sequence[str], args: argparse.Namespace) ->
         rank = args.node_rank * local + i
         extra = ["--ep-rank", str(rank), "--dist-init-addr", addr, "--instance-id", instance,
                  "--procs-per-host", str(args.procs_per_host * local)]
-        for opt, dest in (("--port", "port"), ("--metrics-port", "metrics_port"), ("--ucx-port", "ucx_port")):
+        for opt, dest in (("--port", "port"), ("--metrics-port", "metrics_port"), ("--kv-port", "kv_port")):
             base = getattr(args, dest, None)
             if base:  # 0 (pick a free one) and absent options stay as they are
                 extra += [opt, str(base + i)]

@@ -42,8 +42,9 @@ def _generate_all(gateway: str, concurrency: int = 4) -> list[list[int]]:
 @pytest.mark.parametrize("args", [
     ("--prefill", "2", "--decode", "2", "--transfer", "relay"),
     ("--prefill", "1", "--decode", "1", "--transfer", "ucx"),
+    ("--prefill", "2", "--decode", "2", "--transfer", "tcp"),
     ("--prefill", "0", "--decode", "1"),
-], ids=["pd-relay-2x2", "pd-ucx-1x1", "colocated"])
+], ids=["pd-relay-2x2", "pd-ucx-1x1", "pd-tcp-2x2", "colocated"])
 def test_mesh_outputs_equal_in_process(args: tuple[str, ...], reference: list[list[int]]) -> None:
     mesh = start_mesh(*args)
     try:

@@ -128,19 +128,19 @@ def test_corrupt_chunk_fails_its_room_only() -> None:
 
     async def main():
         async with plane_pair("ucx") as (sender, receiver):
-            original = ucx._frame
+            original = ucx.chunk_frame
 
             def corrupting_frame(chunk):
                 if chunk.header.room_id == "bad" and chunk.header.chunk_index == 1:
                     chunk.header.checksum_crc32 ^= 1
                 return original(chunk)
 
-            ucx._frame = corrupting_frame
+            ucx.chunk_frame = corrupting_frame
             try:
                 with pytest.raises(TransferError, match="chunk 1: checksum mismatch"):
                     await move(sender, receiver, "bad", rows, FirstToken(1))
             finally:
-                ucx._frame = original
+                ucx.chunk_frame = original
             return await move(sender, receiver, "good", rows, FirstToken(2))  # same endpoint, still in step
 
     pages, first, _, _ = asyncio.run(main())

@@ -255,7 +255,7 @@ def test_compose_services(compose: dict, options) -> None:
         assert env["MOEMESH_KVTRANSFER"] == f"kvtransfer:{_default_port('kvtransfer', options)}"
         for dep in ("gateway", "kvtransfer"):
             assert services[name]["depends_on"][dep]["condition"] == "service_healthy"
-    assert _environment(services["decode"])["MOEMESH_UCX_HOST"] == "decode"
+    assert _environment(services["decode"])["MOEMESH_KV_HOST"] == "decode"
 
 
 def test_compose_mounts_the_observability_configs(compose: dict) -> None:
