@@ -105,7 +105,7 @@ static void attend_one(int64_t H, int64_t C, int64_t R, int64_t n, const bf16 *q
         for (int r = 0; r < 4 && s0 + ROWS_AHEAD + r < n; r++) prefetch(rows[s0 + ROWS_AHEAD + r], W * 2);
         for (int64_t h0 = 0; h0 < H; h0 += 4) {
             for (int t = 0; t < 4; t++) qp[t] = q + (h0 + t < H ? h0 + t : H - 1) * W;
-            dot_4x4(rp, qp, W, res);
+            dot_4x4_across(rp, qp, W, res);
             for (int t = 0; t < 4 && h0 + t < H; t++)
                 for (int r = 0; r < 4 && s0 + r < n; r++) scores[(h0 + t) * n + s0 + r] = res[t * 4 + r] * scale;
         }
