@@ -98,7 +98,9 @@ def plan_cpus(cores: Sequence[int], num_decode: int, threads: int) -> CpuPlan | 
     kvtransfer joins the first decode worker's core when that worker runs one thread: its relay carries the KV
     into the decode worker in short bursts that fit between decode steps, whereas on the shared cores they wait
     behind the prefill worker's long steps and the gateway (on 2 cores, three A/B pairs: mean TTFT 16-31% and p99
-    TTFT 16-54% lower, output tokens/s and mean ITL better in two pairs of three; docs/benchmarks.md). A decode
+    TTFT 16-54% lower, output tokens/s and mean ITL better in two pairs of three; docs/benchmarks.md). With the tcp
+    plane it carries no KV, only a few small calls a request, and stays there (not measured against the shared
+    cores). A decode
     worker of several threads keeps its cores alone: one thread preempted there holds up the others at every
     barrier of a parallel region.
     """

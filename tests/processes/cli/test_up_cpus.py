@@ -63,6 +63,10 @@ def test_decode_workers_run_alone_on_their_cores(tmp_path: Path, tiny_dir: Path)
     assert placed["decode-0"][0] == placed["kvtransfer"][0] == decode  # kvtransfer beside a one-thread decode worker
     assert all(placed[n][0] == shared for n in ("eplb", "gateway", "prefill-0")), placed
     assert _threads(placed["decode-0"][1]) == _threads(placed["prefill-0"][1]) == "1"
+    # Without TLS the KV goes straight from the prefill worker to the decode worker's socket.
+    for worker in ("prefill-0", "decode-0"):
+        cmdline = placed[worker][1]
+        assert cmdline[cmdline.index("--transfer") + 1] == "tcp", cmdline
 
 
 def test_pin_off_leaves_every_process_on_every_core(tmp_path: Path, tiny_dir: Path) -> None:

@@ -44,7 +44,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 def mesh(pki: Pki) -> Iterator[RunningMesh]:
     keys = pki.dir / "api-keys"
     keys.write_text(f"# test keys\n{KEY}\n")
-    running = start_mesh("--prefill", "1", "--decode", "1", "--transfer", "relay", "--tls-dir", str(pki.dir),
+    # No --transfer: with TLS on, `moemesh up` chooses the relay (over kvtransfer's gRPC, so under mTLS).
+    running = start_mesh("--prefill", "1", "--decode", "1", "--tls-dir", str(pki.dir),
                          "--api-key-file", str(keys), env={"MOEMESH_API_KEY": ""})
     try:
         yield running
@@ -75,6 +76,7 @@ def _prompt_tokens(metrics_address: str) -> float:
 
 def test_request_with_client_certificate_and_key_runs_end_to_end(mesh: RunningMesh, pki: Pki) -> None:
     assert "mutual TLS" in "\n".join(mesh.output) and KEY not in "\n".join(mesh.output)
+    assert "KV over relay" in "\n".join(mesh.output)  # the plane TLS covers, chosen by default
     engine = Engine(EngineConfig(model=str(default_model_dir()), kv_cache_mb=64))
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     (reference,) = [c.token_ids for c in engine.generate([PROMPT], params)]

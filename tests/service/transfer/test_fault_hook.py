@@ -1,7 +1,7 @@
 """The data plane's fault hook (`MOEMESH_FAULT_KV`, shared/transfer/faults.py) on real planes.
 
-inproc, relay through a real kvtransfer service on loopback (rooms opened as the workers open them), and
-UCX where ucxx is installed. With the hook set: a corrupt chunk is refused by its checksum and fails the
+inproc, relay through a real kvtransfer service on loopback (rooms opened as the workers open them), TCP on
+loopback, and UCX where ucxx is installed. With the hook set: a corrupt chunk is refused by its checksum and fails the
 room with a clear error, never writing wrong rows; dropped chunks end the room cleanly within its lease;
 a delay only slows. Unset: senders carry no injector and rows move bit-exactly. A malformed variable
 fails a worker's start-up. L layers, N tokens, W row width.
@@ -33,7 +33,7 @@ from moemesh.transfer.registry import make_receiver, make_sender
 from moemesh.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc
 
 pytestmark = pytest.mark.timeout(60)
-PLANES = ["inproc", "relay", pytest.param("ucx", marks=pytest.mark.skipif(
+PLANES = ["inproc", "relay", "tcp", pytest.param("ucx", marks=pytest.mark.skipif(
     importlib.util.find_spec("ucxx") is None, reason="ucxx-cu12 not installed"))]
 SHAPE = (2, 64, 48)  # [L, N, W] float32: 384 bytes per token
 CHUNK_BYTES = 8 * 384  # 8 tokens per chunk: 8 row chunks and the closing one
