@@ -1,4 +1,4 @@
-"""Which device an engine runs on, and binding the threads that use it.
+"""Which device an engine runs on, and binding the threads that use it (their device, their priority).
 
 CUDA's current device is per thread: a process that builds its engine on one thread (`asyncio.to_thread`) and
 steps it on another must set it on both, or every kernel launch and allocation of an EP rank other than local
@@ -9,8 +9,11 @@ parsers can use it.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import re
+import sys
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -48,3 +51,31 @@ def bind_thread(device: str | torch.device) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
+
+
+def lower_thread_priority(nice: int) -> bool:
+    """Add `nice` to the calling thread's niceness (Linux: each thread has its own); False where it cannot.
+
+    CFS then gives the other runnable work on the thread's cores (the gateway relaying tokens, kvtransfer, a client)
+    the core first: a thread at +10 gets ~10% of a core that a nice-0 thread also wants.
+    """
+    if nice <= 0 or not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError:
+        return False
+    return True
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread `name` (at most 15 bytes) where the OS shows it: `top -H`, /proc/PID/task/TID/comm.
+    Python before 3.14 names its threads for itself only. Nothing where the OS has no such name."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)  # 15: PR_SET_NAME
+    except (OSError, AttributeError):
+        pass

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from moemesh.device import bind_thread
+from moemesh.device import bind_thread, lower_thread_priority, name_os_thread
 from moemesh.engine.engine import Engine, Resume
 from moemesh.engine.errors import EngineDead
 from moemesh.engine.request import RequestOutput, RequestTiming
@@ -47,8 +47,9 @@ class Reserved:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, nice: int = 0) -> None:
         self.engine = engine
+        self.nice = nice  # added to the engine thread's niceness when it starts (cpus.lower_thread_priority)
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
         self._prefill_ids: set[str] = set()
@@ -223,6 +224,9 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             bind_thread(self.engine.cfg.device)  # CUDA's current device is per thread; this one steps
+            name_os_thread("engine")
+            if self.nice and not lower_thread_priority(self.nice):
+                log.warning("could not lower the engine thread's priority by %d", self.nice)
             if self.engine.ep is None:
                 self._run_alone()
             else:

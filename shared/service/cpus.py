@@ -112,3 +112,8 @@ def plan_cpus(cores: Sequence[int], num_decode: int, threads: int) -> CpuPlan | 
     own = cores[len(shared):]
     decode = [own[i * threads:(i + 1) * threads] for i in range(num_decode)]
     return CpuPlan(decode, shared, decode[0] if threads == 1 else shared)
+
+
+# `moemesh up` runs a prefill worker's engine thread at this niceness where it shares its cores with the services.
+SHARED_ENGINE_NICE = 10
+

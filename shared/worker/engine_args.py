@@ -37,6 +37,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads (default: the cores divided by --procs-per-host)")
     g.add_argument("--procs-per-host", type=int, default=1,
                    help="engine processes sharing this host's cores (`moemesh up` sets it)")
+    g.add_argument("--engine-nice", type=int, default=0, metavar="N",
+                   help="run the engine's thread N steps nicer (Linux), so that services sharing its cores preempt "
+                        "it (`moemesh up` gives a prefill worker on the shared cores 10)")
     g.add_argument("--no-warmup", action="store_true",
                    help="take requests without first running the warm-up forwards (a prefill of a typical "
                         "prompt and of a whole step, a decode batch of every size to 4): the first requests then pay "

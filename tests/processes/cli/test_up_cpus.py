@@ -20,8 +20,17 @@ from tests.processes.mesh.waits import until
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this OS")
 
 
-def _placement(tmp_path: Path, tiny_dir: Path, *extra: str) -> dict[str, tuple[set[int], list[str]]]:
-    """Start a detached mesh on the first two cores this test may use; each service's cores and command line."""
+def _engine_nice(pid: int) -> int | None:
+    """The niceness of the process's thread named "engine" (field 19 of its stat), None when it has none."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if (task / "comm").read_text().strip() == "engine":
+            return int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+    return None
+
+
+def _placement(tmp_path: Path, tiny_dir: Path, *extra: str) -> dict[str, tuple[set[int], list[str], int | None]]:
+    """Start a detached mesh on the first two cores this test may use; each service's cores, command line and the
+    niceness of its engine thread (None: a service without an engine)."""
     cores = sorted(os.sched_getaffinity(0))[:2]
     pid_file = tmp_path / "mesh.pid"
     env = {**os.environ, cpus.ENV: cpus.format_cpus(cores)}
@@ -30,8 +39,8 @@ def _placement(tmp_path: Path, tiny_dir: Path, *extra: str) -> dict[str, tuple[s
                     "--pid-file", str(pid_file), *extra, env=env)
         assert r.returncode == 0, r.stdout + r.stderr
         records = {s.name: s for s in read_ready_file(tmp_path / "mesh.ready.json")}
-        out = {name: (os.sched_getaffinity(s.pid), Path(f"/proc/{s.pid}/cmdline").read_text().split("\0"))
-               for name, s in records.items()}
+        out = {name: (os.sched_getaffinity(s.pid), Path(f"/proc/{s.pid}/cmdline").read_text().split("\0"),
+                      _engine_nice(s.pid)) for name, s in records.items()}
         # The mesh serves as placed.
         body = json.dumps({"prompt": "hello", "max_tokens": 3}).encode()
         req = urllib.request.Request(f"http://{records['gateway'].http_address}/v1/completions", data=body,
@@ -53,16 +62,18 @@ def test_decode_workers_run_alone_on_their_cores(tmp_path: Path, tiny_dir: Path)
     cores = sorted(os.sched_getaffinity(0))[:2]
     placed = _placement(tmp_path, tiny_dir)
     assert set(placed) == {"kvtransfer", "eplb", "gateway", "prefill-0", "decode-0"}
-    for name, (_, cmdline) in placed.items():
+    for name, (_, cmdline, _) in placed.items():
         if name.startswith(("prefill", "decode")):  # two engines share the host's cores: one thread's worth each
             assert cmdline[cmdline.index("--procs-per-host") + 1] == "2", cmdline
     if len(cores) < 2:  # one core: nothing left for the others, so nothing is pinned
-        assert all(c == set(cores) for c, _ in placed.values()), placed
+        assert all(c == set(cores) for c, _, _ in placed.values()), placed
         return
     decode, shared = {cores[1]}, {cores[0]}
     assert placed["decode-0"][0] == placed["kvtransfer"][0] == decode  # kvtransfer beside a one-thread decode worker
     assert all(placed[n][0] == shared for n in ("eplb", "gateway", "prefill-0")), placed
     assert _threads(placed["decode-0"][1]) == _threads(placed["prefill-0"][1]) == "1"
+    # The prefill worker's engine thread yields the shared core to the services; the decode worker's keeps its own.
+    assert (placed["prefill-0"][2], placed["decode-0"][2]) == (cpus.SHARED_ENGINE_NICE, 0)
     # Without TLS the KV goes straight from the prefill worker to the decode worker's socket.
     for worker in ("prefill-0", "decode-0"):
         cmdline = placed[worker][1]
@@ -72,5 +83,6 @@ def test_decode_workers_run_alone_on_their_cores(tmp_path: Path, tiny_dir: Path)
 def test_pin_off_leaves_every_process_on_every_core(tmp_path: Path, tiny_dir: Path) -> None:
     cores = set(sorted(os.sched_getaffinity(0))[:2])
     placed = _placement(tmp_path, tiny_dir, "--pin", "off")
-    assert all(c == cores for c, _ in placed.values()), placed
+    assert all(c == cores for c, _, _ in placed.values()), placed
     assert _threads(placed["decode-0"][1]) is None  # the workers size their own threads
+    assert placed["prefill-0"][2] == placed["decode-0"][2] == 0  # no core shared by design: no engine yields
