@@ -16,7 +16,7 @@ import logging
 import time
 from collections import OrderedDict
 
-from moemesh.transfer.base import FirstToken, RowWriter, TransferError
+from moemesh.transfer.base import FirstToken, KvReceiver, RowWriter, TransferError
 from moemesh.transfer.chunk import DecodedChunk
 
 log = logging.getLogger(__name__)
@@ -249,3 +249,17 @@ class IncomingTransfers:
         self._ended.move_to_end(room_id)
         while len(self._ended) > self.max_ended_rooms:
             self._ended.popitem(last=False)
+
+
+class AssemblingReceiver(KvReceiver):
+    """A receiver whose plane hands what arrives to `self._incoming`: waiting for a room and cancelling one are
+    IncomingTransfers' own."""
+
+    _incoming: IncomingTransfers
+
+    async def receive(self, room_id: str, num_tokens: int, write: RowWriter,
+                      timeout_s: float) -> tuple[FirstToken, int]:
+        return await self._incoming.receive(room_id, num_tokens, write, timeout_s)
+
+    async def cancel(self, room_id: str) -> None:
+        self._incoming.cancel(room_id)

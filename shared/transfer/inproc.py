@@ -11,8 +11,8 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
-from moemesh.transfer.assembler import IncomingTransfers
-from moemesh.transfer.base import FirstToken, KvReceiver, KvSender, RowBlock, RowWriter, TransferError
+from moemesh.transfer.assembler import AssemblingReceiver, IncomingTransfers
+from moemesh.transfer.base import FirstToken, KvSender, RowBlock, TransferError
 from moemesh.transfer.chunk import DEFAULT_CHUNK_BYTES, decode_chunk, discard, iter_chunks
 from moemesh.transfer.faults import FaultInjector, KvFaults
 from moemesh.v1 import kvtransfer_pb2
@@ -21,7 +21,7 @@ from moemesh.v1 import kvtransfer_pb2
 _RECEIVERS: dict[str, InprocReceiver] = {}
 
 
-class InprocReceiver(KvReceiver):
+class InprocReceiver(AssemblingReceiver):
     """Listens at a fresh "inproc://<uuid>" address in this process. `limits` tunes its IncomingTransfers."""
 
     plane = "inproc"
@@ -46,13 +46,6 @@ class InprocReceiver(KvReceiver):
             self._incoming.fail(msg.room_id, e)
             return
         self._incoming.deliver(chunk)
-
-    async def receive(self, room_id: str, num_tokens: int, write: RowWriter,
-                      timeout_s: float) -> tuple[FirstToken, int]:
-        return await self._incoming.receive(room_id, num_tokens, write, timeout_s)
-
-    async def cancel(self, room_id: str) -> None:
-        self._incoming.cancel(room_id)
 
     async def close(self) -> None:
         _RECEIVERS.pop(self._address, None)

@@ -14,16 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import numpy as np
 
-from moemesh.transfer.assembler import IncomingTransfers
-from moemesh.transfer.base import FirstToken, KvReceiver, KvSender, RowBlock, RowWriter, TransferError
-from moemesh.transfer.chunk import EncodedChunk, decode_chunk, discard, iter_chunks
+from moemesh.transfer.assembler import AssemblingReceiver, IncomingTransfers
+from moemesh.transfer.base import TransferError
+from moemesh.transfer.chunk import EncodedChunk, decode_chunk
 from moemesh.transfer.faults import FaultInjector, KvFaults
 from moemesh.transfer.frames import FRAME, CorruptFrame, chunk_frame, frame_lengths, parse_address, parse_header
+from moemesh.transfer.peers import ConnectionSender, connect_or_fail
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.open_rooms.clear()
 
 
-class TcpReceiver(KvReceiver):
+class TcpReceiver(AssemblingReceiver):
     """Listens on host:port (port 0: any free one); `address` is "advertise_host:port" (default: host).
     `limits` tunes its IncomingTransfers."""
 
@@ -155,13 +155,6 @@ class TcpReceiver(KvReceiver):
     @property
     def address(self) -> str:
         return _join(self.advertise_host, self.port)
-
-    async def receive(self, room_id: str, num_tokens: int, write: RowWriter,
-                      timeout_s: float) -> tuple[FirstToken, int]:
-        return await self._incoming.receive(room_id, num_tokens, write, timeout_s)
-
-    async def cancel(self, room_id: str) -> None:
-        self._incoming.cancel(room_id)
 
     async def close(self) -> None:
         self._closed = True
@@ -197,7 +190,7 @@ class _Peer:
         self.writer.transport.abort()
 
 
-class TcpSender(KvSender):
+class TcpSender(ConnectionSender[_Peer]):
     """Sends rooms to TcpReceivers, one connection per receiver address, reconnecting when one failed."""
 
     plane = "tcp"
@@ -205,73 +198,38 @@ class TcpSender(KvSender):
     def __init__(self, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
                  send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S, faults: KvFaults | None = None) -> None:
+        super().__init__()
         self.max_chunk_bytes = max_chunk_bytes
         self.connect_timeout_s = connect_timeout_s
         self.send_timeout_s = send_timeout_s
         self.faults = FaultInjector.for_sender(faults)  # MOEMESH_FAULT_KV; None when off
-        self._peers: dict[str, _Peer] = {}
-        self._connecting: dict[str, asyncio.Lock] = {}
 
-    async def send(self, room_id: str, address: str, blocks: AsyncIterator[RowBlock],
-                   first: Awaitable[FirstToken]) -> int:
-        # Connect before the first block: a dead receiver fails the room early, and a new connection's
-        # handshake overlaps the prefill computing that block.
-        try:
-            peer = await self._peer(room_id, address)
-        except BaseException:
-            discard(first)
-            raise
-        sent = 0
-        stream = iter_chunks(room_id, blocks, first, self.max_chunk_bytes)
-        async with contextlib.aclosing(self.faults.wrap(stream) if self.faults else stream) as chunks:
-            async for chunk in chunks:
-                if not peer.usable:
-                    self._forget(address, peer)
-                    raise TransferError(f"room {room_id!r}: the TCP receiver at {address} closed the connection")
-                peer.write(chunk)
-                try:
-                    await asyncio.wait_for(peer.writer.drain(), self.send_timeout_s)
-                except asyncio.TimeoutError:
-                    peer.abort()
-                    self._forget(address, peer)
-                    raise TransferError(f"room {room_id!r}: the TCP receiver at {address} took no chunk for "
-                                        f"{self.send_timeout_s:g} s") from None
-                except OSError as e:  # reset, broken pipe
-                    peer.abort()
-                    self._forget(address, peer)
-                    raise TransferError(f"room {room_id!r}: TCP send to {address} failed: "
-                                        f"{type(e).__name__}: {e}") from e
-                sent += chunk.nbytes
-        return sent
-
-    async def _peer(self, room_id: str, address: str) -> _Peer:
-        peer = self._peers.get(address)
-        if peer is not None and peer.usable:
-            return peer
+    async def _connect(self, room_id: str, address: str) -> _Peer:
         host, port = parse_address(address, "TCP")
-        async with self._connecting.setdefault(address, asyncio.Lock()):
-            peer = self._peers.get(address)
-            if peer is not None and peer.usable:
-                return peer
-            try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.connect_timeout_s)
-            except asyncio.TimeoutError:
-                raise TransferError(f"room {room_id!r}: no TCP receiver answered at {address} within "
-                                    f"{self.connect_timeout_s:g} s") from None
-            except OSError as e:
-                raise TransferError(f"room {room_id!r}: cannot connect to the TCP receiver at {address}: "
-                                    f"{type(e).__name__}: {e}") from e
-            peer = self._peers[address] = _Peer(reader, writer)
-            return peer
+        reader, writer = await connect_or_fail(room_id, address, "TCP", asyncio.open_connection(host, port),
+                                               self.connect_timeout_s)
+        return _Peer(reader, writer)
 
-    def _forget(self, address: str, peer: _Peer) -> None:
-        if self._peers.get(address) is peer:
-            del self._peers[address]
+    async def _send_chunk(self, room_id: str, address: str, peer: _Peer, chunk: EncodedChunk) -> None:
+        if not peer.usable:
+            self._pool.forget(address, peer)
+            raise TransferError(f"room {room_id!r}: the TCP receiver at {address} closed the connection")
+        peer.write(chunk)
+        try:
+            await asyncio.wait_for(peer.writer.drain(), self.send_timeout_s)
+        except asyncio.TimeoutError:
+            peer.abort()
+            self._pool.forget(address, peer)
+            raise TransferError(f"room {room_id!r}: the TCP receiver at {address} took no chunk for "
+                                f"{self.send_timeout_s:g} s") from None
+        except OSError as e:  # reset, broken pipe
+            peer.abort()
+            self._pool.forget(address, peer)
+            raise TransferError(f"room {room_id!r}: TCP send to {address} failed: {type(e).__name__}: {e}") from e
 
     async def close(self) -> None:
         """Flush what was written and close every connection (the receiver still gets all of it)."""
-        peers = list(self._peers.values())
-        self._peers.clear()
+        peers = list(self._pool.take_all().values())
         for peer in peers:
             peer.writer.close()
         for peer in peers:

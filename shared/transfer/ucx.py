@@ -22,15 +22,14 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from moemesh.transfer.assembler import IncomingTransfers
-from moemesh.transfer.base import FirstToken, KvReceiver, KvSender, PlaneUnavailable, RowBlock, RowWriter, TransferError
-from moemesh.transfer.chunk import EncodedChunk, decode_chunk, discard, iter_chunks
+from moemesh.transfer.assembler import AssemblingReceiver, IncomingTransfers
+from moemesh.transfer.base import PlaneUnavailable, TransferError
+from moemesh.transfer.chunk import EncodedChunk, decode_chunk
 from moemesh.transfer.faults import FaultInjector, KvFaults
 from moemesh.transfer.frames import (
     FRAME,
@@ -42,6 +41,7 @@ from moemesh.transfer.frames import (
     parse_address,
     parse_header,
 )
+from moemesh.transfer.peers import ConnectionSender, connect_or_fail
 from moemesh.v1 import kvtransfer_pb2
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def _parse_frame(frame: bytearray) -> tuple[kvtransfer_pb2.KvChunk, int]:
     return parse_header(memoryview(frame)[FRAME.size:FRAME.size + header_len]), data_len
 
 
-class UcxReceiver(KvReceiver):
+class UcxReceiver(AssemblingReceiver):
     """Listens for senders on `port` (0: any free one) on every interface; `address` is "host:port",
     with `host` the name senders should dial. `limits` tunes its IncomingTransfers."""
 
@@ -168,13 +168,6 @@ class UcxReceiver(KvReceiver):
             with contextlib.suppress(Exception):
                 ep.abort()
 
-    async def receive(self, room_id: str, num_tokens: int, write: RowWriter,
-                      timeout_s: float) -> tuple[FirstToken, int]:
-        return await self._incoming.receive(room_id, num_tokens, write, timeout_s)
-
-    async def cancel(self, room_id: str) -> None:
-        self._incoming.cancel(room_id)
-
     async def close(self) -> None:
         self._closed = True
         if self._listener is not None:
@@ -237,7 +230,7 @@ class _Peer:
             self.ep.abort()
 
 
-class UcxSender(KvSender):
+class UcxSender(ConnectionSender[_Peer]):
     """Sends rooms to UcxReceivers, one endpoint per receiver address, reconnecting when one failed."""
 
     plane = "ucx"
@@ -246,54 +239,20 @@ class UcxSender(KvSender):
                  connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
                  send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S, faults: KvFaults | None = None,
                  bye_timeout_s: float = DEFAULT_BYE_TIMEOUT_S) -> None:
+        super().__init__()
         self._ucxx = load_ucxx()
         self.faults = FaultInjector.for_sender(faults)  # MOEMESH_FAULT_KV; None when off
         self.max_chunk_bytes = max_chunk_bytes
         self.connect_timeout_s = connect_timeout_s
         self.send_timeout_s = send_timeout_s
         self.bye_timeout_s = bye_timeout_s
-        self._peers: dict[str, _Peer] = {}
-        self._connecting: dict[str, asyncio.Lock] = {}
         self._pending: set[asyncio.Task[None]] = set()
 
-    async def send(self, room_id: str, address: str, blocks: AsyncIterator[RowBlock],
-                   first: Awaitable[FirstToken]) -> int:
-        # Connect before the first block: a dead receiver fails the room early, and a new endpoint's
-        # handshake overlaps the prefill computing that block.
-        try:
-            peer = await self._peer(room_id, address)
-        except BaseException:
-            discard(first)
-            raise
-        sent = 0
-        stream = iter_chunks(room_id, blocks, first, self.max_chunk_bytes)
-        async with contextlib.aclosing(self.faults.wrap(stream) if self.faults else stream) as chunks:
-            async for chunk in chunks:
-                await self._send_chunk(room_id, address, peer, chunk)
-                sent += chunk.nbytes
-        return sent
-
-    async def _peer(self, room_id: str, address: str) -> _Peer:
-        peer = self._peers.get(address)
-        if peer is not None and peer.usable:
-            return peer
+    async def _connect(self, room_id: str, address: str) -> _Peer:
         host, port = parse_address(address, "UCX")
-        async with self._connecting.setdefault(address, asyncio.Lock()):
-            peer = self._peers.get(address)
-            if peer is not None and peer.usable:
-                return peer
-            try:
-                ep = await asyncio.wait_for(
-                    self._ucxx.create_endpoint(host, port, connect_timeout=self.connect_timeout_s),
-                    self.connect_timeout_s + 1)
-            except asyncio.TimeoutError:
-                raise TransferError(f"room {room_id!r}: no UCX receiver answered at {address} within "
-                                    f"{self.connect_timeout_s:g} s") from None
-            except Exception as e:
-                raise TransferError(f"room {room_id!r}: cannot connect to the UCX receiver at {address}: "
-                                    f"{type(e).__name__}: {e}") from e
-            peer = self._peers[address] = _Peer(ep)
-            return peer
+        attempt = self._ucxx.create_endpoint(host, port, connect_timeout=self.connect_timeout_s)
+        # ucxx raises its own errors, not OSError; its own timeout gets a second to report first
+        return _Peer(await connect_or_fail(room_id, address, "UCX", attempt, self.connect_timeout_s, (Exception,), 1.0))
 
     async def _send_chunk(self, room_id: str, address: str, peer: _Peer, chunk: EncodedChunk) -> None:
         # The pair runs in its own task, shielded: a cancelled room still finishes the chunk on the wire
@@ -305,13 +264,13 @@ class UcxSender(KvSender):
             await asyncio.wait_for(asyncio.shield(task), self.send_timeout_s)
         except asyncio.TimeoutError:
             peer.abort()
-            self._forget(address, peer)
+            self._pool.forget(address, peer)
             raise TransferError(f"room {room_id!r}: the UCX receiver at {address} took no chunk for "
                                 f"{self.send_timeout_s:g} s") from None
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            self._forget(address, peer)
+            self._pool.forget(address, peer)
             raise TransferError(f"room {room_id!r}: UCX send to {address} failed: {type(e).__name__}: {e}") from e
 
     def _settled(self, task: asyncio.Task[None]) -> None:
@@ -319,16 +278,11 @@ class UcxSender(KvSender):
         if not task.cancelled():
             task.exception()  # retrieved here: a shielded pair may fail after its room stopped waiting
 
-    def _forget(self, address: str, peer: _Peer) -> None:
-        if self._peers.get(address) is peer:
-            del self._peers[address]
-
     async def close(self) -> None:
         """Finish the chunks on the wire, make sure every receiver has read them, then close."""
         if self._pending:
             await asyncio.wait(list(self._pending), timeout=self.send_timeout_s)
-        peers = dict(self._peers)
-        self._peers.clear()
+        peers = self._pool.take_all()
         answered = await asyncio.gather(*(p.bye(self.bye_timeout_s) for p in peers.values()))
         for (address, peer), ok in zip(peers.items(), answered, strict=True):
             if not ok and peer.usable:
