@@ -49,7 +49,7 @@ class Reserved:
 class AsyncEngine:
     def __init__(self, engine: Engine, nice: int = 0) -> None:
         self.engine = engine
-        self.nice = nice  # added to the engine thread's niceness when it starts (cpus.lower_thread_priority)
+        self.nice = nice  # added to the engine thread's niceness when it starts (moemesh.device.lower_thread_priority)
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
         self._prefill_ids: set[str] = set()

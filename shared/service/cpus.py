@@ -100,9 +100,8 @@ def plan_cpus(cores: Sequence[int], num_decode: int, threads: int) -> CpuPlan | 
     behind the prefill worker's long steps and the gateway (on 2 cores, three A/B pairs: mean TTFT 16-31% and p99
     TTFT 16-54% lower, output tokens/s and mean ITL better in two pairs of three; docs/benchmarks.md). With the tcp
     plane it carries no KV, only a few small calls a request, and stays there (not measured against the shared
-    cores). A decode
-    worker of several threads keeps its cores alone: one thread preempted there holds up the others at every
-    barrier of a parallel region.
+    cores). A decode worker of several threads keeps its cores alone: one thread preempted there holds up the
+    others at every barrier of a parallel region.
     """
     cores = sorted(cores)
     need = num_decode * threads
@@ -116,4 +115,3 @@ def plan_cpus(cores: Sequence[int], num_decode: int, threads: int) -> CpuPlan | 
 
 # `moemesh up` runs a prefill worker's engine thread at this niceness where it shares its cores with the services.
 SHARED_ENGINE_NICE = 10
-

@@ -16,8 +16,11 @@ import logging
 import time
 from collections import OrderedDict
 
+import numpy as np
+
 from moemesh.transfer.base import FirstToken, KvReceiver, RowWriter, TransferError
-from moemesh.transfer.chunk import DecodedChunk
+from moemesh.transfer.chunk import DecodedChunk, decode_chunk
+from moemesh.v1 import kvtransfer_pb2
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,8 @@ DEFAULT_MAX_UNCLAIMED_ROOMS = 64
 DEFAULT_UNCLAIMED_TTL_S = 120.0
 # Ended rooms remembered so their late chunks are dropped.
 DEFAULT_MAX_ENDED_ROOMS = 4096
+# Rooms one connection tracks as started-but-unfinished before it prunes ended ones.
+_MAX_OPEN_ROOMS = 1024
 
 
 class RoomAssembler:
@@ -263,3 +268,33 @@ class AssemblingReceiver(KvReceiver):
 
     async def cancel(self, room_id: str) -> None:
         self._incoming.cancel(room_id)
+
+
+class ConnectionRooms:
+    """The rooms one sender's connection (ucx, tcp) started and has not ended: each chunk that arrives on it goes
+    to `incoming` through `deliver`, and when the connection ends `fail_all` fails the rooms it left unfinished."""
+
+    def __init__(self, incoming: IncomingTransfers) -> None:
+        self.incoming = incoming
+        self.open: set[str] = set()
+
+    def deliver(self, header: kvtransfer_pb2.KvChunk, data: np.ndarray) -> None:
+        """Verify and hand on one chunk (header and its row bytes); a chunk that fails its checks fails its room."""
+        room_id = header.room_id
+        if header.last:
+            self.open.discard(room_id)
+        else:
+            self.open.add(room_id)
+            if len(self.open) > _MAX_OPEN_ROOMS:
+                # Rooms whose sender was cancelled never send a last chunk; forget the ended ones.
+                self.open = {r for r in self.open if not self.incoming.ended(r)}
+        try:
+            self.incoming.deliver(decode_chunk(header, data))
+        except TransferError as e:
+            self.incoming.fail(room_id, e)
+
+    def fail_all(self, why: str) -> None:
+        """The connection ended (`why`): fail every room it left without its last chunk."""
+        for room_id in self.open:
+            self.incoming.fail(room_id, TransferError(f"room {room_id!r}: {why} before the last chunk"))
+        self.open.clear()

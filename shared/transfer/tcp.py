@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from moemesh.transfer.assembler import AssemblingReceiver, IncomingTransfers
+from moemesh.transfer.assembler import AssemblingReceiver, ConnectionRooms, IncomingTransfers
 from moemesh.transfer.base import TransferError
-from moemesh.transfer.chunk import EncodedChunk, decode_chunk
+from moemesh.transfer.chunk import EncodedChunk
 from moemesh.transfer.faults import FaultInjector, KvFaults
 from moemesh.transfer.frames import FRAME, CorruptFrame, chunk_frame, frame_lengths, parse_address, parse_header
 from moemesh.transfer.peers import ConnectionSender, connect_or_fail
@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK_BYTES = 16 * 2**20
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_SEND_TIMEOUT_S = 30.0
-# Rooms one connection tracks as started-but-unfinished before it prunes ended ones.
-_MAX_OPEN_ROOMS = 1024
 
 
 def _join(host: str, port: int) -> str:
@@ -45,7 +43,7 @@ class _Connection(asyncio.BufferedProtocol):
     def __init__(self, receiver: TcpReceiver) -> None:
         self.receiver = receiver
         self.transport: asyncio.Transport | None = None
-        self.open_rooms: set[str] = set()  # rooms that started here and have not ended
+        self.rooms = ConnectionRooms(receiver._incoming)
         self.why = "the sender's connection closed"
         self._expect_frame()
 
@@ -101,19 +99,7 @@ class _Connection(asyncio.BufferedProtocol):
     def _deliver(self, data: np.ndarray) -> None:
         header = self._header
         self._expect_frame()
-        room_id = header.room_id
-        incoming = self.receiver._incoming
-        if header.last:
-            self.open_rooms.discard(room_id)
-        else:
-            self.open_rooms.add(room_id)
-            if len(self.open_rooms) > _MAX_OPEN_ROOMS:
-                # Rooms whose sender was cancelled never send a last chunk; forget the ended ones.
-                self.open_rooms = {r for r in self.open_rooms if not incoming.ended(r)}
-        try:
-            incoming.deliver(decode_chunk(header, data))
-        except TransferError as e:
-            incoming.fail(room_id, e)
+        self.rooms.deliver(header, data)
 
     def eof_received(self) -> bool:
         self.why = "the sender closed the connection"
@@ -123,9 +109,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.receiver._connections.discard(self)
         if self.receiver._closed:
             self.why = "the receiver closed"
-        for room_id in self.open_rooms:
-            self.receiver._incoming.fail(room_id, TransferError(f"room {room_id!r}: {self.why} before the last chunk"))
-        self.open_rooms.clear()
+        self.rooms.fail_all(self.why)
 
 
 class TcpReceiver(AssemblingReceiver):

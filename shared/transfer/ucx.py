@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from moemesh.transfer.assembler import AssemblingReceiver, IncomingTransfers
+from moemesh.transfer.assembler import AssemblingReceiver, ConnectionRooms, IncomingTransfers
 from moemesh.transfer.base import PlaneUnavailable, TransferError
-from moemesh.transfer.chunk import EncodedChunk, decode_chunk
+from moemesh.transfer.chunk import EncodedChunk
 from moemesh.transfer.faults import FaultInjector, KvFaults
 from moemesh.transfer.frames import (
     FRAME,
@@ -50,8 +50,6 @@ FLAG_BYE = 1  # sender -> receiver: no more chunks on this endpoint; answer when
 FLAG_BYE_ACK = 2  # receiver -> sender: everything before the bye was read
 # UCX moves big buffers without protobuf's copies, so chunks can be larger than the relay's.
 DEFAULT_CHUNK_BYTES = 16 * 2**20
-# Rooms one connection tracks as started-but-unfinished before it prunes ended ones.
-_MAX_OPEN_ROOMS = 1024
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_SEND_TIMEOUT_S = 30.0
 # How long closing a sender waits for each receiver to confirm it read everything.
@@ -125,7 +123,7 @@ class UcxReceiver(AssemblingReceiver):
 
     async def _read(self, ep: Any) -> None:
         frame = bytearray(MAX_FRAME_BYTES)
-        open_rooms: set[str] = set()  # rooms that started on this connection and have not ended
+        rooms = ConnectionRooms(self._incoming)
         why = "the sender's connection closed"
         try:
             while True:
@@ -140,17 +138,7 @@ class UcxReceiver(AssemblingReceiver):
                 data = np.empty(data_len, dtype=np.uint8)
                 if data_len:
                     await ep.recv(data)
-                room_id = header.room_id
-                open_rooms.add(room_id)
-                if header.last:
-                    open_rooms.discard(room_id)
-                elif len(open_rooms) > _MAX_OPEN_ROOMS:
-                    # Rooms whose sender was cancelled never send a last chunk; forget the ended ones.
-                    open_rooms = {r for r in open_rooms if not self._incoming.ended(r)}
-                try:
-                    self._incoming.deliver(decode_chunk(header, data))
-                except TransferError as e:
-                    self._incoming.fail(room_id, e)
+                rooms.deliver(header, data)
         except CorruptFrame as e:
             why = f"corrupt frame from the sender ({e})"
             log.warning("closing a UCX connection: %s", why)
@@ -163,8 +151,7 @@ class UcxReceiver(AssemblingReceiver):
             why = "the receiver failed reading the connection"
             log.exception("UCX receive loop failed")
         finally:
-            for room_id in open_rooms:
-                self._incoming.fail(room_id, TransferError(f"room {room_id!r}: {why} before the last chunk"))
+            rooms.fail_all(why)
             with contextlib.suppress(Exception):
                 ep.abort()
 
