@@ -9,7 +9,7 @@ One engine, one checkpoint: B prompts are prefilled, then decode steps run at ba
   - prefill: the step's matrix FLOPs against the matmul peak of the compute dtype.
 
     moemesh bench profile --model DIR [--batch 4] [--prompt-len 128] [--dtype auto] [--num-threads 1]
-                          [--native auto|off] [--native-ab ROUNDS]
+                          [--native auto|off] [--native-ab ROUNDS] [--layer-ab ROUNDS]
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the native CPU kernels (moemesh.kernels.native): where they build, or never")
     p.add_argument("--native-ab", type=int, default=0, metavar="ROUNDS",
                    help="also time decode steps with and without the native kernels, interleaved, ROUNDS times")
+    p.add_argument("--layer-ab", type=int, default=0, metavar="ROUNDS",
+                   help="also time decode steps with the one-call layer halves and with the per-module kernels, "
+                        "interleaved, ROUNDS times")
 
 
 def read_bandwidth_gbs(mb: int = 512) -> float:
@@ -94,6 +97,29 @@ def _native_ab(engine, rounds: int, steps: int) -> None:
         f"{a * 1e3:.2f} / {b * 1e3:.2f}" for a, b in zip(times["native"], times["without"], strict=True)))
 
 
+def _layer_ab(engine, rounds: int, steps: int) -> None:
+    """Decode steps of the same engine with its layers' one-call kernels (moemesh.kernels.native_decoder) and with
+    the per-module kernels alone, alternating `rounds` times, best of `steps` each."""
+    layers = engine.model.model.layers
+    installed = [(layer.attention_kernel, layer.mlp_kernel) for layer in layers]
+    if not any(a or m for a, m in installed):
+        print("decode step, one-call layers: none installed (not bf16 on a CPU with the native kernels)")
+        return
+    times: dict[str, list[float]] = {"one call": [], "per module": []}
+    try:
+        for _ in range(rounds):
+            for name in times:
+                for layer, (a, m) in zip(layers, installed, strict=True):
+                    layer.attention_kernel, layer.mlp_kernel = (a, m) if name == "one call" else (None, None)
+                engine.step()
+                times[name].append(best_time(engine.step, steps))
+    finally:
+        for layer, (a, m) in zip(layers, installed, strict=True):
+            layer.attention_kernel, layer.mlp_kernel = a, m
+    print("decode step, one-call layer halves / per-module kernels (interleaved, ms): " + "; ".join(
+        f"{a * 1e3:.2f} / {b * 1e3:.2f}" for a, b in zip(times["one call"], times["per module"], strict=True)))
+
+
 def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     import torch
 
@@ -114,13 +140,13 @@ def _decode_weight_bytes(engine, token_ids: list[int]) -> tuple[int, int]:
     dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in routed and p is not embed)
     dense += len(token_ids) * embed[0].numel() * embed.element_size()  # only the rows of the step's tokens
     chosen = 0
-    hidden = {}
+    choice = {}
 
-    def keep(mod, inp, _out):
-        hidden[mod] = inp[0]
+    def keep(mod, _inp, out):  # on the router: every form of the layer (modules or one-call kernels) asks it
+        choice[mod] = out[0]
 
     moes = [m for m in model.modules() if isinstance(m, MoE)]
-    hooks = [m.register_forward_hook(keep) for m in moes]
+    hooks = [m.gate.register_forward_hook(keep) for m in moes]
     try:
         from moemesh.model.mla import NoCacheAttention
 
@@ -128,7 +154,7 @@ def _decode_weight_bytes(engine, token_ids: list[int]) -> tuple[int, int]:
         with torch.inference_mode():
             model(ids, torch.zeros_like(ids), NoCacheAttention([1] * len(token_ids)))
             for m in moes:
-                experts = m.gate(hidden[m])[0].unique().numel()
+                experts = choice[m.gate].unique().numel()
                 per_expert = sum(p[0].numel() * p.element_size() for p in m.experts.parameters())
                 chosen += experts * per_expert
     finally:
@@ -205,6 +231,8 @@ def run(args: argparse.Namespace) -> int:
     last = [r.all_token_ids[-1] for r in engine.requests.values()]
     if args.native_ab:
         _native_ab(engine, args.native_ab, args.steps)
+    if args.layer_ab:
+        _layer_ab(engine, args.layer_ab, args.steps)
 
     bw = read_bandwidth_gbs()
     peak = {d: matmul_gflops(d) for d in (torch.float32, torch.bfloat16)}

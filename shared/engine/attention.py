@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from moemesh.engine.kv_cache import LatentKVCache
-from moemesh.kernels.backends import DecodeKernel
+from moemesh.kernels.backends import DecodeKernel, DecodeOnlyStep
 from moemesh.model.mla import MLAttention, causal_attention
 
 
@@ -48,6 +48,15 @@ class PagedAttention:
         self.layout = layout
         self.decode_kernel = decode_kernel
         self._decode_bias: torch.Tensor | None = None
+
+    def decode_only(self, layer_idx: int) -> DecodeOnlyStep | None:
+        """Layer `layer_idx`'s cache and this step's layout, for a kernel that runs a whole layer's attention: only
+        for a step in which every sequence decodes and a decode kernel serves (None otherwise)."""
+        lay = self.layout
+        if self.decode_kernel is None or lay.decode_rows is None or lay.prefill:
+            return None
+        return DecodeOnlyStep(self.cache.data[layer_idx], lay.slot_mapping, lay.decode_pages, lay.decode_lens,
+                              self.cache.page_size)
 
     def attend(self, layer: MLAttention, q_nope: torch.Tensor, q_pe: torch.Tensor,
                c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ set that supports the model's dtype and device; "torch" is the model's own eager
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from moemesh.registry import Registry
 
@@ -33,6 +33,19 @@ class DecodeKernel(Protocol):
                  pages: torch.Tensor, lens: torch.Tensor, page_size: int) -> torch.Tensor | None:
         """q_nope [Bd, H, Dn], q_pe [Bd, H, R]; cache [S, C + R] (one layer); pages [Bd, P] int64; lens [Bd] int64
         -> [Bd, H, V], or None where it cannot take these tensors (the torch form then runs)."""
+
+
+class DecodeOnlyStep(NamedTuple):
+    """What a layer kernel of a kernel set reads of an attention backend's step in which every sequence decodes one
+    token (the backend's `decode_only(layer_idx)`): cache [S, C + R], the layer's slots; slots [T] int64, where each
+    token's latents go; pages [T, P] int64 and lens [T] int64, each sequence's page table and KV length (its new
+    token included); page_size."""
+
+    cache: torch.Tensor
+    slots: torch.Tensor
+    pages: torch.Tensor
+    lens: torch.Tensor
+    page_size: int
 
 
 def install_kernels(model: nn.Module, name: str = "auto") -> str:

@@ -2,8 +2,9 @@
 
 The routed experts of a MoE layer at decode sizes (`moe_bf16.c`) and larger steps (`moe_gemm_bf16.c`), absorbed
 MLA decode over the paged cache (`mla_bf16.c`), linear layers at a few rows (`linear_bf16.c`), RMSNorm
-(`norm_bf16.c`), DeepSeek-V3's router (`router_bf16.c`) and MLA's rotary embedding (`rope_bf16.c`), in bf16 on one
-core.
+(`norm_bf16.c`), DeepSeek-V3's router (`router_bf16.c`), MLA's rotary embedding (`rope_bf16.c`) and a decoder
+layer's attention half and MoE half at decode sizes (`mla_layer_bf16.c`, `moe_layer_bf16.c`, made of the others), in
+bf16 on one core.
 
 No torch headers and no torch extension build (minutes): the C files are plain C with AVX-512 BF16 intrinsics,
 compiled in about a second into a per-user cache (`$MOEMESH_CACHE_DIR/kernels`, default
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 ENV = "MOEMESH_NATIVE_KERNELS"  # 0 / off / false / no: never build or use the native kernels
 HERE = Path(__file__).parent
 SOURCES = (HERE / "moe_bf16.c", HERE / "moe_gemm_bf16.c", HERE / "mla_bf16.c", HERE / "linear_bf16.c",
-           HERE / "norm_bf16.c", HERE / "router_bf16.c", HERE / "rope_bf16.c")
+           HERE / "norm_bf16.c", HERE / "router_bf16.c", HERE / "rope_bf16.c", HERE / "mla_layer_bf16.c",
+           HERE / "moe_layer_bf16.c")
 HEADERS = (HERE / "bf16_common.h",)
 # Explicit ISA flags rather than -march=native: the library then runs on any CPU with these features, so a
 # shared cache folder cannot hand one machine another's build.
@@ -95,6 +97,11 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     _declare(lib.rope_bf16, ctypes.c_int,
              [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
              + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 2)
+    _declare(lib.mla_layer_decode_bf16, ctypes.c_int,
+             [ctypes.POINTER(MlaLayer), ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p,
+              ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 4)
+    _declare(lib.moe_layer_decode_bf16, ctypes.c_int,
+             [ctypes.POINTER(MoeLayer), ctypes.c_int64] + [ctypes.c_void_p] * 5)
     log.info("native CPU kernels loaded from %s", path)
     return lib, None
 
@@ -276,3 +283,60 @@ def rope(lib: ctypes.CDLL, positions: torch.Tensor, q_pe: torch.Tensor, k_pe: to
                        cos.data_ptr(), sin.data_ptr(), cos.shape[0], positions.data_ptr(), int(interleave),
                        q_out.data_ptr(), k_out.data_ptr())
     return None if rc else (q_out, k_out)
+
+
+class MlaLayer(ctypes.Structure):
+    """`mla_layer` of mla_layer_bf16.c: one decoder layer's attention weights (data pointers) and sizes."""
+
+    _fields_ = ([(name, ctypes.c_int64) for name in ("D", "Q", "H", "Dn", "R", "C", "V")]
+                + [(name, ctypes.c_void_p) for name in ("in_norm", "q_a", "q_a_bias", "q_a_norm", "q_b", "kv_a",
+                                                        "kv_a_bias", "kv_a_norm", "kv_b", "o", "o_bias", "post_norm")]
+                + [(name, ctypes.c_float) for name in ("in_eps", "q_eps", "kv_eps", "post_eps", "scale")]
+                + [("interleave", ctypes.c_int32)])
+
+
+def mla_layer_decode(lib: ctypes.CDLL, layer: MlaLayer, x: torch.Tensor, positions: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
+                     pages: torch.Tensor, lens: torch.Tensor, page_size: int
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A decoder layer's attention half for T decode tokens in one call (`mla_layer_decode_bf16` in
+    mla_layer_bf16.c), writing their latents into the cache.
+
+    x [T, D] bf16 contiguous (the residual stream); positions [T] int64; cos/sin [L, R/2] float32 contiguous (the
+    rotary tables); cache [S, C + R] bf16 contiguous (one layer's slots); slots [T] int64; pages [T, P] int64;
+    lens [T] int64 (KV lengths, new token included). Returns (x + attention [T, D], its post-attention norm [T, D]),
+    bf16; None when a position is past the rotary tables (nothing was written)."""
+    positions, slots = positions.contiguous(), slots.contiguous()
+    pages, lens = pages.contiguous(), lens.contiguous()
+    x_out, h_out = torch.empty_like(x), torch.empty_like(x)
+    rc = lib.mla_layer_decode_bf16(ctypes.byref(layer), x.shape[0], x.data_ptr(), positions.data_ptr(),
+                                   cos.data_ptr(), sin.data_ptr(), cos.shape[0], cache.data_ptr(), cache.shape[0],
+                                   slots.data_ptr(), page_size, pages.shape[1], pages.data_ptr(), lens.data_ptr(),
+                                   x_out.data_ptr(), h_out.data_ptr())
+    if rc == 1:
+        return None
+    if rc:
+        raise ValueError("a KV slot, length or page outside the cache" if rc == -1 else "out of memory")
+    return x_out, h_out
+
+
+class MoeLayer(ctypes.Structure):
+    """`moe_layer` of moe_layer_bf16.c: one MoE layer's expert weights (data pointers), sizes and SiLU table."""
+
+    _fields_ = ([(name, ctypes.c_int64) for name in ("D", "E", "K", "I", "Is")]
+                + [(name, ctypes.c_void_p) for name in ("w13", "w2", "gate_up", "down", "silu")])
+
+
+def moe_layer_decode(lib: ctypes.CDLL, layer: MoeLayer, x: torch.Tensor, h: torch.Tensor, topk_ids: torch.Tensor,
+                     topk_weights: torch.Tensor) -> torch.Tensor:
+    """A MoE layer's MLP half after its router, for T tokens in one call (`moe_layer_decode_bf16` in
+    moe_layer_bf16.c): x [T, D] bf16 (the stream after attention), h [T, D] bf16 (its norm), topk_ids [T, K] int64,
+    topk_weights [T, K] float32 -> x + shared expert + routed experts' weighted sum, [T, D] bf16."""
+    h, ids, weights = h.contiguous(), topk_ids.contiguous(), topk_weights.contiguous()
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    rc = lib.moe_layer_decode_bf16(ctypes.byref(layer), x.shape[0], x.data_ptr(), h.data_ptr(), ids.data_ptr(),
+                                   weights.data_ptr(), out.data_ptr())
+    if rc:
+        raise ValueError("an expert id outside the layer's experts" if rc == -1 else "out of memory")
+    return out

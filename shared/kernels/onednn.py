@@ -17,8 +17,10 @@ from torch import nn
 
 from moemesh.kernels import native
 from moemesh.kernels.native_attention import paged_decode  # noqa: F401  (this set's decode attention)
+from moemesh.kernels.native_decoder import NativeDecoderAttention, NativeDecoderMoE
 from moemesh.kernels.native_experts import NativeExperts, pairs_fit
 from moemesh.kernels.native_layers import NativeLinear, NativeRMSNorm, NativeRope, NativeRouter
+from moemesh.model.deepseek import DecoderLayer
 from moemesh.model.layers import Linear, RMSNorm
 from moemesh.model.moe import RoutedExperts, Router
 from moemesh.model.rope import RotaryEmbedding
@@ -135,8 +137,9 @@ def install(model: nn.Module) -> int:
     """Give every `Linear` and `RoutedExperts` of `model` its packed kernel; returns how many layers took one.
 
     The routed experts also take the native one-call kernels, linear layers the native dot products at one to
-    four rows, RMSNorms, V3's router and the rotary embedding their native kernels, where the native kernels build
-    and run (`moemesh.kernels.native`; `MOEMESH_NATIVE_KERNELS=0` turns them off)."""
+    four rows, RMSNorms, V3's router and the rotary embedding their native kernels, and decoder layers whose
+    attention half or MoE half runs natively throughout take it in one call at decode sizes, where the native
+    kernels build and run (`moemesh.kernels.native`; `MOEMESH_NATIVE_KERNELS=0` turns them off)."""
     n = 0
     lib = native.library()
     for m in model.modules():
@@ -159,4 +162,11 @@ def install(model: nn.Module) -> int:
         elif isinstance(m, RoutedExperts) and m.num_experts and m.fp8_block is None:  # FP8 ones stay 8-bit
             m.kernel = experts_kernel(m.w13, m.w2)
             n += 1
+    for m in model.modules():  # after the linear layers: it takes steps only where each of theirs would run natively
+        if isinstance(m, DecoderLayer):
+            rows = 0 if lib is None else NativeDecoderAttention.max_rows_of(m)
+            m.attention_kernel = NativeDecoderAttention(lib, m, rows) if rows else None
+            moe_rows = 0 if lib is None else NativeDecoderMoE.max_rows_of(m)
+            m.mlp_kernel = NativeDecoderMoE(lib, m, moe_rows) if moe_rows else None
+            n += (rows > 0) + (moe_rows > 0)
     return n

@@ -8,6 +8,8 @@ the vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -19,6 +21,13 @@ from moemesh.model.rope import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
+    # A runtime may install a kernel of `attention`'s math (`moemesh.kernels`): (x, positions, backend) -> the pair
+    # `attention` returns, or None for steps it leaves to the modules.
+    attention_kernel: Callable[[torch.Tensor, torch.Tensor, AttentionBackend],
+                               tuple[torch.Tensor, torch.Tensor] | None] | None = None
+    # And of the MLP half, (the stream after attention, the MLP's input) -> `add_mlp`'s result, or None.
+    mlp_kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -31,6 +40,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
         """x [T, D] -> [T, D]."""
         x, h = self.attention(x, positions, backend)
+        if self.mlp_kernel is not None and (out := self.mlp_kernel(x, h)) is not None:
+            return out
         return self.add_mlp(x, self.mlp(h))
 
     # The stages of `forward`, for callers that run the MLP apart (two-batch overlap runs an MoE's `before_experts`,
@@ -38,6 +49,8 @@ class DecoderLayer(nn.Module):
     def attention(self, x: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] residual stream -> (the stream after attention [T, D], the MLP's input: it normed [T, D])."""
+        if self.attention_kernel is not None and (out := self.attention_kernel(x, positions, backend)) is not None:
+            return out
         x = x + self.self_attn(self.input_layernorm(x), positions, backend)
         return x, self.post_attention_layernorm(x)
 

@@ -116,6 +116,8 @@ def test_in_an_engine_it_sees_the_same_cache_rows_as_the_torch_form(tmp_path: Pa
 
     path = make_tiny(tmp_path / "bf16", seed=3, dtype=torch.bfloat16)
     engine = Engine(EngineConfig(model=str(path), page_size=4, kv_cache_mb=16))
+    for layer in engine.model.model.layers:  # the modules' path: the one-call halves are its bits (test_native_decoder)
+        layer.attention_kernel = layer.mlp_kernel = None
     assert isinstance(engine.runner.decode_kernel, native_attention.NativePagedDecode)
     seen: list[float] = []
     original = attention.PagedAttention._decode
