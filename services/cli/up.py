@@ -380,6 +380,11 @@ def _start_instance(mesh: Mesh, role: str, index: int, ep_size: int, common: lis
             for r in range(ep_size)]
 
 
+# How long an idle prefill worker's first new request waits for others arriving with it (--batch-wait-ms): a burst
+# of a client's concurrent requests reaches it a few ms apart.
+PREFILL_BATCH_WAIT_MS = 5.0
+
+
 @dataclass
 class HostCores:
     """How `up` splits this host's cores: engine threads per worker process (the cores divided among the engine
@@ -389,6 +394,7 @@ class HostCores:
     procs_per_host: int | None  # None: the workers were given their own
     threads: int | None  # the workers' --num-threads when `up` sets it (pinned); None: theirs or the default
     pinned: CpuPlan | None
+    batch_wait_given: bool = False  # the workers were given their own --batch-wait-ms
 
     @staticmethod
     def for_mesh(args: argparse.Namespace, extra: list[str]) -> HostCores:
@@ -402,7 +408,7 @@ class HostCores:
         if args.pin == "auto" and args.device == "cpu" and args.ep_size == 1:
             plan = cpus.plan_cpus(cores, args.decode, threads)
         return HostCores(None if own_procs is not None else procs, threads if plan is not None and not given else None,
-                         plan)
+                         plan, _option_value(extra, "--batch-wait-ms") is not None)
 
     def worker_args(self, role: str, index: int) -> list[str]:
         out = [] if self.procs_per_host is None else ["--procs-per-host", str(self.procs_per_host)]
@@ -411,6 +417,8 @@ class HostCores:
             # the core first (small shape, 64 prompts at concurrency 4, three pairs: p99 TTFT 178/176/192 against
             # 220/202/247 ms, mean TTFT and output tokens/s better or level; docs/benchmarks.md).
             out += ["--engine-nice", str(cpus.SHARED_ENGINE_NICE)]
+        if role == "prefill" and not self.batch_wait_given:
+            out += ["--batch-wait-ms", str(PREFILL_BATCH_WAIT_MS)]
         return out + (["--num-threads", str(self.threads)] if self.threads is not None else [])
 
     def env(self, env: dict[str, str], role: str, index: int) -> dict[str, str]:

@@ -40,10 +40,24 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--engine-nice", type=int, default=0, metavar="N",
                    help="run the engine's thread N steps nicer (Linux), so that services sharing its cores preempt "
                         "it (`moemesh up` gives a prefill worker on the shared cores 10)")
+    g.add_argument("--batch-wait-ms", type=_milliseconds, default=0.0, metavar="MS",
+                   help="when idle, let the first new request wait this long for others arriving with it, so that a "
+                        "burst shares one step (`moemesh up` gives a prefill worker a few ms; default: none)")
     g.add_argument("--no-warmup", action="store_true",
                    help="take requests without first running the warm-up forwards (a prefill of a typical "
                         "prompt and of a whole step, a decode batch of every size to 4): the first requests then pay "
                         "the one-time costs (5x the first prefill's time on a CPU). An EP rank never warms up.")
+
+
+def _milliseconds(text: str) -> float:
+    """A non-negative count of milliseconds, at most a second (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
+    if not 0 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be 0 to 1000 ms, got {text}")
+    return value
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

@@ -122,7 +122,7 @@ class Worker:
             await asyncio.to_thread(ep.barrier)  # every rank loaded: the first vote will not wait on a load
         dtype = next(engine.model.parameters()).dtype
         layout = kv_layout(engine.model_dir, engine.model.config, dtype, cfg.page_size)
-        aengine = AsyncEngine(engine, getattr(args, "engine_nice", 0))
+        aengine = AsyncEngine(engine, getattr(args, "engine_nice", 0), getattr(args, "batch_wait_ms", 0.0) / 1e3)
         await aengine.start()
         worker_id = args.worker_id or (args.ep_size > 1 and args.instance_id) or f"{role_name}-{uuid.uuid4().hex[:8]}"
         if args.ep_size > 1:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from moemesh.service import cpus
+from moemesh.services.cli import up
 from moemesh.services.cli.detach import alive, read_pid
 from moemesh.telemetry.readiness import read_ready_file
 from tests.processes.cli.test_detach import moemesh, stopped_after
@@ -65,6 +66,9 @@ def test_decode_workers_run_alone_on_their_cores(tmp_path: Path, tiny_dir: Path)
     for name, (_, cmdline, _) in placed.items():
         if name.startswith(("prefill", "decode")):  # two engines share the host's cores: one thread's worth each
             assert cmdline[cmdline.index("--procs-per-host") + 1] == "2", cmdline
+        # A prefill worker lets a burst of requests gather for one step; a decode worker starts at once.
+        waits = cmdline[cmdline.index("--batch-wait-ms") + 1] if "--batch-wait-ms" in cmdline else None
+        assert waits == (str(up.PREFILL_BATCH_WAIT_MS) if name.startswith("prefill") else None), (name, cmdline)
     if len(cores) < 2:  # one core: nothing left for the others, so nothing is pinned
         assert all(c == set(cores) for c, _, _ in placed.values()), placed
         return
