@@ -306,8 +306,9 @@ def mla_layer_decode(lib: ctypes.CDLL, layer: MlaLayer, x: torch.Tensor, positio
     rotary tables); cache [S, C + R] bf16 contiguous (one layer's slots); slots [T] int64; pages [T, P] int64;
     lens [T] int64 (KV lengths, new token included). Returns (x + attention [T, D], its post-attention norm [T, D]),
     bf16; None when a position is past the rotary tables (nothing was written)."""
-    positions, slots = positions.contiguous(), slots.contiguous()
-    pages, lens = pages.contiguous(), lens.contiguous()
+    x = x.contiguous()
+    positions, slots = positions.to(torch.int64).contiguous(), slots.to(torch.int64).contiguous()
+    pages, lens = pages.to(torch.int64).contiguous(), lens.to(torch.int64).contiguous()
     x_out, h_out = torch.empty_like(x), torch.empty_like(x)
     rc = lib.mla_layer_decode_bf16(ctypes.byref(layer), x.shape[0], x.data_ptr(), positions.data_ptr(),
                                    cos.data_ptr(), sin.data_ptr(), cos.shape[0], cache.data_ptr(), cache.shape[0],
@@ -332,7 +333,7 @@ def moe_layer_decode(lib: ctypes.CDLL, layer: MoeLayer, x: torch.Tensor, h: torc
     """A MoE layer's MLP half after its router, for T tokens in one call (`moe_layer_decode_bf16` in
     moe_layer_bf16.c): x [T, D] bf16 (the stream after attention), h [T, D] bf16 (its norm), topk_ids [T, K] int64,
     topk_weights [T, K] float32 -> x + shared expert + routed experts' weighted sum, [T, D] bf16."""
-    h, ids, weights = h.contiguous(), topk_ids.contiguous(), topk_weights.contiguous()
+    h, ids, weights = h.contiguous(), topk_ids.to(torch.int64).contiguous(), topk_weights.to(torch.float32).contiguous()
     x = x.contiguous()
     out = torch.empty_like(x)
     rc = lib.moe_layer_decode_bf16(ctypes.byref(layer), x.shape[0], x.data_ptr(), h.data_ptr(), ids.data_ptr(),
