@@ -395,6 +395,7 @@ class HostCores:
     threads: int | None  # the workers' --num-threads when `up` sets it (pinned); None: theirs or the default
     pinned: CpuPlan | None
     batch_wait_given: bool = False  # the workers were given their own --batch-wait-ms
+    ep_group: bool = False  # every instance an EP group, whose ranks vote on each step: no batch wait
 
     @staticmethod
     def for_mesh(args: argparse.Namespace, extra: list[str]) -> HostCores:
@@ -408,7 +409,7 @@ class HostCores:
         if args.pin == "auto" and args.device == "cpu" and args.ep_size == 1:
             plan = cpus.plan_cpus(cores, args.decode, threads)
         return HostCores(None if own_procs is not None else procs, threads if plan is not None and not given else None,
-                         plan, _option_value(extra, "--batch-wait-ms") is not None)
+                         plan, _option_value(extra, "--batch-wait-ms") is not None, args.ep_size > 1)
 
     def worker_args(self, role: str, index: int) -> list[str]:
         out = [] if self.procs_per_host is None else ["--procs-per-host", str(self.procs_per_host)]
@@ -417,7 +418,7 @@ class HostCores:
             # the core first (small shape, 64 prompts at concurrency 4, three pairs: p99 TTFT 178/176/192 against
             # 220/202/247 ms, mean TTFT and output tokens/s better or level; docs/benchmarks.md).
             out += ["--engine-nice", str(cpus.SHARED_ENGINE_NICE)]
-        if role == "prefill" and not self.batch_wait_given:
+        if role == "prefill" and not self.batch_wait_given and not self.ep_group:  # EP ranks step in lockstep
             out += ["--batch-wait-ms", str(PREFILL_BATCH_WAIT_MS)]
         return out + (["--num-threads", str(self.threads)] if self.threads is not None else [])
 

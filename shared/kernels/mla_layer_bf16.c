@@ -36,15 +36,20 @@ typedef struct {
  * (this layer's slots); slots [T] int64, where each token's latents go; pages [T, P] int64, lens [T] int64 (KV
  * lengths, the new token included). Writes the new latents into the cache, x_out [T, D] = x + attention and h_out
  * [T, D] = post-norm(x_out), both bf16. Returns 0; 1 for a position past the rotary tables (nothing written: the
- * caller's modules grow them); -1 for a slot, length or page outside the cache; -2 when out of memory. */
+ * caller's modules grow them); -1 for a slot, length or page outside the cache (nothing written); -2 when out of
+ * memory (only the attention's own scratch failing after the new rows were written leaves them). */
 int mla_layer_decode_bf16(const mla_layer *L, int64_t T, const bf16 *x, const int64_t *positions, const float *cos,
                           const float *sin, int64_t table_len, bf16 *cache, int64_t num_slots, const int64_t *slots,
                           int64_t page_size, int64_t P, const int64_t *pages, const int64_t *lens, bf16 *x_out,
                           bf16 *h_out) {
     const int64_t D = L->D, Q = L->Q, H = L->H, Dn = L->Dn, R = L->R, C = L->C, V = L->V, W = C + R;
     const int64_t qk = Dn + R;
-    for (int64_t t = 0; t < T; t++)
-        if (slots[t] < 0 || slots[t] >= num_slots) return -1;
+    /* every index checked before anything is computed or written: a bad one leaves the cache as it was */
+    for (int64_t t = 0; t < T; t++) {
+        if (slots[t] < 0 || slots[t] >= num_slots || lens[t] < 1 || lens[t] > P * page_size) return -1;
+        for (int64_t i = 0; i < (lens[t] + page_size - 1) / page_size; i++)
+            if (pages[t * P + i] < 0 || (pages[t * P + i] + 1) * page_size > num_slots) return -1;
+    }
     /* scratch, in the order of use: h, q_a, q_a normed, q, kv_a, c_kv, c_kv normed, q_pe, k_pe, q_nope, attention, o */
     size_t n = (size_t)(T * (D + 2 * Q + H * qk + W + 2 * C + H * R + R + H * Dn + H * V + D));
     bf16 *buf = malloc(sizeof(bf16) * (n + 1));

@@ -306,6 +306,15 @@ def mla_layer_decode(lib: ctypes.CDLL, layer: MlaLayer, x: torch.Tensor, positio
     rotary tables); cache [S, C + R] bf16 contiguous (one layer's slots); slots [T] int64; pages [T, P] int64;
     lens [T] int64 (KV lengths, new token included). Returns (x + attention [T, D], its post-attention norm [T, D]),
     bf16; None when a position is past the rotary tables (nothing was written)."""
+    t, d = x.shape
+    if not (d == layer.D and positions.shape == slots.shape == lens.shape == (t,) and pages.dim() == 2
+            and pages.shape[0] == t and cache.dim() == 2 and cache.shape[1] == layer.C + layer.R
+            and cache.is_contiguous() and x.dtype == cache.dtype == torch.bfloat16 and cos.shape == sin.shape
+            and cos.dim() == 2 and cos.shape[1] == layer.R // 2 and cos.dtype == sin.dtype == torch.float32
+            and cos.is_contiguous() and sin.is_contiguous()):
+        raise ValueError(f"mla_layer_decode: shapes do not fit the layer (x {tuple(x.shape)}, positions "
+                         f"{tuple(positions.shape)}, slots {tuple(slots.shape)}, pages {tuple(pages.shape)}, lens "
+                         f"{tuple(lens.shape)}, cache {tuple(cache.shape)} {cache.dtype}, tables {tuple(cos.shape)})")
     x = x.contiguous()
     positions, slots = positions.to(torch.int64).contiguous(), slots.to(torch.int64).contiguous()
     pages, lens = pages.to(torch.int64).contiguous(), lens.to(torch.int64).contiguous()
@@ -333,6 +342,11 @@ def moe_layer_decode(lib: ctypes.CDLL, layer: MoeLayer, x: torch.Tensor, h: torc
     """A MoE layer's MLP half after its router, for T tokens in one call (`moe_layer_decode_bf16` in
     moe_layer_bf16.c): x [T, D] bf16 (the stream after attention), h [T, D] bf16 (its norm), topk_ids [T, K] int64,
     topk_weights [T, K] float32 -> x + shared expert + routed experts' weighted sum, [T, D] bf16."""
+    t = x.shape[0]
+    if not (x.dim() == 2 and x.shape == h.shape and x.shape[1] == layer.D
+            and topk_ids.shape == topk_weights.shape == (t, layer.K) and x.dtype == h.dtype == torch.bfloat16):
+        raise ValueError(f"moe_layer_decode: shapes do not fit the layer (x {tuple(x.shape)}, h {tuple(h.shape)}, "
+                         f"topk_ids {tuple(topk_ids.shape)}, topk_weights {tuple(topk_weights.shape)})")
     h, ids, weights = h.contiguous(), topk_ids.to(torch.int64).contiguous(), topk_weights.to(torch.float32).contiguous()
     x = x.contiguous()
     out = torch.empty_like(x)

@@ -194,6 +194,8 @@ def _counts(flat_ids: torch.Tensor, num_experts: int) -> list[int]:
         return torch.bincount(flat_ids, minlength=num_experts).tolist()
     counts = [0] * num_experts
     for e in flat_ids.tolist():
+        if not 0 <= e < num_experts:
+            raise ValueError(f"expert id {e} outside the layer's {num_experts} experts")
         counts[e] += 1
     return counts
 

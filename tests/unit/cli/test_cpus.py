@@ -9,6 +9,7 @@ import pytest
 
 from moemesh.service import cpus
 from moemesh.service.cpus import CpuPlan, apply_from_env, format_cpus, parse_cpus, plan_cpus
+from moemesh.services.cli import up
 from moemesh.services.cli.main import main
 from moemesh.services.cli.up import HostCores
 
@@ -88,3 +89,18 @@ def test_up_gives_workers_their_threads_and_cores(monkeypatch: pytest.MonkeyPatc
     assert plan.env({}, "prefill", 0)[cpus.ENV] == plan.env({}, "service", 0)[cpus.ENV] == want_shared
     assert plan.env({}, "kvtransfer", 0)[cpus.ENV] == want_kv
     assert HostCores.for_mesh(argparse.Namespace(**{**vars(args), "pin": "off"}), extra).pinned is None
+
+
+@pytest.mark.parametrize(("ep_size", "extra", "want"), [
+    (1, [], ["--batch-wait-ms", str(up.PREFILL_BATCH_WAIT_MS)]),
+    (1, ["--batch-wait-ms", "0"], []),  # the user's own value reaches the workers through the extra options
+    (4, [], []),  # EP ranks vote on every step together: a wait would not gather anything
+])
+def test_up_gives_prefill_workers_a_batch_wait(monkeypatch: pytest.MonkeyPatch, ep_size: int, extra: list[str],
+                                               want: list[str]) -> None:
+    monkeypatch.setattr(cpus, "available_cpus", lambda: [0, 1])
+    args = argparse.Namespace(prefill=1, decode=1, ep_size=ep_size, pin="auto", device="cpu")
+    plan = HostCores.for_mesh(args, extra)
+    prefill, decode = plan.worker_args("prefill", 0), plan.worker_args("decode", 0)
+    at = prefill.index("--batch-wait-ms") if "--batch-wait-ms" in prefill else len(prefill)
+    assert prefill[at:at + 2] == want and "--batch-wait-ms" not in decode

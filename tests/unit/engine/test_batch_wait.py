@@ -65,3 +65,22 @@ def test_a_bad_wait_is_refused_with_a_clear_message(value: str, capsys: pytest.C
     with pytest.raises(SystemExit) as exc:
         p.parse_args(["--batch-wait-ms", value])
     assert exc.value.code == 2 and "--batch-wait-ms" in capsys.readouterr().err
+
+
+def test_a_stop_during_the_wait_ends_it_at_once(tiny_dir: Path) -> None:
+    import time
+
+    engine = Engine(EngineConfig(model=str(tiny_dir), dtype="float32", page_size=4, kv_cache_mb=8))
+
+    async def run() -> float:
+        aengine = AsyncEngine(engine, batch_wait_s=30.0)
+        await aengine.start()
+        params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        first = asyncio.ensure_future(aengine.generate([5, 6, 7], params, "a").__anext__())
+        await asyncio.sleep(0.2)  # the request is in, the engine thread waits for company
+        t0 = time.monotonic()
+        await aengine.stop()
+        first.cancel()
+        return time.monotonic() - t0
+
+    assert asyncio.run(run()) < 2.0  # not the 30 s wait

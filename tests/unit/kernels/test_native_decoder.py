@@ -18,7 +18,8 @@ from moemesh.engine.sampling_params import SamplingParams
 from moemesh.kernels import native
 from moemesh.kernels.native_decoder import NativeDecoderAttention, NativeDecoderMoE, silu_table
 from moemesh.model.mla import NoCacheAttention
-from moemesh.model.tiny import make_tiny
+from moemesh.model.moe import _counts
+from moemesh.model.tiny import make_tiny, tiny_config, write_checkpoint
 
 needs_native = pytest.mark.skipif(native.why_not() is not None, reason=f"native kernels: {native.why_not()}")
 
@@ -59,11 +60,21 @@ def test_the_engine_installs_them_on_every_layer_they_fit(bf16_model: Path) -> N
     assert all(layer.attention_kernel is layer.mlp_kernel is None for layer in plain.model.model.layers)
 
 
+# The tiny preset, and the architecture's other branches the one-call halves take: projections with biases, no
+# shared expert, rope on halves rather than on interleaved pairs.
+VARIANTS = {"tiny": {}, "attention bias": {"attention_bias": True}, "no shared expert": {"n_shared_experts": 0},
+            "rope halves": {"rope_interleave": False}}
+
+
 @needs_native
-def test_the_fused_halves_compute_the_per_module_bits(bf16_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_the_fused_halves_compute_the_per_module_bits(variant: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Greedy generations with logprobs, over steps of 1-4 decoding sequences (fused), steps of six (too many rows:
     the modules) and steps mixing prefill chunks with decodes (the modules): every token, logprob, cache row and
     expert-load count equal to the per-module kernels' bit for bit."""
+    bf16_model = write_checkpoint(tmp_path / "ckpt", tiny_config(torch_dtype="bfloat16", **VARIANTS[variant]), seed=5,
+                                  dtype=torch.bfloat16)
     calls = {"attention": 0, "moe": 0}
     for name, key in (("mla_layer_decode", "attention"), ("moe_layer_decode", "moe")):
         original = getattr(native, name)
@@ -78,7 +89,8 @@ def test_the_fused_halves_compute_the_per_module_bits(bf16_model: Path, monkeypa
     for fused in (True, False):
         engine = _engine(bf16_model, fused, record_expert_load=True)
         prompts = _prompts()
-        outs = [engine.generate(prompts[:1], params), engine.generate(prompts[1:4], params),
+        outs = [engine.generate(prompts[:1], params), engine.generate(prompts[1:3], params),
+                engine.generate(prompts[1:4], params), engine.generate(prompts[2:6], params),
                 engine.generate(prompts, params)]
         engine.expert_load.maybe_readout(force=True)
         results.append((outs, engine.runner.cache.data.clone(), engine.expert_load.snapshot.clone()))
@@ -133,6 +145,31 @@ def test_a_position_past_the_rotary_tables_writes_nothing_and_a_bad_slot_is_refu
     with pytest.raises(ValueError, match="outside the cache"):
         native.mla_layer_decode(lib, kernel.struct, x, torch.tensor([4, 2]), rope.cos_cached, rope.sin_cached,
                                 cache, torch.tensor([4, 64]), pages, lens, 4)
+    # a length past the page table or a page past the cache: refused before anything is written
+    cache.zero_()
+    for bad_pages, bad_lens in ((pages, torch.tensor([9, 3])), (torch.tensor([[0, 1], [16, 3]]), lens)):
+        with pytest.raises(ValueError, match="outside the cache"):
+            native.mla_layer_decode(lib, kernel.struct, x, torch.tensor([4, 2]), rope.cos_cached, rope.sin_cached,
+                                    cache, slots, bad_pages, bad_lens, 4)
+        assert not cache.any()
+    with pytest.raises(ValueError, match="shapes do not fit"):  # a stream of another width
+        native.mla_layer_decode(lib, kernel.struct, x[:, :-1], torch.tensor([4, 2]), *args)
+    moe = engine.model.model.layers[-1].mlp_kernel
+    ids, weights = torch.zeros(2, 4, dtype=torch.int64), torch.ones(2, 4)
+    with pytest.raises(ValueError, match="shapes do not fit"):  # a choice of another width than the layer's top-k
+        native.moe_layer_decode(lib, moe.struct, x, x, ids[:, :3], weights[:, :3])
+    with pytest.raises(ValueError, match="outside the layer's experts"):
+        native.moe_layer_decode(lib, moe.struct, x, x, ids + 1000, weights)
+
+
+def test_expert_counts_at_decode_sizes_are_bincounts_and_refuse_a_bad_id() -> None:
+    ids = torch.tensor([[3, 0, 3, 7], [1, 3, 0, 2]])
+    assert _counts(ids.reshape(-1), 8) == torch.bincount(ids.reshape(-1), minlength=8).tolist()
+    big = torch.randint(0, 8, (300,))  # past the Python count's bound: bincount's own
+    assert _counts(big, 8) == torch.bincount(big, minlength=8).tolist()
+    for bad in (-1, 8):
+        with pytest.raises(ValueError, match="outside the layer's 8 experts"):
+            _counts(torch.tensor([0, bad]), 8)
 
 
 def test_the_silu_table_is_torchs_silu_of_every_bf16_value() -> None:
