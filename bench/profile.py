@@ -70,54 +70,69 @@ def _engine(args: argparse.Namespace):
                                kernels=args.kernels))
 
 
+def _alternate(engine, rounds: int, steps: int, title: str, setups: dict[str, Callable[[], None]]) -> None:
+    """Decode steps of the same engine under each of two `setups` (name -> what sets it up), alternating `rounds`
+    times (the machine is shared: interleaving spreads its noise over both), best of `steps` each; prints the pairs."""
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    for _ in range(rounds):
+        for name, setup in setups.items():
+            setup()
+            engine.step()
+            times[name].append(best_time(engine.step, steps))
+    first, second = times.values()
+    print(f"decode step, {title} (interleaved, ms): " + "; ".join(
+        f"{a * 1e3:.2f} / {b * 1e3:.2f}" for a, b in zip(first, second, strict=True)))
+
+
 def _native_ab(engine, rounds: int, steps: int) -> None:
-    """Decode steps of the same engine with the native kernels and without, alternating `rounds` times
-    (the machine is shared: interleaving spreads its noise over both), best of `steps` each."""
+    """Decode steps with the native kernels and without (`_alternate`)."""
     import os
 
     from moemesh.kernels import native
     from moemesh.kernels.backends import decode_attention, install_kernels
 
+    def reinstall() -> None:  # the kernels as the environment now says
+        install_kernels(engine.model, engine.kernels)
+        engine.runner.decode_kernel = decode_attention(engine.kernels)
+
+    def native_kernels(env: str) -> Callable[[], None]:
+        def setup() -> None:
+            os.environ[native.ENV] = env
+            reinstall()
+        return setup
+
     before = os.environ.get(native.ENV)
-    times: dict[str, list[float]] = {"native": [], "without": []}
     try:
-        for _ in range(rounds):
-            for name, env in (("native", "1"), ("without", "0")):
-                os.environ[native.ENV] = env
-                install_kernels(engine.model, engine.kernels)
-                engine.runner.decode_kernel = decode_attention(engine.kernels)
-                engine.step()
-                times[name].append(best_time(engine.step, steps))
-    finally:
+        _alternate(engine, rounds, steps, "native kernels on / off",
+                   {"native": native_kernels("1"), "without": native_kernels("0")})
+    finally:  # the environment and the kernels as they were: what runs next measures the engine as configured
         if before is None:
             os.environ.pop(native.ENV, None)
         else:
             os.environ[native.ENV] = before
-    print("decode step, native kernels on / off (interleaved, ms): " + "; ".join(
-        f"{a * 1e3:.2f} / {b * 1e3:.2f}" for a, b in zip(times["native"], times["without"], strict=True)))
+        reinstall()
 
 
 def _layer_ab(engine, rounds: int, steps: int) -> None:
-    """Decode steps of the same engine with its layers' one-call kernels (moemesh.kernels.native_decoder) and with
-    the per-module kernels alone, alternating `rounds` times, best of `steps` each."""
+    """Decode steps with the layers' one-call kernels (moemesh.kernels.native_decoder) and with the per-module
+    kernels alone (`_alternate`)."""
     layers = engine.model.model.layers
     installed = [(layer.attention_kernel, layer.mlp_kernel) for layer in layers]
     if not any(a or m for a, m in installed):
         print("decode step, one-call layers: none installed (not bf16 on a CPU with the native kernels)")
         return
-    times: dict[str, list[float]] = {"one call": [], "per module": []}
+
+    def layer_kernels(on: bool) -> Callable[[], None]:
+        def setup() -> None:
+            for layer, (a, m) in zip(layers, installed, strict=True):
+                layer.attention_kernel, layer.mlp_kernel = (a, m) if on else (None, None)
+        return setup
+
     try:
-        for _ in range(rounds):
-            for name in times:
-                for layer, (a, m) in zip(layers, installed, strict=True):
-                    layer.attention_kernel, layer.mlp_kernel = (a, m) if name == "one call" else (None, None)
-                engine.step()
-                times[name].append(best_time(engine.step, steps))
+        _alternate(engine, rounds, steps, "one-call layer halves / per-module kernels",
+                   {"one call": layer_kernels(True), "per module": layer_kernels(False)})
     finally:
-        for layer, (a, m) in zip(layers, installed, strict=True):
-            layer.attention_kernel, layer.mlp_kernel = a, m
-    print("decode step, one-call layer halves / per-module kernels (interleaved, ms): " + "; ".join(
-        f"{a * 1e3:.2f} / {b * 1e3:.2f}" for a, b in zip(times["one call"], times["per module"], strict=True)))
+        layer_kernels(True)()
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:

@@ -25,6 +25,21 @@ from moemesh.model.layers import GatedMLP
 from moemesh.model.moe import MoE, RoutedExperts
 
 
+class _Pointers:
+    """Data pointers for a layer's struct, each tensor held (a view of the parameter of record: in-place writes,
+    expert moves among them, are seen) so that its pointer stays valid while the struct lives."""
+
+    def __init__(self) -> None:
+        self.held: list[torch.Tensor] = []
+
+    def __call__(self, t: torch.Tensor | None) -> int | None:
+        """t's data pointer (None, NULL in C, for a missing tensor)."""
+        if t is None:
+            return None
+        self.held.append(t.detach())
+        return t.data_ptr()
+
+
 class NativeDecoderAttention:
     """A `DecoderLayer`'s attention kernel: steps in which every token decodes (an attention backend whose
     `decode_only` gives the layer's cache and the step's layout) of at most as many rows as each of the layer's
@@ -36,23 +51,18 @@ class NativeDecoderAttention:
         self.layer = layer
         self.max_rows = max_rows
         attn = layer.self_attn
-        # Views of the parameters of record: in-place writes are seen; keeping them keeps the pointers valid.
-        self._tensors = [t.detach() for t in (
-            layer.input_layernorm.weight, attn.q_a_proj.weight, attn.q_a_layernorm.weight, attn.q_b_proj.weight,
-            attn.kv_a_proj_with_mqa.weight, attn.kv_a_layernorm.weight, attn.kv_b_proj.weight, attn.o_proj.weight,
-            layer.post_attention_layernorm.weight)]
-        biases = [None if b is None else b.detach() for b in (
-            attn.q_a_proj.bias, attn.kv_a_proj_with_mqa.bias, attn.o_proj.bias)]
-        self._tensors += [b for b in biases if b is not None]
-        in_norm, q_a, q_a_norm, q_b, kv_a, kv_a_norm, kv_b, o, post_norm = (t.data_ptr() for t in self._tensors[:9])
-        q_a_bias, kv_a_bias, o_bias = (None if b is None else b.data_ptr() for b in biases)
+        ptr = _Pointers()
+        self._tensors = ptr.held
         self.struct = native.MlaLayer(
             D=attn.q_a_proj.in_features, Q=attn.q_a_proj.out_features, H=attn.num_heads, Dn=attn.nope_dim,
-            R=attn.rope_dim, C=attn.kv_lora_rank, V=attn.v_dim, in_norm=in_norm, q_a=q_a, q_a_bias=q_a_bias,
-            q_a_norm=q_a_norm, q_b=q_b, kv_a=kv_a, kv_a_bias=kv_a_bias, kv_a_norm=kv_a_norm, kv_b=kv_b, o=o,
-            o_bias=o_bias, post_norm=post_norm, in_eps=layer.input_layernorm.eps, q_eps=attn.q_a_layernorm.eps,
-            kv_eps=attn.kv_a_layernorm.eps, post_eps=layer.post_attention_layernorm.eps, scale=attn.softmax_scale,
-            interleave=int(attn.rotary.interleave))
+            R=attn.rope_dim, C=attn.kv_lora_rank, V=attn.v_dim, in_norm=ptr(layer.input_layernorm.weight),
+            q_a=ptr(attn.q_a_proj.weight), q_a_bias=ptr(attn.q_a_proj.bias), q_a_norm=ptr(attn.q_a_layernorm.weight),
+            q_b=ptr(attn.q_b_proj.weight), kv_a=ptr(attn.kv_a_proj_with_mqa.weight),
+            kv_a_bias=ptr(attn.kv_a_proj_with_mqa.bias), kv_a_norm=ptr(attn.kv_a_layernorm.weight),
+            kv_b=ptr(attn.kv_b_proj.weight), o=ptr(attn.o_proj.weight), o_bias=ptr(attn.o_proj.bias),
+            post_norm=ptr(layer.post_attention_layernorm.weight), in_eps=layer.input_layernorm.eps,
+            q_eps=attn.q_a_layernorm.eps, kv_eps=attn.kv_a_layernorm.eps, post_eps=layer.post_attention_layernorm.eps,
+            scale=attn.softmax_scale, interleave=int(attn.rotary.interleave))
 
     @staticmethod
     def max_rows_of(layer: DecoderLayer) -> int:
@@ -113,18 +123,14 @@ class NativeDecoderMoE:
         self.experts: RoutedExperts = self.moe.experts
         self.experts_kernel = self.experts.kernel
         shared = self.moe.shared_experts
-        table = silu_table()
-        # Views of the parameters of record (in-place writes, expert moves among them, are seen), held with the
-        # table so that the pointers stay valid.
-        self._tensors = [self.experts.w13.detach(), self.experts.w2.detach(), table]
-        if shared is not None:
-            self._tensors += [shared.gate_up.weight.detach(), shared.down.weight.detach()]
+        ptr = _Pointers()
+        self._tensors = ptr.held
         e, two_i, d = self.experts.w13.shape
         self.struct = native.MoeLayer(
             D=d, E=e, K=self.moe.gate.top_k, I=two_i // 2, Is=0 if shared is None else shared.intermediate,
-            w13=self._tensors[0].data_ptr(), w2=self._tensors[1].data_ptr(),
-            gate_up=None if shared is None else self._tensors[3].data_ptr(),
-            down=None if shared is None else self._tensors[4].data_ptr(), silu=table.data_ptr())
+            w13=ptr(self.experts.w13), w2=ptr(self.experts.w2),
+            gate_up=ptr(None if shared is None else shared.gate_up.weight),
+            down=ptr(None if shared is None else shared.down.weight), silu=ptr(silu_table()))
 
     @staticmethod
     def max_rows_of(layer: DecoderLayer) -> int:

@@ -46,14 +46,14 @@ class Peers(Generic[P]):
         self.by_address: dict[str, P] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
 
-    async def get(self, address: str, usable: Callable[[P], bool], connect: Callable[[], Awaitable[P]]) -> P:
+    async def get(self, address: str, connect: Callable[[], Awaitable[P]]) -> P:
         """The connection to `address` if it is still usable, else a new one from `connect` (whose errors pass)."""
         peer = self.by_address.get(address)
-        if peer is not None and usable(peer):
+        if peer is not None and peer.usable:
             return peer
         async with self._connecting.setdefault(address, asyncio.Lock()):
             peer = self.by_address.get(address)
-            if peer is not None and usable(peer):
+            if peer is not None and peer.usable:
                 return peer
             peer = self.by_address[address] = await connect()
             return peer
@@ -90,7 +90,7 @@ class ConnectionSender(KvSender, Generic[P]):
         # Connect before the first block: a dead receiver fails the room early, and a new connection's
         # handshake overlaps the prefill computing that block.
         try:
-            peer = await self._pool.get(address, lambda p: p.usable, lambda: self._connect(room_id, address))
+            peer = await self._pool.get(address, lambda: self._connect(room_id, address))
         except BaseException:
             discard(first)
             raise
