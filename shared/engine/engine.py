@@ -50,6 +50,7 @@ class EngineConfig:
     max_model_len: int | None = None     # None: the model's context, capped by the cache
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048   # chunked prefill: prompt tokens per step
+    max_prefill_tokens: int | None = None  # new prompts' tokens per prefill step past the first; None: the above
     enable_prefix_caching: bool = True
     max_waiting_requests: int | None = None  # queued requests at most (None: unbounded); past it QueueFull
     seed: int = 0                        # the shared generator of unseeded random sampling
@@ -131,7 +132,7 @@ class Engine:
         self.max_model_len = min(max_len, capacity)
         self.scheduler = Scheduler(SchedulerConfig(
             num_pages=num_pages, page_size=cfg.page_size, max_model_len=self.max_model_len,
-            max_num_seqs=max_seqs, max_num_batched_tokens=max_step_tokens,
+            max_num_seqs=max_seqs, max_num_batched_tokens=max_step_tokens, max_prefill_tokens=cfg.max_prefill_tokens,
             enable_prefix_caching=cfg.enable_prefix_caching, max_waiting_requests=cfg.max_waiting_requests))
         eos = set(mc.eos_token_ids)
         if self.tokenizer is not None:

@@ -127,6 +127,19 @@ class RadixCache:
             return 0.0
         return self._hit_tokens / self._queried_tokens
 
+    def prefix_tokens(self, token_ids: Sequence[int]) -> int:
+        """How many leading tokens of `token_ids` `match_prefix` would match now, without marking or counting
+        anything: a scheduler's look before it decides to admit."""
+        if not self._enabled:
+            return 0
+        size, node, n = self._page_size, self._root, 0
+        for start in range(0, len(token_ids) - size + 1, size):
+            node = node.children.get(tuple(token_ids[start:start + size]))
+            if node is None:
+                break
+            n += size
+        return n
+
     def match_prefix(self, token_ids: Sequence[int]) -> PrefixMatch:
         """The longest prefix of whole pages of `token_ids` present in the tree; marks its path as used.
 

@@ -3,7 +3,10 @@
 Pure Python, no tensors. Policy (SGLang's, prefill first):
 - A step is a prefill step when any admitted request still has prompt tokens to compute, or a waiting
   request can be admitted; its tokens fit a budget (`max_num_batched_tokens`), so long prompts are
-  chunked over several steps. Otherwise it is a decode step: every running request feeds one token.
+  chunked over several steps. New prompts join a step while their uncached tokens fit a second, smaller
+  bound where one is set (`max_prefill_tokens`, SGLang's `--max-prefill-tokens`; a step always takes at least
+  one): short prompts arriving together then leave in several short steps, the first ones' first tokens
+  earlier. Otherwise it is a decode step: every running request feeds one token.
 - Admission reserves pages for a request's whole prompt, after reusing its longest cached prefix;
   it stops at the first request that does not fit (first come, first served).
 - A decode step that needs a page when none is free preempts the most recently admitted request:
@@ -38,6 +41,8 @@ class SchedulerConfig:
     max_model_len: int
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # Uncached tokens of new prompts in one prefill step at most, past the first prompt; None: the step budget.
+    max_prefill_tokens: int | None = None
     enable_prefix_caching: bool = True
     # Requests queued for admission (waiting, or reserving on a PD decode worker) at most; None: no bound.
     max_waiting_requests: int | None = None
@@ -49,6 +54,8 @@ class SchedulerConfig:
         for name in ("num_pages", "page_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1 (None: the step budget), got {self.max_prefill_tokens}")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests must be >= 1 (None: unbounded), got {self.max_waiting_requests}")
         if self.num_pages * self.page_size < self.max_model_len:
@@ -190,14 +197,20 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed, budget)
             seqs.append(ScheduledSeq(req, req.num_computed, n, req.num_computed + n == req.num_tokens))
             budget -= n
+        new_tokens, bound = 0, self.cfg.max_prefill_tokens
         while self.waiting and budget > 0 and len(self.prefilling) + len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
+            if bound is not None and seqs:
+                need = min(len(req.all_token_ids) - self.cache.prefix_tokens(self._prefix_query(req)), budget)
+                if new_tokens + need > bound:
+                    break
             if not self._admit(req):
                 break
             self.waiting.popleft()
             n = min(req.num_tokens - req.num_computed, budget)
             seqs.append(ScheduledSeq(req, req.num_computed, n, req.num_computed + n == req.num_tokens))
             budget -= n
+            new_tokens += n
         return ScheduledBatch(seqs, is_prefill=True)
 
     def _admit_reservations(self) -> None:
@@ -214,11 +227,16 @@ class Scheduler:
             self.transferring.append(req)
             self.newly_reserved.append(req)
 
+    @staticmethod
+    def _prefix_query(req: Request) -> list[int]:
+        """The tokens whose cached prefix a request may reuse. Keep at least the last token out of the match: its
+        logits must be computed to sample. Prompt logprobs need every prompt position's logits: nothing cached is
+        reused."""
+        return [] if req.params.prompt_logprobs is not None else req.all_token_ids[:-1]
+
     def _admit(self, req: Request) -> bool:
         tokens = req.all_token_ids
-        # Keep at least the last token out of the match: its logits must be computed to sample. Prompt logprobs
-        # need every prompt position's logits: nothing cached is reused.
-        match = self.cache.match_prefix([] if req.params.prompt_logprobs is not None else tokens[:-1])
+        match = self.cache.match_prefix(self._prefix_query(req))
         self.cache.lock(match.node)  # pin before counting what is free: pinned pages are not
         need = self.pages_for(len(tokens)) - len(match.pages)
         reserve = self._watermark_pages if (self.running or self.prefilling) else 0

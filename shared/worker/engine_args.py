@@ -25,6 +25,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch at most")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="prompt tokens per prefill step (default: 512 on a CPU, 2048 on a GPU)")
+    g.add_argument("--max-prefill-tokens", type=_tokens, default=None, metavar="N",
+                   help="new prompts join a prefill step while their uncached tokens stay within N (the first "
+                        "always does), so that prompts arriving together leave in shorter steps, the first ones' "
+                        "first tokens earlier (SGLang's option of that name; default: up to --max-num-batched-tokens)")
     g.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS,
                    help="requests queued for KV pages or a batch slot at most; more are refused at once with "
                         "RESOURCE_EXHAUSTED and a retry hint (default: %(default)s)")
@@ -60,11 +64,23 @@ def _milliseconds(text: str) -> float:
     return value
 
 
+def _tokens(text: str) -> int:
+    """A non-negative count of tokens (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count of tokens: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, dtype=args.dtype, page_size=args.page_size, kv_cache_mb=args.kv_cache_mb,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens or default_batched_tokens(args.device),
+        max_prefill_tokens=args.max_prefill_tokens or None,
         enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.num_threads or cpus.default_threads(args.procs_per_host), device=device_of(args),
         max_waiting_requests=args.max_waiting_requests, kernels=args.kernels)
