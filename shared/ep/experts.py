@@ -161,12 +161,14 @@ class EPExperts(nn.Module):
         if slots:
             if rows.is_cuda:  # made on the copy thread's stream: not to be reused before this stream has read it
                 rows.record_stream(torch.cuda.current_stream(rows.device))
-            index = torch.tensor(slots, dtype=torch.int64, device=rows.device)
             base = 0
             with torch.no_grad():
                 for t in self.slot_tensors():
                     view = t.reshape(t.shape[0], -1).view(torch.uint8)  # [S, W_t], the same memory
-                    view.index_copy_(0, index, rows[:, base:base + view.shape[1]])
+                    # A copy per slot: each is one contiguous memcpy, where index_copy_ over uint8 rows of megabytes
+                    # ran ~9x slower on a CPU (6 slots of 3 MiB: 15-18 ms against 1.7 ms), inside the boundary.
+                    for j, slot in enumerate(slots):
+                        view[slot].copy_(rows[j, base:base + view.shape[1]])
                     base += view.shape[1]
             if base != rows.shape[1]:
                 raise ValueError(f"staged rows of {rows.shape[1]} bytes do not fit this layer's {base}-byte slots")
