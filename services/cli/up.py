@@ -59,6 +59,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-port", type=int, default=50051, help="the gateway's gRPC port")
     p.add_argument("--http-port", type=int, default=8000,
                    help="the gateway's OpenAI-compatible REST port (0 picks one, -1 serves no REST)")
+    p.add_argument("--gateways", type=int, default=1,
+                   help="gateway replicas (each on the next ports up from --grpc-port and --http-port); every worker "
+                        "registers with all of them, an SDK client given them all goes on at another when one dies, "
+                        "and the mesh serves while any is left")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (0: colocated, decode prefills)")
     p.add_argument("--decode", type=int, default=1, help="decode workers")
     p.add_argument("--ep-size", type=int, default=1,
@@ -186,9 +190,10 @@ class Mesh:
 def run(args: argparse.Namespace) -> int:
     extra = [a for a in args.worker_args if a != "--"]
     env = dict(os.environ)
-    if args.ep_size < 1:
-        print(f"moemesh up: --ep-size must be >= 1, got {args.ep_size}", file=sys.stderr)
-        return 2
+    for flag, value in (("--ep-size", args.ep_size), ("--gateways", args.gateways)):
+        if value < 1:
+            print(f"moemesh up: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
     # Everything a user can get wrong is checked here, before any process starts (with --detach, before the
     # background one does: the error reaches the terminal).
     try:
@@ -245,14 +250,16 @@ def _serve(args: argparse.Namespace, env: dict[str, str], extra: list[str], clie
         kv = mesh.start("kvtransfer", "kvtransfer", ["--port", "0", *metrics], plan.env(env, "kvtransfer", 0))
         eplb = mesh.start("eplb", "eplb", ["--port", "0", *metrics], env)
         mesh.wait_ready([kv], deadline)
-        gw_args = ["--port", str(args.grpc_port), "--http-port", str(args.http_port), "--kvtransfer", kv.address,
-                   *metrics] + (["--model", args.model] if args.model else []) + (
-                      ["--router", args.router] if args.router else []) + _chat_args(args)
-        gateway = mesh.start("gateway", "gateway", gw_args, {**env, **client.gateway_env})
-        mesh.wait_ready([gateway, eplb], deadline)
+        gw_args = ["--kvtransfer", kv.address, *metrics] + (["--model", args.model] if args.model else []) + (
+            ["--router", args.router] if args.router else []) + _chat_args(args)
+        gateways = [mesh.start(gateway_name(i), "gateway", [*gateway_ports(args, i), *gw_args],
+                               {**env, **client.gateway_env}) for i in range(args.gateways)]
+        mesh.wait_ready([*gateways, eplb], deadline)
         if args.http_port != -1:
-            mesh.wait_http(gateway, deadline)
-        common = ["--port", "0", *metrics, "--gateway", gateway.address, "--kvtransfer", kv.address,
+            for gateway in gateways:
+                mesh.wait_http(gateway, deadline)
+        addresses = ",".join(g.address for g in gateways)
+        common = ["--port", "0", *metrics, "--gateway", addresses, "--kvtransfer", kv.address,
                   "--eplb", eplb.address,
                   "--transfer", args.transfer, *(["--model", args.model] if args.model else []), *extra]
         devices = iter(worker_devices(args.device, (args.prefill + args.decode) * args.ep_size))
@@ -262,8 +269,9 @@ def _serve(args: argparse.Namespace, env: dict[str, str], extra: list[str], clie
         mesh.wait_ready(workers, deadline)
         # Workers register in the background once they listen; until they have, a first request would
         # find no prefill worker and run colocated. Every rank of an EP group is a worker.
-        _wait_registered(gateway.address, args.prefill * args.ep_size, args.decode * args.ep_size, deadline,
-                         client)
+        for gateway in gateways:
+            _wait_registered(gateway.address, args.prefill * args.ep_size, args.decode * args.ep_size, deadline,
+                             client)
         records = mesh.records()
         print(_table(records, args, client, _stop_hint(args)), flush=True)
         if args.ready_file:  # after the table: a launcher that sees the file finds the table in the output too
@@ -274,9 +282,9 @@ def _serve(args: argparse.Namespace, env: dict[str, str], extra: list[str], clie
                 if dead.name in reported:
                     continue
                 reported.add(dead.name)
-                if dead.name == "gateway":
-                    print(f"moemesh up: {dead.name} exited with code {dead.proc.returncode}; stopping the mesh",
-                          file=sys.stderr)
+                if dead.name.startswith("gateway") and all(g.name in reported for g in gateways):
+                    print(f"moemesh up: {dead.name} exited with code {dead.proc.returncode}, no gateway is left; "
+                          "stopping the mesh", file=sys.stderr)
                     return 1
                 # The mesh outlives a worker, as it would in production: the gateway routes around it; and
                 # kvtransfer (requests run colocated meanwhile) and the balancer (placements freeze).
@@ -292,6 +300,18 @@ def _serve(args: argparse.Namespace, env: dict[str, str], extra: list[str], clie
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(args.ready_file)
         mesh.stop()
+
+
+def gateway_name(index: int) -> str:
+    """The first gateway is "gateway" (as with one), the others "gateway-1", "gateway-2", ..."""
+    return "gateway" if index == 0 else f"gateway-{index}"
+
+
+def gateway_ports(args: argparse.Namespace, index: int) -> list[str]:
+    """Gateway `index`'s ports: the next ones up from --grpc-port / --http-port (0 picks any, -1: no REST)."""
+    grpc_port = args.grpc_port + index if args.grpc_port else 0
+    http_port = args.http_port + index if args.http_port > 0 else args.http_port
+    return ["--port", str(grpc_port), "--http-port", str(http_port)]
 
 
 def _stop_hint(args: argparse.Namespace) -> str | None:
@@ -511,11 +531,12 @@ def _table(records: list[ServiceRecord], args: argparse.Namespace, security: Cli
         mode += "; API key required"
     rows = [f"moemesh is up: {mode}", *table_rows(records)]
     gateway = next(r for r in records if r.name == "gateway")
+    target = ",".join(r.address for r in records if r.name.startswith("gateway"))
     # Never the key itself in the hint: the table ends up in terminals and logs.
     tls = "".join(f", tls_{name}='{path}'" for name, path in security.tls.items())
     key_note = " (with MOEMESH_API_KEY set)" if security.api_key else ""
     rows.append(f"first request{key_note}: python -c \"from moemesh.sdk import MeshClient; "
-                f"print(MeshClient('{gateway.address}'{tls}).generate(prompt='Hello', max_tokens=16).text)\"")
+                f"print(MeshClient('{target}'{tls}).generate(prompt='Hello', max_tokens=16).text)\"")
     if gateway.http_address:
         auth = " -H \"Authorization: Bearer $MOEMESH_API_KEY\"" if security.api_key else ""
         rows.append(f"or over REST: curl http://{gateway.http_address}/v1/completions{auth} "

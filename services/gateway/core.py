@@ -24,7 +24,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from opentelemetry import trace
 
@@ -120,6 +120,10 @@ class GatewayCore:
         # A chat response's reasoning and tool calls are split out here, once, for REST and gRPC alike.
         parser = self.model.chat.for_request(prepared.prompt_token_ids, prepared.tools, prepared.sampling) \
             if prepared.chat else None
+        if parser is not None and prepared.resume_token_ids:
+            # The broken stream's parser had read these tokens and sent what they completed: read them again, and
+            # drop what comes out, so that this stream goes on where that one stopped (reasoning, tool calls).
+            parser.apply(gateway_pb2.GenerateResponse(token_ids=prepared.resume_token_ids))
         return self._stream(prepared, route, timeout, span, arrival, parser)
 
     async def generate(self, req: gateway_pb2.GenerateRequest,
@@ -132,7 +136,7 @@ class GatewayCore:
                       arrival: float,
                       parser: ResponseParser | None = None) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         deadline = time.monotonic() + timeout_s
-        resume = Progress()
+        resume = Progress(prepared.resume_token_ids, prepared.resume_text_offset)
         self.num_in_flight += 1
         with request_log_context(prepared.request_id, trace_id=_trace_id(span)):
             error: BaseException | None = None
@@ -150,6 +154,7 @@ class GatewayCore:
                             resume.add(response)  # the worker's own text: a migration resumes after it
                             if parser is not None:
                                 response = parser.apply(response)
+                            response.text_offset = resume.text_chars  # a client resuming elsewhere goes on here
                             if response.finish_reason:
                                 finish = common_pb2.FinishReason.Name(response.finish_reason)
                             yield response
@@ -262,11 +267,12 @@ class GatewayCore:
 
 
 class Progress:
-    """What the client of a request has so far (a migrated request continues after it)."""
+    """What the client of a request has so far (a migrated request continues after it): tokens, and characters of
+    the workers' text; a request its client resumed starts from what it says it has."""
 
-    def __init__(self) -> None:
-        self.token_ids: list[int] = []
-        self.text_chars = 0
+    def __init__(self, token_ids: Sequence[int] = (), text_chars: int = 0) -> None:
+        self.token_ids: list[int] = list(token_ids)
+        self.text_chars = text_chars
         self.migrations = 0
         self.failed: set[str] = set()  # worker ids that failed this request
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from moemesh.engine.sampling_params import InvalidParameter, SamplingParams
 from moemesh.model.tokenizer import Tokenizer
@@ -34,6 +34,9 @@ class PreparedRequest:
     params: SamplingParams
     chat: bool = False
     tools: bool = False
+    # A resumed stream (its gateway went away): the tokens its client has, and where it stands in the model's text.
+    resume_token_ids: list[int] = field(default_factory=list)
+    resume_text_offset: int = 0
 
 
 def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
@@ -124,6 +127,22 @@ def prepare(req: gateway_pb2.GenerateRequest, renderer: ChatRenderer, model_name
             f"{params.max_tokens} in the completion). Please reduce the length of the "
             f"{'messages' if chat else 'prompt'} or completion.")
     sampling.max_tokens = params.max_tokens
+    resume = list(req.resume_token_ids)
+    check_resume(resume, req.resume_text_offset, params.max_tokens, renderer.tokenizer.vocab_size)
     return PreparedRequest(request_id=req.request_id or uuid.uuid4().hex, prompt_token_ids=ids,
                            sampling=sampling, params=params, chat=chat,
-                           tools=chat and tools_requested(req.messages))
+                           tools=chat and tools_requested(req.messages), resume_token_ids=resume,
+                           resume_text_offset=req.resume_text_offset)
+
+
+def check_resume(token_ids: Sequence[int], text_offset: int, max_tokens: int, vocab_size: int) -> None:
+    """INVALID_ARGUMENT for resume fields no broken stream could have left."""
+    if text_offset and not token_ids:
+        raise InvalidArgument("resume_text_offset is set but resume_token_ids is empty: a stream's text comes "
+                              "with its tokens")
+    if len(token_ids) >= max_tokens:
+        raise InvalidArgument(f"resume_token_ids holds {len(token_ids)} tokens and max_tokens is {max_tokens}: "
+                              "nothing is left to generate")
+    for i, t in enumerate(token_ids):
+        if t >= vocab_size:
+            raise InvalidArgument(f"resume_token_ids[{i}] = {t} is outside the vocabulary (size {vocab_size})")

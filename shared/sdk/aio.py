@@ -11,7 +11,8 @@ import grpc
 
 from moemesh.sdk.channel import PathOrPem, aio_channel, api_key_metadata, client_tls
 from moemesh.sdk.chat import ToolChoice
-from moemesh.sdk.errors import from_rpc_error
+from moemesh.sdk.errors import MeshError, from_rpc_error
+from moemesh.sdk.failover import DEFAULT_MAX_RESUMES, Rotation, StreamFailover, parse_targets
 from moemesh.sdk.messages import CompletionBuilder, chunk_from, generate_request, model_infos, tokenize_request
 from moemesh.sdk.results import Chunk, Completion, ModelInfo
 from moemesh.sdk.retry import Deadline, RetryPolicy
@@ -28,22 +29,26 @@ class AsyncMeshClient:
             async for chunk in mesh.stream("Once upon a time", max_tokens=32):
                 print(chunk.text, end="")
 
-    `api_key` and `tls_*` as for `MeshClient`. The channel opens on first use, inside the running event
-    loop. To cancel a stream left early, close it (`contextlib.aclosing(mesh.stream(...))`) or cancel the
-    task iterating it.
+    `api_key`, `tls_*`, several gateways as `target` and `max_resumes` as for `MeshClient`. The channels open on
+    first use, inside the running event loop. To cancel a stream left early, close it
+    (`contextlib.aclosing(mesh.stream(...))`) or cancel the task iterating it.
     """
 
-    def __init__(self, target: str, timeout_s: float | None = None, retries: int = 3, *,
+    def __init__(self, target: str | Sequence[str], timeout_s: float | None = None, retries: int = 3, *,
                  retry_policy: RetryPolicy | None = None, api_key: str | None = None,
                  tls_ca: PathOrPem | None = None, tls_cert: PathOrPem | None = None,
-                 tls_key: PathOrPem | None = None, tls_server_name: str | None = None) -> None:
-        self.target = target
+                 tls_key: PathOrPem | None = None, tls_server_name: str | None = None,
+                 max_resumes: int = DEFAULT_MAX_RESUMES) -> None:
+        self.targets = parse_targets(target)
+        self.target = ",".join(self.targets)
         self.timeout_s = timeout_s
         self.retry_policy = retry_policy if retry_policy is not None else RetryPolicy(retries=retries)
+        self.max_resumes = max_resumes
         self._metadata = api_key_metadata(api_key)
         self._tls = client_tls(tls_ca, tls_cert, tls_key, tls_server_name)
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: gateway_pb2_grpc.GatewayStub | None = None
+        self._channels: dict[int, grpc.aio.Channel] = {}
+        self._stubs: dict[int, gateway_pb2_grpc.GatewayStub] = {}
+        self._rotation = Rotation(len(self.targets))
 
     async def __aenter__(self) -> AsyncMeshClient:
         return self
@@ -52,16 +57,16 @@ class AsyncMeshClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel; streams still open are cancelled."""
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = self._stub = None
+        """Close the channels; streams still open are cancelled."""
+        channels, self._channels, self._stubs = self._channels, {}, {}
+        for channel in channels.values():
+            await channel.close()
 
-    def _gateway(self) -> gateway_pb2_grpc.GatewayStub:
-        if self._stub is None:
-            self._channel = aio_channel(self.target, self._tls)
-            self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
-        return self._stub
+    def _gateway(self, target: int) -> gateway_pb2_grpc.GatewayStub:
+        if target not in self._stubs:
+            self._channels[target] = aio_channel(self.targets[target], self._tls)
+            self._stubs[target] = gateway_pb2_grpc.GatewayStub(self._channels[target])
+        return self._stubs[target]
 
     # -- completions
 
@@ -110,51 +115,52 @@ class AsyncMeshClient:
                        timeout_s: float | None = None, model: str | None = None) -> list[int]:
         """Token ids of `text` (BOS first when add_special_tokens) or of chat `messages`."""
         req = tokenize_request(text, messages, add_special_tokens, add_generation_prompt, model, tools)
-        resp = await self._unary(lambda r, **kw: self._gateway().Tokenize(r, **kw), req, timeout_s)
+        resp = await self._unary(lambda stub: stub.Tokenize, req, timeout_s)
         return list(resp.token_ids)
 
     async def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
         """The models the mesh serves."""
-        resp = await self._unary(lambda r, **kw: self._gateway().ListModels(r, **kw),
-                                 gateway_pb2.ListModelsRequest(), timeout_s)
+        resp = await self._unary(lambda stub: stub.ListModels, gateway_pb2.ListModelsRequest(), timeout_s)
         return model_infos(resp)
 
     # -- retries
 
     async def _stream(self, req: gateway_pb2.GenerateRequest, timeout_s: float | None) -> AsyncIterator[Chunk]:
-        deadline = Deadline(self.timeout_s if timeout_s is None else timeout_s)
-        attempt = 0
+        tries = StreamFailover(req, self.targets, self._rotation, self.retry_policy,
+                               Deadline(self.timeout_s if timeout_s is None else timeout_s), self.max_resumes)
         while True:
-            call = self._gateway().Generate(req, timeout=deadline.remaining_s(), metadata=self._metadata)
-            received = False
+            call = self._gateway(tries.target).Generate(tries.request(), timeout=tries.deadline.remaining_s(),
+                                                        metadata=self._metadata)
             try:
                 async for resp in call:
-                    received = True
+                    tries.observe(resp)
                     yield chunk_from(resp)
                 return
             except grpc.aio.AioRpcError as err:
-                delay = self.retry_policy.delay_s(err.code(), attempt, received, deadline)
-                if delay is None:
-                    raise from_rpc_error(err) from None
-                log.info("gateway %s unavailable (%s); retry %d in %.2f s", self.target, err.details(),
-                         attempt + 1, delay)
+                outcome = tries.after(err)
+                if isinstance(outcome, MeshError):
+                    raise outcome from None
+                log.info("gateway unavailable (%s); %s at %s in %.2f s", err.details(),
+                         "resuming" if tries.token_ids else "retrying", self.targets[tries.target], outcome)
             finally:
                 call.cancel()  # a no-op once the call ended; otherwise the caller stopped iterating
-            await asyncio.sleep(delay)
-            attempt += 1
+            await asyncio.sleep(outcome)
 
-    async def _unary(self, method: Callable[..., Awaitable[T]], req: Any, timeout_s: float | None) -> T:
+    async def _unary(self, method: Callable[[gateway_pb2_grpc.GatewayStub], Callable[..., Awaitable[T]]],
+                     req: Any, timeout_s: float | None) -> T:
         deadline = Deadline(self.timeout_s if timeout_s is None else timeout_s)
-        attempt = 0
+        attempt, target = 0, self._rotation.take()
         while True:
             try:
-                return await method(req, timeout=deadline.remaining_s(), metadata=self._metadata)
+                return await method(self._gateway(target))(req, timeout=deadline.remaining_s(),
+                                                           metadata=self._metadata)
             except grpc.aio.AioRpcError as err:
                 delay = self.retry_policy.delay_s(err.code(), attempt, False, deadline)
                 if delay is None:
                     raise from_rpc_error(err) from None
-                log.info("gateway %s unavailable (%s); retry %d in %.2f s", self.target, err.details(),
-                         attempt + 1, delay)
+                target = self._rotation.take()
+                log.info("gateway unavailable (%s); retry %d at %s in %.2f s", err.details(), attempt + 1,
+                         self.targets[target], delay)
             await asyncio.sleep(delay)
             attempt += 1
 

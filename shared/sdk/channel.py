@@ -76,13 +76,19 @@ def api_key_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {api_key}"),)
 
 
+def _options(target: str, tls: ClientTls | None) -> list[tuple[str, Any]]:
+    # A dns:/// name that resolves to several gateways: spread calls over all of them, not only the first.
+    balance = [("grpc.lb_policy_name", "round_robin")] if target.startswith("dns:") else []
+    return [*CHANNEL_OPTIONS, *balance, *(tls.options() if tls is not None else [])]
+
+
 def sync_channel(target: str, tls: ClientTls | None = None) -> grpc.Channel:
     if tls is None:
-        return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-    return grpc.secure_channel(target, tls.credentials(), options=[*CHANNEL_OPTIONS, *tls.options()])
+        return grpc.insecure_channel(target, options=_options(target, tls))
+    return grpc.secure_channel(target, tls.credentials(), options=_options(target, tls))
 
 
 def aio_channel(target: str, tls: ClientTls | None = None) -> grpc.aio.Channel:
     if tls is None:
-        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-    return grpc.aio.secure_channel(target, tls.credentials(), options=[*CHANNEL_OPTIONS, *tls.options()])
+        return grpc.aio.insecure_channel(target, options=_options(target, tls))
+    return grpc.aio.secure_channel(target, tls.credentials(), options=_options(target, tls))

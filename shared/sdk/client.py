@@ -11,7 +11,8 @@ import grpc
 
 from moemesh.sdk.channel import PathOrPem, api_key_metadata, client_tls, sync_channel
 from moemesh.sdk.chat import ToolChoice
-from moemesh.sdk.errors import from_rpc_error
+from moemesh.sdk.errors import MeshError, from_rpc_error
+from moemesh.sdk.failover import DEFAULT_MAX_RESUMES, Rotation, StreamFailover, parse_targets
 from moemesh.sdk.messages import CompletionBuilder, chunk_from, generate_request, model_infos, tokenize_request
 from moemesh.sdk.results import Chunk, Completion, ModelInfo
 from moemesh.sdk.retry import Deadline, RetryPolicy
@@ -37,23 +38,32 @@ class MeshClient:
     mesh running mutual TLS) are PEM file paths or bytes; any of them makes the channel TLS.
     `tls_server_name` is the name to verify in the gateway's certificate when it differs from the host.
 
+    Several gateways: `target` may be a list of addresses (or 'h1:50051,h2:50051', or a `dns:///` name that resolves
+    to several); calls take them in turn, and a stream whose gateway dies after some tokens continues at the next
+    one, with nothing repeated or missing (greedy and seeded sampling give the same tokens), at most `max_resumes`
+    times a call (`moemesh.sdk.failover`).
+
     Sampling options of generate/stream/chat/chat_stream (vLLM's names and defaults): max_tokens=16,
     temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0, frequency_penalty=0.0, presence_penalty=0.0,
     repetition_penalty=1.0, seed=None, stop=None, stop_token_ids=None, ignore_eos=False, min_tokens=0,
     logprobs=None, include_stop_str_in_output=False.
     """
 
-    def __init__(self, target: str, timeout_s: float | None = None, retries: int = 3, *,
+    def __init__(self, target: str | Sequence[str], timeout_s: float | None = None, retries: int = 3, *,
                  retry_policy: RetryPolicy | None = None, api_key: str | None = None,
                  tls_ca: PathOrPem | None = None, tls_cert: PathOrPem | None = None,
-                 tls_key: PathOrPem | None = None, tls_server_name: str | None = None) -> None:
-        self.target = target
+                 tls_key: PathOrPem | None = None, tls_server_name: str | None = None,
+                 max_resumes: int = DEFAULT_MAX_RESUMES) -> None:
+        self.targets = parse_targets(target)
+        self.target = ",".join(self.targets)
         self.timeout_s = timeout_s
         self.retry_policy = retry_policy if retry_policy is not None else RetryPolicy(retries=retries)
+        self.max_resumes = max_resumes
         self._metadata = api_key_metadata(api_key)
         self._tls = client_tls(tls_ca, tls_cert, tls_key, tls_server_name)
-        self._channel = sync_channel(target, self._tls)
-        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self._channels = [sync_channel(t, self._tls) for t in self.targets]
+        self._stubs = [gateway_pb2_grpc.GatewayStub(c) for c in self._channels]
+        self._rotation = Rotation(len(self.targets))
 
     def __enter__(self) -> MeshClient:
         return self
@@ -62,8 +72,9 @@ class MeshClient:
         self.close()
 
     def close(self) -> None:
-        """Close the channel; streams still open are cancelled."""
-        self._channel.close()
+        """Close the channels; streams still open are cancelled."""
+        for channel in self._channels:
+            channel.close()
 
     # -- completions
 
@@ -119,48 +130,49 @@ class MeshClient:
                  timeout_s: float | None = None, model: str | None = None) -> list[int]:
         """Token ids of `text` (BOS first when add_special_tokens) or of chat `messages`."""
         req = tokenize_request(text, messages, add_special_tokens, add_generation_prompt, model, tools)
-        return list(self._unary(self._stub.Tokenize, req, timeout_s).token_ids)
+        return list(self._unary(lambda stub: stub.Tokenize, req, timeout_s).token_ids)
 
     def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
         """The models the mesh serves."""
-        return model_infos(self._unary(self._stub.ListModels, gateway_pb2.ListModelsRequest(), timeout_s))
+        return model_infos(self._unary(lambda stub: stub.ListModels, gateway_pb2.ListModelsRequest(), timeout_s))
 
     # -- retries
 
     def _stream(self, req: gateway_pb2.GenerateRequest, timeout_s: float | None) -> Iterator[Chunk]:
-        deadline = Deadline(self.timeout_s if timeout_s is None else timeout_s)
-        attempt = 0
+        tries = StreamFailover(req, self.targets, self._rotation, self.retry_policy,
+                               Deadline(self.timeout_s if timeout_s is None else timeout_s), self.max_resumes)
         while True:
-            call = self._stub.Generate(req, timeout=deadline.remaining_s(), metadata=self._metadata)
-            received = False
+            call = self._stubs[tries.target].Generate(tries.request(), timeout=tries.deadline.remaining_s(),
+                                                      metadata=self._metadata)
             try:
                 for resp in call:
-                    received = True
+                    tries.observe(resp)
                     yield chunk_from(resp)
                 return
             except grpc.RpcError as err:
-                delay = self.retry_policy.delay_s(err.code(), attempt, received, deadline)
-                if delay is None:
-                    raise from_rpc_error(err) from None
-                log.info("gateway %s unavailable (%s); retry %d in %.2f s", self.target, err.details(),
-                         attempt + 1, delay)
+                outcome = tries.after(err)
+                if isinstance(outcome, MeshError):
+                    raise outcome from None
+                log.info("gateway unavailable (%s); %s at %s in %.2f s", err.details(),
+                         "resuming" if tries.token_ids else "retrying", self.targets[tries.target], outcome)
             finally:
                 call.cancel()  # a no-op once the call ended; otherwise the caller left the loop early
-            time.sleep(delay)
-            attempt += 1
+            time.sleep(outcome)
 
-    def _unary(self, method: Callable[..., T], req: Any, timeout_s: float | None) -> T:
+    def _unary(self, method: Callable[[gateway_pb2_grpc.GatewayStub], Callable[..., T]], req: Any,
+               timeout_s: float | None) -> T:
         deadline = Deadline(self.timeout_s if timeout_s is None else timeout_s)
-        attempt = 0
+        attempt, target = 0, self._rotation.take()
         while True:
             try:
-                return method(req, timeout=deadline.remaining_s(), metadata=self._metadata)
+                return method(self._stubs[target])(req, timeout=deadline.remaining_s(), metadata=self._metadata)
             except grpc.RpcError as err:
                 delay = self.retry_policy.delay_s(err.code(), attempt, False, deadline)
                 if delay is None:
                     raise from_rpc_error(err) from None
-                log.info("gateway %s unavailable (%s); retry %d in %.2f s", self.target, err.details(),
-                         attempt + 1, delay)
+                target = self._rotation.take()
+                log.info("gateway unavailable (%s); retry %d at %s in %.2f s", err.details(), attempt + 1,
+                         self.targets[target], delay)
             time.sleep(delay)
             attempt += 1
 

@@ -29,7 +29,7 @@ from moemesh.v1 import common_pb2, gateway_pb2, kvtransfer_pb2_grpc
 from moemesh.worker.engine_args import add_engine_arguments, engine_config
 from moemesh.worker.ep_args import add_ep_arguments, ep_config
 from moemesh.worker.kv_layout import kv_layout
-from moemesh.worker.registration import GatewayRegistration
+from moemesh.worker.registration import GatewayRegistrations, parse_gateways
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,9 @@ def add_worker_arguments(p: argparse.ArgumentParser, default_port: int, default_
     g.add_argument("--port", type=int, default=default_port, help="gRPC port (0 picks a free one)")
     g.add_argument("--advertise-host", default=None,
                    help="host other services use to reach this one (default: --host, or this machine's name)")
-    g.add_argument("--gateway", default="127.0.0.1:50051", help="gateway address to register with ('' = none)")
+    g.add_argument("--gateway", default="127.0.0.1:50051", type=_gateway_spec,
+                   help="gateway(s) to register with: HOST:PORT, a comma-separated list, or dns:///NAME:PORT for "
+                        "every address the name resolves to ('' = none)")
     g.add_argument("--kvtransfer", default="127.0.0.1:50060", help="kvtransfer service address")
     g.add_argument("--transfer", default="relay", choices=PLANES.names(), help="KV data plane")
     g.add_argument("--worker-id", default=None, help="unique worker id (default: generated)")
@@ -62,6 +64,15 @@ def add_worker_arguments(p: argparse.ArgumentParser, default_port: int, default_
     add_tls_arguments(p)
     add_telemetry_arguments(p, default_metrics_port)
 
+
+
+def _gateway_spec(text: str) -> str:
+    """--gateway checked when parsed (argparse type): a bad list or dns:/// name is a usage error."""
+    try:
+        parse_gateways(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 class WorkerServicer:
     """Base of the prefill and decode servicers: registered before the model loads (so health answers
@@ -101,7 +112,7 @@ class Worker:
     layout: common_pb2.KvLayout
     server: GrpcServer
     worker_id: str
-    registration: GatewayRegistration | None = None
+    registration: GatewayRegistrations | None = None
 
     @classmethod
     async def load(cls, role: int, args: argparse.Namespace, server: GrpcServer) -> Worker:
@@ -163,7 +174,7 @@ class Worker:
             metrics.register_expert_source(role, self.engine, lambda e: e.engine.expert_load.balancedness(ep_size))
 
     async def register(self) -> None:
-        """Join the gateway (in the background: it may start after us)."""
+        """Join the gateways (in the background: they may start after us)."""
         if not self.args.gateway:
             return
         req = gateway_pb2.RegisterWorkerRequest(
@@ -171,7 +182,7 @@ class Worker:
             address=self.advertised_address, instance_id=self.args.instance_id or self.worker_id,
             dp_rank=self.dp[0], dp_size=self.dp[1], model_name=self.engine.engine.model_dir.name, kv_layout=self.layout,
             max_model_len=self.engine.engine.max_model_len)
-        self.registration = GatewayRegistration(self.args.gateway, req, self.load_pb)
+        self.registration = GatewayRegistrations(self.args.gateway, req, self.load_pb)
         await self.registration.start()
 
     async def drain(self) -> None:

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from moemesh.v1 import common_pb2 as moemesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18moemesh/v1/gateway.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"z\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12(\n\ntool_calls\x18\x03 \x03(\x0b\x32\x14.moemesh.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"\xc1\x02\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.moemesh.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\x12\x1f\n\x05tools\x18\x03 \x03(\x0b\x32\x10.moemesh.v1.Tool\x12+\n\x0btool_choice\x18\x04 \x01(\x0e\x32\x16.moemesh.v1.ToolChoice\x12\x1c\n\x14tool_choice_function\x18\x05 \x01(\t\x12!\n\x19\x63hat_template_kwargs_json\x18\x06 \x01(\t\x12\x1e\n\x16\x63ontinue_final_message\x18\x07 \x01(\x08\x12 \n\x13parallel_tool_calls\x18\x08 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_parallel_tool_calls\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd6\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.moemesh.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x04 \x01(\x0b\x32\x18.moemesh.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.moemesh.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xff\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.moemesh.v1.StepLogprobs\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.moemesh.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x06 \x01(\rH\x00\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12 \n\x05usage\x18\x08 \x01(\x0b\x32\x11.moemesh.v1.Usage\x12\x16\n\x0ereasoning_text\x18\t \x01(\t\x12-\n\ntool_calls\x18\n \x03(\x0b\x32\x19.moemesh.v1.ToolCallDelta\x12\x31\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x18.moemesh.v1.StepLogprobsB\r\n\x0bstop_reason\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\x83\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.moemesh.v1.ChatMessagesH\x00\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08\x42\x07\n\x05input\"<\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"\x13\n\x11ListModelsRequest\"g\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x1b\n\x13num_prefill_workers\x18\x03 \x01(\r\x12\x1a\n\x12num_decode_workers\x18\x04 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.moemesh.v1.ModelInfo\"\xc9\x02\n\x15RegisterWorkerRequest\x12\x35\n\x10protocol_version\x18\x01 \x01(\x0e\x32\x1b.moemesh.v1.ProtocolVersion\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12$\n\x04role\x18\x03 \x01(\x0e\x32\x16.moemesh.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x06 \x01(\r\x12\x0f\n\x07\x64p_size\x18\x07 \x01(\r\x12\x12\n\nmodel_name\x18\x08 \x01(\t\x12\'\n\tkv_layout\x18\t \x01(\x0b\x32\x14.moemesh.v1.KvLayout\x12$\n\x04load\x18\n \x01(\x0b\x32\x16.moemesh.v1.WorkerLoad\x12\x15\n\rmax_model_len\x18\x0b \x01(\r\"\x8c\x01\n\x16RegisterWorkerResponse\x12\x35\n\x10protocol_version\x18\x01 \x01(\x0e\x32\x1b.moemesh.v1.ProtocolVersion\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x1c\n\x14heartbeat_timeout_ms\x18\x03 \x01(\r\"]\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04load\x18\x02 \x01(\x0b\x32\x16.moemesh.v1.WorkerLoad\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\",\n\x17\x44\x65registerWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"+\n\x18\x44\x65registerWorkerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08*\x89\x01\n\nToolChoice\x12\x1b\n\x17TOOL_CHOICE_UNSPECIFIED\x10\x00\x12\x14\n\x10TOOL_CHOICE_AUTO\x10\x01\x12\x14\n\x10TOOL_CHOICE_NONE\x10\x02\x12\x18\n\x14TOOL_CHOICE_REQUIRED\x10\x03\x12\x18\n\x14TOOL_CHOICE_FUNCTION\x10\x04\x32\xe6\x01\n\x07Gateway\x12G\n\x08Generate\x12\x1b.moemesh.v1.GenerateRequest\x1a\x1c.moemesh.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.moemesh.v1.TokenizeRequest\x1a\x1c.moemesh.v1.TokenizeResponse\x12K\n\nListModels\x12\x1d.moemesh.v1.ListModelsRequest\x1a\x1e.moemesh.v1.ListModelsResponse2\x86\x02\n\x0eWorkerRegistry\x12Q\n\x08Register\x12!.moemesh.v1.RegisterWorkerRequest\x1a\".moemesh.v1.RegisterWorkerResponse\x12H\n\tHeartbeat\x12\x1c.moemesh.v1.HeartbeatRequest\x1a\x1d.moemesh.v1.HeartbeatResponse\x12W\n\nDeregister\x12#.moemesh.v1.DeregisterWorkerRequest\x1a$.moemesh.v1.DeregisterWorkerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18moemesh/v1/gateway.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"z\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12(\n\ntool_calls\x18\x03 \x03(\x0b\x32\x14.moemesh.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"\xc1\x02\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.moemesh.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\x12\x1f\n\x05tools\x18\x03 \x03(\x0b\x32\x10.moemesh.v1.Tool\x12+\n\x0btool_choice\x18\x04 \x01(\x0e\x32\x16.moemesh.v1.ToolChoice\x12\x1c\n\x14tool_choice_function\x18\x05 \x01(\t\x12!\n\x19\x63hat_template_kwargs_json\x18\x06 \x01(\t\x12\x1e\n\x16\x63ontinue_final_message\x18\x07 \x01(\x08\x12 \n\x13parallel_tool_calls\x18\x08 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_parallel_tool_calls\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x8c\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.moemesh.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x04 \x01(\x0b\x32\x18.moemesh.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.moemesh.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x18\n\x10resume_token_ids\x18\x07 \x03(\r\x12\x1a\n\x12resume_text_offset\x18\x08 \x01(\rB\x07\n\x05input\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x94\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.moemesh.v1.StepLogprobs\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.moemesh.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x06 \x01(\rH\x00\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12 \n\x05usage\x18\x08 \x01(\x0b\x32\x11.moemesh.v1.Usage\x12\x16\n\x0ereasoning_text\x18\t \x01(\t\x12-\n\ntool_calls\x18\n \x03(\x0b\x32\x19.moemesh.v1.ToolCallDelta\x12\x31\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x18.moemesh.v1.StepLogprobs\x12\x13\n\x0btext_offset\x18\x0c \x01(\rB\r\n\x0bstop_reason\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\x83\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.moemesh.v1.ChatMessagesH\x00\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08\x42\x07\n\x05input\"<\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"\x13\n\x11ListModelsRequest\"g\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x1b\n\x13num_prefill_workers\x18\x03 \x01(\r\x12\x1a\n\x12num_decode_workers\x18\x04 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.moemesh.v1.ModelInfo\"\xc9\x02\n\x15RegisterWorkerRequest\x12\x35\n\x10protocol_version\x18\x01 \x01(\x0e\x32\x1b.moemesh.v1.ProtocolVersion\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12$\n\x04role\x18\x03 \x01(\x0e\x32\x16.moemesh.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x06 \x01(\r\x12\x0f\n\x07\x64p_size\x18\x07 \x01(\r\x12\x12\n\nmodel_name\x18\x08 \x01(\t\x12\'\n\tkv_layout\x18\t \x01(\x0b\x32\x14.moemesh.v1.KvLayout\x12$\n\x04load\x18\n \x01(\x0b\x32\x16.moemesh.v1.WorkerLoad\x12\x15\n\rmax_model_len\x18\x0b \x01(\r\"\x8c\x01\n\x16RegisterWorkerResponse\x12\x35\n\x10protocol_version\x18\x01 \x01(\x0e\x32\x1b.moemesh.v1.ProtocolVersion\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x1c\n\x14heartbeat_timeout_ms\x18\x03 \x01(\r\"]\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04load\x18\x02 \x01(\x0b\x32\x16.moemesh.v1.WorkerLoad\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\",\n\x17\x44\x65registerWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"+\n\x18\x44\x65registerWorkerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08*\x89\x01\n\nToolChoice\x12\x1b\n\x17TOOL_CHOICE_UNSPECIFIED\x10\x00\x12\x14\n\x10TOOL_CHOICE_AUTO\x10\x01\x12\x14\n\x10TOOL_CHOICE_NONE\x10\x02\x12\x18\n\x14TOOL_CHOICE_REQUIRED\x10\x03\x12\x18\n\x14TOOL_CHOICE_FUNCTION\x10\x04\x32\xe6\x01\n\x07Gateway\x12G\n\x08Generate\x12\x1b.moemesh.v1.GenerateRequest\x1a\x1c.moemesh.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.moemesh.v1.TokenizeRequest\x1a\x1c.moemesh.v1.TokenizeResponse\x12K\n\nListModels\x12\x1d.moemesh.v1.ListModelsRequest\x1a\x1e.moemesh.v1.ListModelsResponse2\x86\x02\n\x0eWorkerRegistry\x12Q\n\x08Register\x12!.moemesh.v1.RegisterWorkerRequest\x1a\".moemesh.v1.RegisterWorkerResponse\x12H\n\tHeartbeat\x12\x1c.moemesh.v1.HeartbeatRequest\x1a\x1d.moemesh.v1.HeartbeatResponse\x12W\n\nDeregister\x12#.moemesh.v1.DeregisterWorkerRequest\x1a$.moemesh.v1.DeregisterWorkerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moemesh.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOOLCHOICE']._serialized_start=2513
-  _globals['_TOOLCHOICE']._serialized_end=2650
+  _globals['_TOOLCHOICE']._serialized_start=2588
+  _globals['_TOOLCHOICE']._serialized_end=2725
   _globals['_CHATMESSAGE']._serialized_start=65
   _globals['_CHATMESSAGE']._serialized_end=187
   _globals['_TOOLCALL']._serialized_start=189
@@ -45,37 +45,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=638
   _globals['_TOKENIDS']._serialized_end=661
   _globals['_GENERATEREQUEST']._serialized_start=664
-  _globals['_GENERATEREQUEST']._serialized_end=878
-  _globals['_USAGE']._serialized_start=880
-  _globals['_USAGE']._serialized_end=967
-  _globals['_GENERATERESPONSE']._serialized_start=970
-  _globals['_GENERATERESPONSE']._serialized_end=1353
-  _globals['_TOOLCALLDELTA']._serialized_start=1355
-  _globals['_TOOLCALLDELTA']._serialized_end=1430
-  _globals['_TOKENIZEREQUEST']._serialized_start=1433
-  _globals['_TOKENIZEREQUEST']._serialized_end=1564
-  _globals['_TOKENIZERESPONSE']._serialized_start=1566
-  _globals['_TOKENIZERESPONSE']._serialized_end=1626
-  _globals['_LISTMODELSREQUEST']._serialized_start=1628
-  _globals['_LISTMODELSREQUEST']._serialized_end=1647
-  _globals['_MODELINFO']._serialized_start=1649
-  _globals['_MODELINFO']._serialized_end=1752
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1754
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1813
-  _globals['_REGISTERWORKERREQUEST']._serialized_start=1816
-  _globals['_REGISTERWORKERREQUEST']._serialized_end=2145
-  _globals['_REGISTERWORKERRESPONSE']._serialized_start=2148
-  _globals['_REGISTERWORKERRESPONSE']._serialized_end=2288
-  _globals['_HEARTBEATREQUEST']._serialized_start=2290
-  _globals['_HEARTBEATREQUEST']._serialized_end=2383
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2385
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2419
-  _globals['_DEREGISTERWORKERREQUEST']._serialized_start=2421
-  _globals['_DEREGISTERWORKERREQUEST']._serialized_end=2465
-  _globals['_DEREGISTERWORKERRESPONSE']._serialized_start=2467
-  _globals['_DEREGISTERWORKERRESPONSE']._serialized_end=2510
-  _globals['_GATEWAY']._serialized_start=2653
-  _globals['_GATEWAY']._serialized_end=2883
-  _globals['_WORKERREGISTRY']._serialized_start=2886
-  _globals['_WORKERREGISTRY']._serialized_end=3148
+  _globals['_GENERATEREQUEST']._serialized_end=932
+  _globals['_USAGE']._serialized_start=934
+  _globals['_USAGE']._serialized_end=1021
+  _globals['_GENERATERESPONSE']._serialized_start=1024
+  _globals['_GENERATERESPONSE']._serialized_end=1428
+  _globals['_TOOLCALLDELTA']._serialized_start=1430
+  _globals['_TOOLCALLDELTA']._serialized_end=1505
+  _globals['_TOKENIZEREQUEST']._serialized_start=1508
+  _globals['_TOKENIZEREQUEST']._serialized_end=1639
+  _globals['_TOKENIZERESPONSE']._serialized_start=1641
+  _globals['_TOKENIZERESPONSE']._serialized_end=1701
+  _globals['_LISTMODELSREQUEST']._serialized_start=1703
+  _globals['_LISTMODELSREQUEST']._serialized_end=1722
+  _globals['_MODELINFO']._serialized_start=1724
+  _globals['_MODELINFO']._serialized_end=1827
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1829
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1888
+  _globals['_REGISTERWORKERREQUEST']._serialized_start=1891
+  _globals['_REGISTERWORKERREQUEST']._serialized_end=2220
+  _globals['_REGISTERWORKERRESPONSE']._serialized_start=2223
+  _globals['_REGISTERWORKERRESPONSE']._serialized_end=2363
+  _globals['_HEARTBEATREQUEST']._serialized_start=2365
+  _globals['_HEARTBEATREQUEST']._serialized_end=2458
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2460
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2494
+  _globals['_DEREGISTERWORKERREQUEST']._serialized_start=2496
+  _globals['_DEREGISTERWORKERREQUEST']._serialized_end=2540
+  _globals['_DEREGISTERWORKERRESPONSE']._serialized_start=2542
+  _globals['_DEREGISTERWORKERRESPONSE']._serialized_end=2585
+  _globals['_GATEWAY']._serialized_start=2728
+  _globals['_GATEWAY']._serialized_end=2958
+  _globals['_WORKERREGISTRY']._serialized_start=2961
+  _globals['_WORKERREGISTRY']._serialized_end=3223
 # @@protoc_insertion_point(module_scope)
