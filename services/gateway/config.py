@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,8 @@ class GatewayConfig:
     `http_port` is the OpenAI-compatible REST facade's port (0 picks one; None serves no REST, the
     default here so embedded and test gateways bind nothing unasked; `moemesh serve gateway` defaults
     to 8000); `api_key`, when set, is the bearer key every `/v1/...` REST call must present.
+    `drain_timeout_s`: after SIGTERM, how long requests in flight may run on to their end while new ones are
+    refused (REST 503, gRPC UNAVAILABLE, health NOT_SERVING); what is still open then ends with an error.
     """
 
     host: str = "127.0.0.1"
@@ -45,6 +48,9 @@ class GatewayConfig:
     tool_call_parser: str = "auto"
     reasoning_parser: str = "auto"
     chat_template: str | None = None
+    # Below Kubernetes' default terminationGracePeriodSeconds (30, as deploy/k8s gives the gateway): the
+    # streams still open at the deadline must get their error event before the SIGKILL.
+    drain_timeout_s: float = 25.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -63,6 +69,8 @@ class GatewayConfig:
                 f"({self.heartbeat_interval_ms}), or every worker is dropped between two heartbeats")
         if not self.default_request_timeout_s > 0:
             raise ValueError(f"default_request_timeout_s must be > 0, got {self.default_request_timeout_s}")
+        if not 0 <= self.drain_timeout_s < math.inf:  # NaN fails too
+            raise ValueError(f"drain_timeout_s must be a finite number >= 0, got {self.drain_timeout_s}")
         if self.max_migrations < 0:
             raise ValueError(f"max_migrations must be >= 0, got {self.max_migrations}")
         if self.max_model_len is not None and self.max_model_len <= 0:

@@ -6,7 +6,10 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
 
 from moemesh.model.tokenizer import TokenizerError
 from moemesh.service.auth import ApiKeyInterceptor, ApiKeys, parse_api_keys
@@ -21,7 +24,8 @@ from moemesh.services.gateway.core import GatewayCore
 from moemesh.services.gateway.model import ServedModel, load_served_model
 from moemesh.services.gateway.pd_health import KvTransferHealth
 from moemesh.services.gateway.registry import DECODE, WorkerRegistry
-from moemesh.services.gateway.rest import HttpServer, rest_server
+from moemesh.services.gateway.rest import HttpServer, rest_server, rest_state_of
+from moemesh.services.gateway.rest.drain import DRAINING_MESSAGE
 from moemesh.services.gateway.router import make_router
 from moemesh.services.gateway.routers import ROUTERS
 from moemesh.services.gateway.servicer import GatewayServicer, WorkerRegistryServicer
@@ -35,6 +39,29 @@ GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 REGISTRY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["WorkerRegistry"].full_name
 EXIT_USAGE = 2
 DEFAULT_HTTP_PORT = 8000
+# How often a drain looks at the requests in flight: the core counts them but tells no one when they end.
+DRAIN_POLL_S = 0.05
+
+
+class DrainGate(grpc.aio.ServerInterceptor):
+    """While `draining`, clients' calls (the `Gateway` service) are refused with UNAVAILABLE, which the SDK
+    retries; the workers' registry calls go on (a worker whose heartbeats failed would be dropped, and the
+    requests in flight on it with it), and so do health and reflection."""
+
+    def __init__(self, service: str) -> None:
+        self.prefix = f"/{service}/"
+        self.draining = False
+
+    async def intercept_service(self, continuation: Callable[..., Awaitable[Any]], details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or not self.draining or not details.method.startswith(self.prefix):
+            return handler
+        kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
+        return handler._replace(**{kind: _refuse_draining})
+
+
+async def _refuse_draining(request: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
 
 
 class GatewayApp:
@@ -44,13 +71,14 @@ class GatewayApp:
     """
 
     def __init__(self, cfg: GatewayConfig, model: ServedModel, server: GrpcServer, core: GatewayCore,
-                 http: HttpServer | None = None) -> None:
+                 http: HttpServer | None = None, gate: DrainGate | None = None) -> None:
         self.cfg = cfg
         self.model = model
         self.server = server
         self.core = core
         self.registry = core.registry
         self.http = http
+        self.gate = gate  # None: the gRPC server was built without one, and takes new calls while draining
 
     @property
     def port(self) -> int:
@@ -66,6 +94,44 @@ class GatewayApp:
     def http_address(self) -> str | None:
         """host:port of the REST facade; None when it is off."""
         return self.http.address if self.http is not None else None
+
+    def busy(self) -> bool:
+        """Whether a request is in flight: in the core (gRPC's and REST's), or a REST call on its way to the
+        core or back from it (its last events not yet sent)."""
+        return bool(self.core.num_in_flight or (self.http is not None and rest_state_of(self.http.app).active))
+
+    async def drain(self, timeout_s: float, hurry: asyncio.Event | None = None) -> None:
+        """Stop as SIGTERM asks: refuse new requests at once (REST 503, gRPC UNAVAILABLE, both health
+        checks failing), let those in flight run to their end for up to `timeout_s` (or until `hurry` is
+        set), then `stop` with what is left of that time as its grace: what still runs then ends as there.
+
+        The listeners stay open meanwhile, so that a load balancer's probes see the 503 and a late
+        request gets a clear answer rather than a refused connection.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        try:
+            if self.gate is not None:
+                self.gate.draining = True
+            if self.http is not None:
+                rest_state_of(self.http.app).draining = True
+            await self.server.set_serving(False)
+            if self.busy():
+                log.info("draining: %d requests in flight get up to %g s to finish; new ones are refused%s",
+                         self.core.num_in_flight, timeout_s,
+                         " (signal again to stop now)" if hurry is not None else "")
+            while self.busy() and loop.time() < deadline and not (hurry is not None and hurry.is_set()):
+                await asyncio.sleep(DRAIN_POLL_S)
+            if self.busy():
+                log.warning("%s with %d requests in flight: ending them",
+                            "stopping at once" if hurry is not None and hurry.is_set() else
+                            f"drain deadline ({timeout_s:g} s) passed", self.core.num_in_flight)
+                deadline = loop.time()
+        except BaseException:
+            deadline = loop.time()  # cancelled while draining: no more waiting
+            raise
+        finally:
+            await self.stop(max(deadline - loop.time(), 0.0))
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting, give in-flight requests `grace_s` to finish, then cancel them and close."""
@@ -96,7 +162,8 @@ async def start_gateway(cfg: GatewayConfig) -> GatewayApp:
                        max_migrations=cfg.max_migrations)
     keys = parse_api_keys(cfg.api_key)
     auth = [ApiKeyInterceptor(ApiKeys(keys), [GATEWAY_SERVICE])] if keys else []
-    server = GrpcServer(cfg.host, cfg.port, interceptors=auth)
+    gate = DrainGate(GATEWAY_SERVICE)  # first: a draining gateway does nothing for a new call
+    server = GrpcServer(cfg.host, cfg.port, interceptors=[gate, *auth])
     server.add(gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(core), GATEWAY_SERVICE)
     server.add(gateway_pb2_grpc.add_WorkerRegistryServicer_to_server, WorkerRegistryServicer(registry),
                REGISTRY_SERVICE)
@@ -114,16 +181,18 @@ async def start_gateway(cfg: GatewayConfig) -> GatewayApp:
     # answers UNAVAILABLE until a decode worker registers (core.has_decode_workers is the hook for
     # stricter readiness).
     await server.set_serving(True)
-    return GatewayApp(cfg, model, server, core, http)
+    return GatewayApp(cfg, model, server, core, http, gate)
 
 
 async def serve(cfg: GatewayConfig, ready: asyncio.Event | Callable[[GatewayApp], object] | None = None,
                 stop: asyncio.Event | None = None) -> None:
-    """Run the gateway until `stop` is set (default: until SIGINT/SIGTERM).
+    """Run the gateway until `stop` is set (default: until SIGINT/SIGTERM), then drain it (`GatewayApp.drain`,
+    for up to `cfg.drain_timeout_s`; with the default signal handlers, a second signal ends the drain at once).
 
     `ready` is set (an Event, as the workers' `serve` takes) or called with the running GatewayApp
     (to learn `app.port`) once the gateway serves.
     """
+    own_signals = stop is None
     if stop is None:
         stop = asyncio.Event()
         install_signal_handlers(stop)
@@ -140,8 +209,14 @@ async def serve(cfg: GatewayConfig, ready: asyncio.Event | Callable[[GatewayApp]
         elif ready is not None:
             ready(app)
         await stop.wait()
-    finally:
+    except BaseException:
         await app.stop()
+        raise
+    hurry = None
+    if own_signals:
+        hurry = asyncio.Event()
+        install_signal_handlers(hurry)  # replaces the first handlers: Ctrl-C twice stops now
+    await app.drain(cfg.drain_timeout_s, hurry)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -172,6 +247,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kvtransfer", default="127.0.0.1:50060",
                         help="kvtransfer address, watched: while it is unreachable requests run colocated "
                              "('' = not watched)")
+    parser.add_argument("--drain-timeout-s", type=float, default=d.drain_timeout_s,
+                        help="on SIGTERM, how long requests in flight may run on to their end while new ones are "
+                             "refused (REST 503, gRPC UNAVAILABLE, health failing); those still open then end "
+                             "with an error, and a second signal ends them at once (default: %(default)s)")
     parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
                         help="port of the OpenAI-compatible REST API, 0 picks one, -1 serves none "
                              "(default: %(default)s)")
@@ -226,7 +305,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         http_port=None if args.http_port == -1 else args.http_port, api_key=",".join(keys) or None,
         admission=admission_config(args), kvtransfer=args.kvtransfer or None, max_migrations=args.max_migrations,
         router=args.router, tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
-        chat_template=args.chat_template)
+        chat_template=args.chat_template, drain_timeout_s=args.drain_timeout_s)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,6 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET 
 """
 
 from moemesh.services.gateway.rest.app import create_app
-from moemesh.services.gateway.rest.server import HttpServer, rest_server
+from moemesh.services.gateway.rest.server import HttpServer, rest_server, rest_state_of
 
-__all__ = ["HttpServer", "create_app", "rest_server"]
+__all__ = ["HttpServer", "create_app", "rest_server", "rest_state_of"]

@@ -11,6 +11,7 @@ from moemesh.service.auth import ApiKeys, parse_api_keys
 from moemesh.services.gateway.core import GatewayCore
 from moemesh.services.gateway.rest import chat, completions, errors, info, tokens
 from moemesh.services.gateway.rest.auth import PROTECTED_PREFIX, ApiKeyMiddleware, bearer
+from moemesh.services.gateway.rest.drain import DrainMiddleware
 from moemesh.services.gateway.rest.metrics import Exposition, no_metrics
 from moemesh.services.gateway.rest.schemas import ChatCompletionChunk, CompletionChunk
 from moemesh.services.gateway.rest.state import RestState
@@ -38,6 +39,8 @@ def create_app(core: GatewayCore, api_key: str | Sequence[str] | None = None,
     app.include_router(tokens.router)
     if keys:
         app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(keys))
+    # Added last, so it runs first: a draining gateway does nothing for a new call, not even check its key.
+    app.add_middleware(DrainMiddleware, state=app.state.rest)
     _fix_openapi(app, documents_key=bool(keys))
     return app
 

@@ -63,7 +63,7 @@ DOCUMENTED = {
     404: "The model is not served here.",
     429: "The mesh is at capacity (queues full, no free KV pages, or too many requests in flight); retry "
          "after the `Retry-After` header's seconds.",
-    503: "No worker can take the request now.",
+    503: "No worker can take the request now, or the gateway is shutting down (it serves no new requests).",
     504: "The request passed its deadline (the gateway's request timeout).",
 }
 

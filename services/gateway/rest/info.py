@@ -39,14 +39,16 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
 
 
 @probes.get("/health", response_model=Health, summary="Readiness: a decode worker is registered and ready",
-            responses={503: {"model": Health, "description": "No decode worker can take a request."}})
+            responses={503: {"model": Health, "description": "No decode worker can take a request, or the "
+                                                             "gateway is shutting down (draining)."}})
 async def health(request: Request) -> JSONResponse:
-    registry = rest_state(request).core.registry
+    state = rest_state(request)
+    registry = state.core.registry
     decode = sum(w.routable for w in registry.workers(DECODE))
     prefill = sum(w.routable for w in registry.workers(PREFILL))
-    ok = rest_state(request).core.has_decode_workers()
-    body = Health(status="ok" if ok else "unavailable", decode_workers=decode, prefill_workers=prefill)
-    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+    status = "draining" if state.draining else "ok" if state.core.has_decode_workers() else "unavailable"
+    body = Health(status=status, decode_workers=decode, prefill_workers=prefill)
+    return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
 
 
 @probes.get("/metrics", summary="Prometheus metrics", response_class=Response,

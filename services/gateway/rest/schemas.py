@@ -390,7 +390,8 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "unavailable", "draining"] = Field(
+        description="ok (200); unavailable: no decode worker (503); draining: the gateway is shutting down (503).")
     decode_workers: int = Field(description="Decode workers registered and ready.")
     prefill_workers: int = Field(description="Prefill workers registered (0: decode workers prefill).")
 

@@ -85,16 +85,18 @@ class HttpServer:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting; streams still open get `grace_s` to finish, then are cancelled."""
-        if self._server is None or self._task is None:
+        server, task = self._server, self._task
+        if server is None or task is None:
             return
+        # Held here, not re-read from self: a second stop (a drain's, while its caller stops too) clears them.
         grace_s = max(grace_s, 0.0)
-        self._server.config.timeout_graceful_shutdown = grace_s + CANCEL_AFTER_ABORT_S
-        self._server.should_exit = True
+        server.config.timeout_graceful_shutdown = grace_s + CANCEL_AFTER_ABORT_S
+        server.should_exit = True
         try:
-            done, _ = await asyncio.wait({self._task}, timeout=grace_s)
+            done, _ = await asyncio.wait({task}, timeout=grace_s)
             if not done and self.on_grace_expired is not None:
                 self.on_grace_expired()
-            await self._task
+            await task
         finally:
             self._server = self._task = None
 

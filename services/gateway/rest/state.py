@@ -24,6 +24,7 @@ class RestState:
     started: int = field(default_factory=lambda: int(time.time()))
     active: set[Generation] = field(default_factory=set)  # calls in progress
     unknown_fields: UnknownFields = field(default_factory=UnknownFields)
+    draining: bool = False  # the gateway is stopping: new calls get 503, the open ones run on (drain.py)
 
     def __post_init__(self) -> None:
         self.texts = TokenTexts(self.core.model.tokenizer)

@@ -1,6 +1,7 @@
-"""Gateway replicas (`moemesh up --gateways 2`): every worker registers with both, and SDK streams whose gateway is
-killed (SIGKILL) mid-way go on at the other one, token for token as an undisturbed run, nothing repeated or missing;
-a client whose gateways are all gone gets one clear error."""
+"""Gateway replicas (`moemesh up --gateways 3`): every worker registers with each; SDK streams whose gateway is
+killed (SIGKILL) mid-way go on at another, token for token as an undisturbed run, nothing repeated or missing; a
+gateway sent SIGTERM finishes its open REST streams while new requests go to the others; a client whose gateways
+are all gone gets one clear error."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import signal
 import time
 
 import grpc
+import httpx
 import pytest
 
 from moemesh.sdk import AsyncMeshClient, MeshClient, UnavailableError
 from moemesh.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from tests.net import free_port
+from tests.processes.gateway.test_gateway_drain import Stream
 from tests.processes.mesh.launch import RunningMesh, running_mesh
 from tests.processes.mesh.waits import until
 
@@ -28,11 +31,12 @@ SAMPLING = [dict(temperature=0.0) if i % 2 == 0 else dict(temperature=1.0, top_p
 
 @pytest.fixture(scope="module")
 def mesh():
-    with running_mesh("--gateways", "2", "--prefill", "1", "--decode", "1") as running:
+    with running_mesh("--gateways", "3", "--prefill", "1", "--decode", "1") as running:
         yield running
 
 
 def _targets(mesh: RunningMesh) -> list[str]:
+    """The first two gateways (the third is for the drain test)."""
     return [mesh.services["gateway"][0], mesh.services["gateway-1"][0]]
 
 
@@ -76,7 +80,7 @@ def _idle(mesh: RunningMesh) -> list[tuple[str, int, int, int]]:
 
 
 def test_every_worker_registers_with_every_gateway(mesh: RunningMesh) -> None:
-    for target in _targets(mesh):
+    for target in [*_targets(mesh), mesh.services["gateway-2"][0]]:
         with MeshClient(target, timeout_s=30) as client:
             (model,) = client.list_models()
             assert (model.num_prefill_workers, model.num_decode_workers) == (1, 1), target
@@ -105,6 +109,29 @@ def test_streams_of_a_killed_gateway_continue_at_the_other_token_for_token(mesh:
     with MeshClient(targets, timeout_s=60) as client:
         assert len(client.generate("still here", max_tokens=4, temperature=0).token_ids) == 4
     assert mesh.proc.poll() is None
+
+
+def test_a_draining_gateway_finishes_its_rest_streams_while_new_requests_go_to_another(mesh: RunningMesh) -> None:
+    draining, other = mesh.services["gateway-2"], mesh.services["gateway-1"]
+    http = mesh.services["gateway-2-http"][0]
+    prompts = ["One gateway leaves, ", "its streams end whole, ", "the others take the rest: "]
+    streams = [Stream(http, p) for p in prompts]
+    for s in streams:
+        assert s.mid_way.wait(30) and s.error is None, s.error
+    os.kill(draining[1], signal.SIGTERM)
+    health = until(lambda: httpx.get(f"http://{http}/health", trust_env=False, timeout=10),
+                   lambda r: r.status_code != 200, 15, "/health failing after SIGTERM")
+    assert health.status_code == 503
+    # A client given both: the draining gateway refuses (UNAVAILABLE, before any token), the other one serves.
+    with MeshClient([draining[0], other[0]], timeout_s=60) as client:
+        assert len(client.generate("a new request", max_tokens=4, temperature=0).token_ids) == 4
+    undisturbed = [Stream(mesh.services["gateway-1-http"][0], p) for p in prompts]
+    for stream, ref in zip(streams, undisturbed, strict=True):
+        events, ref_events = stream.result(), ref.result()
+        assert events[-1] == "[DONE]" and not [e for e in events if isinstance(e, dict) and "error" in e]
+        assert stream.text == ref.text and len(ref_events) > 2
+    until(lambda: draining[1] in mesh.alive_pids(), lambda alive: not alive, 30, "the drained gateway gone")
+    assert mesh.proc.poll() is None  # the mesh serves on with the others
 
 
 def test_a_client_whose_gateways_are_all_gone_gets_one_clear_error() -> None:
