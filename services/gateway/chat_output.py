@@ -110,6 +110,12 @@ class ResponseParser:
         self._stop = stop
         self._called_tools = False
 
+    def resume(self, token_ids: Sequence[int]) -> None:
+        """Read the tokens a resumed request's client already has (its stream broke at another gateway, whose
+        parser had read them and sent what they completed), dropping what comes out: the next `apply` goes on
+        where that stream stopped, inside a think block or a tool call alike."""
+        self.apply(gateway_pb2.GenerateResponse(token_ids=token_ids))
+
     def apply(self, response: gateway_pb2.GenerateResponse) -> gateway_pb2.GenerateResponse:
         """`response` with its text split into content, reasoning and tool-call pieces."""
         deltas = self._parser.feed(list(response.token_ids))

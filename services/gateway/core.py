@@ -121,9 +121,7 @@ class GatewayCore:
         parser = self.model.chat.for_request(prepared.prompt_token_ids, prepared.tools, prepared.sampling) \
             if prepared.chat else None
         if parser is not None and prepared.resume_token_ids:
-            # The broken stream's parser had read these tokens and sent what they completed: read them again, and
-            # drop what comes out, so that this stream goes on where that one stopped (reasoning, tool calls).
-            parser.apply(gateway_pb2.GenerateResponse(token_ids=prepared.resume_token_ids))
+            parser.resume(prepared.resume_token_ids)
         return self._stream(prepared, route, timeout, span, arrival, parser)
 
     async def generate(self, req: gateway_pb2.GenerateRequest,

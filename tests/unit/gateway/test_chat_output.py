@@ -101,3 +101,22 @@ def test_parsed_stop_strings_match_the_workers_cut(tok: Tokenizer) -> None:
     result = _run(parsing, _responses(tok, f"r{t.THINK_CLOSE}answer END", 1, stop_string="END"),
                   sampling=sampling)
     assert (result["reasoning"], result["text"]) == ("r", "answer ")
+
+
+def test_a_resumed_parser_goes_on_where_the_broken_stream_stopped(tok: Tokenizer) -> None:
+    parsing = ChatParsing.resolve(tok, "deepseek_v3", "deepseek_r1")
+    text = (f"let me think{t.THINK_CLOSE}Sure, {t.TOOL_CALLS_BEGIN}{t.TOOL_CALL_BEGIN}function{t.TOOL_SEP}f\n```json\n"
+            f'{{"a": [1, 2]}}\n```{t.TOOL_CALL_END}{t.TOOL_CALLS_END}')
+    responses = _responses(tok, text, 1)
+
+    def pieces(out: list[gateway_pb2.GenerateResponse]) -> list[tuple]:
+        # Call ids are drawn per call: a call that starts after the break gets a new one, which no client saw.
+        return [(r.text, r.reasoning_text, [(c.index, c.name, c.arguments) for c in r.tool_calls], r.finish_reason)
+                for r in out]
+
+    full = parsing.for_request([], tools=True)
+    whole = pieces([full.apply(r) for r in responses])
+    for k in range(1, len(responses)):  # the stream broke after k tokens, in the think block, the text or a call
+        resumed = parsing.for_request([], tools=True)
+        resumed.resume([i for r in responses[:k] for i in r.token_ids])
+        assert pieces([resumed.apply(r) for r in responses[k:]]) == whole[k:], k
