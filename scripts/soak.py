@@ -5,8 +5,9 @@
 
 Starts `moemesh up` (2 gateways, 1 prefill + 2 decode workers by default), sends greedy requests from `--clients`
 threads without pause (each an SDK client given every gateway), and every `--kill-every` seconds kills a random
-prefill or decode worker, or with `--kill-gateways` a random gateway too, and starts a replacement (`moemesh serve
-ROLE`: a worker registering with every gateway, a gateway on the dead one's port, where the workers register again).
+prefill or decode worker, or with `--kill-gateways` a random gateway too. A killed worker is replaced here (`moemesh
+serve ROLE`, registering with every gateway); a killed gateway `moemesh up` starts again on its ports, where the
+workers register again.
 At the end it prints: requests sent, completed (and whether each completion equals the in-process engine's greedy
 output), migrated (between workers, the gateways' counters), resumed (streams the SDK carried to another gateway),
 failed with a clear error, lost (no answer within the deadline, or an error without a message), and the mesh
@@ -59,6 +60,19 @@ def mesh_pids(root_pid: int) -> list[int]:
         seen.append(pid)
         todo += children.get(pid, [])
     return seen
+
+
+def gateway_pids(root_pid: int) -> list[int]:
+    """The gateways `moemesh up` runs now (it starts a dead one again, under a new pid)."""
+    pids = []
+    for pid in mesh_pids(root_pid)[1:]:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"gateway" in argv and b"serve" in argv:
+            pids.append(pid)
+    return pids
 
 
 def migrations(metrics_addr: str) -> float:
@@ -116,11 +130,9 @@ def main() -> int:
     replacements: list[ServiceProcess] = []
     role_of: dict[int, str] = {}  # replacement pid -> its role
     kv_addr = mesh.services["kvtransfer"].address
-    # The mesh's own workers (and gateways) still running: name -> pid.
-    workers = {name: r.pid for name, r in mesh.services.items()
-               if name.startswith(("prefill", "decode")) or (args.kill_gateways and name.startswith("gateway"))}
+    # The mesh's own workers still running: name -> pid.
+    workers = {name: r.pid for name, r in mesh.services.items() if name.startswith(("prefill", "decode"))}
     kills, rss_start, rss_end, migrated = 0, 0.0, 0.0, 0.0
-    gateway_port = {mesh.services[name].pid: address.rsplit(":", 1)[1] for name, address in gateways.items()}
     try:
         time.sleep(2)
         pids = mesh_pids(mesh.proc.pid)
@@ -161,9 +173,12 @@ def main() -> int:
                 break
             roles = {pid: n.split("-")[0] for n, pid in workers.items()}
             roles.update({r.pid: role_of[r.pid] for r in replacements if r.poll() is None})
+            if args.kill_gateways:
+                roles.update(dict.fromkeys(gateway_pids(mesh.proc.pid), "gateway"))
             pid = rng.choice(sorted(roles))
             role = roles[pid]
-            name = next((n for n, p in workers.items() if p == pid), f"replacement {role} {pid}")
+            name = next((n for n, p in workers.items() if p == pid),
+                        next((n for n, r in mesh.services.items() if r.pid == pid), f"replacement {role} {pid}"))
             if name in counted:  # its counter dies with it: read it first
                 migrated += migrations(counted.pop(name))
             try:
@@ -172,18 +187,14 @@ def main() -> int:
                 continue
             kills += 1
             workers = {n: p for n, p in workers.items() if p != pid}
-            if role == "gateway":
-                # On the dead one's port: clients and workers know that address. Not waited for, as below.
-                port = gateway_port[pid]
-                proc = start_service("gateway", ["--port", port, "--http-port", "-1", "--metrics-port", "-1",
-                                                 "--kvtransfer", kv_addr], stderr=subprocess.DEVNULL,
-                                     ready_timeout_s=None)
-                gateway_port[proc.pid] = port
-            else:
-                # Not waited for: it registers with the gateways once loaded, as a replacement in production would.
-                proc = start_service(role, ["--port", "0", "--metrics-port", "-1", "--gateway", targets,
-                                            "--kvtransfer", kv_addr, "--eplb", "", "--procs-per-host", "3"],
-                                     stderr=subprocess.DEVNULL, ready_timeout_s=None)
+            if role == "gateway":  # `moemesh up` starts it again
+                print(f"t={args.duration - (end - time.monotonic()):6.1f}s killed {name}; so far {dict(counts)}",
+                      flush=True)
+                continue
+            # Not waited for: it registers with the gateways once loaded, as a replacement in production would.
+            proc = start_service(role, ["--port", "0", "--metrics-port", "-1", "--gateway", targets,
+                                        "--kvtransfer", kv_addr, "--eplb", "", "--procs-per-host", "3"],
+                                 stderr=subprocess.DEVNULL, ready_timeout_s=None)
             role_of[proc.pid] = role
             replacements.append(proc)
             print(f"t={args.duration - (end - time.monotonic()):6.1f}s killed {name} ({role}); "

@@ -62,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gateways", type=int, default=1,
                    help="gateway replicas (each on the next ports up from --grpc-port and --http-port); every worker "
                         "registers with all of them, an SDK client given them all goes on at another when one dies, "
-                        "and the mesh serves while any is left")
+                        "and a gateway that dies is started again on its ports")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (0: colocated, decode prefills)")
     p.add_argument("--decode", type=int, default=1, help="decode workers")
     p.add_argument("--ep-size", type=int, default=1,
@@ -276,16 +276,27 @@ def _serve(args: argparse.Namespace, env: dict[str, str], extra: list[str], clie
         print(_table(records, args, client, _stop_hint(args)), flush=True)
         if args.ready_file:  # after the table: a launcher that sees the file finds the table in the output too
             write_ready_file(args.ready_file, records)
-        reported: set[str] = set()
+        reported: set[int] = set()
+        restarts = GatewayRestarts()
         while not stopping:
             for dead in mesh.exited():
-                if dead.name in reported:
+                if dead.pid in reported:
                     continue
-                reported.add(dead.name)
-                if dead.name.startswith("gateway") and all(g.name in reported for g in gateways):
-                    print(f"moemesh up: {dead.name} exited with code {dead.proc.returncode}, no gateway is left; "
-                          "stopping the mesh", file=sys.stderr)
-                    return 1
+                reported.add(dead.pid)
+                if dead.name.startswith("gateway"):
+                    # Gateways are stateless: one started again on the same ports serves as soon as the workers'
+                    # next heartbeats register them again, and SDK clients resume at the others meanwhile.
+                    if not restarts.allow(dead.name):
+                        print(f"moemesh up: {dead.name} exited with code {dead.proc.returncode} again, "
+                              f"{GATEWAY_RESTARTS} times within {GATEWAY_RESTART_WINDOW_S:g} s; stopping the mesh",
+                              file=sys.stderr)
+                        return 1
+                    print(f"moemesh up: {dead.name} exited with code {dead.proc.returncode}; starting it again on "
+                          "the same ports", file=sys.stderr)
+                    index = int(dead.name.rpartition("-")[2]) if "-" in dead.name else 0
+                    mesh.start(dead.name, "gateway", [*_same_ports(dead, gateway_ports(args, index)), *gw_args],
+                               {**env, **client.gateway_env})
+                    continue
                 # The mesh outlives a worker, as it would in production: the gateway routes around it; and
                 # kvtransfer (requests run colocated meanwhile) and the balancer (placements freeze).
                 print(f"moemesh up: {dead.name} exited with code {dead.proc.returncode}; the others keep serving",
@@ -300,6 +311,34 @@ def _serve(args: argparse.Namespace, env: dict[str, str], extra: list[str], clie
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(args.ready_file)
         mesh.stop()
+
+
+# A gateway that dies this many times within the window is not started again: something stops it for good.
+GATEWAY_RESTARTS = 3
+GATEWAY_RESTART_WINDOW_S = 60.0
+
+
+class GatewayRestarts:
+    """When a dead gateway may be started again: unless it died GATEWAY_RESTARTS times in the last window."""
+
+    def __init__(self) -> None:
+        self._deaths: dict[str, list[float]] = {}
+
+    def allow(self, name: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        deaths = [t for t in self._deaths.get(name, []) if now - t < GATEWAY_RESTART_WINDOW_S] + [now]
+        self._deaths[name] = deaths
+        return len(deaths) < GATEWAY_RESTARTS
+
+
+def _same_ports(dead: ServiceProcess, first_ports: list[str]) -> list[str]:
+    """The ports a dead gateway listened on, for the one that replaces it (clients and workers know them);
+    `first_ports` (what it was started with) when it died before it said."""
+    found = dead.addresses()
+    if GRPC not in found:
+        return first_ports
+    http = found.get(HTTP)
+    return ["--port", found[GRPC].rsplit(":", 1)[1], "--http-port", http.rsplit(":", 1)[1] if http else "-1"]
 
 
 def gateway_name(index: int) -> str:

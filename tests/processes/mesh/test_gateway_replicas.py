@@ -1,4 +1,4 @@
-"""Gateway replicas (`moemesh up --gateways 3`): every worker registers with each; SDK streams whose gateway is
+"""Gateway replicas (`moemesh up --gateways 2`): every worker registers with each; SDK streams whose gateway is
 killed (SIGKILL) mid-way go on at another, token for token as an undisturbed run, nothing repeated or missing; a
 gateway sent SIGTERM finishes its open REST streams while new requests go to the others; a client whose gateways
 are all gone gets one clear error."""
@@ -31,12 +31,18 @@ SAMPLING = [dict(temperature=0.0) if i % 2 == 0 else dict(temperature=1.0, top_p
 
 @pytest.fixture(scope="module")
 def mesh():
-    with running_mesh("--gateways", "3", "--prefill", "1", "--decode", "1") as running:
+    with running_mesh("--gateways", "2", "--prefill", "1", "--decode", "1") as running:
+        yield running
+
+
+@pytest.fixture
+def fresh_mesh():
+    """A mesh of its own, for a test that takes a gateway away."""
+    with running_mesh("--gateways", "2", "--prefill", "1", "--decode", "1") as running:
         yield running
 
 
 def _targets(mesh: RunningMesh) -> list[str]:
-    """The first two gateways (the third is for the drain test)."""
     return [mesh.services["gateway"][0], mesh.services["gateway-1"][0]]
 
 
@@ -80,7 +86,7 @@ def _idle(mesh: RunningMesh) -> list[tuple[str, int, int, int]]:
 
 
 def test_every_worker_registers_with_every_gateway(mesh: RunningMesh) -> None:
-    for target in [*_targets(mesh), mesh.services["gateway-2"][0]]:
+    for target in _targets(mesh):
         with MeshClient(target, timeout_s=30) as client:
             (model,) = client.list_models()
             assert (model.num_prefill_workers, model.num_decode_workers) == (1, 1), target
@@ -109,11 +115,25 @@ def test_streams_of_a_killed_gateway_continue_at_the_other_token_for_token(mesh:
     with MeshClient(targets, timeout_s=60) as client:
         assert len(client.generate("still here", max_tokens=4, temperature=0).token_ids) == 4
     assert mesh.proc.poll() is None
+    # `moemesh up` starts the dead gateway again on its port, and the workers register with it again.
+    with MeshClient(targets[0], timeout_s=5, retries=0) as client:
+        until(lambda: _registered(client), lambda n: n == (1, 1), 60, "the workers at the restarted gateway")
+        assert len(client.generate("back again", max_tokens=4, temperature=0).token_ids) == 4
 
 
-def test_a_draining_gateway_finishes_its_rest_streams_while_new_requests_go_to_another(mesh: RunningMesh) -> None:
-    draining, other = mesh.services["gateway-2"], mesh.services["gateway-1"]
-    http = mesh.services["gateway-2-http"][0]
+def _registered(client: MeshClient) -> tuple[int, int] | str:
+    try:
+        (model,) = client.list_models()
+    except UnavailableError as e:  # not listening yet
+        return e.message
+    return model.num_prefill_workers, model.num_decode_workers
+
+
+def test_a_draining_gateway_finishes_its_rest_streams_while_new_requests_go_to_another(fresh_mesh: RunningMesh
+                                                                                         ) -> None:
+    mesh = fresh_mesh
+    draining, other = mesh.services["gateway-1"], mesh.services["gateway"]
+    http = mesh.services["gateway-1-http"][0]
     prompts = ["One gateway leaves, ", "its streams end whole, ", "the others take the rest: "]
     streams = [Stream(http, p) for p in prompts]
     for s in streams:
@@ -125,7 +145,7 @@ def test_a_draining_gateway_finishes_its_rest_streams_while_new_requests_go_to_a
     # A client given both: the draining gateway refuses (UNAVAILABLE, before any token), the other one serves.
     with MeshClient([draining[0], other[0]], timeout_s=60) as client:
         assert len(client.generate("a new request", max_tokens=4, temperature=0).token_ids) == 4
-    undisturbed = [Stream(mesh.services["gateway-1-http"][0], p) for p in prompts]
+    undisturbed = [Stream(mesh.services["gateway-http"][0], p) for p in prompts]
     for stream, ref in zip(streams, undisturbed, strict=True):
         events, ref_events = stream.result(), ref.result()
         assert events[-1] == "[DONE]" and not [e for e in events if isinstance(e, dict) and "error" in e]

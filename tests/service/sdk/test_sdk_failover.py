@@ -1,6 +1,6 @@
-"""Several gateways behind one SDK client (real gateways on loopback, fake workers): a resumed request reaches the
-workers with what its client has; a stream that breaks at one gateway goes on at the other with its tokens; bad
-resume fields are refused; the worker's --gateway list and dns:/// name are parsed."""
+"""Several gateways (real gateways on loopback, fake workers): a resumed request reaches the workers with what its
+client has; a stream that breaks at one gateway goes on at the other with its tokens; bad resume fields are refused;
+a worker registers with every gateway of its --gateway list or dns:/// name."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import grpc
 import pytest
 
 from moemesh.sdk import AsyncMeshClient, MeshClient, UnavailableError
-from moemesh.worker.registration import parse_gateways, resolve
-from tests.service.gateway.doubles import FakeDecode, Mesh, fake_token, make_tokenizer_dir
+from moemesh.services.gateway.registry import DECODE
+from moemesh.worker.registration import GatewayRegistrations, parse_gateways, resolve
+from tests.service.gateway.doubles import FakeDecode, FakeWorker, Mesh, fake_token, make_tokenizer_dir
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -122,3 +123,32 @@ def test_the_workers_gateway_list_and_dns_name_are_parsed() -> None:
             parse_gateways(bad)
     assert asyncio.run(resolve("localhost:50051")) in (["127.0.0.1:50051"], ["127.0.0.1:50051", "[::1]:50051"],
                                                         ["[::1]:50051"])
+
+
+def test_a_worker_registers_with_every_gateway_of_a_list_or_a_dns_name(model_dir: Path) -> None:
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            a, b = await stack.enter_async_context(Mesh(model_dir)), await stack.enter_async_context(Mesh(model_dir))
+            worker = await FakeWorker(a.app.address, FakeDecode(), "w1").start()  # a server and its request
+            await worker.stop()  # its own registration off: GatewayRegistrations does it below
+            load = worker.register_request().load
+            for spec, expected in ((f"{a.app.address},{b.app.address}", (a, b)),
+                                   (f"dns:///localhost:{a.app.port}", (a,))):
+                regs = GatewayRegistrations(spec, worker.register_request(), lambda: load, refresh_s=0.2)
+                await regs.start()
+                try:
+                    for mesh in expected:
+                        await _until(lambda m=mesh: [w.worker_id for w in m.app.registry.workers(DECODE)] == ["w1"])
+                finally:
+                    await regs.stop()
+                for mesh in expected:  # stopping deregisters from each
+                    await _until(lambda m=mesh: not m.app.registry.workers(DECODE))
+
+    asyncio.run(main())
+
+
+async def _until(check, timeout_s: float = 10) -> None:
+    end = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        assert asyncio.get_running_loop().time() < end, "not within the deadline"
+        await asyncio.sleep(0.02)

@@ -104,3 +104,14 @@ def test_up_gives_prefill_workers_a_batch_wait(monkeypatch: pytest.MonkeyPatch, 
     prefill, decode = plan.worker_args("prefill", 0), plan.worker_args("decode", 0)
     at = prefill.index("--batch-wait-ms") if "--batch-wait-ms" in prefill else len(prefill)
     assert prefill[at:at + 2] == want and "--batch-wait-ms" not in decode
+
+
+def test_a_gateway_is_started_again_unless_it_keeps_dying() -> None:
+    from moemesh.services.cli.up import GATEWAY_RESTART_WINDOW_S, GATEWAY_RESTARTS, GatewayRestarts
+
+    restarts = GatewayRestarts()
+    assert all(restarts.allow("gateway", now=float(t)) for t in range(GATEWAY_RESTARTS - 1))
+    assert not restarts.allow("gateway", now=float(GATEWAY_RESTARTS))  # the third death within the window
+    assert restarts.allow("gateway-1", now=float(GATEWAY_RESTARTS))  # counted per gateway
+    later = GATEWAY_RESTARTS + GATEWAY_RESTART_WINDOW_S + 1
+    assert restarts.allow("gateway", now=later)  # the old deaths left the window
