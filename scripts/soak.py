@@ -220,7 +220,8 @@ def main() -> int:
     print(f"\nsoak: {args.duration:.0f} s, {args.clients} clients, {args.gateways} gateways, {victims} killed every "
           f"{args.kill_every:.0f} s ({kills} kills)")
     print(f"  sent {counts['sent']}, completed {counts['completed']} (all equal to the engine's greedy output: "
-          f"{counts['wrong'] == 0}), migrated {migrated:.0f}, resumed at another gateway {resumes.count}, "
+          f"{counts['wrong'] == 0}), migrated {migrated:.0f} (counted by the first gateways while they lived), "
+          f"resumed at another gateway {resumes.count}, "
           f"failed with a clear error {counts['failed']}, "
           f"lost {counts['lost']}, wrong {counts['wrong']}")
     for msg, n in errors.most_common(5):
