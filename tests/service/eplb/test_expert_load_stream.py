@@ -18,7 +18,7 @@ from moemesh.v1 import eplb_pb2, eplb_pb2_grpc
 from moemesh.worker.expert_stats import ExpertLoadReporter, GroupIdentity
 
 L, P = 2, 6
-WAIT_S = 10.0
+WAIT_S = 30.0  # the reporter's reconnect backoff reaches 10 s on a loaded machine
 
 
 class RecordingEplb(eplb_pb2_grpc.EplbServicer):

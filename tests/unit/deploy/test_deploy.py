@@ -251,7 +251,8 @@ def test_compose_services(compose: dict, options) -> None:
     for name in WORKERS:
         env = _environment(services[name])
         assert env["MOEMESH_ADVERTISE_HOST"] == name
-        assert env["MOEMESH_GATEWAY"] == f"gateway:{_default_port('gateway', options)}"
+        # Every gateway container the name resolves to (one unless scaled).
+        assert env["MOEMESH_GATEWAY"] == f"dns:///gateway:{_default_port('gateway', options)}"
         assert env["MOEMESH_KVTRANSFER"] == f"kvtransfer:{_default_port('kvtransfer', options)}"
         for dep in ("gateway", "kvtransfer"):
             assert services[name]["depends_on"][dep]["condition"] == "service_healthy"
@@ -348,9 +349,11 @@ def test_k8s_workloads(renderings, options, rendering: str) -> None:
             assert ports["http"] == int(env["MOEMESH_HTTP_PORT"]["value"]) == HTTP_PORT
         if service in WORKERS:
             assert env["MOEMESH_ADVERTISE_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
-        if service in ("gateway", "kvtransfer"):
-            # Workers register with the one gateway; rooms live in the one kvtransfer.
+        if service == "kvtransfer":  # rooms live in the one kvtransfer
             assert doc["spec"]["replicas"] == 1
+        if service == "gateway":  # stateless replicas, every worker registered with each; one in cpu-dev
+            assert doc["spec"]["replicas"] == (1 if rendering == "cpu-dev" else 2)
+            assert doc["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
         # $(VAR) refers only to variables set before it (or put first by the LeaderWorkerSet controller).
         defined = set(LWS_VARIABLES) if doc["kind"] == "LeaderWorkerSet" else set()
         for e in c.get("env", []):
@@ -369,6 +372,11 @@ def test_k8s_services(renderings, options, rendering: str) -> None:
         ports = {p["name"]: p["port"] for p in services[name]["spec"]["ports"]}
         assert ports["grpc"] == _default_port(name, options)
     assert {p["port"] for p in services["gateway"]["spec"]["ports"]} >= {50051, HTTP_PORT}
+    # The workers find every gateway pod through a headless Service over the same pods.
+    peers = services["gateway-peers"]["spec"]
+    assert peers["clusterIP"] == "None" and peers["selector"] == services["gateway"]["spec"]["selector"]
+    worker_env = next(d["data"] for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "moemesh-worker")
+    assert worker_env["MOEMESH_GATEWAY"] == f"dns:///gateway-peers:{peers['ports'][0]['port']}"
     for name in WORKERS:
         if rendering == "ep-multinode":
             assert name not in services and name not in workloads
