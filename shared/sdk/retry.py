@@ -15,7 +15,8 @@ class RetryPolicy:
 
     Only UNAVAILABLE is retried: the request did not run (gateway unreachable, no worker yet), so a
     second try cannot produce a duplicate completion. A stream that already delivered tokens is never
-    re-sent, or the caller would see them twice.
+    retried from its start, or the caller would see them twice: with several gateways it is resumed after
+    them instead (`moemesh.sdk.failover`).
     """
 
     retries: int = 3
