@@ -252,12 +252,14 @@ def _serve(args: argparse.Namespace, env: dict[str, str], extra: list[str], clie
         mesh.wait_ready([kv], deadline)
         gw_args = ["--kvtransfer", kv.address, *metrics] + (["--model", args.model] if args.model else []) + (
             ["--router", args.router] if args.router else []) + _chat_args(args)
-        gateways = [mesh.start(gateway_name(i), "gateway", [*gateway_ports(args, i), *gw_args],
+        gateways = [mesh.start(gateway_name(i), "gateway", [*first_ports(args, i), *gw_args],
                                {**env, **client.gateway_env}) for i in range(args.gateways)]
         mesh.wait_ready([*gateways, eplb], deadline)
         if args.http_port != -1:
             for gateway in gateways:
                 mesh.wait_http(gateway, deadline)
+        # Where each gateway listens (ports asked as 0 resolved): one started again after a death takes the same.
+        gateway_ports = {g.name: _bound_ports(g) for g in gateways}
         addresses = ",".join(g.address for g in gateways)
         common = ["--port", "0", *metrics, "--gateway", addresses, "--kvtransfer", kv.address,
                   "--eplb", eplb.address,
@@ -293,8 +295,7 @@ def _serve(args: argparse.Namespace, env: dict[str, str], extra: list[str], clie
                         return 1
                     print(f"moemesh up: {dead.name} exited with code {dead.proc.returncode}; starting it again on "
                           "the same ports", file=sys.stderr)
-                    index = int(dead.name.rpartition("-")[2]) if "-" in dead.name else 0
-                    mesh.start(dead.name, "gateway", [*_same_ports(dead, gateway_ports(args, index)), *gw_args],
+                    mesh.start(dead.name, "gateway", [*gateway_ports[dead.name], *gw_args],
                                {**env, **client.gateway_env})
                     continue
                 # The mesh outlives a worker, as it would in production: the gateway routes around it; and
@@ -331,14 +332,10 @@ class GatewayRestarts:
         return len(deaths) < GATEWAY_RESTARTS
 
 
-def _same_ports(dead: ServiceProcess, first_ports: list[str]) -> list[str]:
-    """The ports a dead gateway listened on, for the one that replaces it (clients and workers know them);
-    `first_ports` (what it was started with) when it died before it said."""
-    found = dead.addresses()
-    if GRPC not in found:
-        return first_ports
-    http = found.get(HTTP)
-    return ["--port", found[GRPC].rsplit(":", 1)[1], "--http-port", http.rsplit(":", 1)[1] if http else "-1"]
+def _bound_ports(gateway: ServiceProcess) -> list[str]:
+    """The ports a ready gateway listens on, as its options (--http-port -1 when it serves no REST)."""
+    http = gateway.addresses().get(HTTP)
+    return ["--port", gateway.address.rsplit(":", 1)[1], "--http-port", http.rsplit(":", 1)[1] if http else "-1"]
 
 
 def gateway_name(index: int) -> str:
@@ -346,7 +343,7 @@ def gateway_name(index: int) -> str:
     return "gateway" if index == 0 else f"gateway-{index}"
 
 
-def gateway_ports(args: argparse.Namespace, index: int) -> list[str]:
+def first_ports(args: argparse.Namespace, index: int) -> list[str]:
     """Gateway `index`'s ports: the next ones up from --grpc-port / --http-port (0 picks any, -1: no REST)."""
     grpc_port = args.grpc_port + index if args.grpc_port else 0
     http_port = args.http_port + index if args.http_port > 0 else args.http_port

@@ -85,11 +85,11 @@ def prompt_token_ids(req: gateway_pb2.GenerateRequest, tokenizer: Tokenizer, ren
     return ids
 
 
-def check_token_ids(ids: Sequence[int], vocab_size: int) -> None:
-    """INVALID_ARGUMENT naming the first id outside the vocabulary."""
+def check_token_ids(ids: Sequence[int], vocab_size: int, name: str = "token_ids") -> None:
+    """INVALID_ARGUMENT naming the first id outside the vocabulary (as field `name`'s element)."""
     for i, t in enumerate(ids):
         if t >= vocab_size:
-            raise InvalidArgument(f"token_ids[{i}] = {t} is outside the vocabulary (size {vocab_size})")
+            raise InvalidArgument(f"{name}[{i}] = {t} is outside the vocabulary (size {vocab_size})")
 
 
 def prepare(req: gateway_pb2.GenerateRequest, renderer: ChatRenderer, model_name: str,
@@ -143,6 +143,4 @@ def check_resume(token_ids: Sequence[int], text_offset: int, max_tokens: int, vo
     if len(token_ids) >= max_tokens:
         raise InvalidArgument(f"resume_token_ids holds {len(token_ids)} tokens and max_tokens is {max_tokens}: "
                               "nothing is left to generate")
-    for i, t in enumerate(token_ids):
-        if t >= vocab_size:
-            raise InvalidArgument(f"resume_token_ids[{i}] = {t} is outside the vocabulary (size {vocab_size})")
+    check_token_ids(token_ids, vocab_size, "resume_token_ids")

@@ -201,7 +201,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.prefilling) + len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
             if bound is not None and seqs:
-                need = min(len(req.all_token_ids) - self.cache.prefix_tokens(self._prefix_query(req)), budget)
+                need = min(req.num_tokens - self.cache.prefix_tokens(self._prefix_query(req)), budget)
                 if new_tokens + need > bound:
                     break
             if not self._admit(req):

@@ -131,11 +131,6 @@ class GatewayRegistrations:
         for reg in self._regs.values():
             reg.draining = value
 
-    @property
-    def gateways(self) -> list[str]:
-        """The addresses registered with (or trying to be) now."""
-        return sorted(self._regs)
-
     async def start(self) -> None:
         if self.dns_name is None:
             await self._follow(self.addresses)

@@ -65,7 +65,6 @@ def add_worker_arguments(p: argparse.ArgumentParser, default_port: int, default_
     add_telemetry_arguments(p, default_metrics_port)
 
 
-
 def _gateway_spec(text: str) -> str:
     """--gateway checked when parsed (argparse type): a bad list or dns:/// name is a usage error."""
     try:
@@ -73,6 +72,7 @@ def _gateway_spec(text: str) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
 
 class WorkerServicer:
     """Base of the prefill and decode servicers: registered before the model loads (so health answers
