@@ -1,10 +1,10 @@
 """The optional native CPU kernels (`*.c` here): built with the system C compiler at first use, loaded with ctypes.
 
 The routed experts of a MoE layer at decode sizes (`moe_bf16.c`) and larger steps (`moe_gemm_bf16.c`), absorbed
-MLA decode over the paged cache (`mla_bf16.c`), linear layers at a few rows (`linear_bf16.c`), RMSNorm
-(`norm_bf16.c`), DeepSeek-V3's router (`router_bf16.c`), MLA's rotary embedding (`rope_bf16.c`) and a decoder
-layer's attention half and MoE half at decode sizes (`mla_layer_bf16.c`, `moe_layer_bf16.c`, made of the others), in
-bf16 on one core.
+MLA decode over the paged cache (`mla_bf16.c`), naive-form MLA over a prefill chunk's keys (`mla_prefill_bf16.c`),
+linear layers at a few rows (`linear_bf16.c`), RMSNorm (`norm_bf16.c`), DeepSeek-V3's router (`router_bf16.c`),
+MLA's rotary embedding (`rope_bf16.c`) and a decoder layer's attention half and MoE half at decode sizes
+(`mla_layer_bf16.c`, `moe_layer_bf16.c`, made of the others), in bf16 on one core.
 
 No torch headers and no torch extension build (minutes): the C files are plain C with AVX-512 BF16 intrinsics,
 compiled in about a second into a per-user cache (`$MOEMESH_CACHE_DIR/kernels`, default
@@ -37,7 +37,7 @@ ENV = "MOEMESH_NATIVE_KERNELS"  # 0 / off / false / no: never build or use the n
 HERE = Path(__file__).parent
 SOURCES = (HERE / "moe_bf16.c", HERE / "moe_gemm_bf16.c", HERE / "mla_bf16.c", HERE / "linear_bf16.c",
            HERE / "norm_bf16.c", HERE / "router_bf16.c", HERE / "rope_bf16.c", HERE / "mla_layer_bf16.c",
-           HERE / "moe_layer_bf16.c")
+           HERE / "moe_layer_bf16.c", HERE / "mla_prefill_bf16.c")
 HEADERS = (HERE / "bf16_common.h",)
 # Explicit ISA flags rather than -march=native: the library then runs on any CPU with these features, so a
 # shared cache folder cannot hand one machine another's build.
@@ -90,6 +90,10 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     _declare(lib.moe_bf16_experts_pairs, ctypes.c_int, [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 6)
     _declare(lib.mla_decode_bf16, ctypes.c_int,
              [ctypes.c_int64] * 9 + [ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_void_p])
+    _declare(lib.mla_prefill_bf16, ctypes.c_int,
+             [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2
+             + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
+                ctypes.c_void_p])
     _declare(lib.linear_bf16, None, [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4)
     _declare(lib.router_noaux_bf16, ctypes.c_int,
              [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_float] + [ctypes.c_void_p] * 2)
@@ -227,6 +231,22 @@ def mla_decode(lib: ctypes.CDLL, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b:
                              lens.data_ptr(), scale, out.data_ptr())
     if rc:
         raise ValueError("a KV length or page outside the cache" if rc == -1 else "out of memory")
+    return out
+
+
+def mla_prefill(lib: ctypes.CDLL, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
+                v_dim: int, scale: float) -> torch.Tensor:
+    """Causal naive-form MLA of one sequence in one call (`mla_prefill_bf16` in mla_prefill_bf16.c): q_nope
+    [T, H, Dn], q_pe [T, H, R], kv [N, H, Dn + V] (kv_b_proj's output: each head's nope keys, then its values),
+    k_pe [N, R], all bf16 with unit inner stride; the queries are the last T of the N positions -> [T, H, V] bf16."""
+    t, h, dn = q_nope.shape
+    n, r = kv.shape[0], k_pe.shape[1]
+    out = q_nope.new_empty(t, h, v_dim)
+    rc = lib.mla_prefill_bf16(t, n, h, dn, r, v_dim, q_nope.data_ptr(), q_nope.stride(0), q_nope.stride(1),
+                              q_pe.data_ptr(), q_pe.stride(0), q_pe.stride(1), kv.data_ptr(), kv.stride(0),
+                              kv.stride(1), k_pe.data_ptr(), k_pe.stride(0), scale, out.data_ptr())
+    if rc:
+        raise MemoryError("mla_prefill_bf16: out of memory")
     return out
 
 

@@ -102,14 +102,13 @@ class NativeRouter:
                                    bool(r.norm_topk_prob), float(r.scaling))
 
 
-# Steps of at most this many tokens take the native rotary embedding: the torch form's ~18 small ops cost ~50 us a
-# layer at decode sizes; at prefill sizes its vectorised complex product beats the kernel's scalar loop.
-ROPE_MAX_ROWS = 64
-
-
 class NativeRope:
-    """A `RotaryEmbedding`'s kernel: bf16 steps of at most ROPE_MAX_ROWS tokens on the CPU natively; None (the
-    module's torch form) otherwise, and for positions past its tables (which the module then grows)."""
+    """A `RotaryEmbedding`'s kernel: bf16 steps on the CPU natively; None (the module's torch form) otherwise, and
+    for positions past its tables (which the module then grows).
+
+    The torch form's ~18 small ops cost ~50 us a layer at decode sizes; at prefill sizes its complex product is
+    vectorised but makes float32 and complex copies of every row: on an AMD Zen 4 core, one thread, the small shape's
+    rope (6 heads of 64) at 64 / 512 / 2048 tokens took 73 / 277 / 1214 us in torch against 11 / 44 / 157 us here."""
 
     def __init__(self, lib: ctypes.CDLL, rope: RotaryEmbedding) -> None:
         self.lib = lib
@@ -119,7 +118,7 @@ class NativeRope:
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """positions [T] int64, q_pe [T, H, R], k_pe [T, R] -> rotated (q_pe, k_pe), or None."""
         cos, sin = self.rope.cos_cached, self.rope.sin_cached
-        if not (q_pe.dtype == k_pe.dtype == torch.bfloat16 and 0 < q_pe.shape[0] <= ROPE_MAX_ROWS
+        if not (q_pe.dtype == k_pe.dtype == torch.bfloat16 and q_pe.shape[0] > 0
                 and q_pe.device.type == "cpu" and positions.dtype == torch.int64 and q_pe.stride(-1) == 1
                 and k_pe.stride(-1) == 1 and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous()
                 and sin.is_contiguous() and q_pe.shape[-1] % 2 == 0):

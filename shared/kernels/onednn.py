@@ -16,12 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from moemesh.kernels import native
-from moemesh.kernels.native_attention import paged_decode  # noqa: F401  (this set's decode attention)
+from moemesh.kernels.native_attention import (
+    NativePrefillAttention,
+    paged_decode,  # noqa: F401  (this set's decode attention)
+)
 from moemesh.kernels.native_decoder import NativeDecoderAttention, NativeDecoderMoE
 from moemesh.kernels.native_experts import NativeExperts, pairs_fit
 from moemesh.kernels.native_layers import NativeLinear, NativeRMSNorm, NativeRope, NativeRouter
 from moemesh.model.deepseek import DecoderLayer
 from moemesh.model.layers import Linear, RMSNorm
+from moemesh.model.mla import MLAttention
 from moemesh.model.moe import RoutedExperts, Router
 from moemesh.model.rope import RotaryEmbedding
 
@@ -137,9 +141,9 @@ def install(model: nn.Module) -> int:
     """Give every `Linear` and `RoutedExperts` of `model` its packed kernel; returns how many layers took one.
 
     The routed experts also take the native one-call kernels, linear layers the native dot products at one to
-    four rows, RMSNorms, V3's router and the rotary embedding their native kernels, and decoder layers whose
-    attention half or MoE half runs natively throughout take it in one call at decode sizes, where the native
-    kernels build and run (`moemesh.kernels.native`; `MOEMESH_NATIVE_KERNELS=0` turns them off)."""
+    four rows, RMSNorms, V3's router, the rotary embedding and prefill attention their native kernels, and decoder
+    layers whose attention half or MoE half runs natively throughout take it in one call at decode sizes, where the
+    native kernels build and run (`moemesh.kernels.native`; `MOEMESH_NATIVE_KERNELS=0` turns them off)."""
     n = 0
     lib = native.library()
     for m in model.modules():
@@ -151,6 +155,9 @@ def install(model: nn.Module) -> int:
             n += m.kernel is not None
         elif isinstance(m, RotaryEmbedding):
             m.kernel = None if lib is None else NativeRope(lib, m)
+            n += lib is not None
+        elif isinstance(m, MLAttention):
+            m.prefill_kernel = None if lib is None else NativePrefillAttention(lib, m)
             n += lib is not None
         elif isinstance(m, Linear):
             packed = PackedLinear(m)

@@ -11,6 +11,7 @@ prefill) or `absorb_q`/`values_from_latent` (absorbed form: attend in the latent
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -32,6 +33,11 @@ class AttentionBackend(Protocol):
 
 
 class MLAttention(nn.Module):
+    # A runtime may install a kernel of `causal_attention`'s math (`moemesh.kernels`): (q_nope, q_pe, c_kv, k_pe) ->
+    # the attention output, or None for inputs it leaves to the torch form.
+    prefill_kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                             torch.Tensor | None] | None = None
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -121,6 +127,9 @@ def causal_attention(layer: MLAttention, q_nope: torch.Tensor, q_pe: torch.Tenso
     `scaled_dot_product_attention`, whose fused CPU kernel needs values as wide as the keys (MLA's are not) and
     whose fallback builds masks and float32 copies of every operand. Other devices keep that call.
     """
+    kernel = layer.prefill_kernel
+    if kernel is not None and (out := kernel(q_nope, q_pe, c_kv, k_pe)) is not None:
+        return out
     t, n = q_nope.shape[0], c_kv.shape[0]
     k, v = layer.expand_kv(c_kv, k_pe)
     q = torch.cat((q_nope, q_pe), dim=-1).transpose(0, 1)  # [H, T, Dn + R]
