@@ -9,11 +9,13 @@ parsers can use it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import re
 import sys
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -67,6 +69,45 @@ def lower_thread_priority(nice: int) -> bool:
     except OSError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def new_threads_idle() -> Iterator[None]:
+    """Threads that start inside the block run at the lowest CPU priority (Linux SCHED_IDLE; niceness 19 where that
+    is refused); nothing elsewhere.
+
+    For a library's threads that no caller can reach (gloo's worker threads and its transport's I/O loop, which
+    `dist.new_group` starts): on a core shared with a serving step, a waking step thread then preempts them at once
+    instead of waiting out their time slice, and they run in the step's idle time. They are not starved: CFS still
+    gives an idle-class thread a small share of a busy core. Threads another thread starts meanwhile are lowered too,
+    so the block should hold only the call that starts the ones meant.
+    """
+    tasks = "/proc/self/task"
+    before = set(os.listdir(tasks)) if os.path.isdir(tasks) else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            for tid in set(os.listdir(tasks)) - before:
+                _lower_to_idle(int(tid))
+
+
+def lower_thread_to_idle() -> None:
+    """Run the calling thread at the lowest CPU priority (as `new_threads_idle` does for the threads it sees start)."""
+    if hasattr(threading, "get_native_id"):
+        _lower_to_idle(threading.get_native_id())
+
+
+def _lower_to_idle(tid: int) -> None:
+    try:
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        return
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, 19)
+    except OSError:
+        pass  # the thread is gone, or lowering is refused: it runs as it was
 
 
 def name_os_thread(name: str) -> None:

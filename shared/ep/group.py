@@ -9,6 +9,7 @@ rank (gloo and NCCL notice the closed connection); a peer that hangs fails it af
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import time
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moemesh.device import bind_thread
+from moemesh.device import bind_thread, new_threads_idle
 from moemesh.ep.apply import apply_expert_parallel
 from moemesh.ep.migrate import slot_width
 from moemesh.ep.move_plan import Round
@@ -129,8 +130,11 @@ class EPGroup:
                                 world_size=cfg.size, timeout=datetime.timedelta(seconds=cfg.timeout_s), **options)
         self._vote = torch.zeros(7, dtype=torch.int64)
         # A second group for a switch's copies, so that they never interleave with the serving all-to-alls
-        # (collectives of one group run in call order; the copies run in a thread of their own).
-        self._switch_group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
+        # (collectives of one group run in call order; the copies run in a thread of their own). On CPUs gloo's
+        # threads do the copies' work (buffer copies, socket I/O) on the cores the serving steps use: they run at
+        # idle priority, so that a step never waits for them (on GPUs the copies' work is the GPU's).
+        with new_threads_idle() if backend == "gloo" else contextlib.nullcontext():
+            self._switch_group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
         log.info("joined EP group at %s as rank %d of %d", cfg.init_addr, cfg.rank, cfg.size)
 
     @property

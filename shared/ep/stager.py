@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from moemesh.device import bind_thread
+from moemesh.device import bind_thread, lower_thread_to_idle
 from moemesh.ep.experts import EPExperts
 from moemesh.ep.migrate import Staged, slot_width, stage_round
 from moemesh.ep.move_plan import Round, plan_layer
@@ -119,6 +119,7 @@ class Stager:
                 with torch.cuda.stream(torch.cuda.Stream(device)):
                     self._stage_all()
             else:
+                lower_thread_to_idle()  # its planning and buffer copies share the serving step's core
                 self._stage_all()
         except SwitchCancelled:
             return

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from moemesh.device import lower_thread_priority, name_os_thread
+from moemesh.device import lower_thread_priority, lower_thread_to_idle, name_os_thread, new_threads_idle
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
@@ -50,3 +50,38 @@ def test_the_os_sees_the_thread_name() -> None:
     t.start()
     t.join()
     assert seen["comm"] == "engine-of-a-lon"  # the OS keeps 15 bytes
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread scheduling classes are Linux's")
+def test_threads_started_inside_the_block_run_idle_and_the_others_do_not() -> None:
+    """`new_threads_idle` (what an EP group wraps around its switch group's creation, whose gloo threads it cannot
+    reach otherwise) and `lower_thread_to_idle` (the switch's copy thread)."""
+    release = threading.Event()
+    threads: dict[str, threading.Thread] = {}
+    own: dict[str, int] = {}
+
+    def lowers_itself() -> None:
+        lower_thread_to_idle()
+        own["policy"] = os.sched_getscheduler(threading.get_native_id())
+        release.wait()
+
+    threads["before"] = threading.Thread(target=release.wait)
+    threads["before"].start()
+    with new_threads_idle():
+        threads["inside"] = threading.Thread(target=release.wait)
+        threads["inside"].start()
+    threads["after"] = threading.Thread(target=release.wait)
+    threads["after"].start()
+    threads["self"] = threading.Thread(target=lowers_itself)
+    threads["self"].start()
+    try:
+        while "policy" not in own:
+            threading.Event().wait(0.01)
+        policy = {name: os.sched_getscheduler(t.native_id) for name, t in threads.items()}
+    finally:
+        release.set()
+        for t in threads.values():
+            t.join()
+    assert policy == {"before": os.SCHED_OTHER, "inside": os.SCHED_IDLE, "after": os.SCHED_OTHER,
+                      "self": os.SCHED_IDLE}
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller itself is untouched
