@@ -1,6 +1,6 @@
 """The native prefill attention (mla_prefill_bf16.c): causal naive-form MLA of one sequence, no further from the
 float64 math of its bf16 inputs than the torch bf16 form, and wired into a real engine's prefill steps (fresh
-prompts, chunks after a cached prefix, the reference forward).
+prompts, chunks of a long prompt, new tokens after a cached prefix).
 
 Runs wherever a C compiler and AVX-512 BF16 exist; elsewhere the tests that need the build skip and say why.
 """
@@ -116,6 +116,8 @@ def test_in_an_engine_every_prefill_takes_it_and_stays_on_the_math(tmp_path: Pat
 
     def both(layer, q_nope, q_pe, c_kv, k_pe):
         got = original(layer, q_nope, q_pe, c_kv, k_pe)
+        direct = layer.prefill_kernel(q_nope, q_pe, c_kv, k_pe)
+        assert direct is not None and torch.equal(direct, got)  # the kernel took it, not the torch form
         kernel, layer.prefill_kernel = layer.prefill_kernel, None
         eager = original(layer, q_nope, q_pe, c_kv, k_pe)
         layer.prefill_kernel = kernel
