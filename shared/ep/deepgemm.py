@@ -256,6 +256,14 @@ class DeepGemmGroupedGemm(GroupedGemm):
         # One slot at a time: a whole layer in float32 would be 4x its bf16 size (tens of GB for DeepSeek-V3).
         return DeepGemmWeights(self._blocks(w13), self._blocks(w2))
 
+    def prepare_slots(self, weights: DeepGemmWeights, w13: torch.Tensor, w2: torch.Tensor,
+                      slots: list[int]) -> DeepGemmWeights:
+        """The slots a switch wrote quantized again into the layer's FP8 tensors, the others left as they are."""
+        for (q, sf), w in ((weights.w13, w13), (weights.w2, w2)):
+            for i in slots:
+                q[i], sf[i] = quantize_blocks(w[i], self.pow2_scales)
+        return weights
+
     def prepare_fp8(self, experts: Fp8Experts) -> DeepGemmWeights:
         """Experts kept in FP8 with the checkpoint's 128x128 block scales: consumed as they are (views, no second
         copy). Blackwell's kernels need power-of-two scales: each block is rescaled in place there, once."""

@@ -27,6 +27,13 @@ class GroupedGemm(ABC):
         """Once per layer at start-up: w13 [S, 2I, D], w2 [S, D, I] -> the weights in this backend's form."""
         return w13, w2
 
+    def prepare_slots(self, weights: Any, w13: torch.Tensor, w2: torch.Tensor, slots: list[int]) -> Any:
+        """After a placement switch wrote local slots `slots` of w13 [S, 2I, D] and w2 [S, D, I] (between two
+        forwards): `weights` (this backend's form, from `prepare`) brought up to date. This form prepares the whole
+        layer again; a backend whose form copies the weights redoes only the slots written, so that a switch costs
+        the step thread what it moved, not the layer."""
+        return self.prepare(w13, w2)
+
     def prepare_fp8(self, experts: Fp8Experts) -> Any:
         """Once per layer at start-up, for experts kept in FP8 with block scales -> this backend's form."""
         raise ValueError(f"grouped GEMM {type(self).__name__} does not take FP8 experts; use grouped GEMM 'torch' "
@@ -157,7 +164,7 @@ class EPExperts(nn.Module):
         and the routing table change together, so no token meets a slot whose weights and map disagree.
 
         The staged rows are copied into the layer's own tensors (a local copy of the moved slots only, what the
-        staging bound bounds); a backend holding its own form of the weights prepares it again."""
+        staging bound bounds); a backend holding its own form of the weights prepares it again (`prepare_slots`)."""
         if slots:
             if rows.is_cuda:  # made on the copy thread's stream: not to be reused before this stream has read it
                 rows.record_stream(torch.cuda.current_stream(rows.device))
@@ -172,7 +179,8 @@ class EPExperts(nn.Module):
                     base += view.shape[1]
             if base != rows.shape[1]:
                 raise ValueError(f"staged rows of {rows.shape[1]} bytes do not fit this layer's {base}-byte slots")
-            self._weights = self._prepare()
+            self._weights = self._prepare() if self.fp8_block is not None else \
+                self.gemm.prepare_slots(self._weights, self.w13, self.w2, slots)
         self.placement = placement
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:

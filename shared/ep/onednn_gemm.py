@@ -28,6 +28,15 @@ class OneDnnGroupedGemm(GroupedGemm):
             raise ValueError(f"grouped GEMM 'onednn': {why_not}")
         return onednn.PackedExperts(w13, w2, every_expert=False)  # EP groups rows by slot; never that form
 
+    def prepare_slots(self, weights: onednn.PackedExperts, w13: torch.Tensor, w2: torch.Tensor,
+                      slots: list[int]) -> onednn.PackedExperts:
+        """The slots a switch wrote packed again, the others' packed copies kept (packing a whole layer at a step
+        boundary costs a copy of all its experts)."""
+        for s in slots:
+            weights.w13[s] = onednn.pack(w13[s])
+            weights.w2[s] = onednn.pack(w2[s])
+        return weights
+
     def contiguous(self, xs: torch.Tensor, counts: list[int], weights: onednn.PackedExperts) -> torch.Tensor:
         """xs [N, D] sorted by slot, counts [S] -> [N, D]."""
         return weights(xs, counts)

@@ -691,3 +691,29 @@ def test_deepgemm_on_the_gpu_matches_the_fp8_reference() -> None:
     w13, w2 = bench.make_weights(bench.SMALL, torch.device("cuda"), gen)
     assert bench.check(bench.SMALL, gemm, w13, w2, gemm.prepare(w13, w2), 256, gen)
 
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_deepgemm_requantizes_only_the_slots_a_switch_wrote(pow2: bool) -> None:
+    """`prepare_slots` after a placement switch wrote slots 0 and 2 in place: their FP8 weights and scales are a fresh
+    `prepare`'s, every other slot's stay the very bytes they were."""
+    gemm = DeepGemmGroupedGemm.emulated(pow2_scales=pow2)
+    s, d, i = 4, 256, 128
+    w13, w2 = _expert_weights(s, d, i, seed=5)
+    weights = gemm.prepare(w13, w2)
+    before = [t.clone() for t in (*weights.w13, *weights.w2)]
+    new13, new2 = _expert_weights(s, d, i, seed=6)
+    for slot in (0, 2):
+        w13[slot].copy_(new13[slot])
+        w2[slot].copy_(new2[slot])
+    updated = gemm.prepare_slots(weights, w13, w2, [0, 2])
+    fresh = gemm.prepare(w13, w2)
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+    for got, want, old in zip((*updated.w13, *updated.w2), (*fresh.w13, *fresh.w2), before, strict=True):
+        assert torch.equal(bits(got), bits(want))
+        for slot in (1, 3):
+            assert torch.equal(bits(got[slot]), bits(old[slot]))
+    for got, old in ((updated.w13[0], before[0]), (updated.w2[0], before[2])):  # the weights (scales may repeat)
+        assert not torch.equal(bits(got[0]), bits(old[0])) and not torch.equal(bits(got[2]), bits(old[2]))

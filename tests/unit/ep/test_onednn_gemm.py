@@ -55,3 +55,28 @@ def test_refuses_weights_it_cannot_run() -> None:
     w13, w2 = _weights()
     with pytest.raises(ValueError, match="bfloat16 weights"):
         OneDnnGroupedGemm().prepare(w13.float(), w2.float())
+
+
+def test_a_switch_repacks_only_the_slots_it_wrote() -> None:
+    """`prepare_slots` after a placement switch wrote slots 1 and 4 in place: those two are packed again (their
+    outputs are a fresh `prepare`'s bits, no longer the old weights'), every other slot keeps its packed copy."""
+    w13, w2 = _weights()
+    gemm = OneDnnGroupedGemm()
+    packed = gemm.prepare(w13, w2)
+    kept = {s: (packed.w13[s], packed.w2[s]) for s in range(S)}
+    counts = [2] * S
+    xs = torch.randn(sum(counts), D, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with torch.inference_mode():
+        before = gemm.contiguous(xs, counts, packed)
+        g = torch.Generator().manual_seed(3)
+        for s in (1, 4):  # as EPExperts.switch_slots writes a moved expert: in place, into the layer's tensors
+            w13[s].copy_((torch.randn(2 * INTER, D, generator=g) * 0.05).to(torch.bfloat16))
+            w2[s].copy_((torch.randn(D, INTER, generator=g) * 0.05).to(torch.bfloat16))
+        updated = gemm.prepare_slots(packed, w13, w2, [1, 4])
+        after = gemm.contiguous(xs, counts, updated)
+        fresh = gemm.contiguous(xs, counts, gemm.prepare(w13, w2))
+    assert torch.equal(after, fresh)
+    rows = {s: slice(2 * s, 2 * s + 2) for s in range(S)}
+    for s in range(S):
+        assert (updated.w13[s] is kept[s][0]) is (s not in (1, 4))
+        assert torch.equal(after[rows[s]], before[rows[s]]) is (s not in (1, 4))
