@@ -18,17 +18,15 @@
 
 static inline uint32_t pair_of(bf16 lo, bf16 hi) { return (uint32_t)lo | ((uint32_t)hi << 16); }
 
-/* kp [K/2, np] <- head h's keys as pairs of dims, key by key (np >= N, a multiple of 32; the padding is zero):
- * one dot-product lane then holds one key, so 16 keys' scores accumulate in one register with no reduction. */
-static void pack_keys(int64_t N, int64_t Dn, int64_t R, const bf16 *k_nope, int64_t kn_n, const bf16 *k_pe,
-                      int64_t kp_n, int64_t np, uint32_t *kp) {
-    int64_t kh = (Dn + R) / 2;
+/* kp [D/2, np] <- the N rows of src [N, D] (row stride `stride`) as pairs of dims, key by key (np >= N, a multiple
+ * of 32; the padding is zero): one dot-product lane then holds one key, so 16 keys' scores accumulate in one register
+ * with no reduction. */
+static void pack_pairs(int64_t N, int64_t D, const bf16 *src, int64_t stride, int64_t np, uint32_t *kp) {
     for (int64_t s = 0; s < N; s++) {
-        const bf16 *a = k_nope + s * kn_n, *b = k_pe + s * kp_n;
-        for (int64_t d = 0; d < Dn / 2; d++) kp[d * np + s] = pair_of(a[2 * d], a[2 * d + 1]);
-        for (int64_t d = 0; d < R / 2; d++) kp[(Dn / 2 + d) * np + s] = pair_of(b[2 * d], b[2 * d + 1]);
+        const bf16 *a = src + s * stride;
+        for (int64_t d = 0; d < D / 2; d++) kp[d * np + s] = pair_of(a[2 * d], a[2 * d + 1]);
     }
-    for (int64_t d = 0; d < kh; d++) memset(kp + d * np + N, 0, (size_t)(np - N) * 4);
+    for (int64_t d = 0; d < D / 2; d++) memset(kp + d * np + N, 0, (size_t)(np - N) * 4);
 }
 
 /* vp [ceil(N/2), V] <- head h's values as pairs of positions, column by column (an odd N's last pair weighs 0). */
@@ -142,8 +140,10 @@ int mla_prefill_bf16(int64_t T, int64_t N, int64_t H, int64_t Dn, int64_t R, int
         return -1;
     }
     uint32_t qp[QB * 256];  /* K <= 512: the caller checks */
+    /* the keys' rope part is every head's: packed once, below each head's nope part */
+    pack_pairs(N, R, k_pe, kp_n, np, kp + (Dn / 2) * np);
     for (int64_t h = 0; h < H; h++) {
-        pack_keys(N, Dn, R, kv + h * kv_h, kv_n, k_pe, kp_n, np, kp);
+        pack_pairs(N, Dn, kv + h * kv_h, kv_n, np, kp);
         pack_values(N, V, kv + h * kv_h + Dn, kv_n, vp);
         for (int64_t t0 = 0; t0 < T; t0 += QB) {
             int rows = T - t0 >= QB ? QB : (int)(T - t0);
