@@ -139,24 +139,43 @@ class EPExperts(nn.Module):
         return [getattr(self, n).data for n in self._slot_tensor_names()]
 
     def _prepare(self) -> Any:
+        return self.prepare_form(self.slot_tensors())
+
+    def prepare_form(self, tensors: list[torch.Tensor]) -> Any:
+        """The grouped GEMM's form of slot tensors `tensors` (as `slot_tensors` lists them: w13 [S, 2I, D],
+        w2 [S, D, I] and, for FP8 experts, their scales). Reads only `tensors`: a placement switch calls it on its
+        copy thread for the layer's next weights while the layer serves its current ones."""
         if self.fp8_block is None:
-            return self.gemm.prepare(self.w13, self.w2)
-        return self.gemm.prepare_fp8(Fp8Experts(self.w13, self.w2, self.w13_scale_inv, self.w2_scale_inv,
-                                                self.fp8_block))
+            return self.gemm.prepare(tensors[0], tensors[1])
+        return self.gemm.prepare_fp8(Fp8Experts(*tensors, self.fp8_block))
 
     def set_weights(self, placement: ExpertPlacement, *tensors: torch.Tensor) -> None:
         """Serve `placement` from now on, with `tensors` (as `slot_tensors` lists them: w13 [S, 2I, D], w2 [S, D, I]
         and, for FP8 experts, their scales) its slots' experts on this rank."""
+        self._replace([t.contiguous() for t in tensors])
+        self._weights = self._prepare()
+        self.placement = placement
+
+    def swap_layer(self, placement: ExpertPlacement, tensors: list[torch.Tensor], form: Any) -> list[Any]:
+        """Serve `placement` from now on with the layer's slot tensors replaced by `tensors` (contiguous, as
+        `slot_tensors` lists them) and the grouped GEMM's form by `form` (`prepare_form` of them): a pointer swap,
+        between two forwards only. Returns what it replaced, for the caller to keep alive until the device has
+        finished the forwards queued before the swap."""
+        old = [*self.slot_tensors(), self._weights]
+        self._replace(tensors)
+        self._weights = form
+        self.placement = placement
+        return old
+
+    def _replace(self, tensors: list[torch.Tensor]) -> None:
         mine = self.slot_tensors()
-        if len(tensors) != len(mine) or any(t.shape != m.shape or t.dtype != m.dtype
+        if len(tensors) != len(mine) or any(t.shape != m.shape or t.dtype != m.dtype or t.device != m.device
                                             for t, m in zip(tensors, mine, strict=True)):
             raise ValueError(f"weights of shapes {[tuple(t.shape) for t in tensors]} do not fit this layer's "
                              f"{[tuple(m.shape) for m in mine]}")
         with torch.no_grad():
             for name, t in zip(self._slot_tensor_names(), tensors, strict=True):
-                getattr(self, name).data = t.contiguous()
-        self._weights = self._prepare()
-        self.placement = placement
+                getattr(self, name).data = t
 
     def switch_slots(self, placement: ExpertPlacement, slots: list[int], rows: torch.Tensor) -> None:
         """Serve `placement` from now on, local slots `slots` holding the experts staged in `rows` [M, W] uint8

@@ -90,6 +90,7 @@ class Migration:
     next_layer: int = 0
     received: int = 0
     switched: int = 0    # rounds switched in
+    swapped: int = 0     # of them, by a pointer swap of the layer on this rank
     moved_slots: int = 0
 
 
@@ -110,6 +111,9 @@ class EPGroup:
         self.last_staging_bytes = 0  # the largest round the last switch staged on this rank
         self.last_switch_rounds = 0  # rounds the last switch took (at least one a MoE layer)
         self.last_switch_received = 0  # expert weights this rank received from others in the last switch
+        self.last_switch_swapped = 0  # rounds of the last switch that replaced a layer by a pointer swap here
+        # What swaps replaced on a GPU, with an event after the forwards that may still read it: freed once passed.
+        self._retired: list[tuple[Any, list[Any]]] = []
         self.switch_fault: Callable[[Round], None] | None = None  # tests: raise here to fail a round on this rank
         self._offers: dict[int, torch.Tensor] = {}  # version -> phy2log [L, P], offered by the balancer
         self._experts: list = []
@@ -242,6 +246,8 @@ class EPGroup:
         has staged (the vote says so), give the copy thread its credit for the coming step, or give up a switch
         that failed on some rank. With no batch anywhere there is nothing to overlap: the next layer is staged and
         switched here, whole."""
+        if self._retired:
+            self._retired = [(done, old) for done, old in self._retired if not done.query()]
         if self.migration is None:
             if vote.offered <= self.placement_version or vote.offered not in self._offers:
                 return
@@ -289,7 +295,17 @@ class EPGroup:
         """Switch the staged round in: its layer's weights and routing table together, between two forwards."""
         staged, after, done = m.stager.take()
         rnd = staged.round
-        self._experts[rnd.layer].switch_slots(after, staged.slots, staged.rows)
+        experts = self._experts[rnd.layer]
+        if staged.layer is not None:
+            old = experts.swap_layer(after, staged.layer, staged.form)
+            m.swapped += 1
+            if staged.layer[0].is_cuda:  # forwards queued before the swap may still read the old layer
+                passed = torch.cuda.Event()
+                passed.record(torch.cuda.current_stream(staged.layer[0].device))
+                self._retired.append((passed, old))
+        else:
+            experts.switch_slots(after, staged.slots, staged.rows if staged.rows is not None else
+                                 torch.empty(0, 0, dtype=torch.uint8))
         m.rows[rnd.layer] = after.phy2log[rnd.layer]
         m.switched += 1
         m.moved_slots += len(rnd.moves)
@@ -327,7 +343,7 @@ class EPGroup:
 
     def _record(self, m: Migration) -> None:
         self.last_staging_bytes = m.stager.peak_bytes
-        self.last_switch_rounds, self.last_switch_received = m.switched, m.received
+        self.last_switch_rounds, self.last_switch_received, self.last_switch_swapped = m.switched, m.received, m.swapped
 
     @property
     def switching(self) -> bool:

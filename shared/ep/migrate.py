@@ -1,6 +1,10 @@
 """Staging one round of a placement switch: the new experts of this rank's changed slots, copied into a buffer of
 their own while the layer keeps serving its current weights. A collective over the switch's own process group.
 
+Where the staging bound holds the rank's whole layer, the round is staged into a copy of the layer (its unchanged
+slots copied, its changed ones written there), which then replaces the layer at the step boundary by a pointer
+swap; else only the changed slots' experts are staged, as rows copied into the layer at the boundary.
+
 Every rank runs the same schedule, computed from the round alone: a changed slot copies its expert locally when
 its rank holds it, else receives it from the source the plan chose. Each slot's expert travels as one row of
 bytes (weights, and FP8 block scales where kept); the rows between two ranks form a byte stream, cut into pieces
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,16 +32,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Staged:
-    """A round staged on this rank: rows [M, W] uint8 are the new experts of local slots `slots` (slot order)."""
+    """A round staged on this rank, in one of two forms: `layer` (the layer's slot tensors as they serve after the
+    round, each [S, ...], with `form` the grouped GEMM's form of them once prepared), or `rows` [M, W] uint8, the
+    new experts of local slots `slots` (slot order). Neither when this rank's slots do not change."""
 
     round: Round
     slots: list[int]
-    rows: torch.Tensor
+    rows: torch.Tensor | None
     ok: bool  # every rank staged its part (agreed)
+    layer: list[torch.Tensor] | None = None
+    form: Any = None
 
     @property
     def nbytes(self) -> int:
-        return self.rows.numel()
+        if self.layer is not None:
+            return sum(t.numel() * t.element_size() for t in self.layer)
+        return self.rows.numel() if self.rows is not None else 0
 
 
 def slot_rows(parts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -70,43 +81,57 @@ class _Stream:
 
 
 def stage_round(rnd: Round, parts: list[torch.Tensor], rank: int, ep_size: int, group: dist.ProcessGroup | None,
-                chunk_bytes: int, turn: Callable[[], None], fault: Callable[[Round], None] | None = None) -> Staged:
+                chunk_bytes: int, turn: Callable[[], None], fault: Callable[[Round], None] | None = None,
+                whole_layer: bool = False) -> Staged:
     """Stage this rank's share of `rnd`; a collective over `group` (every rank calls it for the same round).
 
     parts: the layer's slot tensors as `EPExperts.slot_tensors` lists them (each [S, ...]), read, never written.
-    Returns the staged rows, to be switched in by `EPExperts.switch_slots` once every rank has them.
+    whole_layer: stage into a copy of the whole layer (`Staged.layer`, for `EPExperts.swap_layer`) rather than
+        into rows of the changed slots only (`Staged.rows`, for `EPExperts.switch_slots`).
+    Returns what was staged, to be switched in once every rank has its part.
     """
     per_rank = parts[0].shape[0]
     width = slot_width(parts)
     byte_rows = slot_rows(parts)
     mine = [m for m in rnd.moves if m.slot // per_rank == rank]
-    rows = torch.empty(len(mine), width, dtype=torch.uint8, device=parts[0].device)
+    rows: torch.Tensor | None = None
+    layer: list[torch.Tensor] | None = None
+    into: list[list[torch.Tensor]] | None = None  # each of `mine`'s destination, as byte views in stream order
     ok = True
     try:
         if fault is not None:
             fault(rnd)
+        if whole_layer and mine:
+            layer = [t.clone() for t in parts]  # the unchanged slots as they are; the changed ones written below
+            new_rows = slot_rows(layer)
+            into = [[t[m.slot - rank * per_rank] for t in new_rows] for m in mine]
+        else:
+            rows = torch.empty(len(mine), width, dtype=torch.uint8, device=parts[0].device)
+            into = [[r] for r in rows]
         for i, m in enumerate(mine):  # local copies: this rank already holds the expert
             if m.source // per_rank == rank:
-                _copy_slot(byte_rows, m.source - rank * per_rank, rows[i])
+                _copy_bytes(own_rows(byte_rows, m.source - rank * per_rank), into[i])
     except Exception:  # any local failure fails the round on every rank, never the serving
         log.exception("EP rank %d: staging MoE layer %d failed here", rank, rnd.layer)
         ok = False
 
-    def own(slot: int) -> list[torch.Tensor]:
-        return [t[slot - rank * per_rank] for t in byte_rows]
-
-    # Streams between this rank and each peer, rows in the receiver's slot order (both sides list them alike).
+    # Streams between this rank and each peer, rows in the receiver's slot order (both sides list them alike). A
+    # rank whose part failed before it had somewhere to write receives into nothing (its sizes still count).
     send = [_Stream([r for m in rnd.moves if m.source // per_rank == rank and m.slot // per_rank == d
-                     for r in own(m.source)]) if d != rank else _Stream([]) for d in range(ep_size)]
-    recv = [_Stream([rows[i] for i, m in enumerate(mine) if m.source // per_rank == s]) if s != rank
-            else _Stream([]) for s in range(ep_size)]
+                     for r in own_rows(byte_rows, m.source - rank * per_rank)]) if d != rank else _Stream([])
+            for d in range(ep_size)]
+    recv_sizes_all = [width * sum(1 for m in mine if m.source // per_rank == s) if s != rank else 0
+                      for s in range(ep_size)]
+    recv = [_Stream([v for i, m in enumerate(mine) if m.source // per_rank == s for v in into[i]])
+            if s != rank and into is not None else _Stream([]) for s in range(ep_size)]
     piece, calls = _schedule(rnd, per_rank, ep_size, width, chunk_bytes)
+    scratch = parts[0].new_empty(0, dtype=torch.uint8)
     for c in range(calls):
         turn()
         lo, hi = c * piece, (c + 1) * piece
         send_sizes = [max(0, min(hi, s.size) - lo) for s in send]
-        recv_sizes = [max(0, min(hi, s.size) - lo) for s in recv]
-        out = rows.new_zeros(sum(send_sizes))
+        recv_sizes = [max(0, min(hi, n) - lo) for n in recv_sizes_all]
+        out = scratch.new_zeros(sum(send_sizes))
         if ok:
             try:
                 base = 0
@@ -117,26 +142,35 @@ def stage_round(rnd: Round, parts: list[torch.Tensor], rank: int, ep_size: int, 
             except Exception:  # as above: zeros go out, the agreement fails the round
                 log.exception("EP rank %d: staging MoE layer %d failed here", rank, rnd.layer)
                 ok = False
-        into = rows.new_empty(sum(recv_sizes))
-        dist.all_to_all_single(into, out, recv_sizes, send_sizes, group=group)
+        received = scratch.new_empty(sum(recv_sizes))
+        dist.all_to_all_single(received, out, recv_sizes, send_sizes, group=group)
         base = 0
         for s, n in zip(recv, recv_sizes, strict=True):
             for view, off in s.pieces(lo, lo + n):
-                view.copy_(into[base + off:base + off + view.numel()])
+                view.copy_(received[base + off:base + off + view.numel()])
             base += n
-    if rows.is_cuda:
-        torch.cuda.current_stream(rows.device).synchronize()  # the rows are whole before anyone switches to them
+    if parts[0].is_cuda:
+        torch.cuda.current_stream(parts[0].device).synchronize()  # staged whole before anyone switches to it
     flag = torch.tensor([int(ok)], dtype=torch.int64)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)  # gloo beside NCCL on GPU
-    return Staged(rnd, [m.slot - rank * per_rank for m in mine], rows, ok=bool(flag))
+    return Staged(rnd, [m.slot - rank * per_rank for m in mine], rows, ok=bool(flag), layer=layer)
 
 
-def _copy_slot(byte_rows: list[torch.Tensor], slot: int, into: torch.Tensor) -> None:
-    """into [W] uint8 <- local slot `slot`'s expert, part after part."""
+def own_rows(byte_rows: list[torch.Tensor], slot: int) -> list[torch.Tensor]:
+    """Local slot `slot`'s expert as 1-D byte views, part after part (byte_rows: `slot_rows` of a layer)."""
+    return [t[slot] for t in byte_rows]
+
+
+def _copy_bytes(src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
+    """Copy the byte stream made of views `src` into the one made of views `dst` (the same total size)."""
+    out = _Stream(dst)
+    if out.size != sum(v.numel() for v in src):
+        raise ValueError(f"{out.size} bytes to write, {sum(v.numel() for v in src)} to read")
     base = 0
-    for t in byte_rows:
-        into[base:base + t.shape[1]].copy_(t[slot])
-        base += t.shape[1]
+    for v in src:
+        for view, off in out.pieces(base, base + v.numel()):
+            view.copy_(v[off:off + view.numel()])
+        base += v.numel()
 
 
 def _schedule(rnd: Round, per_rank: int, ep_size: int, width: int, chunk_bytes: int) -> tuple[int, int]:

@@ -6,6 +6,9 @@ the next round, and waits until the engine thread has switched it before staging
 buffers at a time, so the staging bound holds. Its copies are paced by credits the engine thread gives at
 each busy step boundary (one chunk call per credit) so that a serving step is never held up for long; while
 the group is idle the engine thread lets it run free and waits for it.
+
+Where the staging bound holds a layer's local experts, a round is staged as a whole new copy of the layer and its
+grouped GEMM's form is prepared here too, so the engine thread only swaps pointers at the boundary.
 """
 
 from __future__ import annotations
@@ -133,17 +136,24 @@ class Stager:
         num_layers = len(self.experts)
         for layer, experts in enumerate(self.experts):
             parts = experts.slot_tensors()
-            per_rank_slots = max(1, self.max_staging_bytes // max(1, slot_width(parts)))
+            width, num_slots = slot_width(parts), parts[0].shape[0]
+            # A bound that holds this rank's whole layer: each round staged into a copy of it, swapped in at the
+            # boundary (nothing copied on the step thread); the layer's changes then go in as few rounds as the
+            # chains allow. Else the changed slots' rows, as many as the bound holds, copied in at the boundary.
+            whole = num_slots * width <= self.max_staging_bytes
+            per_rank_slots = num_slots if whole else max(1, self.max_staging_bytes // max(1, width))
             rounds = plan_layer(layer, self.rows[layer].tolist(), self.new.phy2log[layer].tolist(),
                                 self.new.ep_size, per_rank_slots)
             for rnd in rounds:
                 staged = stage_round(rnd, parts, self.rank, self.new.ep_size, self.group, self.chunk_bytes,
-                                     self._turn, self.fault)
+                                     self._turn, self.fault, whole_layer=whole)
                 if not staged.ok:
                     with self._cond:
                         self.failed = True
                         self._cond.notify_all()
                     return
+                if staged.layer is not None:  # the GEMM's form of the new layer (packing, FP8 scales) made here too
+                    staged.form = experts.prepare_form(staged.layer)
                 self.rows[layer] = torch.tensor(rnd.row, dtype=torch.int64)
                 done = layer == num_layers - 1 and rnd.last_of_layer
                 after = self.new if done else ExpertPlacement(self.rows.clone(), self.new.ep_size,

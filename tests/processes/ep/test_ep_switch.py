@@ -66,11 +66,12 @@ def _rank_main(ckpt: str, addr: str, rank: int, out_dir: str, opts: dict[str, An
     # 1. A switch under load.
     run = _serve(engine, group, rank, (1, torch.tensor(new_rows(layers))))
     result["switch"] = {**run, "version": group.placement_version, "rows": group.placement.phy2log.tolist(),
-                        "staging_bytes": group.last_staging_bytes, "rounds": group.last_switch_rounds}
+                        "staging_bytes": group.last_staging_bytes, "rounds": group.last_switch_rounds,
+                        "swapped": group.last_switch_swapped, "rank": rank}
     # 2. The same rows again: nothing to move, every layer still switches.
     run = _serve(engine, group, rank, (2, torch.tensor(new_rows(layers))))
     result["nothing"] = {**run, "version": group.placement_version, "staging_bytes": group.last_staging_bytes,
-                         "received": group.last_switch_received}
+                         "received": group.last_switch_received, "swapped": group.last_switch_swapped}
     # 3. Back to the start-up rows, with rank 1 failing its part of MoE layer 1: the switch is given up.
     if opts.get("fault"):
         def fault(rnd: Any) -> None:
@@ -110,8 +111,11 @@ def test_switch_under_load_keeps_tokens_nothing_to_move_and_a_fault(small_dir: P
         assert sw["tokens"] == ref  # greedy tokens unchanged across the switch
         assert 0 < sw["staging_bytes"] <= 256 * (1 << 20)
         assert sw["rounds"] == len(sw["rows"])  # one round a layer when the bound holds a layer's moves
+        # The bound holds a whole layer: every layer whose slots change on this rank was swapped in, not copied.
+        assert sw["swapped"] == _layers_changed_on(res["start_rows"], sw["rows"], sw["rank"]) > 0
         nothing = res["nothing"]
         assert nothing["version"] == 2 and nothing["received"] == 0 and nothing["staging_bytes"] == 0
+        assert nothing["swapped"] == 0
         assert nothing["tokens"] == ref
         fault = res["fault"]
         # Layer 0 switched back whole, layer 1's round failed: it serves version 2's rows, whole; no switch left.
@@ -122,6 +126,13 @@ def test_switch_under_load_keeps_tokens_nothing_to_move_and_a_fault(small_dir: P
         assert fault["tokens"] == ref
 
 
+def _layers_changed_on(old: list[list[int]], new: list[list[int]], rank: int) -> int:
+    """MoE layers whose slots on `rank` hold other experts in `new` than in `old` (phy2log rows)."""
+    per_rank = len(old[0]) // WORLD
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    return sum(o[mine] != n[mine] for o, n in zip(old, new, strict=True))
+
+
 @pytest.mark.parametrize("bound_experts", [2.5])  # two slots a rank a round: every chain here fits
 def test_a_small_staging_bound_takes_several_rounds(small_dir: Path, tmp_path: Path, bound_experts: float) -> None:
     bound_mb = bound_experts * EXPERT_MIB
@@ -130,6 +141,7 @@ def test_a_small_staging_bound_takes_several_rounds(small_dir: Path, tmp_path: P
         sw = res["switch"]
         assert sw["version"] == 1 and sw["tokens"] == res["reference"]
         assert sw["rounds"] > len(sw["rows"])  # the layers' moves went in several rounds each
+        assert sw["swapped"] == 0  # a layer does not fit the bound: the staged slots were copied in
         assert 0 < sw["staging_bytes"] <= bound_mb * (1 << 20)
 
 
