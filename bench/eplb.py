@@ -9,6 +9,12 @@ load (the moving experts staged in the background, each layer switched at a step
 compared with a run of the same load without a switch (longest step, p99 inter-token latency), with the
 staging memory it held.
 
+One switch's window is about a hundred steps, and the p99 of a hundred steps is its second slowest: on a shared
+machine that is mostly the machine's noise. So the group switches `--switches` times, back and forth (start-up
+placement to the balanced one and back), each switch right after a run of the same load without one under the
+placement it starts from; the p99 and longest step are taken over the steps of every switch pooled, against every
+run without one pooled. Two runs without a switch under the same placement, compared alike, show the noise (A/A).
+
 The file doubles as the rank script: `python -m moemesh.bench.eplb RANK SIZE ADDR CKPT OUT OPTIONS_JSON`.
 """
 
@@ -33,10 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", default="8,32", help="sequences per rank in the decode timings")
     p.add_argument("--decode-steps", type=int, default=12)
     p.add_argument("--load-batch", type=int, default=8, help="sequences per rank decoding while the switch runs")
-    p.add_argument("--load-steps", type=int, default=200,
+    p.add_argument("--load-steps", type=int, default=120,
                    help="decode steps of the run without a switch (compared step for step with the switch's)")
     p.add_argument("--eplb-max-staging-mb", type=float, default=256.0, help="the switch's staging bound per rank")
     p.add_argument("--eplb-switch-chunk-mb", type=float, default=1.0, help="the switch's copies per rank and step")
+    p.add_argument("--switches", type=int, default=3,
+                   help="switches under load, back and forth, each after its run without a switch (pooled)")
     p.add_argument("--json", default=None, metavar="FILE")
 
 
@@ -60,7 +68,11 @@ def run(args: argparse.Namespace) -> int:
 
     options = {"batch_sizes": [int(b) for b in args.batch_sizes.split(",")], "decode_steps": args.decode_steps,
                "load_batch": args.load_batch, "load_steps": args.load_steps,
-               "max_staging_mb": args.eplb_max_staging_mb, "switch_chunk_mb": args.eplb_switch_chunk_mb}
+               "max_staging_mb": args.eplb_max_staging_mb, "switch_chunk_mb": args.eplb_switch_chunk_mb,
+               "switches": args.switches}
+    if args.switches < 1:
+        print("moemesh bench eplb: --switches must be >= 1", file=sys.stderr)
+        return 2
     results: dict[int, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = skewed_checkpoint(Path(tmp) / "model", args.preset, args.favoured, args.bias)
@@ -87,7 +99,8 @@ def _report(results: dict[int, Any], args: argparse.Namespace) -> str:
                        f"{after / before:>6.2f}x")
     out.append(f"\n  The switch under load ({args.load_batch} sequences per rank decoding), against the same load "
                f"without a switch; ITL = one decode step; staging bound {args.eplb_max_staging_mb:g} MiB per rank, "
-               f"copies {args.eplb_switch_chunk_mb:g} MiB per rank and step")
+               f"copies {args.eplb_switch_chunk_mb:g} MiB per rank and step; {args.switches} switch(es) back and "
+               f"forth, their steps pooled")
     out.append(f"  {'EP':>3} {'moved slots':>11} {'rounds':>6} {'steps':>5} {'normal step ms':>14} "
                f"{'longest ms: no switch':>21} {'switch':>7} {'ratio':>6} {'p99 ITL ms: no switch':>21} "
                f"{'switch':>7} {'ratio':>6} {'staging MiB':>11} {'switch pause ms':>15} {'longest boundary ms':>19}")
@@ -97,7 +110,15 @@ def _report(results: dict[int, Any], args: argparse.Namespace) -> str:
                    f"{ld['normal_step_ms']:>14.1f} {ld['base_max_ms']:>21.1f} {ld['switch_max_ms']:>7.1f} "
                    f"{ld['switch_max_ms'] / ld['normal_step_ms']:>5.2f}x {ld['base_p99_ms']:>21.1f} "
                    f"{ld['switch_p99_ms']:>7.1f} {ld['switch_p99_ms'] / ld['base_p99_ms']:>5.2f}x "
-                   f"{ld['staging_mib']:>11.2f} {1e3 * r['pause_s']:>15.1f} {ld['longest_boundary_ms']:>19.1f}")
+                   f"{ld['staging_mib']:>11.2f} {ld['pause_ms']:>15.1f} {ld['longest_boundary_ms']:>19.1f}")
+    for size, r in results.items():
+        ld = r["load"]
+        each = ", ".join(f"{t['p99_ratio']:.2f}x" for t in ld["per_switch"])
+        line = f"  EP {size}: p99 ITL of each switch against its own run without one: {each}"
+        if ld["aa_p99_ratios"]:
+            line += (f"; the runs without a switch against each other (same placement, same steps): "
+                     f"{', '.join(f'{x:.2f}x' for x in ld['aa_p99_ratios'])}")
+        out.append(line)
     return "\n".join(out)
 
 
@@ -132,31 +153,62 @@ def _rank(rank: int, size: int, addr: str, ckpt: str, out: str, options: dict[st
     old = group.placement.phy2log.clone()
     cfg = engine.model.config
     new = rebalance(load_before, group.placement.num_physical, cfg.n_group or 1, 1, size, previous=old).phy2log
-    base, _ = _under_load(engine, group, options["load_batch"], options["load_steps"], None)
-    during, window = _under_load(engine, group, options["load_batch"], 0, new)
-    staging = torch.tensor([group.last_staging_bytes, group.last_switch_s * 1e9, group.last_switch_longest_s * 1e9],
-                           dtype=torch.float64)
-    dist.all_reduce(staging, op=dist.ReduceOp.MAX)
-    tps_after, load_after = phase()
+    trials = []  # (steps without a switch, steps of the switch's run, its window, its staging figures)
+    tps_after: dict[int, float] = {}
+    for k in range(options["switches"]):
+        target = new if k % 2 == 0 else old
+        base, _ = _under_load(engine, group, options["load_batch"], options["load_steps"], None)
+        during, window = _under_load(engine, group, options["load_batch"], 0, target)
+        staging = torch.tensor([group.last_staging_bytes, group.last_switch_s * 1e9,
+                                group.last_switch_longest_s * 1e9, group.last_switch_rounds], dtype=torch.float64)
+        dist.all_reduce(staging, op=dist.ReduceOp.MAX)
+        trials.append((base, during, window, staging.tolist()))
+        if k == 0:
+            tps_after, load_after = phase()
     if rank == 0:
-        # Against the run without a switch over the same steps (the same context lengths: steps slow as it grows).
-        switch_steps = during[window[0]:window[1]]
-        same = base[window[0]:window[1]] if len(base) >= window[1] else base
         Path(out).write_text(json.dumps({
             "num_physical": group.placement.num_physical,
             "balancedness_before": float(balancedness(load_before, old, size).mean()),
             "balancedness_after": float(balancedness(load_after, new, size).mean()),
             "decode_tok_s": {b: (tps_before[b], tps_after[b]) for b in options["batch_sizes"]},
-            "moved_slots": int(moved_slots(old, new).sum()), "pause_s": float(staging[1]) / 1e9,
-            "max_step_s": max(switch_steps),
-            "load": {"rounds": group.last_switch_rounds, "switch_steps": len(switch_steps),
-                     "normal_step_ms": 1e3 * statistics.median(same), "base_max_ms": 1e3 * max(same),
-                     "switch_max_ms": 1e3 * max(switch_steps), "base_p99_ms": 1e3 * _p99(same),
-                     "switch_p99_ms": 1e3 * _p99(switch_steps), "staging_mib": float(staging[0]) / (1 << 20),
-                     "longest_boundary_ms": float(staging[2]) / 1e6,
-                     "base_steps_s": base, "switch_run_steps_s": during, "switch_window": window}}))
+            "moved_slots": int(moved_slots(old, new).sum()), "pause_s": trials[0][3][1] / 1e9,
+            "max_step_s": max(max(t[1][t[2][0]:t[2][1]]) for t in trials),
+            "load": _load_figures(trials)}))
     group.barrier()
     group.close()
+
+
+def _load_figures(trials: list[tuple[list[float], list[float], tuple[int, int], list[float]]]) -> dict[str, Any]:
+    """The switches' steps against the runs without a switch, each over its switch's window (the same steps, so the
+    same context lengths: a step slows as they grow), pooled; per switch; and A/A (trial k+2's run without a switch
+    against trial k's: the same placement)."""
+    pooled_switch: list[float] = []
+    pooled_base: list[float] = []
+    per_switch = []
+    for base, during, (lo, hi), (staging, held, longest, rounds) in trials:
+        steps, same = during[lo:hi], base[lo:min(hi, len(base))]
+        pooled_switch += steps
+        pooled_base += same
+        per_switch.append({"steps": len(steps), "base_p99_ms": 1e3 * _p99(same), "switch_p99_ms": 1e3 * _p99(steps),
+                           "p99_ratio": _p99(steps) / _p99(same), "max_ratio": max(steps) / statistics.median(same),
+                           "rounds": int(rounds), "staging_mib": staging / (1 << 20), "pause_ms": held / 1e6,
+                           "longest_boundary_ms": longest / 1e6})
+    aa = []
+    for k in range(len(trials) - 2):
+        lo, hi = trials[k][2]
+        a, b = trials[k][0][lo:hi], trials[k + 2][0][lo:hi]
+        if a and b:
+            aa.append(_p99(b) / _p99(a))
+    return {"switches": len(trials), "rounds": per_switch[0]["rounds"], "switch_steps": len(pooled_switch),
+            "normal_step_ms": 1e3 * statistics.median(pooled_base), "base_max_ms": 1e3 * max(pooled_base),
+            "switch_max_ms": 1e3 * max(pooled_switch), "base_p99_ms": 1e3 * _p99(pooled_base),
+            "switch_p99_ms": 1e3 * _p99(pooled_switch),
+            "staging_mib": max(t["staging_mib"] for t in per_switch),
+            "pause_ms": max(t["pause_ms"] for t in per_switch),
+            "longest_boundary_ms": max(t["longest_boundary_ms"] for t in per_switch),
+            "per_switch": per_switch, "aa_p99_ratios": aa,
+            "trials": [{"base_steps_s": b, "switch_run_steps_s": d, "switch_window": list(w)}
+                       for b, d, w, _ in trials]}
 
 
 def _under_load(engine: Any, group: Any, batch: int, steps: int, new: Any) -> tuple[list[float], tuple[int, int]]:

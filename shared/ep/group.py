@@ -296,16 +296,18 @@ class EPGroup:
         staged, after, done = m.stager.take()
         rnd = staged.round
         experts = self._experts[rnd.layer]
-        if staged.layer is not None:
-            old = experts.swap_layer(after, staged.layer, staged.form)
+        replaced: list[list[Any]] = []  # held only here, so that handing it over leaves the copy thread the last
+        if staged.layer is not None:   # reference (the step thread frees no layer)
+            replaced.append(experts.swap_layer(after, staged.layer, staged.form))
             m.swapped += 1
             if staged.layer[0].is_cuda:  # forwards queued before the swap may still read the old layer
                 passed = torch.cuda.Event()
                 passed.record(torch.cuda.current_stream(staged.layer[0].device))
-                self._retired.append((passed, old))
+                self._retired.append((passed, replaced.pop()))
         else:
             experts.switch_slots(after, staged.slots, staged.rows if staged.rows is not None else
                                  torch.empty(0, 0, dtype=torch.uint8))
+        m.stager.switched(replaced.pop() if replaced else None)  # the copy thread stages into it, or frees it
         m.rows[rnd.layer] = after.phy2log[rnd.layer]
         m.switched += 1
         m.moved_slots += len(rnd.moves)
@@ -317,7 +319,7 @@ class EPGroup:
             self._finish(m)
 
     def _finish(self, m: Migration) -> None:
-        m.stager.join()
+        # Not joined: the copy thread frees the last layer it replaced before it ends, at its idle priority.
         self._record(m)
         self.placement, self.placement_version, self.migration = m.placement, m.version, None
         self._offers = {v: p for v, p in self._offers.items() if v > m.version}

@@ -82,12 +82,13 @@ class _Stream:
 
 def stage_round(rnd: Round, parts: list[torch.Tensor], rank: int, ep_size: int, group: dist.ProcessGroup | None,
                 chunk_bytes: int, turn: Callable[[], None], fault: Callable[[Round], None] | None = None,
-                whole_layer: bool = False) -> Staged:
+                whole_layer: bool = False, buffer: list[torch.Tensor] | None = None) -> Staged:
     """Stage this rank's share of `rnd`; a collective over `group` (every rank calls it for the same round).
 
     parts: the layer's slot tensors as `EPExperts.slot_tensors` lists them (each [S, ...]), read, never written.
     whole_layer: stage into a copy of the whole layer (`Staged.layer`, for `EPExperts.swap_layer`) rather than
         into rows of the changed slots only (`Staged.rows`, for `EPExperts.switch_slots`).
+    buffer: tensors shaped as `parts` that nothing reads any more, to make that copy in (else it is allocated).
     Returns what was staged, to be switched in once every rank has its part.
     """
     per_rank = parts[0].shape[0]
@@ -102,7 +103,9 @@ def stage_round(rnd: Round, parts: list[torch.Tensor], rank: int, ep_size: int, 
         if fault is not None:
             fault(rnd)
         if whole_layer and mine:
-            layer = [t.clone() for t in parts]  # the unchanged slots as they are; the changed ones written below
+            # The unchanged slots as they are; the changed ones written below.
+            layer = [b.copy_(t) for b, t in zip(buffer, parts, strict=True)] if buffer is not None else \
+                [t.clone() for t in parts]
             new_rows = slot_rows(layer)
             into = [[t[m.slot - rank * per_rank] for t in new_rows] for m in mine]
         else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,7 @@ class Stager:
         self.over_bound_rounds = 0
         self._switched = 0
         self._ready: tuple[Staged, ExpertPlacement, bool] | None = None  # (round, placement after it, the last)
+        self._replaced: list[Any] | None = None  # what the last swap replaced (CPU), for the next round's buffer
         self._credits = 0
         self._free = False
         self._cancel = False
@@ -82,14 +84,23 @@ class Stager:
 
     def take(self) -> tuple[Staged, ExpertPlacement, bool]:
         """The staged round to switch in now (staged, the placement the layer serves after it, whether the whole
-        switch is then done); the thread stages the next one meanwhile."""
+        switch is then done); `switched` says when it is in."""
         with self._cond:
             ready, self._ready = self._ready, None
             if ready is None:
                 raise RuntimeError("no staged round to switch in")
-            self._switched += 1
-            self._cond.notify_all()
             return ready
+
+    def switched(self, replaced: list[Any] | None = None) -> None:
+        """The round taken is in; the thread stages the next one. `replaced`: what a swap replaced on a CPU (the
+        layer's former slot tensors, then its GEMM form), nothing reads it any more: the thread stages the next
+        layer into those tensors (the same shapes in every layer: no fresh pages to fault in) and frees the rest,
+        off the step thread."""
+        with self._cond:
+            self._switched += 1
+            if replaced is not None:
+                self._replaced = replaced
+            self._cond.notify_all()
 
     def cancel(self, timeout_s: float = 30.0) -> None:
         """Stop the thread and wait for it (a chunk call already made on every rank finishes first)."""
@@ -146,7 +157,7 @@ class Stager:
                                 self.new.ep_size, per_rank_slots)
             for rnd in rounds:
                 staged = stage_round(rnd, parts, self.rank, self.new.ep_size, self.group, self.chunk_bytes,
-                                     self._turn, self.fault, whole_layer=whole)
+                                     self._turn, self.fault, whole_layer=whole, buffer=self._spare(parts))
                 if not staged.ok:
                     with self._cond:
                         self.failed = True
@@ -172,3 +183,16 @@ class Stager:
                     if self._cancel:
                         return
                 parts = experts.slot_tensors()  # the layer's tensors as they serve now
+        with self._cond:
+            self._replaced = None  # the last layer's former tensors: freed here, not by the step thread
+
+    def _spare(self, parts: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The tensors the last swap replaced, to stage into when they fit `parts` (else freed, here)."""
+        with self._cond:
+            replaced, self._replaced = self._replaced, None
+        if replaced is None:
+            return None
+        tensors = replaced[:len(parts)]
+        fits = all(isinstance(t, torch.Tensor) and t.shape == p.shape and t.dtype == p.dtype and t.device == p.device
+                   for t, p in zip(tensors, parts, strict=True))
+        return tensors if fits else None

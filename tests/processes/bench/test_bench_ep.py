@@ -32,7 +32,7 @@ def test_bench_eplb_rebalances_the_skewed_group(tmp_path: Path) -> None:
     out = tmp_path / "eplb.json"
     proc = subprocess.run(
         [sys.executable, "-m", "moemesh.services.cli.main", "bench", "eplb", "--preset", "tiny", "--ep-sizes", "2",
-         "--batch-sizes", "4", "--decode-steps", "2", "--json", str(out)],
+         "--batch-sizes", "4", "--decode-steps", "2", "--switches", "3", "--load-steps", "40", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())["2"]
@@ -40,3 +40,9 @@ def test_bench_eplb_rebalances_the_skewed_group(tmp_path: Path) -> None:
     assert r["balancedness_before"] < 0.9 < r["balancedness_after"]
     assert r["moved_slots"] > 0 and r["pause_s"] > 0
     assert "switch pause" in proc.stdout
+    # Three switches back and forth, each against its own run without one; the first and third start from the
+    # same placement, so their runs without a switch give the A/A figure.
+    load = r["load"]
+    assert [t["rounds"] > 0 for t in load["per_switch"]] == [True] * 3 and len(load["aa_p99_ratios"]) == 1
+    assert load["switch_steps"] == sum(t["steps"] for t in load["per_switch"]) > 0
+    assert "p99 ITL of each switch" in proc.stdout
