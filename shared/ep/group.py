@@ -48,7 +48,7 @@ class EPConfig:
     enable_tbo: bool = False
     timeout_s: float = 120.0
     device: str = "cpu"              # this rank's device ("cuda:N": its GPU, bound before joining the group)
-    max_staging_mb: float = 256.0    # a placement switch stages at most this much of the moving experts at once
+    max_staging_mb: float = 256.0    # a placement switch stages at most this much at once (a layer, or moved slots)
     switch_chunk_mb: float = 1.0     # a switch's copies move at most this much per rank and serving step
 
     def __post_init__(self) -> None:

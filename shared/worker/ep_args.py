@@ -47,7 +47,9 @@ def add_ep_arguments(p: argparse.ArgumentParser) -> None:
                    help="two-batch overlap: split each step in two micro-batches, overlapping MoE communication")
     g.add_argument("--eplb-max-staging-mb", type=float, default=256.0,
                    help="a live placement switch stages the moving experts' weights in the background, at most this "
-                        "many MiB per rank at once (more moves go in several rounds); at least one expert's weights")
+                        "many MiB per rank at once (more moves go in several rounds); at least one expert's weights. "
+                        "A bound that holds a rank's whole MoE layer lets each layer switch by a pointer swap (the "
+                        "layer staged whole); below it the moved experts are copied in at the step boundary")
     g.add_argument("--eplb-switch-chunk-mb", type=float, default=1.0,
                    help="a live placement switch copies at most this many MiB per rank during one serving step "
                         "(smaller: steps less disturbed, the switch takes longer)")
