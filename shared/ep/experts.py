@@ -88,6 +88,38 @@ def _slot(weights: Any, s: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch
     return weights[0][s], weights[1][s]
 
 
+def held_bytes(form: Any, tensors: list[torch.Tensor]) -> int:
+    """Bytes of the tensors found in `form` (through its tuples, lists and attributes) that are not views of
+    `tensors`: what a grouped GEMM's form holds beyond the slot tensors it was made of."""
+    own = {t.untyped_storage().data_ptr() for t in tensors}
+    counted: set[int] = set()
+    visited: set[int] = set()
+    total = 0
+
+    def walk(x: Any) -> None:
+        nonlocal total
+        if id(x) in visited:
+            return
+        visited.add(id(x))
+        if isinstance(x, torch.Tensor):
+            try:
+                key = x.untyped_storage().data_ptr()
+            except NotImplementedError:  # an opaque tensor (oneDNN's packed layout) has a storage of its own
+                key = id(x)
+            if key not in own and key not in counted:
+                counted.add(key)
+                total += x.numel() * x.element_size()
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                walk(y)
+        elif hasattr(x, "__dict__") and not isinstance(x, (nn.Module, type)):
+            for y in vars(x).values():
+                walk(y)
+
+    walk(form)
+    return total
+
+
 def make_grouped_gemm(name: str) -> GroupedGemm:
     """The grouped GEMM backend `name` (registered in `moemesh.ep.backends`). Fails now if it cannot run."""
     return GEMMS.load(name)()
@@ -148,6 +180,13 @@ class EPExperts(nn.Module):
         if self.fp8_block is None:
             return self.gemm.prepare(tensors[0], tensors[1])
         return self.gemm.prepare_fp8(Fp8Experts(*tensors, self.fp8_block))
+
+    def form_bytes(self, form: Any = None, tensors: list[torch.Tensor] | None = None) -> int:
+        """Bytes the grouped GEMM's form (`form` made of `tensors`; default: the layer's own) holds beyond the slot
+        tensors: oneDNN's packed copies, DeepGEMM's FP8 copy of 16-bit weights; 0 where it serves the tensors."""
+        if form is None:
+            form, tensors = self._weights, self.slot_tensors()
+        return held_bytes(form, tensors or [])
 
     def set_weights(self, placement: ExpertPlacement, *tensors: torch.Tensor) -> None:
         """Serve `placement` from now on, with `tensors` (as `slot_tensors` lists them: w13 [S, 2I, D], w2 [S, D, I]

@@ -42,11 +42,12 @@ class Staged:
     ok: bool  # every rank staged its part (agreed)
     layer: list[torch.Tensor] | None = None
     form: Any = None
+    form_bytes: int = 0  # what `form` holds beyond `layer` (a packed or quantized copy)
 
     @property
     def nbytes(self) -> int:
         if self.layer is not None:
-            return sum(t.numel() * t.element_size() for t in self.layer)
+            return sum(t.numel() * t.element_size() for t in self.layer) + self.form_bytes
         return self.rows.numel() if self.rows is not None else 0
 
 

@@ -151,7 +151,7 @@ class Stager:
             # A bound that holds this rank's whole layer: each round staged into a copy of it, swapped in at the
             # boundary (nothing copied on the step thread); the layer's changes then go in as few rounds as the
             # chains allow. Else the changed slots' rows, as many as the bound holds, copied in at the boundary.
-            whole = num_slots * width <= self.max_staging_bytes
+            whole = num_slots * width + experts.form_bytes() <= self.max_staging_bytes  # the copy and its form
             per_rank_slots = num_slots if whole else max(1, self.max_staging_bytes // max(1, width))
             rounds = plan_layer(layer, self.rows[layer].tolist(), self.new.phy2log[layer].tolist(),
                                 self.new.ep_size, per_rank_slots)
@@ -165,6 +165,7 @@ class Stager:
                     return
                 if staged.layer is not None:  # the GEMM's form of the new layer (packing, FP8 scales) made here too
                     staged.form = experts.prepare_form(staged.layer)
+                    staged.form_bytes = experts.form_bytes(staged.form, staged.layer)
                 self.rows[layer] = torch.tensor(rnd.row, dtype=torch.int64)
                 done = layer == num_layers - 1 and rnd.last_of_layer
                 after = self.new if done else ExpertPlacement(self.rows.clone(), self.new.ep_size,

@@ -62,6 +62,21 @@ def test_a_swapped_layer_serves_its_new_slots_with_the_new_routing(small_dir: Pa
     assert not all(torch.equal(a, b) for a, b in zip(before, plain_logits(model), strict=True))
 
 
+@pytest.mark.parametrize("case", ["float32-torch", "fp8-torch", "bfloat16-onednn"])
+def test_form_bytes_count_what_the_gemm_form_copies(small_dir: Path, fp8_dir: Path, case: str) -> None:
+    """The staging bound counts a staged layer's GEMM form too: oneDNN packs a second copy of every slot, the
+    torch GEMM serves the slot tensors themselves (FP8 ones included)."""
+    dtype, gemm = case.split("-")
+    if gemm == "onednn" and (why := onednn.supported(torch.bfloat16, torch.device("cpu"))):
+        pytest.skip(why)
+    _, layers = _ep_layers(fp8_dir if dtype == "fp8" else small_dir, "float32" if dtype == "fp8" else dtype, gemm)
+    experts = layers[0]
+    weights = sum(t.numel() * t.element_size() for t in experts.slot_tensors()[:2])
+    assert experts.form_bytes() == (weights if gemm == "onednn" else 0)
+    new = [t.clone() for t in experts.slot_tensors()]
+    assert experts.form_bytes(experts.prepare_form(new), new) == experts.form_bytes()
+
+
 def test_a_swap_refuses_tensors_that_do_not_fit(small_dir: Path) -> None:
     _, layers = _ep_layers(small_dir, "float32", "torch")
     experts = layers[0]
