@@ -186,7 +186,7 @@ def _load_figures(trials: list[tuple[list[float], list[float], tuple[int, int], 
     pooled_base: list[float] = []
     per_switch = []
     for base, during, (lo, hi), (staging, held, longest, rounds) in trials:
-        steps, same = during[lo:hi], base[lo:min(hi, len(base))]
+        steps, same = during[lo:hi], base[lo:min(hi, len(base))] or base  # a run shorter than the window: all of it
         pooled_switch += steps
         pooled_base += same
         per_switch.append({"steps": len(steps), "base_p99_ms": 1e3 * _p99(same), "switch_p99_ms": 1e3 * _p99(steps),
