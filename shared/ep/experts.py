@@ -216,10 +216,11 @@ class EPExperts(nn.Module):
             for name, t in zip(self._slot_tensor_names(), tensors, strict=True):
                 getattr(self, name).data = t
 
-    def switch_slots(self, placement: ExpertPlacement, slots: list[int], rows: torch.Tensor) -> None:
+    def switch_slots(self, placement: ExpertPlacement, slots: list[int], rows: torch.Tensor | None) -> None:
         """Serve `placement` from now on, local slots `slots` holding the experts staged in `rows` [M, W] uint8
-        (each row: the slot's tensors' bytes, in `slot_tensors` order). Between two forwards only: the weights
-        and the routing table change together, so no token meets a slot whose weights and map disagree.
+        (each row: the slot's tensors' bytes, in `slot_tensors` order; None where `slots` is empty). Between two
+        forwards only: the weights and the routing table change together, so no token meets a slot whose weights
+        and map disagree.
 
         The staged rows are copied into the layer's own tensors (a local copy of the moved slots only, what the
         staging bound bounds); a backend holding its own form of the weights prepares it again (`prepare_slots`)."""

@@ -305,8 +305,7 @@ class EPGroup:
                 passed.record(torch.cuda.current_stream(staged.layer[0].device))
                 self._retired.append((passed, replaced.pop()))
         else:
-            experts.switch_slots(after, staged.slots, staged.rows if staged.rows is not None else
-                                 torch.empty(0, 0, dtype=torch.uint8))
+            experts.switch_slots(after, staged.slots, staged.rows)
         m.stager.switched(replaced.pop() if replaced else None)  # the copy thread stages into it, or frees it
         m.rows[rnd.layer] = after.phy2log[rnd.layer]
         m.switched += 1
